@@ -1,0 +1,3 @@
+from farcast_cli.cli import main
+
+main()

@@ -1,0 +1,114 @@
+"""Write a checkpoint folder atomically: build it under a temporary name, rename when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from farcast_cli.errors import OutputError
+from farcast_cli.run import Checkpoint, Run
+from farcast_cli.safetensors_writer import output_failure
+
+
+def check_output_location(out_dir: Path, run: Run, force: bool) -> None:
+    """Refuse an output that would overwrite, hide inside or swallow any of the run's checkpoints."""
+    out = out_dir.resolve()
+    run_root = run.path.resolve()
+    for checkpoint in run.checkpoints:
+        place = checkpoint.path.resolve()
+        if out == place or place in out.parents:
+            raise OutputError(f"{out_dir}: is inside checkpoint {checkpoint.path}; choose an output outside the run's checkpoints")
+        if out in place.parents:
+            raise OutputError(f"{out_dir}: contains the input checkpoint {checkpoint.path}; refusing to write over the run")
+    if out.parent == run_root and (out.name.startswith("checkpoint-") or out.suffix == ".safetensors"):
+        raise OutputError(f"{out_dir}: would look like a checkpoint of the run itself; choose another name")
+    if out_dir.exists() and not force:
+        raise OutputError(f"{out_dir}: already exists; choose a new folder or pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder")
+
+
+@contextmanager
+def atomic_folder(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces out_dir, on any failure it is removed."""
+    created = _make_parents(out_dir.parent)
+    temporary = out_dir.parent / f".{out_dir.name}.farcast-tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        temporary.mkdir()
+    except OSError as error:
+        _remove_created(created)
+        raise output_failure(out_dir, error) from None
+    try:
+        yield temporary
+        _replace(temporary, out_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        _remove_created(created)
+        raise
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    missing = [p for p in [parent, *parent.parents] if not p.exists()][::-1]
+    for folder in missing:
+        try:
+            folder.mkdir()
+        except OSError as error:
+            _remove_created(missing[: missing.index(folder)])
+            raise output_failure(folder, error) from None
+    return missing
+
+
+def _remove_created(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _replace(temporary: Path, out_dir: Path) -> None:
+    """Swap the finished folder in; an old one moves aside first and goes only after the swap."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.farcast-old-{uuid.uuid4().hex[:8]}"
+        out_dir.rename(old)
+    try:
+        temporary.rename(out_dir)
+    except OSError as error:
+        if old is not None:
+            old.rename(out_dir)
+        raise output_failure(out_dir, error) from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_index(folder: Path, source: Checkpoint, sizes: dict[str, int]) -> None:
+    """The shard index, mapping each tensor to the shard file of the same name as in the source."""
+    if source.index_name is None:
+        return
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(source.shard_of.items()))}
+    write_text(folder / source.index_name, json.dumps(index, indent=2) + "\n")
+
+
+def copy_aux_files(folder: Path, source: Checkpoint) -> None:
+    """Config and tokenizer files travel with the weights; optimizer, scheduler and RNG state never do."""
+    for path in source.aux_files:
+        try:
+            shutil.copyfile(path, folder / path.name)
+        except OSError as error:
+            raise output_failure(folder / path.name, error) from None
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        with open(path, "x", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        raise output_failure(path, error) from None

@@ -1,0 +1,68 @@
+"""Errors a user can act on, each with its documented exit code."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_LOW_SKILL = 4
+EXIT_OUTPUT = 5
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class FarcastError(Exception):
+    """An error reported to the user as one line, with an exit code.
+
+    `report` optionally carries the report that led to the error, to show beside it.
+    """
+
+    exit_code = EXIT_INTERNAL
+    report: dict | None = None
+
+
+class UsageError(FarcastError):
+    exit_code = EXIT_USAGE
+
+
+class InputError(FarcastError):
+    """A problem with a checkpoint or run: the message names the file (and tensor)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class OutputError(FarcastError):
+    """The output cannot be written: it exists, lies inside the input, or the disk refused."""
+
+    exit_code = EXIT_OUTPUT
+
+
+class LowSkillError(FarcastError):
+    exit_code = EXIT_LOW_SKILL
+
+
+class Interrupted(FarcastError):
+    """Raised from a signal handler so that cleanup code runs before exiting."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(f"interrupted by {signal_name}; temporary files removed")
+        self.exit_code = exit_code
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (a batch scheduler's time limit) into an exception, so cleanup code runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted("SIGTERM", EXIT_SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,228 @@
+"""The steps of each command in order: find the run, read a sample, fit, backtest, write, report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from farcast_cli import __version__
+from farcast_cli.backtest import BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, choose_cut
+from farcast_cli.checkpoint_writer import atomic_folder, check_output_location, write_text
+from farcast_cli.device import chunk_elements, resolve_device
+from farcast_cli.errors import InputError, LowSkillError, UsageError
+from farcast_cli.forecast import Streaming, write_forecast
+from farcast_cli.forecaster import FitSettings, Forecaster, fit_coefficients
+from farcast_cli.progress import byte_progress
+from farcast_cli.report import REPORT_FILE, verdict
+from farcast_cli.run import Run, find_run
+from farcast_cli.sampling import History, read_history
+from farcast_cli.training_data import max_self_horizon, reference_pairs, self_pairs
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    device: str = "auto"
+    max_memory: int = 1 << 30
+    backtest: str = "full"
+    quiet: bool = False
+
+
+def inspect_run(run_dir: Path) -> dict:
+    run = find_run(run_dir)
+    infos = run.tensor_infos()
+    forecast = [i for i in infos if i.is_forecast]
+    steps = run.steps
+    return {
+        "run": str(run.path),
+        "layout": run.layout,
+        "steps": steps,
+        "checkpoints": [{"step": c.step, "path": str(c.path), "files": sorted(c.files), "bytes": c.nbytes} for c in run.checkpoints],
+        "tensors": len(infos),
+        "forecast_tensors": len(forecast),
+        "parameters": sum(i.numel for i in infos),
+        "forecast_parameters": sum(i.numel for i in forecast),
+        "dtypes": sorted({i.dtype for i in infos}),
+        "bytes_per_checkpoint": run.last.nbytes,
+        "total_bytes": sum(c.nbytes for c in run.checkpoints),
+        "max_horizon": max_self_horizon(steps) if len(steps) > 2 else 0,
+        "warnings": run.warnings,
+    }
+
+
+def output_offsets(horizon: int, emit: list[int]) -> list[int]:
+    if horizon <= 0:
+        raise UsageError(f"--horizon must be a positive number of steps, not {horizon}")
+    bad = [e for e in emit if not 0 < e < horizon]
+    if bad:
+        raise UsageError(f"--emit {bad[0]}: each emitted step must lie between 0 and the horizon {horizon}")
+    return sorted(set(emit)) + [horizon]
+
+
+def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> Forecaster:
+    """The default mode: learn the jump from the run's own history, scaled to each earlier anchor."""
+    steps = history.steps
+    if len(steps) < 3:
+        raise InputError(f"only {len(steps)} checkpoints: fitting on the run itself needs at least three (or use a reference run)")
+    weight, bias, info = fit_coefficients(self_pairs(history, horizon, offsets), settings)
+    return Forecaster("self", int(steps[0]), int(steps[-1]), offsets, weight, bias, asdict(settings), info)
+
+
+def fit_on_reference(history: History, context_end: int, offsets: list[int], settings: FitSettings) -> Forecaster:
+    """The paper's protocol: learn (w at s_0, w at E) -> w at E + H from a complete reference run."""
+    weight, bias, info = fit_coefficients(reference_pairs(history, context_end, offsets), settings)
+    return Forecaster("reference", int(history.steps[0]), context_end, offsets, weight, bias, asdict(settings), info)
+
+
+def _evaluate(run: Run, history: History, plan: BacktestPlan, forecaster: Forecaster, options: StreamOptions) -> dict:
+    if options.backtest == "sample":
+        result = backtest_sample(history, plan, forecaster)
+    else:
+        streaming, total = _streaming(run, options, BYTES_PER_ELEMENT), 4 * run.last.nbytes
+        with byte_progress("backtest", total, options.quiet) as advance:
+            result = backtest_streaming(run, plan, forecaster, Streaming(streaming.device, streaming.chunk_elements, advance))
+    steps = run.steps
+    result["plan"] = {
+        "first_step": steps[plan.first_index],
+        "line_from_step": steps[plan.previous_index],
+        "last_step": steps[plan.last_index],
+        "target_step": plan.target_step,
+    }
+    return result
+
+
+def backtest_on_run(run: Run, history: History, forecaster: Forecaster, settings: FitSettings, options: StreamOptions) -> dict:
+    """Repeat the fit with the last checkpoints held out, and forecast the last one."""
+    steps = run.steps
+    rho = forecaster.horizon / (steps[-1] - steps[0])
+    cut = choose_cut(steps, rho)
+    if cut is None:
+        return {"unavailable": f"{len(steps)} checkpoints are too few to hold some out and still fit a jump of this size"}
+    held_out = history.truncated(cut)
+    horizon = steps[-1] - steps[cut]
+    trial = fit_on_run(held_out, horizon, [horizon], settings)
+    return _evaluate(run, history, BacktestPlan(0, cut - 1, cut, float(steps[-1])), trial, options)
+
+
+def evaluate_on_reference(run: Run, history: History, forecaster: Forecaster, options: StreamOptions) -> dict:
+    """Score the reference forecaster on the reference run itself, where the truth at E + H is known."""
+    end = run.steps.index(forecaster.context_end)
+    return _evaluate(run, history, BacktestPlan(0, end - 1, end, float(forecaster.target_steps[-1])), forecaster, options)
+
+
+def _streaming(run: Run, options: StreamOptions, bytes_per_element: int) -> Streaming:
+    return Streaming(resolve_device(options.device), chunk_elements(options.max_memory, bytes_per_element))
+
+
+def _notes(run: Run) -> list[str]:
+    dtypes = {i.dtype for i in run.tensor_infos() if i.is_forecast}
+    notes = []
+    if dtypes & {"BF16", "F16"}:
+        floor = "2^-8 (0.4%)" if "BF16" in dtypes else "2^-11 (0.05%)"
+        notes.append(f"weights are stored in {'/'.join(sorted(dtypes & {'BF16', 'F16'}))}: rounding alone gives relative errors up to {floor}, a floor under any forecast error")
+    return notes
+
+
+def _report(command: str, run: Run, forecaster: Forecaster, backtest: dict, extra_notes: list[str] = ()) -> dict:
+    report = {
+        "farcast_version": __version__,
+        "command": command,
+        "run": str(run.path),
+        "layout": run.layout,
+        "steps": run.steps,
+        "mode": forecaster.mode,
+        "context": {"first_step": forecaster.first_step, "last_step": forecaster.context_end},
+        "horizon": forecaster.horizon,
+        "target_steps": forecaster.target_steps,
+        "forecaster": {"weight": forecaster.weight, "bias": forecaster.bias, "fit": forecaster.fit_info},
+        "backtest": backtest,
+        "notes": _notes(run) + list(extra_notes),
+        "warnings": run.warnings,
+    }
+    report.update(verdict(backtest))
+    return report
+
+
+def fit(
+    run_dir: Path, out_file: Path, horizon: int, context_end: int | None, emit: list[int], settings: FitSettings, options: StreamOptions, force: bool = False
+) -> dict:
+    """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster."""
+    if out_file.exists() and not force:
+        raise UsageError(f"{out_file}: already exists; choose a new name or pass --force")
+    offsets = output_offsets(horizon, emit)
+    run = find_run(run_dir)
+    history = read_history(run, settings.sample, settings.seed)
+    if context_end is None:
+        forecaster = fit_on_run(history, horizon, offsets, settings)
+        backtest = backtest_on_run(run, history, forecaster, settings, options)
+    else:
+        forecaster = fit_on_reference(history, context_end, offsets, settings)
+        backtest = evaluate_on_reference(run, history, forecaster, options)
+    report = _report("fit", run, forecaster, backtest)
+    forecaster.report = report
+    forecaster.save(out_file)
+    report["output"] = [str(out_file)]
+    return report
+
+
+def _forecaster_for(run: Run, forecaster_file: Path, horizon: int | None) -> Forecaster:
+    forecaster = Forecaster.load(forecaster_file)
+    if horizon is not None and horizon != forecaster.horizon:
+        raise UsageError(f"--horizon {horizon} differs from the forecaster's horizon {forecaster.horizon}; refit or drop --horizon")
+    if run.steps[0] != forecaster.first_step:
+        raise InputError(f"{run.path}: starts at step {run.steps[0]} but {forecaster_file} was fitted on runs starting at step {forecaster.first_step}")
+    if forecaster.mode == "self" and run.steps[-1] != forecaster.context_end:
+        raise InputError(f"{run.path}: ends at step {run.steps[-1]} but {forecaster_file} was fitted on this run ending at step {forecaster.context_end}; refit")
+    run.at_step(forecaster.context_end)
+    return forecaster
+
+
+def predict(
+    run_dir: Path,
+    out_dir: Path,
+    horizon: int | None,
+    forecaster_file: Path | None,
+    emit: list[int],
+    settings: FitSettings,
+    options: StreamOptions,
+    dtype: str | None = None,
+    force: bool = False,
+    min_skill: float | None = None,
+) -> dict:
+    """`farcast predict`: fit (unless given a forecaster), backtest, then stream the forecast checkpoint."""
+    run = find_run(run_dir)
+    check_output_location(out_dir, run, force)
+    resolve_device(options.device)
+    if forecaster_file is not None:
+        forecaster = _forecaster_for(run, forecaster_file, horizon)
+        backtest = (forecaster.report or {}).get("backtest", {"unavailable": "the forecaster file holds no evaluation"})
+        report = _report("predict", run, forecaster, backtest, [f"backtest measured at fit time, by {forecaster_file}"])
+    else:
+        if horizon is None:
+            raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
+        offsets = output_offsets(horizon, emit)
+        history = read_history(run, settings.sample, settings.seed)
+        forecaster = fit_on_run(history, horizon, offsets, settings)
+        report = _report("predict", run, forecaster, backtest_on_run(run, history, forecaster, settings, options))
+    _enforce_min_skill(report, min_skill)
+    first, last = run.checkpoints[0], run.at_step(forecaster.context_end)
+    streaming = _streaming(run, options, 32 + 16 * len(forecaster.offsets))
+    with atomic_folder(out_dir) as folder:
+        with byte_progress("forecast", 2 * last.nbytes, options.quiet) as advance:
+            written = write_forecast(first, last, forecaster, folder, Streaming(streaming.device, streaming.chunk_elements, advance), dtype)
+        report["output"] = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
+        write_text(folder / REPORT_FILE, json.dumps(report, indent=1) + "\n")
+        for checkpoint in run.checkpoints:
+            checkpoint.check_unchanged()
+    return report
+
+
+def _enforce_min_skill(report: dict, min_skill: float | None) -> None:
+    if min_skill is None:
+        return
+    skill = report.get("skill_vs_last")
+    if skill is None or skill < min_skill:
+        shown = "unknown" if skill is None else f"{skill:.3f}"
+        error = LowSkillError(f"backtest skill against keeping the last checkpoint is {shown}, below --min-skill {min_skill}; nothing written")
+        error.report = report
+        raise error

@@ -1,0 +1,44 @@
+"""Progress on stderr: a rich bar on a terminal, a plain line every few seconds in batch logs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+PLAIN_EVERY_SECONDS = 10.0
+Advance = Callable[[int], None]
+
+
+@contextmanager
+def byte_progress(label: str, total: int, quiet: bool) -> Iterator[Advance]:
+    """Yield a function to call with the number of bytes just processed."""
+    if quiet:
+        yield lambda n: None
+    elif sys.stderr.isatty():
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n: bar.advance(task, n)
+    else:
+        yield _plain_lines(label, total)
+
+
+def _plain_lines(label: str, total: int) -> Advance:
+    started = last_print = time.monotonic()
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done, last_print
+        done += n
+        now = time.monotonic()
+        if now - last_print >= PLAIN_EVERY_SECONDS:
+            rate = done / max(now - started, 1e-9) / 1e6
+            print(f"farcast: {label}: {done / 1e6:.0f} of {total / 1e6:.0f} MB ({rate:.0f} MB/s)", file=sys.stderr, flush=True)
+            last_print = now
+
+    return advance

@@ -1,0 +1,242 @@
+"""Find a training run's checkpoints on disk and check that they describe the same model."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+
+from farcast_cli.errors import InputError
+from farcast_cli.safetensors_reader import SafetensorsFile, TensorInfo
+
+TRAINER_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+SHARD_NAME = re.compile(r"-\d+-of-\d+$")
+LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+AUX_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+    "chat_template.*",
+)
+
+
+@dataclass
+class Checkpoint:
+    """One saved step: one safetensors file, or several shards with an index."""
+
+    step: int
+    path: Path
+    files: dict[str, SafetensorsFile]
+    shard_of: dict[str, str]
+    index_name: str | None = None
+    aux_files: list[Path] = field(default_factory=list)
+
+    def tensor(self, name: str) -> tuple[SafetensorsFile, TensorInfo]:
+        file = self.files[self.shard_of[name]]
+        return file, file.tensors[name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(file.size for file in self.files.values())
+
+    def check_unchanged(self) -> None:
+        for file in self.files.values():
+            file.check_unchanged()
+
+
+@dataclass
+class Run:
+    path: Path
+    layout: str
+    checkpoints: list[Checkpoint]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def steps(self) -> list[int]:
+        return [c.step for c in self.checkpoints]
+
+    @property
+    def last(self) -> Checkpoint:
+        return self.checkpoints[-1]
+
+    def tensor_infos(self) -> list[TensorInfo]:
+        """The last checkpoint's tensors, in file order within each shard."""
+        return [info for file in self.last.files.values() for info in sorted(file.tensors.values(), key=lambda t: t.begin)]
+
+    def at_step(self, step: int) -> Checkpoint:
+        for checkpoint in self.checkpoints:
+            if checkpoint.step == step:
+                return checkpoint
+        raise InputError(f"{self.path}: no checkpoint at step {step} (steps found: {_describe_steps(self.steps)})")
+
+    def truncated(self, last_index: int) -> Run:
+        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings)
+
+
+def find_run(path: Path) -> Run:
+    """Discover a run in the Trainer layout or as step-numbered safetensors files."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise InputError(f"{path}: is a file; give the folder that holds the run's checkpoints")
+    _reject_partial_weights(path)
+    warnings = [f"{p}: skipped, a checkpoint still being written" for p in sorted(path.glob("tmp-*"))]
+    folders = [p for p in _list(path) if p.is_dir() and TRAINER_FOLDER.match(p.name)]
+    if folders:
+        run = Run(path, "trainer", sorted((_trainer_checkpoint(p) for p in folders), key=lambda c: c.step), warnings)
+    else:
+        run = Run(path, "files", _file_checkpoints(path), warnings)
+    if not run.checkpoints:
+        raise InputError(f"{path}: no checkpoints found (expected checkpoint-<step>/ folders or <name><step>.safetensors files)")
+    run.warnings += [f"{c.path / name}: stray shard, not named by the index; ignored" for c in run.checkpoints for name in stray_shards(c)]
+    if len(run.checkpoints) < 2:
+        raise InputError(f"{path}: only one checkpoint ({run.checkpoints[0].path.name}); farcast needs at least two")
+    _check_same_model(run)
+    return run
+
+
+def _list(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+
+
+def _reject_partial_weights(folder: Path) -> None:
+    """Folders that hold something other than full weights get an error that says what to do."""
+    names = {p.name for p in _list(folder)}
+    if "adapter_model.safetensors" in names and SINGLE_FILE not in names and INDEX_FILE not in names:
+        raise InputError(f"{folder}: holds a PEFT adapter only (adapter_model.safetensors); merge it into the base model first (peft's merge_and_unload) and save full weights")
+    if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
+        raise InputError(f"{folder}: holds DeepSpeed ZeRO shards (global_step*/); convert them with the zero_to_fp32.py script DeepSpeed saved beside them, then save as safetensors")
+    if any(n.endswith(".distcp") for n in names):
+        raise InputError(f"{folder}: holds an FSDP sharded state (*.distcp); convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save, then save as safetensors")
+
+
+def _trainer_checkpoint(folder: Path) -> Checkpoint:
+    step = int(TRAINER_FOLDER.match(folder.name).group(1))
+    _reject_partial_weights(folder)
+    names = {p.name for p in _list(folder)}
+    if INDEX_FILE in names:
+        checkpoint = _sharded_checkpoint(folder, step)
+    elif SINGLE_FILE in names:
+        file = SafetensorsFile(folder / SINGLE_FILE)
+        checkpoint = Checkpoint(step, folder, {SINGLE_FILE: file}, {name: SINGLE_FILE for name in file.tensors})
+    elif "pytorch_model.bin" in names or "model.pt" in names:
+        raise InputError(f"{folder}: holds pickled weights only; farcast never loads pickles: save with safetensors (save_safetensors=True)")
+    else:
+        raise InputError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
+    checkpoint.aux_files = [folder / n for n in sorted(names) if any(fnmatch(n, pattern) for pattern in AUX_PATTERNS)]
+    _check_trainer_state(folder, step)
+    return checkpoint
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise InputError(f"{path}: not valid JSON ({str(error).splitlines()[0][:100]})") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror}") from None
+
+
+def _check_trainer_state(folder: Path, step: int) -> None:
+    state_path = folder / "trainer_state.json"
+    if not state_path.exists():
+        return
+    state = _read_json(state_path)
+    recorded = state.get("global_step") if isinstance(state, dict) else None
+    if recorded is not None and recorded != step:
+        raise InputError(f"{state_path}: global_step is {recorded} but the folder name says step {step}")
+
+
+def _sharded_checkpoint(folder: Path, step: int) -> Checkpoint:
+    index_path = folder / INDEX_FILE
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index_path}: no weight_map of tensor names to shard files")
+    files = {}
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or shard.startswith("."):
+            raise InputError(f"{index_path}: shard name {shard!r} points outside the checkpoint folder")
+        if not (folder / shard).is_file():
+            raise InputError(f"{index_path}: names shard {shard} which does not exist")
+        files[shard] = SafetensorsFile(folder / shard)
+    holder: dict[str, str] = {}
+    for shard, file in files.items():
+        for name in file.tensors:
+            if name in holder:
+                raise InputError(f"{folder}: tensor {name!r} is in two shards, {holder[name]} and {shard}")
+            holder[name] = shard
+    for name, shard in weight_map.items():
+        if holder.get(name) != shard:
+            raise InputError(f"{index_path}: maps tensor {name!r} to {shard}, which does not hold it")
+    for name, shard in holder.items():
+        if name not in weight_map:
+            raise InputError(f"{folder / shard}: holds tensor {name!r} that {INDEX_FILE} does not list")
+    checkpoint = Checkpoint(step, folder, files, holder, index_name=INDEX_FILE)
+    return checkpoint
+
+
+def stray_shards(checkpoint: Checkpoint) -> list[str]:
+    """Shard-like files in a sharded checkpoint's folder that its index does not name."""
+    if checkpoint.index_name is None:
+        return []
+    return [p.name for p in _list(checkpoint.path) if p.suffix == ".safetensors" and p.name not in checkpoint.files]
+
+
+def _file_checkpoints(folder: Path) -> list[Checkpoint]:
+    by_step: dict[int, Path] = {}
+    for path in _list(folder):
+        if path.suffix != ".safetensors" or not path.is_file():
+            continue
+        if SHARD_NAME.search(path.stem):
+            raise InputError(f"{path}: looks like one shard of a sharded checkpoint; put each checkpoint in a checkpoint-<step>/ folder with its index")
+        match = LAST_NUMBER.search(path.stem)
+        if match is None:
+            continue
+        step = int(match.group(1))
+        if step in by_step:
+            raise InputError(f"{path}: step {step} also given by {by_step[step].name}")
+        by_step[step] = path
+    checkpoints = []
+    for step, path in sorted(by_step.items()):
+        file = SafetensorsFile(path)
+        checkpoints.append(Checkpoint(step, path, {path.name: file}, {name: path.name for name in file.tensors}))
+    return checkpoints
+
+
+def _check_same_model(run: Run) -> None:
+    reference = {name: (info.dtype, info.shape) for name, info in ((n, run.last.tensor(n)[1]) for n in run.last.shard_of)}
+    for checkpoint in run.checkpoints[:-1]:
+        names = set(checkpoint.shard_of)
+        for name in sorted(names - reference.keys()):
+            raise InputError(f"{checkpoint.path}: tensor {name!r} is not in the last checkpoint {run.last.path.name}")
+        for name in sorted(reference.keys() - names):
+            raise InputError(f"{checkpoint.path}: tensor {name!r} of the last checkpoint {run.last.path.name} is missing")
+        for name in sorted(names):
+            info = checkpoint.tensor(name)[1]
+            dtype, shape = reference[name]
+            if info.dtype != dtype:
+                raise InputError(f"{checkpoint.path}: tensor {name!r} is {info.dtype} but {dtype} in {run.last.path.name}")
+            if info.shape != shape:
+                raise InputError(f"{checkpoint.path}: tensor {name!r} has shape {list(info.shape)} but {list(shape)} in {run.last.path.name}")
+
+
+def _describe_steps(steps: list[int]) -> str:
+    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)} in all)"

@@ -1,0 +1,80 @@
+"""Read the history of a random sample of coordinates, so fitting cost does not grow with the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from farcast_cli.errors import InputError
+from farcast_cli.run import Checkpoint, Run
+from farcast_cli.safetensors_reader import TORCH_DTYPES, TensorInfo
+
+MERGE_GAP_BYTES = 64 * 1024
+
+
+@dataclass
+class History:
+    """values[i, k] is sampled coordinate i at steps[k]."""
+
+    steps: np.ndarray
+    values: np.ndarray
+    tensor_index: np.ndarray
+    tensor_names: list[str]
+
+    def truncated(self, last_index: int) -> History:
+        return History(self.steps[: last_index + 1], self.values[:, : last_index + 1], self.tensor_index, self.tensor_names)
+
+
+def sample_coordinates(infos: list[TensorInfo], size: int, seed: int) -> list[tuple[TensorInfo, np.ndarray]]:
+    """Draw `size` distinct coordinates of the forecast tensors, uniformly, so in proportion to tensor sizes."""
+    infos = [info for info in infos if info.is_forecast and info.numel > 0]
+    sizes = np.array([info.numel for info in infos], dtype=np.int64)
+    total = int(sizes.sum())
+    if total == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    flat = np.arange(total) if size >= total else np.sort(rng.choice(total, size=size, replace=False, shuffle=False))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    owner = np.searchsorted(bounds, flat, side="right") - 1
+    return [(info, flat[owner == i] - bounds[i]) for i, info in enumerate(infos) if np.any(owner == i)]
+
+
+def _contiguous_runs(indices: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
+    """Group sorted element indices into [start, stop) ranges, reading through gaps up to max_gap."""
+    breaks = np.nonzero(np.diff(indices) > max_gap)[0]
+    starts = np.concatenate([[0], breaks + 1])
+    stops = np.concatenate([breaks + 1, [len(indices)]])
+    return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def read_sampled_values(checkpoint: Checkpoint, info: TensorInfo, indices: np.ndarray) -> np.ndarray:
+    """One tensor's values at the given element indices, read as a few contiguous ranges."""
+    file, local = checkpoint.tensor(info.name)
+    ranges = _contiguous_runs(indices, max(1, MERGE_GAP_BYTES // local.itemsize))
+    raw = file.read_ranges([(local.begin + a * local.itemsize, local.begin + b * local.itemsize) for a, b in ranges])
+    values = np.empty(len(indices), dtype=np.float64)
+    position = 0
+    for (start, stop), data in zip(ranges, raw):
+        chunk = torch.frombuffer(data, dtype=TORCH_DTYPES[local.dtype]).to(torch.float64).numpy()
+        count = int(np.searchsorted(indices, stop, side="left")) - position
+        values[position : position + count] = chunk[indices[position : position + count] - start]
+        position += count
+    bad = np.nonzero(~np.isfinite(values))[0]
+    if len(bad):
+        raise InputError(f"{file.path}: tensor {info.name!r} holds {values[bad[0]]} at element {int(indices[bad[0]])}; refusing to forecast from non-finite weights")
+    return values
+
+
+def read_history(run: Run, size: int, seed: int) -> History:
+    """The sampled coordinates' values at every checkpoint of the run."""
+    picks = sample_coordinates(run.tensor_infos(), size, seed)
+    if not picks:
+        raise InputError(f"{run.path}: no floating-point tensors to forecast")
+    columns = [
+        np.concatenate([read_sampled_values(checkpoint, info, indices) for info, indices in picks])
+        for checkpoint in run.checkpoints
+    ]
+    tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
+    return History(np.array(run.steps, dtype=np.float64), np.stack(columns, axis=1), tensor_index, [info.name for info, _ in picks])

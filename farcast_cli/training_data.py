@@ -1,0 +1,91 @@
+"""Turn a sampled history into (first, last) -> future training pairs for the two fitting modes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from farcast_cli.errors import UsageError
+from farcast_cli.sampling import History
+
+
+@dataclass
+class Pairs:
+    """Inputs and targets of the shared linear forecaster, one row per (coordinate, anchor time)."""
+
+    first: np.ndarray
+    last: np.ndarray
+    targets: np.ndarray
+    first_rate: np.ndarray
+    last_dt: np.ndarray
+    coordinate: np.ndarray
+
+
+def interpolate(history: History, time: float) -> np.ndarray:
+    """Every sampled coordinate's value at `time`, linear between the two checkpoints around it."""
+    steps = history.steps
+    i = int(np.clip(np.searchsorted(steps, time, side="right") - 1, 0, len(steps) - 2))
+    alpha = (time - steps[i]) / (steps[i + 1] - steps[i])
+    return history.values[:, i] * (1 - alpha) + history.values[:, i + 1] * alpha
+
+
+def max_self_horizon(steps: list[int] | np.ndarray) -> int:
+    """The largest horizon a run supports: its second checkpoint must have a target inside the history."""
+    s0, s1, sk = steps[0], steps[1], steps[-1]
+    return int((sk - s0) * (sk - s1) // (s1 - s0))
+
+
+def _first_rate(history: History) -> np.ndarray:
+    steps = history.steps
+    return np.abs(history.values[:, 1] - history.values[:, 0]) / (steps[1] - steps[0])
+
+
+def _last_gap(offsets: list[float]) -> float:
+    return offsets[-1] - (offsets[-2] if len(offsets) > 1 else 0.0)
+
+
+def self_pairs(history: History, horizon: int, offsets: list[int]) -> Pairs:
+    """Pairs from the run itself: the jump from each anchor t is scaled as rho * (t - s_0)."""
+    steps = history.steps
+    s0, sk = steps[0], steps[-1]
+    rho = horizon / (sk - s0)
+    fractions = [o / horizon for o in offsets]
+    anchors = [k for k in range(1, len(steps)) if steps[k] + rho * (steps[k] - s0) <= sk + 1e-9]
+    if not anchors:
+        raise UsageError(f"horizon {horizon} is too far for this run: the largest it supports is {max_self_horizon(steps)} steps")
+    n = history.values.shape[0]
+    rows = []
+    for k in anchors:
+        jump = rho * (steps[k] - s0)
+        targets = np.stack([interpolate(history, steps[k] + f * jump) for f in fractions], axis=1)
+        rows.append((history.values[:, k], targets, np.full(n, jump * _last_gap(fractions))))
+    return Pairs(
+        first=np.tile(history.values[:, 0], len(anchors)),
+        last=np.concatenate([r[0] for r in rows]),
+        targets=np.concatenate([r[1] for r in rows]),
+        first_rate=np.tile(_first_rate(history), len(anchors)),
+        last_dt=np.concatenate([r[2] for r in rows]),
+        coordinate=np.tile(np.arange(n), len(anchors)),
+    )
+
+
+def reference_pairs(history: History, context_end: int, offsets: list[int]) -> Pairs:
+    """Pairs from a complete reference run: (w at s_0, w at E) -> w at E + offset."""
+    steps = history.steps
+    if context_end not in steps:
+        raise UsageError(f"--context-end {context_end} is not a checkpoint step of the reference run")
+    if context_end + offsets[-1] > steps[-1]:
+        raise UsageError(f"--context-end {context_end} plus horizon {offsets[-1]} is past the reference run's last step {int(steps[-1])}")
+    if context_end <= steps[0]:
+        raise UsageError(f"--context-end {context_end} must come after the run's first step {int(steps[0])}")
+    k = int(np.searchsorted(steps, context_end))
+    n = history.values.shape[0]
+    return Pairs(
+        first=history.values[:, 0],
+        last=history.values[:, k],
+        targets=np.stack([interpolate(history, context_end + o) for o in offsets], axis=1),
+        first_rate=_first_rate(history),
+        last_dt=np.full(n, _last_gap([float(o) for o in offsets])),
+        coordinate=np.arange(n),
+    )
