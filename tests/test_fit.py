@@ -1,0 +1,127 @@
+"""`farcast fit`: the two fitting modes and the saved forecaster, through the CLI and the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import FAST, trajectories, write_run
+from safetensors.torch import load_file
+
+from farcast_cli.forecaster import FitSettings, fit_coefficients
+from farcast_cli.training_data import Pairs
+
+
+def test_reference_fit_then_predict_on_another_run(tmp_path, farcast):
+    steps = list(range(0, 301, 20))
+    reference = write_run(tmp_path / "reference", steps=steps, seed=1)
+    forecaster_file = tmp_path / "forecaster.json"
+    result = farcast("fit", reference, "--context-end", 100, "--horizon", 200, "-o", forecaster_file, "--json", *FAST)
+    report = json.loads(result.stdout)
+    assert report["mode"] == "reference"
+    assert report["backtest"]["plan"] == {"first_step": 0, "line_from_step": 80, "last_step": 100, "target_step": 300}
+    assert report["skill_vs_last"] > 0.3
+
+    saved = json.loads(forecaster_file.read_text())
+    assert saved["format"] == "farcast-forecaster/1"
+    assert np.array(saved["weight"]).shape == (2, 1) and len(saved["bias"]) == 1
+    assert saved["settings"]["sample"] == 2000 and saved["context_end"] == 100
+
+    new_steps = [0, 20, 40, 60, 80, 100]
+    new_run = write_run(tmp_path / "new", steps=new_steps, seed=2)
+    out = tmp_path / "out"
+    predicted = json.loads(farcast("predict", new_run, "--forecaster", forecaster_file, "-o", out, "--json", "--quiet").stdout)
+    assert predicted["target_steps"] == [300]
+    assert predicted["backtest"] == report["backtest"]
+    truth = trajectories([300], seed=2)[300]["encoder.weight"]
+    forecast = load_file(out / "model.safetensors")["encoder.weight"]
+    last = load_file(new_run / "checkpoint-100" / "model.safetensors")["encoder.weight"]
+    assert (forecast - truth).abs().mean() < 0.7 * (last - truth).abs().mean()
+
+
+def test_fit_on_the_run_itself_then_predict_with_the_saved_forecaster(run_dir, farcast, tmp_path):
+    forecaster_file = tmp_path / "f.json"
+    fitted = json.loads(farcast("fit", run_dir, "--horizon", 100, "-o", forecaster_file, "--json", *FAST).stdout)
+    assert fitted["mode"] == "self" and fitted["target_steps"] == [300]
+    farcast("predict", run_dir, "--forecaster", forecaster_file, "-o", tmp_path / "a", "--quiet")
+    farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "b", *FAST)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_forecaster_must_fit_the_run(tmp_path, farcast):
+    reference = write_run(tmp_path / "reference", steps=list(range(0, 301, 20)))
+    farcast("fit", reference, "--context-end", 100, "--horizon", 200, "-o", tmp_path / "f.json", *FAST)
+    other = write_run(tmp_path / "other", steps=[10, 50, 100])
+    result = farcast("predict", other, "--forecaster", tmp_path / "f.json", "-o", tmp_path / "out", expect=3)
+    assert "starts at step 10" in result.stderr
+    short = write_run(tmp_path / "short", steps=[0, 40, 80])
+    result = farcast("predict", short, "--forecaster", tmp_path / "f.json", "-o", tmp_path / "out", expect=3)
+    assert "no checkpoint at step 100" in result.stderr
+    result = farcast("predict", reference, "--forecaster", tmp_path / "f.json", "-H", 5, "-o", tmp_path / "out", expect=2)
+    assert "differs from the forecaster's horizon 200" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_reference_fit_needs_the_target_inside_the_run(tmp_path, farcast):
+    reference = write_run(tmp_path / "reference", steps=list(range(0, 201, 20)))
+    result = farcast("fit", reference, "--context-end", 100, "--horizon", 150, "-o", tmp_path / "f.json", *FAST, expect=2)
+    assert "past the reference run's last step 200" in result.stderr
+    result = farcast("fit", reference, "--context-end", 110, "--horizon", 50, "-o", tmp_path / "f.json", *FAST, expect=2)
+    assert "--context-end 110 is not a checkpoint step" in result.stderr
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_fit_refuses_to_overwrite_a_forecaster(run_dir, farcast, tmp_path):
+    (tmp_path / "f.json").write_text("keep me")
+    result = farcast("fit", run_dir, "-H", 50, "-o", tmp_path / "f.json", *FAST, expect=2)
+    assert "already exists" in result.stderr
+    assert (tmp_path / "f.json").read_text() == "keep me"
+
+
+def test_emit_with_a_reference_forecaster(tmp_path, farcast):
+    reference = write_run(tmp_path / "reference", steps=list(range(0, 301, 20)))
+    fitted = json.loads(farcast("fit", reference, "--context-end", 100, "-H", 200, "--emit", 100, "-o", tmp_path / "f.json", "--json", *FAST).stdout)
+    assert fitted["target_steps"] == [200, 300]
+    farcast("predict", reference, "--forecaster", tmp_path / "f.json", "-o", tmp_path / "out", "--quiet")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-200", "checkpoint-300", "farcast_report.json"]
+
+
+def test_horizon_too_far_names_the_largest_supported(run_dir, farcast, tmp_path):
+    result = farcast("predict", run_dir, "--horizon", 5000, "-o", tmp_path / "out", *FAST, expect=2)
+    assert "largest it supports is 1800 steps" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("horizon", [0, -10])
+def test_horizon_must_be_positive(run_dir, farcast, tmp_path, horizon):
+    result = farcast("predict", run_dir, "--horizon", horizon, "-o", tmp_path / "out", *FAST, expect=2)
+    assert "--horizon must be a positive number of steps" in result.stderr
+
+
+def test_fit_recovers_a_known_linear_map():
+    """Targets made exactly by y = 0.3*first + 0.9*last + 0.01: the fit must find those coefficients."""
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=4000)
+    last = first + rng.normal(scale=0.3, size=4000)
+    targets = (0.3 * first + 0.9 * last + 0.01)[:, None]
+    pairs = Pairs(first, last, targets, np.abs(last - first), np.ones(4000), np.arange(4000))
+    weight, bias, info = fit_coefficients(pairs, FitSettings(lam=0.0, max_epochs=200))
+    assert weight[0][0] == pytest.approx(0.3, abs=0.01)
+    assert weight[1][0] == pytest.approx(0.9, abs=0.01)
+    assert bias[0] == pytest.approx(0.01, abs=0.005)
+    assert info["held_out_pairs"] == 800
+
+
+def test_regulariser_shrinks_a_forecast_that_outruns_the_first_step():
+    """With a heavy lambda, the forecast's last step may not exceed the first observed step."""
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=2000)
+    last = first + 0.1
+    targets = (last + 1.0)[:, None]
+    pairs = Pairs(first, last, targets, np.full(2000, 0.01), np.ones(2000), np.arange(2000))
+    free, free_bias, _ = fit_coefficients(pairs, FitSettings(lam=0.0))
+    held, held_bias, _ = fit_coefficients(pairs, FitSettings(lam=100.0))
+    jump = lambda w, b: np.mean(np.abs(w[0][0] * first + w[1][0] * last + b[0] - last))  # noqa: E731
+    assert jump(free, free_bias) == pytest.approx(1.0, abs=0.05)
+    assert jump(held, held_bias) < 0.5

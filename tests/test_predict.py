@@ -1,0 +1,170 @@
+"""`farcast predict`: the forecast checkpoint, its layout, and its report, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, write_run
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_forecast_checkpoint_matches_the_last_checkpoint_layout(run_dir, farcast, tmp_path):
+    out = tmp_path / "forecast"
+    result = farcast("predict", run_dir, "--horizon", 100, "-o", out, *FAST)
+    forecast = read_checkpoint(out)
+    last = load_file(run_dir / "checkpoint-200" / "model.safetensors")
+    assert sorted(forecast) == sorted(last)
+    for name, value in last.items():
+        assert forecast[name].shape == value.shape and forecast[name].dtype == value.dtype
+    assert torch.equal(forecast["position_ids"], last["position_ids"])
+    assert torch.equal(forecast["mask"], last["mask"])
+    assert not torch.equal(forecast["encoder.weight"], last["encoder.weight"])
+    with safe_open(out / "model.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt"
+    assert json.loads(metadata["farcast"])["forecast_step"] == 300
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "farcast_report.json", "model.safetensors", "tokenizer.json"]
+    assert "wrote" in result.stdout
+
+
+def test_forecast_moves_weights_towards_the_true_future(tmp_path, farcast):
+    """On relaxing trajectories the forecast must land closer to the truth than the last checkpoint."""
+    from conftest import trajectories
+
+    steps = list(range(0, 201, 20))
+    run = write_run(tmp_path / "run", steps=steps, extras=False)
+    farcast("predict", run, "--horizon", 100, "-o", tmp_path / "out", *FAST)
+    truth = trajectories([300])[300]
+    forecast = read_checkpoint(tmp_path / "out")
+    last = load_file(run / "checkpoint-200" / "model.safetensors")
+    error = sum((forecast[n] - truth[n]).abs().sum() for n in truth)
+    keep_last = sum((last[n] - truth[n]).abs().sum() for n in truth)
+    assert error < 0.9 * keep_last
+
+
+def test_report_compares_with_both_baselines(run_dir, farcast, tmp_path):
+    result = farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "out", "--json", *FAST)
+    report = json.loads(result.stdout)
+    assert report == json.loads((tmp_path / "out" / "farcast_report.json").read_text()) | {"output": report["output"]}
+    overall = report["backtest"]["overall"]
+    assert set(overall) >= {"forecast", "last", "line", "skill_vs_last", "skill_vs_line"}
+    assert report["skill_vs_last"] == overall["skill_vs_last"] > 0
+    assert report["beats_last"] is True
+    assert set(report["backtest"]["tensors"]) == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
+    assert report["backtest"]["plan"]["target_step"] == 200
+    assert report["target_steps"] == [300]
+
+
+def test_table_on_stdout_names_each_tensor_and_the_verdict(run_dir, farcast, tmp_path):
+    result = farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "out", *FAST)
+    for text in ("encoder.weight", "head.bias", "overall", "skill vs last", "The forecast beats keeping the last checkpoint"):
+        assert text in result.stdout
+
+
+def test_losing_forecast_says_so_plainly(tmp_path, farcast):
+    """A run that turns back: the trend of its history points the wrong way at the end."""
+    steps = list(range(0, 201, 20))
+    base = torch.randn(24, 16, generator=torch.Generator().manual_seed(3))
+    weights = {s: {"encoder.weight": base * (1 + (s / 100) - (s / 100) ** 2 * 0.5)} for s in steps}
+    run = write_run(tmp_path / "run", steps=steps, weights=weights, extras=False)
+    result = farcast("predict", run, "--horizon", 200, "-o", tmp_path / "out", "--json", *FAST)
+    report = json.loads(result.stdout)
+    assert report["beats_last"] is False
+    assert "does NOT beat keeping the last checkpoint" in report["verdict"]
+
+
+def test_min_skill_exits_4_and_writes_nothing(run_dir, farcast, tmp_path):
+    result = farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "out", "--min-skill", 0.999, *FAST, expect=4)
+    assert "below --min-skill 0.999" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert "skill vs last" in result.stdout
+
+
+def test_plain_file_layout(tmp_path, farcast):
+    run = write_run(tmp_path / "run", layout="files")
+    farcast("predict", run, "--horizon", 60, "-o", tmp_path / "out", *FAST)
+    forecast = read_checkpoint(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["farcast_report.json", "model.safetensors"]
+    assert forecast["encoder.weight"].shape == (24, 16)
+
+
+def test_sharded_input_gives_the_same_shards_and_index(tmp_path, farcast):
+    run = write_run(tmp_path / "run", shards=3)
+    out = tmp_path / "out"
+    farcast("predict", run, "--horizon", 60, "-o", out, *FAST)
+    source = run / "checkpoint-200"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in source.glob("*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in read_checkpoint(out).values())
+    for shard in source.glob("*.safetensors"):
+        assert sorted(load_file(out / shard.name)) == sorted(load_file(shard))
+
+
+def test_bf16_input_stays_bf16_and_the_report_names_the_rounding_floor(tmp_path, farcast):
+    run = write_run(tmp_path / "run", dtype=torch.bfloat16)
+    result = farcast("predict", run, "--horizon", 60, "-o", tmp_path / "out", "--json", *FAST)
+    assert read_checkpoint(tmp_path / "out")["encoder.weight"].dtype == torch.bfloat16
+    assert any("BF16" in note and "2^-8" in note for note in json.loads(result.stdout)["notes"])
+
+
+def test_dtype_option_converts_forecast_tensors_only(run_dir, farcast, tmp_path):
+    farcast("predict", run_dir, "--horizon", 60, "-o", tmp_path / "out", "--dtype", "bf16", *FAST)
+    forecast = read_checkpoint(tmp_path / "out")
+    assert forecast["encoder.weight"].dtype == torch.bfloat16
+    assert forecast["position_ids"].dtype == torch.int64
+
+
+def test_emit_writes_one_checkpoint_per_step(run_dir, farcast, tmp_path):
+    out = tmp_path / "out"
+    result = farcast("predict", run_dir, "--horizon", 100, "--emit", 50, "--emit", 25, "-o", out, "--json", *FAST)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-225", "checkpoint-250", "checkpoint-300", "farcast_report.json"]
+    assert json.loads(result.stdout)["target_steps"] == [225, 250, 300]
+    near, far = read_checkpoint(out / "checkpoint-225"), read_checkpoint(out / "checkpoint-300")
+    last = load_file(run_dir / "checkpoint-200" / "model.safetensors")
+    step_near = (near["encoder.weight"] - last["encoder.weight"]).abs().mean()
+    step_far = (far["encoder.weight"] - last["encoder.weight"]).abs().mean()
+    assert 0 < step_near < step_far
+
+
+def test_same_seed_gives_identical_bytes_and_chunking_does_not_change_them(run_dir, farcast, tmp_path):
+    farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "a", *FAST)
+    farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "b", "--max-memory", "1KB", *FAST)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_sample_backtest_is_close_to_the_full_one(run_dir, farcast, tmp_path):
+    full = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "a", "--json", *FAST).stdout)
+    quick = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "b", "--json", "--backtest", "sample", *FAST).stdout)
+    assert quick["backtest"]["scope"].endswith("sampled coordinates")
+    assert quick["skill_vs_last"] == pytest.approx(full["skill_vs_last"], abs=0.05)
+
+
+def test_python_api_returns_the_report(run_dir, tmp_path):
+    from farcast_cli import pipeline
+    from farcast_cli.forecaster import FitSettings
+
+    report = pipeline.predict(run_dir, tmp_path / "out", 100, None, [], FitSettings(sample=2000), pipeline.StreamOptions(quiet=True))
+    assert report["output"] == [str(tmp_path / "out")]
+    assert report["backtest"]["overall"]["numel"] == 24 * 16 + 24 + 4 * 24 + 4
+
+
+def test_python_module_entry_point(run_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "farcast_cli", "inspect", str(run_dir)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "checkpoints: 11 at steps 0, 20" in result.stdout
+    assert "parameters: 523 (508 forecast)" in result.stdout
