@@ -62,10 +62,13 @@ def output_offsets(horizon: int, emit: list[int]) -> list[int]:
 def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> Forecaster:
     """The default mode: learn the jump from the run's own history, scaled to each earlier anchor."""
     steps = history.steps
-    if len(steps) < 3:
-        raise InputError(f"only {len(steps)} checkpoints: fitting on the run itself needs at least three (or use a reference run)")
     weight, bias, info = fit_coefficients(self_pairs(history, horizon, offsets), settings)
     return Forecaster("self", int(steps[0]), int(steps[-1]), offsets, weight, bias, asdict(settings), info)
+
+
+def _require_three_checkpoints(run: Run) -> None:
+    if len(run.checkpoints) < 3:
+        raise InputError(f"{run.path}: only {len(run.checkpoints)} checkpoints; fitting on the run itself needs at least three (or fit on a reference run)")
 
 
 def fit_on_reference(history: History, context_end: int, offsets: list[int], settings: FitSettings) -> Forecaster:
@@ -151,6 +154,8 @@ def fit(
         raise UsageError(f"{out_file}: already exists; choose a new name or pass --force")
     offsets = output_offsets(horizon, emit)
     run = find_run(run_dir)
+    if context_end is None:
+        _require_three_checkpoints(run)
     history = read_history(run, settings.sample, settings.seed)
     if context_end is None:
         forecaster = fit_on_run(history, horizon, offsets, settings)
@@ -201,6 +206,7 @@ def predict(
         if horizon is None:
             raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
         offsets = output_offsets(horizon, emit)
+        _require_three_checkpoints(run)
         history = read_history(run, settings.sample, settings.seed)
         forecaster = fit_on_run(history, horizon, offsets, settings)
         report = _report("predict", run, forecaster, backtest_on_run(run, history, forecaster, settings, options))
