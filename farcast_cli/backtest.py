@@ -12,14 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from farcast_cli.forecast import Streaming, chunk_ranges, read_chunk
+from farcast_cli.engine import EngineSettings, Source, chunk_jobs, stream
+from farcast_cli.forecast import Scratch, raise_for_non_finite_input
 from farcast_cli.forecaster import Forecaster
-from farcast_cli.run import Checkpoint, Run
+from farcast_cli.run import Run
 from farcast_cli.sampling import History
 from farcast_cli.training_data import interpolate
 
 METHODS = ("forecast", "last", "line")
-BYTES_PER_ELEMENT = 64
+INPUT_BYTES_PER_ELEMENT = 5 * 8
+SCRATCH_BYTES_PER_ELEMENT = 4 * 8
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,15 @@ class _Sums:
         self.values = {method: [0.0, 0.0] for method in METHODS}
         self.count = 0
 
-    def add(self, truth: torch.Tensor, predictions: dict[str, torch.Tensor]) -> None:
+    def add(self, truth: torch.Tensor, predictions: dict[str, torch.Tensor], work: torch.Tensor | None = None) -> None:
         for method, predicted in predictions.items():
-            error = (predicted - truth).double()
-            self.values[method][0] += float(error.abs().sum())
-            self.values[method][1] += float((error * error).sum())
+            error = torch.sub(predicted, truth, out=work)
+            self.values[method][0] += float(error.abs_().sum(dtype=torch.float64))
+            self.values[method][1] += float(torch.dot(error, error))
         self.count += truth.numel()
+
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for pair in self.values.values() for v in pair)
 
     def merge(self, other: _Sums) -> None:
         for method in METHODS:
@@ -75,13 +80,11 @@ def skill(error: float, baseline_error: float) -> float | None:
     return None if baseline_error == 0 else 1.0 - error / baseline_error
 
 
-def _predictions(forecaster: Forecaster, first, previous, last, previous_step, last_step, target_step) -> dict[str, torch.Tensor]:
+def _predictions(forecaster: Forecaster, first, previous, last, previous_step, last_step, target_step, scratch: Scratch | None = None) -> dict[str, torch.Tensor]:
     slope = (target_step - last_step) / (last_step - previous_step)
-    return {
-        "forecast": forecaster.apply(first, last, len(forecaster.offsets) - 1),
-        "last": last,
-        "line": last + (last - previous) * slope,
-    }
+    buffer = (lambda slot: scratch.get(last.numel(), last.dtype, last.device, slot=slot)) if scratch else (lambda slot: None)  # noqa: E731
+    line = torch.sub(last, previous, out=buffer(1)).mul_(slope).add_(last)
+    return {"forecast": forecaster.apply(first, last, len(forecaster.offsets) - 1, out=buffer(2)), "last": last, "line": line}
 
 
 def _truth_weights(steps: list[int], target: float) -> list[tuple[int, float]]:
@@ -92,23 +95,31 @@ def _truth_weights(steps: list[int], target: float) -> list[tuple[int, float]]:
     return [(i, 1.0 - alpha), (i + 1, alpha)]
 
 
-def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, streaming: Streaming) -> dict:
+def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, settings: EngineSettings) -> dict:
     """Evaluate over every coordinate of every float tensor, chunk by chunk."""
-    cps: list[Checkpoint] = run.checkpoints
-    first, previous, last = cps[plan.first_index], cps[plan.previous_index], cps[plan.last_index]
+    checkpoints = run.checkpoints
     truth_parts = _truth_weights(run.steps, plan.target_step)
-    per_tensor, overall = {}, _Sums()
-    for info in run.tensor_infos():
-        if not info.is_forecast or info.numel == 0:
-            continue
-        sums = _Sums()
-        for start, stop in chunk_ranges(info.numel, streaming.chunk_elements):
-            read = lambda c: read_chunk(c, info.name, start, stop, streaming)  # noqa: E731
-            truth = sum(read(cps[i]) * weight for i, weight in truth_parts)
-            sums.add(truth, _predictions(forecaster, read(first), read(previous), read(last), previous.step, last.step, plan.target_step))
-        per_tensor[info.name] = sums.summary()
+    inputs = [checkpoints[i] for i in (plan.first_index, plan.previous_index, plan.last_index)] + [checkpoints[i] for i, _ in truth_parts]
+    previous_step, last_step = run.steps[plan.previous_index], run.steps[plan.last_index]
+    jobs = [
+        job
+        for info in run.tensor_infos()
+        if info.is_forecast and info.numel > 0
+        for job in chunk_jobs(info.name, info.numel, settings.chunk_elements, tuple(Source(*c.tensor(info.name)) for c in inputs))
+    ]
+    scratch = Scratch(settings.chunk_elements)
+    per_tensor: dict[str, _Sums] = {}
+    for job, data in stream(jobs, settings):
+        first, previous, last, *truths = data
+        truth = truths[0] if len(truths) == 1 else torch.mul(truths[0], truth_parts[0][1], out=scratch.get(last.numel(), last.dtype, last.device, slot=3)).add_(truths[1], alpha=truth_parts[1][1])
+        sums = per_tensor.setdefault(job.name, _Sums())
+        sums.add(truth, _predictions(forecaster, first, previous, last, previous_step, last_step, plan.target_step, scratch), scratch.get(last.numel(), last.dtype, last.device, slot=4))
+        if not sums.finite():
+            raise_for_non_finite_input(job, data)
+    overall = _Sums()
+    for sums in per_tensor.values():
         overall.merge(sums)
-    return {"scope": "all coordinates", "tensors": per_tensor, "overall": overall.summary()}
+    return {"scope": "all coordinates", "tensors": {name: sums.summary() for name, sums in per_tensor.items()}, "overall": overall.summary()}
 
 
 def backtest_sample(history: History, plan: BacktestPlan, forecaster: Forecaster) -> dict:

@@ -56,6 +56,8 @@ BacktestScope = Annotated[Scope, typer.Option("--backtest", help="Score the back
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+UseMmap = Annotated[bool, typer.Option("--mmap", help="Read through memory maps instead of positional reads (slow on network file systems).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.")]
 
 
 def _settings(sample: int, seed: int, lam: float, lr: float, batch_size: int, max_epochs: int, patience: int) -> FitSettings:
@@ -156,6 +158,7 @@ def fit(
     device: Device = "auto",
     max_memory: MaxMemory = "1GiB",
     backtest: BacktestScope = Scope.full,
+    use_mmap: UseMmap = False,
     force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -166,7 +169,7 @@ def fit(
         raise typer.BadParameter("--horizon is required", param_hint="--horizon")
 
     def action() -> dict:
-        options = pipeline.StreamOptions(device, parse_size(max_memory), backtest.value, quiet)
+        options = pipeline.StreamOptions(device, parse_size(max_memory), backtest.value, quiet, use_mmap)
         return pipeline.fit(run_dir, output, horizon, context_end, emit or [], settings, options, force)
 
     _run(action, _show_report(as_json))
@@ -191,19 +194,42 @@ def predict(
     device: Device = "auto",
     max_memory: MaxMemory = "1GiB",
     backtest: BacktestScope = Scope.full,
+    use_mmap: UseMmap = False,
+    dry_run: DryRun = False,
     force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Forecast the weights HORIZON steps past the last checkpoint and write them as a checkpoint."""
     settings = _settings(sample, seed, lam, lr, batch_size, max_epochs, patience)
+    out_dtype = None if dtype is None else dtype.value.upper()
 
-    def action() -> dict:
-        options = pipeline.StreamOptions(device, parse_size(max_memory), backtest.value, quiet)
-        out_dtype = None if dtype is None else dtype.value.upper()
-        return pipeline.predict(run_dir, output, horizon, forecaster, emit or [], settings, options, out_dtype, force, min_skill)
+    def options() -> pipeline.StreamOptions:
+        return pipeline.StreamOptions(device, parse_size(max_memory), backtest.value, quiet, use_mmap)
 
-    _run(action, _show_report(as_json))
+    if dry_run:
+        _run(lambda: pipeline.dry_run(run_dir, output, horizon, forecaster, emit or [], settings, options(), out_dtype), lambda plan: _show_plan(plan, as_json))
+        return
+    _run(lambda: pipeline.predict(run_dir, output, horizon, forecaster, emit or [], settings, options(), out_dtype, force, min_skill), _show_report(as_json))
+
+
+def _show_plan(plan: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(plan, indent=1))
+        return
+    reads, writes, memory = plan["reads"], plan["writes"], plan["memory"]
+    print(f"dry run: {plan['run']} ({len(plan['steps'])} checkpoints), device {plan['device']}")
+    if "sample" in reads:
+        print(f"read: {reads['sample']['coordinates']:,} sampled coordinates from each of {reads['sample']['checkpoints']} checkpoints")
+    backtest = reads.get("backtest", {})
+    if "checkpoints" in backtest:
+        print(f"read for the backtest: checkpoints {backtest['checkpoints']}, {backtest['bytes']:,} bytes")
+    elif backtest:
+        print(f"read for the backtest: {backtest.get('unavailable', 'only the sampled coordinates')}")
+    print(f"read for the forecast: checkpoints {reads['forecast']['checkpoints']}, {reads['forecast']['bytes']:,} bytes")
+    print(f"write: {writes['folder']}: step(s) {writes['checkpoints']}, {writes['bytes']:,} bytes")
+    print(f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
+          f"scratch {memory['scratch_bytes']:,} bytes, within --max-memory {memory['max_memory']:,}")
 
 
 def main() -> None:

@@ -38,8 +38,3 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise UsageError(f"cannot read size {text!r}; try 512MB or 2GiB")
     return int(value * units[unit])
-
-
-def chunk_elements(max_memory: int, bytes_per_element: int) -> int:
-    """Elements per chunk so that every buffer of one pass fits in max_memory together."""
-    return max(1024, max_memory // bytes_per_element)

@@ -3,56 +3,65 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from farcast_cli import __version__
 from farcast_cli.checkpoint_writer import copy_aux_files, write_index
+from farcast_cli.engine import ChunkJob, EngineSettings, Source, chunk_jobs, stream
 from farcast_cli.errors import InputError
 from farcast_cli.forecaster import Forecaster
-from farcast_cli.progress import Advance
 from farcast_cli.run import Checkpoint
 from farcast_cli.safetensors_reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
 from farcast_cli.safetensors_writer import SafetensorsWriter
 
 SINGLE_OUTPUT_FILE = "model.safetensors"
+RAW_CHUNK_BYTES_PER_ELEMENT = 4
 
 
-@dataclass(frozen=True)
-class Streaming:
-    device: torch.device
-    chunk_elements: int
-    advance: Advance = lambda n: None
+class Scratch:
+    """Reused work buffers, one per (dtype, device, pinned), each of `size` elements."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, count: int, dtype: torch.dtype, device: torch.device, pinned: bool = False, slot: int = 0) -> torch.Tensor:
+        key = (dtype, str(device), pinned, slot)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(self.size, dtype=dtype, device=device, pin_memory=pinned)
+        return self.buffers[key][:count]
 
 
-def compute_dtype(dtype: str) -> torch.dtype:
-    """Float32 for 16- and 32-bit weights, float64 for float64 ones."""
-    return torch.float64 if dtype == "F64" else torch.float32
-
-
-def read_chunk(checkpoint: Checkpoint, name: str, start: int, stop: int, streaming: Streaming) -> torch.Tensor:
-    """Elements [start, stop) of a float tensor on the compute device; non-finite values are an error."""
-    file, info = checkpoint.tensor(name)
-    values = file.read_elements(info, start, stop)
-    streaming.advance(values.numel() * info.itemsize)
-    values = values.to(streaming.device, non_blocking=True).to(compute_dtype(info.dtype))
-    where = first_non_finite(values)
-    if where is not None:
-        raise InputError(f"{file.path}: tensor {name!r} holds {float(values[where])} at element {start + where}; refusing to forecast from non-finite weights")
-    return values
+def to_host(values: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """A CPU tensor with the values; from a GPU through a reused pinned buffer."""
+    if values.device.type == "cpu":
+        return values
+    host = scratch.get(values.numel(), values.dtype, torch.device("cpu"), pinned=True)
+    host.copy_(values, non_blocking=True)
+    torch.cuda.current_stream(values.device).synchronize()
+    return host
 
 
 def first_non_finite(values: torch.Tensor) -> int | None:
+    """Index of the first NaN or Inf, or None. A single sum rules them out in the common case."""
+    if math.isfinite(float(values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32))):
+        return None
     finite = torch.isfinite(values)
     return None if bool(finite.all()) else int((~finite).nonzero()[0])
 
 
-def chunk_ranges(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, numel, chunk):
-        yield start, min(numel, start + chunk)
+def raise_for_non_finite_input(job: ChunkJob, data: list[torch.Tensor]) -> None:
+    """Name the first source holding NaN or Inf in this chunk, and where."""
+    for source, values in zip(job.sources, data):
+        where = first_non_finite(values)
+        if where is not None:
+            raise InputError(
+                f"{source.file.path}: tensor {job.name!r} holds {float(values[where])} at element {job.start + where}; "
+                "refusing to forecast from non-finite weights"
+            )
 
 
 def output_folders(folder: Path, forecaster: Forecaster, context_end: int) -> list[Path]:
@@ -62,61 +71,73 @@ def output_folders(folder: Path, forecaster: Forecaster, context_end: int) -> li
     return [folder / f"checkpoint-{context_end + offset}" for offset in forecaster.offsets]
 
 
+def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
+    if dtype is None or not info.is_forecast:
+        return info
+    return TensorInfo(info.name, dtype, info.shape, 0, info.numel * ITEM_SIZES[dtype])
+
+
+def forecast_jobs(first: Checkpoint, last: Checkpoint, shard: str, chunk: int) -> list[ChunkJob]:
+    """One shard's tensors in file order: forecast chunks read both checkpoints, others copy bytes."""
+    file = last.files[shard]
+    jobs: list[ChunkJob] = []
+    for info in sorted(file.tensors.values(), key=lambda t: t.begin):
+        if info.is_forecast:
+            jobs += chunk_jobs(info.name, info.numel, chunk, (Source(*first.tensor(info.name)), Source(file, info)))
+        else:
+            jobs += chunk_jobs(info.name, info.nbytes, chunk * RAW_CHUNK_BYTES_PER_ELEMENT, (Source(file, info),), raw=True)
+    return jobs
+
+
 def write_forecast(
-    first: Checkpoint, last: Checkpoint, forecaster: Forecaster, folder: Path, streaming: Streaming, dtype: str | None = None
+    first: Checkpoint, last: Checkpoint, forecaster: Forecaster, folder: Path, settings: EngineSettings, dtype: str | None = None
 ) -> list[Path]:
     """Write the forecast checkpoint(s) into `folder`, laid out like `last`; return their folders."""
     folders = output_folders(folder, forecaster, last.step)
     for place in folders:
         place.mkdir(exist_ok=True)
+    scratch = Scratch(settings.chunk_elements)
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_OUTPUT_FILE
-        infos = sorted(file.tensors.values(), key=lambda t: t.begin)
-        out_infos = [_output_info(info, dtype) for info in infos]
-        writers = []
+        out_infos = {info.name: output_info(info, dtype) for info in file.tensors.values()}
+        ordered = [out_infos[info.name] for info in sorted(file.tensors.values(), key=lambda t: t.begin)]
+        writers: list[SafetensorsWriter] = []
         try:
             for place, target in zip(folders, forecaster.target_steps):
                 metadata = {**file.metadata, "format": "pt", "farcast": _provenance(first, last, target)}
-                writers.append(SafetensorsWriter(place / out_name, out_infos, metadata))
-            for info, out_info in zip(infos, out_infos):
-                _stream_tensor(first, last, file, info, out_info, forecaster, writers, streaming)
+                writers.append(SafetensorsWriter(place / out_name, ordered, metadata))
+            for job, data in stream(forecast_jobs(first, last, shard_name, settings.chunk_elements), settings):
+                if job.raw:
+                    for writer in writers:
+                        writer.write_bytes(data[0].numpy())
+                    continue
+                out_dtype = TORCH_DTYPES[out_infos[job.name].dtype]
+                for index, writer in enumerate(writers):
+                    writer.write(_forecast_chunk(job, data, forecaster, index, out_dtype, scratch))
             for writer in writers:
                 writer.close()
         except BaseException:
             for writer in writers:
                 writer.abort()
             raise
-    sizes = {info.name: info.numel * ITEM_SIZES[_output_info(info, dtype).dtype] for info in (last.tensor(n)[1] for n in last.shard_of)}
+    sizes = {name: info.numel * ITEM_SIZES[output_info(info, dtype).dtype] for name, info in ((n, last.tensor(n)[1]) for n in last.shard_of)}
     for place in folders:
         write_index(place, last, sizes)
         copy_aux_files(place, last)
     return folders
 
 
-def _output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
-    if dtype is None or not info.is_forecast:
-        return info
-    return TensorInfo(info.name, dtype, info.shape, 0, info.numel * ITEM_SIZES[dtype])
-
-
-def _stream_tensor(first, last, file, info, out_info, forecaster, writers, streaming) -> None:
-    if not info.is_forecast:
-        for start, stop in chunk_ranges(info.nbytes, streaming.chunk_elements):
-            data = file.read_bytes(info.begin + start, info.begin + stop)
-            streaming.advance(len(data))
-            for writer in writers:
-                writer.write_bytes(data)
-        return
-    out_dtype = TORCH_DTYPES[out_info.dtype]
-    for start, stop in chunk_ranges(info.numel, streaming.chunk_elements):
-        first_values = read_chunk(first, info.name, start, stop, streaming)
-        last_values = read_chunk(last, info.name, start, stop, streaming)
-        for index, writer in enumerate(writers):
-            forecast = forecaster.apply(first_values, last_values, index).to(out_dtype)
-            where = first_non_finite(forecast)
-            if where is not None:
-                raise InputError(f"{last.path}: the forecast of tensor {info.name!r} overflows {out_info.dtype} at element {start + where}")
-            writer.write(forecast)
+def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], forecaster: Forecaster, index: int, out_dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
+    first_values, last_values = data
+    count = last_values.numel()
+    forecast = forecaster.apply(first_values, last_values, index, out=scratch.get(count, last_values.dtype, last_values.device))
+    if out_dtype != forecast.dtype:
+        forecast = scratch.get(count, out_dtype, forecast.device).copy_(forecast)
+    if first_non_finite(forecast) is not None:
+        raise_for_non_finite_input(job, data)
+        where = first_non_finite(forecast)
+        raise InputError(f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {job.start + where}")
+    return to_host(forecast, scratch)
 
 
 def _provenance(first: Checkpoint, last: Checkpoint, target: int) -> str:

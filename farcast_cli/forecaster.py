@@ -59,13 +59,11 @@ class Forecaster:
     def target_steps(self) -> list[int]:
         return [self.context_end + o for o in self.offsets]
 
-    def apply(self, first: torch.Tensor, last: torch.Tensor, output: int) -> torch.Tensor:
-        """Forecast output `output` from float tensors of the first and last context values.
-
-        Written as last + c * last + d * (last - first) + b so float32 keeps the small change exact.
-        """
-        a_first, a_last = self.weight[0][output], self.weight[1][output]
-        return last + (a_first + a_last - 1.0) * last - a_first * (last - first) + self.bias[output]
+    def apply(self, first: torch.Tensor, last: torch.Tensor, output: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Forecast output number `output` from the first and last context values, into `out` if given."""
+        out = torch.mul(last, self.weight[1][output], out=out)
+        out.add_(first, alpha=self.weight[0][output])
+        return out.add_(self.bias[output])
 
     def save(self, path: Path) -> None:
         data = {"format": FORMAT, **asdict(self)}

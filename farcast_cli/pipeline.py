@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from farcast_cli import __version__
-from farcast_cli.backtest import BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, choose_cut
+from farcast_cli.backtest import INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, choose_cut
 from farcast_cli.checkpoint_writer import atomic_folder, check_output_location, write_text
-from farcast_cli.device import chunk_elements, resolve_device
+from farcast_cli.device import resolve_device
+from farcast_cli.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.errors import InputError, LowSkillError, UsageError
-from farcast_cli.forecast import Streaming, write_forecast
+from farcast_cli.forecast import write_forecast
 from farcast_cli.forecaster import FitSettings, Forecaster, fit_coefficients
 from farcast_cli.progress import byte_progress
 from farcast_cli.report import REPORT_FILE, verdict
 from farcast_cli.run import Run, find_run
+from farcast_cli.safetensors_reader import ITEM_SIZES
 from farcast_cli.sampling import History, read_history
 from farcast_cli.training_data import max_self_horizon, reference_pairs, self_pairs
+
+
+PREDICT_BYTES_PER_ELEMENT = (2 * 8, 4 * 8)
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,22 @@ class StreamOptions:
     max_memory: int = 1 << 30
     backtest: str = "full"
     quiet: bool = False
+    use_mmap: bool = False
+
+    def engine(self, input_bytes: int, scratch_bytes: int, advance=lambda n: None) -> EngineSettings:
+        """Engine settings whose buffers for one pass fit in max_memory."""
+        chunk = plan_chunk_elements(self.max_memory, input_bytes, scratch_bytes)
+        return EngineSettings(resolve_device(self.device), chunk, use_mmap=self.use_mmap, advance=advance)
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str):
+    """Add the seconds spent in the block to timings[phase]; the report carries them."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
 
 
 def inspect_run(run_dir: Path) -> dict:
@@ -81,9 +104,8 @@ def _evaluate(run: Run, history: History, plan: BacktestPlan, forecaster: Foreca
     if options.backtest == "sample":
         result = backtest_sample(history, plan, forecaster)
     else:
-        streaming, total = _streaming(run, options, BYTES_PER_ELEMENT), 4 * run.last.nbytes
-        with byte_progress("backtest", total, options.quiet) as advance:
-            result = backtest_streaming(run, plan, forecaster, Streaming(streaming.device, streaming.chunk_elements, advance))
+        with byte_progress("backtest", 4 * run.last.nbytes, options.quiet) as advance:
+            result = backtest_streaming(run, plan, forecaster, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance))
     steps = run.steps
     result["plan"] = {
         "first_step": steps[plan.first_index],
@@ -111,10 +133,6 @@ def evaluate_on_reference(run: Run, history: History, forecaster: Forecaster, op
     """Score the reference forecaster on the reference run itself, where the truth at E + H is known."""
     end = run.steps.index(forecaster.context_end)
     return _evaluate(run, history, BacktestPlan(0, end - 1, end, float(forecaster.target_steps[-1])), forecaster, options)
-
-
-def _streaming(run: Run, options: StreamOptions, bytes_per_element: int) -> Streaming:
-    return Streaming(resolve_device(options.device), chunk_elements(options.max_memory, bytes_per_element))
 
 
 def _notes(run: Run) -> list[str]:
@@ -195,9 +213,11 @@ def predict(
     min_skill: float | None = None,
 ) -> dict:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the forecast checkpoint."""
-    run = find_run(run_dir)
-    check_output_location(out_dir, run, force)
-    resolve_device(options.device)
+    timings: dict[str, float] = {}
+    with timed(timings, "find_run"):
+        run = find_run(run_dir)
+        check_output_location(out_dir, run, force)
+        resolve_device(options.device)
     if forecaster_file is not None:
         forecaster = _forecaster_for(run, forecaster_file, horizon)
         backtest = (forecaster.report or {}).get("backtest", {"unavailable": "the forecaster file holds no evaluation"})
@@ -207,20 +227,67 @@ def predict(
             raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
         offsets = output_offsets(horizon, emit)
         _require_three_checkpoints(run)
-        history = read_history(run, settings.sample, settings.seed)
-        forecaster = fit_on_run(history, horizon, offsets, settings)
-        report = _report("predict", run, forecaster, backtest_on_run(run, history, forecaster, settings, options))
+        with timed(timings, "read_sample"):
+            history = read_history(run, settings.sample, settings.seed)
+        with timed(timings, "fit"):
+            forecaster = fit_on_run(history, horizon, offsets, settings)
+        with timed(timings, "backtest"):
+            report = _report("predict", run, forecaster, backtest_on_run(run, history, forecaster, settings, options))
     _enforce_min_skill(report, min_skill)
     first, last = run.checkpoints[0], run.at_step(forecaster.context_end)
-    streaming = _streaming(run, options, 32 + 16 * len(forecaster.offsets))
     with atomic_folder(out_dir) as folder:
-        with byte_progress("forecast", 2 * last.nbytes, options.quiet) as advance:
-            written = write_forecast(first, last, forecaster, folder, Streaming(streaming.device, streaming.chunk_elements, advance), dtype)
+        with timed(timings, "write_forecast"), byte_progress("forecast", 2 * last.nbytes, options.quiet) as advance:
+            written = write_forecast(first, last, forecaster, folder, options.engine(*PREDICT_BYTES_PER_ELEMENT, advance), dtype)
+            for checkpoint in run.checkpoints:
+                checkpoint.check_unchanged()
         report["output"] = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
+        report["seconds"] = {phase: round(value, 4) for phase, value in timings.items()}
         write_text(folder / REPORT_FILE, json.dumps(report, indent=1) + "\n")
-        for checkpoint in run.checkpoints:
-            checkpoint.check_unchanged()
     return report
+
+
+def dry_run(
+    run_dir: Path, out_dir: Path, horizon: int | None, forecaster_file: Path | None, emit: list[int], settings: FitSettings, options: StreamOptions, dtype: str | None
+) -> dict:
+    """What `predict` would read and write, and its memory plan, without reading any tensor data."""
+    run = find_run(run_dir)
+    if forecaster_file is not None:
+        forecaster = _forecaster_for(run, forecaster_file, horizon)
+        offsets, context_end, fits = forecaster.offsets, forecaster.context_end, False
+    else:
+        if horizon is None:
+            raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
+        offsets, context_end, fits = output_offsets(horizon, emit), run.steps[-1], True
+        _require_three_checkpoints(run)
+    first, last = run.checkpoints[0], run.at_step(context_end)
+    infos = run.tensor_infos()
+    out_bytes = sum(i.numel * ITEM_SIZES[dtype] if dtype and i.is_forecast else i.nbytes for i in infos)
+    engine = options.engine(*PREDICT_BYTES_PER_ELEMENT)
+    plan: dict = {
+        "run": str(run.path),
+        "steps": run.steps,
+        "device": str(engine.device),
+        "reads": {"forecast": {"checkpoints": [first.step, last.step], "bytes": first.nbytes + last.nbytes}},
+        "writes": {"folder": str(out_dir), "checkpoints": [context_end + o for o in offsets], "bytes": out_bytes * len(offsets)},
+        "memory": {
+            "max_memory": options.max_memory,
+            "chunk_elements": engine.chunk_elements,
+            "read_buffers_bytes": (engine.depth + 1) * PREDICT_BYTES_PER_ELEMENT[0] * engine.chunk_elements,
+            "scratch_bytes": PREDICT_BYTES_PER_ELEMENT[1] * engine.chunk_elements,
+        },
+    }
+    if fits:
+        coordinates = min(settings.sample, sum(i.numel for i in infos if i.is_forecast))
+        plan["reads"]["sample"] = {"coordinates": coordinates, "checkpoints": len(run.steps)}
+        cut = choose_cut(run.steps, offsets[-1] / (run.steps[-1] - run.steps[0]))
+        if cut is None:
+            plan["reads"]["backtest"] = {"unavailable": "too few checkpoints"}
+        elif options.backtest == "full":
+            used = sorted({run.steps[0], run.steps[cut - 1], run.steps[cut], run.steps[-1]})
+            plan["reads"]["backtest"] = {"checkpoints": used, "bytes": sum(run.at_step(s).nbytes for s in used)}
+        else:
+            plan["reads"]["backtest"] = {"sampled coordinates only": True, "bytes": 0}
+    return plan
 
 
 def _enforce_min_skill(report: dict, min_skill: float | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-PLAIN_EVERY_SECONDS = 10.0
+PLAIN_EVERY_SECONDS = float(os.environ.get("FARCAST_PROGRESS_SECONDS", "5"))
 Advance = Callable[[int], None]
 
 

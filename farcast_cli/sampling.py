@@ -50,17 +50,15 @@ def _contiguous_runs(indices: np.ndarray, max_gap: int) -> list[tuple[int, int]]
 
 
 def read_sampled_values(checkpoint: Checkpoint, info: TensorInfo, indices: np.ndarray) -> np.ndarray:
-    """One tensor's values at the given element indices, read as a few contiguous ranges."""
+    """One tensor's values at the given sorted element indices, read as a few contiguous ranges."""
     file, local = checkpoint.tensor(info.name)
     ranges = _contiguous_runs(indices, max(1, MERGE_GAP_BYTES // local.itemsize))
     raw = file.read_ranges([(local.begin + a * local.itemsize, local.begin + b * local.itemsize) for a, b in ranges])
-    values = np.empty(len(indices), dtype=np.float64)
-    position = 0
-    for (start, stop), data in zip(ranges, raw):
-        chunk = torch.frombuffer(data, dtype=TORCH_DTYPES[local.dtype]).to(torch.float64).numpy()
-        count = int(np.searchsorted(indices, stop, side="left")) - position
-        values[position : position + count] = chunk[indices[position : position + count] - start]
-        position += count
+    values = torch.frombuffer(bytearray(b"".join(raw)), dtype=TORCH_DTYPES[local.dtype]).to(torch.float64).numpy()
+    starts = np.array([a for a, _ in ranges])
+    run_of = np.searchsorted(starts, indices, side="right") - 1
+    offsets = np.concatenate([[0], np.cumsum([b - a for a, b in ranges])[:-1]])
+    values = values[offsets[run_of] + indices - starts[run_of]]
     bad = np.nonzero(~np.isfinite(values))[0]
     if len(bad):
         raise InputError(f"{file.path}: tensor {info.name!r} holds {values[bad[0]]} at element {int(indices[bad[0]])}; refusing to forecast from non-finite weights")

@@ -1,0 +1,209 @@
+"""The streaming engine: read chunks of tensors in a background thread, hand them to the compute device.
+
+Reading is plain positional reads (or memory mapping, as an option) into a small pool of reused
+buffers, pinned when the device is a GPU so that host-to-device copies run at full speed and do not
+block. The reader runs ahead by `depth` chunks, so disk reads overlap compute and writing: the
+bytes read plus the compute scratch are bounded by `--max-memory`, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from farcast_cli.errors import InputError
+from farcast_cli.safetensors_reader import TORCH_DTYPES, SafetensorsFile, TensorInfo
+
+MAX_CHUNK_ELEMENTS = 4 * 1024 * 1024
+Advance = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Source:
+    file: SafetensorsFile
+    info: TensorInfo
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Elements [start, stop) of one tensor, from each source; `raw` jobs count bytes, not elements."""
+
+    name: str
+    start: int
+    stop: int
+    sources: tuple[Source, ...]
+    raw: bool = False
+
+    def byte_range(self, source: Source) -> tuple[int, int]:
+        size = 1 if self.raw else source.info.itemsize
+        return source.info.begin + self.start * size, source.info.begin + self.stop * size
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    device: torch.device
+    chunk_elements: int
+    depth: int = 2
+    use_mmap: bool = False
+    advance: Advance = lambda n: None
+    stage: bool | None = None
+
+    @property
+    def staged(self) -> bool:
+        """The GPU path: copy every chunk from the read buffers to the device without blocking.
+        On by default for a GPU; `stage=True` runs the same path on the CPU, for tests."""
+        return self.device.type == "cuda" if self.stage is None else self.stage
+
+    @property
+    def pinned(self) -> bool:
+        return self.staged and self.device.type == "cuda"
+
+
+def plan_chunk_elements(max_memory: int, input_bytes: int, scratch_bytes: int, depth: int = 2) -> int:
+    """Elements per chunk so that (depth + 1) sets of input buffers plus the scratch fit in max_memory."""
+    per_element = (depth + 1) * input_bytes + scratch_bytes
+    return int(max(1024, min(MAX_CHUNK_ELEMENTS, max_memory // per_element)))
+
+
+def chunk_jobs(name: str, numel: int, chunk: int, sources: tuple[Source, ...], raw: bool = False) -> Iterator[ChunkJob]:
+    for start in range(0, numel, chunk):
+        yield ChunkJob(name, start, min(numel, start + chunk), sources, raw)
+
+
+class _Files:
+    """Open file descriptors (or maps) of the reader thread, closed together."""
+
+    def __init__(self, use_mmap: bool) -> None:
+        self.use_mmap = use_mmap
+        self.fds: dict[str, int] = {}
+        self.maps: dict[str, mmap.mmap] = {}
+
+    def read_into(self, file: SafetensorsFile, begin: int, view: memoryview) -> None:
+        key = str(file.path)
+        try:
+            if key not in self.fds:
+                self.fds[key] = os.open(file.path, os.O_RDONLY)
+                if self.use_mmap and file.size:
+                    self.maps[key] = mmap.mmap(self.fds[key], 0, access=mmap.ACCESS_READ)
+            if key in self.maps:
+                view[:] = self.maps[key][begin : begin + len(view)]
+                return
+            done = 0
+            while done < len(view):
+                n = os.preadv(self.fds[key], [view[done:]], begin + done)
+                if n == 0:
+                    raise InputError(f"{file.path}: file ended early at byte {begin + done}; truncated while being read?")
+                done += n
+        except (OSError, ValueError) as error:
+            raise InputError(f"{file.path}: read failed: {getattr(error, 'strerror', None) or error}") from None
+
+    def close(self) -> None:
+        for view in self.maps.values():
+            view.close()
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+class _Pool:
+    """`depth + 1` sets of byte buffers, one buffer per source, reused chunk after chunk."""
+
+    def __init__(self, sets: int, sources: int, nbytes: int, pinned: bool) -> None:
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(sets):
+            self.free.put([torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(sources)])
+
+
+def _reader(jobs: Iterable[ChunkJob], pool: _Pool, ready: queue.Queue, stop: threading.Event, settings: EngineSettings) -> None:
+    files = _Files(settings.use_mmap)
+    try:
+        for job in jobs:
+            buffers = None
+            while buffers is None:
+                if stop.is_set():
+                    return
+                try:
+                    buffers = pool.free.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            lengths = []
+            for source, buffer in zip(job.sources, buffers):
+                begin, end = job.byte_range(source)
+                files.read_into(source.file, begin, memoryview(buffer.numpy())[: end - begin])
+                lengths.append(end - begin)
+                settings.advance(end - begin)
+            ready.put((job, buffers, lengths))
+        ready.put(None)
+    except BaseException as error:  # handed to the consumer, which re-raises it
+        ready.put(error)
+    finally:
+        files.close()
+
+
+def stream(jobs: list[ChunkJob], settings: EngineSettings) -> Iterator[tuple[ChunkJob, list[torch.Tensor]]]:
+    """Yield each job with its sources' data: typed and on the device for tensor jobs, raw bytes for raw jobs.
+
+    A yielded tensor may share memory with a reused buffer: use it before asking for the next job.
+    """
+    if not jobs:
+        return
+    sources = max(len(job.sources) for job in jobs)
+    nbytes = max(job.byte_range(s)[1] - job.byte_range(s)[0] for job in jobs for s in job.sources)
+    pool = _Pool(settings.depth + 1, sources, max(nbytes, 1), pinned=settings.pinned)
+    converted = _Buffers(settings.device)
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=_reader, args=(jobs, pool, ready, stop, settings), daemon=True, name="farcast-reader")
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            job, buffers, lengths = item
+            if job.raw:
+                yield job, [buffer[:length] for buffer, length in zip(buffers, lengths)]
+            else:
+                yield job, [
+                    _to_device(buffer[:length], source.info, settings, converted, slot)
+                    for slot, (buffer, length, source) in enumerate(zip(buffers, lengths, job.sources))
+                ]
+            pool.free.put(buffers)
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Buffers:
+    """Reused conversion buffers, one per source slot and dtype, grown when a larger chunk comes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def get(self, slot: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get((slot, dtype))
+        if buffer is None or buffer.numel() < count:
+            buffer = self.buffers[(slot, dtype)] = torch.empty(count, dtype=dtype, device=self.device)
+        return buffer[:count]
+
+
+def compute_dtype(dtype: str) -> torch.dtype:
+    """Float32 for 16- and 32-bit weights, float64 for float64 ones."""
+    return torch.float64 if dtype == "F64" else torch.float32
+
+
+def _to_device(raw: torch.Tensor, info: TensorInfo, settings: EngineSettings, converted: _Buffers, slot: int) -> torch.Tensor:
+    """The chunk as compute-dtype values on the device: a view of the read buffer when nothing changes."""
+    typed = raw.view(TORCH_DTYPES[info.dtype])
+    compute = compute_dtype(info.dtype)
+    if typed.dtype == compute and not settings.staged:
+        return typed
+    return converted.get(slot, typed.numel(), compute).copy_(typed, non_blocking=settings.staged)
