@@ -171,17 +171,25 @@ def fit(
     if out_file.exists() and not force:
         raise UsageError(f"{out_file}: already exists; choose a new name or pass --force")
     offsets = output_offsets(horizon, emit)
-    run = find_run(run_dir)
+    timings: dict[str, float] = {}
+    with timed(timings, "find_run"):
+        run = find_run(run_dir)
     if context_end is None:
         _require_three_checkpoints(run)
-    history = read_history(run, settings.sample, settings.seed)
+    with timed(timings, "read_sample"):
+        history = read_history(run, settings.sample, settings.seed)
     if context_end is None:
-        forecaster = fit_on_run(history, horizon, offsets, settings)
-        backtest = backtest_on_run(run, history, forecaster, settings, options)
+        with timed(timings, "fit"):
+            forecaster = fit_on_run(history, horizon, offsets, settings)
+        with timed(timings, "backtest"):
+            backtest = backtest_on_run(run, history, forecaster, settings, options)
     else:
-        forecaster = fit_on_reference(history, context_end, offsets, settings)
-        backtest = evaluate_on_reference(run, history, forecaster, options)
+        with timed(timings, "fit"):
+            forecaster = fit_on_reference(history, context_end, offsets, settings)
+        with timed(timings, "backtest"):
+            backtest = evaluate_on_reference(run, history, forecaster, options)
     report = _report("fit", run, forecaster, backtest)
+    report["seconds"] = {phase: round(value, 4) for phase, value in timings.items()}
     forecaster.report = report
     forecaster.save(out_file)
     report["output"] = [str(out_file)]

@@ -12,6 +12,7 @@ from farcast_cli.run import Checkpoint, Run
 from farcast_cli.safetensors_reader import TORCH_DTYPES, TensorInfo
 
 MERGE_GAP_BYTES = 64 * 1024
+BATCH_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -41,24 +42,46 @@ def sample_coordinates(infos: list[TensorInfo], size: int, seed: int) -> list[tu
     return [(info, flat[owner == i] - bounds[i]) for i, info in enumerate(infos) if np.any(owner == i)]
 
 
-def _contiguous_runs(indices: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
-    """Group sorted element indices into [start, stop) ranges, reading through gaps up to max_gap."""
-    breaks = np.nonzero(np.diff(indices) > max_gap)[0]
+def _contiguous_runs(indices: np.ndarray, max_gap: int, max_length: int) -> list[tuple[int, int]]:
+    """Group sorted element indices into [start, stop) ranges, reading through gaps up to max_gap,
+    each range at most max_length elements long (plus one index)."""
+    chunk_of = (indices - indices[0]) // max_length
+    breaks = np.nonzero((np.diff(indices) > max_gap) | (np.diff(chunk_of) != 0))[0]
     starts = np.concatenate([[0], breaks + 1])
     stops = np.concatenate([breaks + 1, [len(indices)]])
     return [(int(indices[a]), int(indices[b - 1]) + 1) for a, b in zip(starts, stops)]
 
 
+def _batches(ranges: list[tuple[int, int]], itemsize: int) -> list[list[tuple[int, int]]]:
+    """Consecutive ranges grouped so that each group reads at most BATCH_BYTES (or one range)."""
+    groups: list[list[tuple[int, int]]] = [[]]
+    size = 0
+    for start, stop in ranges:
+        if groups[-1] and size + (stop - start) * itemsize > BATCH_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append((start, stop))
+        size += (stop - start) * itemsize
+    return groups
+
+
 def read_sampled_values(checkpoint: Checkpoint, info: TensorInfo, indices: np.ndarray) -> np.ndarray:
     """One tensor's values at the given sorted element indices, read as a few contiguous ranges."""
     file, local = checkpoint.tensor(info.name)
-    ranges = _contiguous_runs(indices, max(1, MERGE_GAP_BYTES // local.itemsize))
-    raw = file.read_ranges([(local.begin + a * local.itemsize, local.begin + b * local.itemsize) for a, b in ranges])
-    values = torch.frombuffer(bytearray(b"".join(raw)), dtype=TORCH_DTYPES[local.dtype]).to(torch.float64).numpy()
-    starts = np.array([a for a, _ in ranges])
-    run_of = np.searchsorted(starts, indices, side="right") - 1
-    offsets = np.concatenate([[0], np.cumsum([b - a for a, b in ranges])[:-1]])
-    values = values[offsets[run_of] + indices - starts[run_of]]
+    size = local.itemsize
+    values = np.empty(len(indices), dtype=np.float64)
+    done = 0
+    ranges = _contiguous_runs(indices, max(1, MERGE_GAP_BYTES // size), max(1, BATCH_BYTES // size))
+    for group in _batches(ranges, size):
+        raw = file.read_ranges([(local.begin + a * size, local.begin + b * size) for a, b in group])
+        data = torch.frombuffer(raw[0] if len(raw) == 1 else bytearray().join(raw), dtype=TORCH_DTYPES[local.dtype])
+        starts = np.array([a for a, _ in group])
+        offsets = np.concatenate([[0], np.cumsum([b - a for a, b in group])[:-1]])
+        count = int(np.searchsorted(indices, group[-1][1], side="left")) - done
+        wanted = indices[done : done + count]
+        run_of = np.searchsorted(starts, wanted, side="right") - 1
+        values[done : done + count] = data[torch.from_numpy(offsets[run_of] + wanted - starts[run_of])].to(torch.float64).numpy()
+        done += count
     bad = np.nonzero(~np.isfinite(values))[0]
     if len(bad):
         raise InputError(f"{file.path}: tensor {info.name!r} holds {values[bad[0]]} at element {int(indices[bad[0]])}; refusing to forecast from non-finite weights")

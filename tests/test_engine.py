@@ -110,3 +110,20 @@ def test_progress_lines_in_batch_logs(run_dir, tmp_path, monkeypatch):
     assert loud.returncode == quiet.returncode == 0
     assert "farcast: forecast:" in loud.stderr and "MB/s" in loud.stderr
     assert quiet.stderr == ""
+
+
+def test_sampled_reads_agree_with_the_library_across_batches(tmp_path, monkeypatch):
+    """Small batches force many groups of ranges; values must still match safetensors' own reader."""
+    import numpy as np
+    from conftest import write_run
+
+    from farcast_cli import sampling
+
+    run = find_run(write_run(tmp_path / "run", dtype=torch.bfloat16))
+    monkeypatch.setattr(sampling, "BATCH_BYTES", 40)
+    monkeypatch.setattr(sampling, "MERGE_GAP_BYTES", 6)
+    info = next(i for i in run.tensor_infos() if i.name == "encoder.weight")
+    indices = np.array([0, 1, 2, 7, 8, 100, 101, 250, 383])
+    values = sampling.read_sampled_values(run.last, info, indices)
+    expected = load_file(run.last.path / "model.safetensors")["encoder.weight"].reshape(-1)[indices].double().numpy()
+    assert np.array_equal(values, expected)
