@@ -1,7 +1,7 @@
-"""Score a forecast against checkpoints the fit did not see, next to the two obvious baselines.
+"""Score a forecast against checkpoints the fit did not see, next to the obvious alternatives.
 
-The baselines: keep the last checkpoint, and extrapolate the line through the last two.
-Skill = 1 - MAE(forecast) / MAE(baseline): above 0 beats the baseline, 1 is perfect.
+The baselines: keep the last checkpoint, extrapolate the line through the last two, and average
+the last few checkpoints (LAWA). Skill = 1 - MAE(forecast) / MAE(baseline): above 0 beats it.
 """
 
 from __future__ import annotations
@@ -19,19 +19,25 @@ from farcast_cli.run import Run
 from farcast_cli.sampling import History
 from farcast_cli.training_data import interpolate
 
-METHODS = ("forecast", "last", "line")
-INPUT_BYTES_PER_ELEMENT = 5 * 8
-SCRATCH_BYTES_PER_ELEMENT = 4 * 8
+METHODS = ("forecast", "last", "line", "lawa")
+BASELINES = METHODS[1:]
+LAWA_WINDOW = 5
+INPUT_BYTES_PER_ELEMENT = 8 * 8
+SCRATCH_BYTES_PER_ELEMENT = 6 * 8
 
 
 @dataclass(frozen=True)
 class BacktestPlan:
-    """Forecast `target_step` from (first, last); the line runs through (previous, last)."""
+    """Forecast `target_step` from checkpoints (first, last); the line runs through (previous, last)."""
 
     first_index: int
     previous_index: int
     last_index: int
     target_step: float
+
+    @property
+    def lawa_indices(self) -> tuple[int, ...]:
+        return tuple(range(max(0, self.last_index - LAWA_WINDOW + 1), self.last_index + 1))
 
 
 def choose_cut(steps: list[int], rho: float) -> int | None:
@@ -43,6 +49,10 @@ def choose_cut(steps: list[int], rho: float) -> int | None:
         if s1 + rho_c * (s1 - s0) <= steps[c] + 1e-9:
             feasible.append((abs(math.log(rho_c / rho)), -c, c))
     return min(feasible)[2] if feasible else None
+
+
+def skill(error: float, baseline_error: float) -> float | None:
+    return None if baseline_error == 0 else 1.0 - error / baseline_error
 
 
 class _Sums:
@@ -71,20 +81,29 @@ class _Sums:
         result: dict = {"numel": self.count}
         for method in METHODS:
             result[method] = {"mae": self.values[method][0] / n, "rmse": math.sqrt(self.values[method][1] / n)}
-        for baseline in ("last", "line"):
+        for baseline in BASELINES:
             result[f"skill_vs_{baseline}"] = skill(result["forecast"]["mae"], result[baseline]["mae"])
         return result
 
 
-def skill(error: float, baseline_error: float) -> float | None:
-    return None if baseline_error == 0 else 1.0 - error / baseline_error
+def line_slopes(previous_step: float, last_step: float, target_steps: list[float]) -> list[float]:
+    """How many (last - previous) steps the straight line travels to reach each target."""
+    return [(target - last_step) / (last_step - previous_step) for target in target_steps]
 
 
-def _predictions(forecaster: Forecaster, first, previous, last, previous_step, last_step, target_step, scratch: Scratch | None = None) -> dict[str, torch.Tensor]:
-    slope = (target_step - last_step) / (last_step - previous_step)
+def _predictions(forecaster: Forecaster, values: dict[int, torch.Tensor], plan: BacktestPlan, steps, scratch: Scratch | None) -> dict[str, torch.Tensor]:
+    last, previous = values[plan.last_index], values[plan.previous_index]
     buffer = (lambda slot: scratch.get(last.numel(), last.dtype, last.device, slot=slot)) if scratch else (lambda slot: None)  # noqa: E731
-    line = torch.sub(last, previous, out=buffer(1)).mul_(slope).add_(last)
-    return {"forecast": forecaster.apply(first, last, len(forecaster.offsets) - 1, out=buffer(2)), "last": last, "line": line}
+    (slope,) = line_slopes(steps[plan.previous_index], steps[plan.last_index], [plan.target_step])
+    lawa = torch.zeros_like(last) if scratch is None else buffer(3).zero_()
+    for index in plan.lawa_indices:
+        lawa.add_(values[index], alpha=1.0 / len(plan.lawa_indices))
+    return {
+        "forecast": forecaster.apply(values[plan.first_index], last, len(forecaster.offsets) - 1, out=buffer(2)),
+        "last": last,
+        "line": torch.sub(last, previous, out=buffer(1)).mul_(slope).add_(last),
+        "lawa": lawa,
+    }
 
 
 def _truth_weights(steps: list[int], target: float) -> list[tuple[int, float]]:
@@ -97,23 +116,24 @@ def _truth_weights(steps: list[int], target: float) -> list[tuple[int, float]]:
 
 def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, settings: EngineSettings) -> dict:
     """Evaluate over every coordinate of every float tensor, chunk by chunk."""
-    checkpoints = run.checkpoints
     truth_parts = _truth_weights(run.steps, plan.target_step)
-    inputs = [checkpoints[i] for i in (plan.first_index, plan.previous_index, plan.last_index)] + [checkpoints[i] for i, _ in truth_parts]
-    previous_step, last_step = run.steps[plan.previous_index], run.steps[plan.last_index]
+    needed = sorted({plan.first_index, plan.previous_index, plan.last_index, *plan.lawa_indices, *(i for i, _ in truth_parts)})
     jobs = [
         job
         for info in run.tensor_infos()
         if info.is_forecast and info.numel > 0
-        for job in chunk_jobs(info.name, info.numel, settings.chunk_elements, tuple(Source(*c.tensor(info.name)) for c in inputs))
+        for job in chunk_jobs(info.name, info.numel, settings.chunk_elements, tuple(Source(*run.checkpoints[i].tensor(info.name)) for i in needed))
     ]
     scratch = Scratch(settings.chunk_elements)
     per_tensor: dict[str, _Sums] = {}
     for job, data in stream(jobs, settings):
-        first, previous, last, *truths = data
-        truth = truths[0] if len(truths) == 1 else torch.mul(truths[0], truth_parts[0][1], out=scratch.get(last.numel(), last.dtype, last.device, slot=3)).add_(truths[1], alpha=truth_parts[1][1])
+        values = dict(zip(needed, data))
+        count, like = data[0].numel(), data[0]
+        truth = scratch.get(count, like.dtype, like.device, slot=4).zero_()
+        for index, weight in truth_parts:
+            truth.add_(values[index], alpha=weight)
         sums = per_tensor.setdefault(job.name, _Sums())
-        sums.add(truth, _predictions(forecaster, first, previous, last, previous_step, last_step, plan.target_step, scratch), scratch.get(last.numel(), last.dtype, last.device, slot=4))
+        sums.add(truth, _predictions(forecaster, values, plan, run.steps, scratch), scratch.get(count, like.dtype, like.device, slot=5))
         if not sums.finite():
             raise_for_non_finite_input(job, data)
     overall = _Sums()
@@ -124,13 +144,10 @@ def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, set
 
 def backtest_sample(history: History, plan: BacktestPlan, forecaster: Forecaster) -> dict:
     """Evaluate on the sampled coordinates only: cheap, and close to the full figure for large samples."""
-    values = torch.from_numpy(history.values)
-    steps = history.steps
+    columns = torch.from_numpy(history.values)
+    values = {i: columns[:, i] for i in range(columns.shape[1])}
     truth = torch.from_numpy(interpolate(history, plan.target_step))
-    predictions = _predictions(
-        forecaster, values[:, plan.first_index], values[:, plan.previous_index], values[:, plan.last_index],
-        steps[plan.previous_index], steps[plan.last_index], plan.target_step,
-    )
+    predictions = _predictions(forecaster, values, plan, list(history.steps), None)
     per_tensor, overall = {}, _Sums()
     for index, name in enumerate(history.tensor_names):
         rows = torch.from_numpy(np.nonzero(history.tensor_index == index)[0])
@@ -138,4 +155,4 @@ def backtest_sample(history: History, plan: BacktestPlan, forecaster: Forecaster
         sums.add(truth[rows], {method: predicted[rows] for method, predicted in predictions.items()})
         per_tensor[name] = sums.summary()
         overall.merge(sums)
-    return {"scope": f"{values.shape[0]} sampled coordinates", "tensors": per_tensor, "overall": overall.summary()}
+    return {"scope": f"{columns.shape[0]} sampled coordinates", "tensors": per_tensor, "overall": overall.summary()}

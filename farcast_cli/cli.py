@@ -184,6 +184,7 @@ def predict(
     emit: Emit = None,
     dtype: Annotated[Optional[OutputDtype], typer.Option(help="Store forecast tensors in this dtype instead of the input's.")] = None,
     min_skill: Annotated[Optional[float], typer.Option(help="Exit 4 and write nothing if the backtest skill against keeping the last checkpoint is below this.")] = None,
+    fallback: Annotated[bool, typer.Option("--fallback", help="Write the candidate with the lowest backtest error (forecast, last checkpoint, straight line, average of the last checkpoints), saying which.")] = False,
     sample: Sample = 8192,
     seed: Seed = 0,
     lam: Lambda = 1e-5,
@@ -210,7 +211,7 @@ def predict(
     if dry_run:
         _run(lambda: pipeline.dry_run(run_dir, output, horizon, forecaster, emit or [], settings, options(), out_dtype), lambda plan: _show_plan(plan, as_json))
         return
-    _run(lambda: pipeline.predict(run_dir, output, horizon, forecaster, emit or [], settings, options(), out_dtype, force, min_skill), _show_report(as_json))
+    _run(lambda: pipeline.predict(run_dir, output, horizon, forecaster, emit or [], settings, options(), out_dtype, force, min_skill, fallback), _show_report(as_json))
 
 
 def _show_plan(plan: dict, as_json: bool) -> None:

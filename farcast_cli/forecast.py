@@ -1,9 +1,15 @@
-"""Stream the forecast: read a chunk of each tensor from two checkpoints, forecast it, write it."""
+"""Stream the forecast: read a chunk of each tensor from its input checkpoints, combine, write it.
+
+Every candidate farcast can write is a linear combination of checkpoints: the fitted forecaster
+(first and last), keeping the last checkpoint, the straight line through the last two, and the
+average of the last few (LAWA).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +18,6 @@ from farcast_cli import __version__
 from farcast_cli.checkpoint_writer import copy_aux_files, write_index
 from farcast_cli.engine import ChunkJob, EngineSettings, Source, chunk_jobs, stream
 from farcast_cli.errors import InputError
-from farcast_cli.forecaster import Forecaster
 from farcast_cli.run import Checkpoint
 from farcast_cli.safetensors_reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
 from farcast_cli.safetensors_writer import SafetensorsWriter
@@ -64,11 +69,32 @@ def raise_for_non_finite_input(job: ChunkJob, data: list[torch.Tensor]) -> None:
             )
 
 
-def output_folders(folder: Path, forecaster: Forecaster, context_end: int) -> list[Path]:
+@dataclass(frozen=True)
+class Combination:
+    """Output j is sum_i weights[i][j] * inputs[i] + bias[j], computed in float32 (float64 for F64)."""
+
+    method: str
+    inputs: tuple[Checkpoint, ...]
+    weights: tuple[tuple[float, ...], ...]
+    bias: tuple[float, ...]
+    target_steps: tuple[int, ...]
+
+    def apply(self, values: list[torch.Tensor], output: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.mul(values[0], self.weights[0][output], out=out)
+        for value, weight in zip(values[1:], self.weights[1:]):
+            out.add_(value, alpha=weight[output])
+        return out.add_(self.bias[output]) if self.bias[output] else out
+
+
+def combination(method: str, inputs: list[Checkpoint], weights: list[list[float]], bias: list[float], target_steps: list[int]) -> Combination:
+    return Combination(method, tuple(inputs), tuple(tuple(w) for w in weights), tuple(bias), tuple(target_steps))
+
+
+def output_folders(folder: Path, target_steps: tuple[int, ...]) -> list[Path]:
     """One output is the folder itself; several go to checkpoint-<step>/ folders inside it."""
-    if len(forecaster.offsets) == 1:
+    if len(target_steps) == 1:
         return [folder]
-    return [folder / f"checkpoint-{context_end + offset}" for offset in forecaster.offsets]
+    return [folder / f"checkpoint-{step}" for step in target_steps]
 
 
 def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
@@ -77,23 +103,23 @@ def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
     return TensorInfo(info.name, dtype, info.shape, 0, info.numel * ITEM_SIZES[dtype])
 
 
-def forecast_jobs(first: Checkpoint, last: Checkpoint, shard: str, chunk: int) -> list[ChunkJob]:
-    """One shard's tensors in file order: forecast chunks read both checkpoints, others copy bytes."""
+def forecast_jobs(inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int) -> list[ChunkJob]:
+    """One shard's tensors in file order: forecast chunks read every input, others copy the last's bytes."""
     file = last.files[shard]
     jobs: list[ChunkJob] = []
     for info in sorted(file.tensors.values(), key=lambda t: t.begin):
         if info.is_forecast:
-            jobs += chunk_jobs(info.name, info.numel, chunk, (Source(*first.tensor(info.name)), Source(file, info)))
+            jobs += chunk_jobs(info.name, info.numel, chunk, tuple(Source(*c.tensor(info.name)) for c in inputs))
         else:
             jobs += chunk_jobs(info.name, info.nbytes, chunk * RAW_CHUNK_BYTES_PER_ELEMENT, (Source(file, info),), raw=True)
     return jobs
 
 
 def write_forecast(
-    first: Checkpoint, last: Checkpoint, forecaster: Forecaster, folder: Path, settings: EngineSettings, dtype: str | None = None
+    candidate: Combination, last: Checkpoint, folder: Path, settings: EngineSettings, dtype: str | None = None
 ) -> list[Path]:
-    """Write the forecast checkpoint(s) into `folder`, laid out like `last`; return their folders."""
-    folders = output_folders(folder, forecaster, last.step)
+    """Write the candidate's checkpoint(s) into `folder`, laid out like `last`; return their folders."""
+    folders = output_folders(folder, candidate.target_steps)
     for place in folders:
         place.mkdir(exist_ok=True)
     scratch = Scratch(settings.chunk_elements)
@@ -103,17 +129,17 @@ def write_forecast(
         ordered = [out_infos[info.name] for info in sorted(file.tensors.values(), key=lambda t: t.begin)]
         writers: list[SafetensorsWriter] = []
         try:
-            for place, target in zip(folders, forecaster.target_steps):
-                metadata = {**file.metadata, "format": "pt", "farcast": _provenance(first, last, target)}
+            for place, target in zip(folders, candidate.target_steps):
+                metadata = {**file.metadata, "format": "pt", "farcast": _provenance(candidate, target)}
                 writers.append(SafetensorsWriter(place / out_name, ordered, metadata))
-            for job, data in stream(forecast_jobs(first, last, shard_name, settings.chunk_elements), settings):
+            for job, data in stream(forecast_jobs(candidate.inputs, last, shard_name, settings.chunk_elements), settings):
                 if job.raw:
                     for writer in writers:
                         writer.write_bytes(data[0].numpy())
                     continue
                 out_dtype = TORCH_DTYPES[out_infos[job.name].dtype]
                 for index, writer in enumerate(writers):
-                    writer.write(_forecast_chunk(job, data, forecaster, index, out_dtype, scratch))
+                    writer.write(_forecast_chunk(job, data, candidate, index, out_dtype, scratch))
             for writer in writers:
                 writer.close()
         except BaseException:
@@ -127,10 +153,9 @@ def write_forecast(
     return folders
 
 
-def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], forecaster: Forecaster, index: int, out_dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
-    first_values, last_values = data
-    count = last_values.numel()
-    forecast = forecaster.apply(first_values, last_values, index, out=scratch.get(count, last_values.dtype, last_values.device))
+def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], candidate: Combination, index: int, out_dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
+    count = data[0].numel()
+    forecast = candidate.apply(data, index, out=scratch.get(count, data[0].dtype, data[0].device))
     if out_dtype != forecast.dtype:
         forecast = scratch.get(count, out_dtype, forecast.device).copy_(forecast)
     if first_non_finite(forecast) is not None:
@@ -140,5 +165,5 @@ def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], forecaster: Forecas
     return to_host(forecast, scratch)
 
 
-def _provenance(first: Checkpoint, last: Checkpoint, target: int) -> str:
-    return json.dumps({"version": __version__, "forecast_step": target, "from_steps": [first.step, last.step]})
+def _provenance(candidate: Combination, target: int) -> str:
+    return json.dumps({"version": __version__, "method": candidate.method, "forecast_step": target, "from_steps": [c.step for c in candidate.inputs]})

@@ -9,15 +9,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from farcast_cli import __version__
-from farcast_cli.backtest import INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, choose_cut
+from farcast_cli.backtest import INPUT_BYTES_PER_ELEMENT, LAWA_WINDOW, SCRATCH_BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, choose_cut, line_slopes
 from farcast_cli.checkpoint_writer import atomic_folder, check_output_location, write_text
 from farcast_cli.device import resolve_device
 from farcast_cli.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.errors import InputError, LowSkillError, UsageError
-from farcast_cli.forecast import write_forecast
+from farcast_cli.forecast import Combination, combination, write_forecast
 from farcast_cli.forecaster import FitSettings, Forecaster, fit_coefficients
 from farcast_cli.progress import byte_progress
-from farcast_cli.report import REPORT_FILE, verdict
+from farcast_cli.report import NAMES, REPORT_FILE, verdict
 from farcast_cli.run import Run, find_run
 from farcast_cli.safetensors_reader import ITEM_SIZES
 from farcast_cli.sampling import History, read_history
@@ -219,8 +219,12 @@ def predict(
     dtype: str | None = None,
     force: bool = False,
     min_skill: float | None = None,
+    fallback: bool = False,
 ) -> dict:
-    """`farcast predict`: fit (unless given a forecaster), backtest, then stream the forecast checkpoint."""
+    """`farcast predict`: fit (unless given a forecaster), backtest, then stream the forecast checkpoint.
+
+    With `fallback`, write whichever candidate (forecast, last checkpoint, straight line, average of
+    the last checkpoints) had the lowest backtest error instead of the forecast, and say so."""
     timings: dict[str, float] = {}
     with timed(timings, "find_run"):
         run = find_run(run_dir)
@@ -242,16 +246,36 @@ def predict(
         with timed(timings, "backtest"):
             report = _report("predict", run, forecaster, backtest_on_run(run, history, forecaster, settings, options))
     _enforce_min_skill(report, min_skill)
-    first, last = run.checkpoints[0], run.at_step(forecaster.context_end)
+    candidate = candidates(run, forecaster)["forecast"]
+    if fallback and report["best"] not in (None, "forecast"):
+        candidate = candidates(run, forecaster)[report["best"]]
+        report["written"] = {"method": report["best"], "why": f"--fallback: wrote {NAMES[report['best']]} instead of the forecast: it had the lowest error in the backtest."}
+    last = run.at_step(forecaster.context_end)
     with atomic_folder(out_dir) as folder:
-        with timed(timings, "write_forecast"), byte_progress("forecast", 2 * last.nbytes, options.quiet) as advance:
-            written = write_forecast(first, last, forecaster, folder, options.engine(*PREDICT_BYTES_PER_ELEMENT, advance), dtype)
+        with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * last.nbytes, options.quiet) as advance:
+            written = write_forecast(candidate, last, folder, options.engine(*PREDICT_BYTES_PER_ELEMENT, advance), dtype)
             for checkpoint in run.checkpoints:
                 checkpoint.check_unchanged()
         report["output"] = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
         report["seconds"] = {phase: round(value, 4) for phase, value in timings.items()}
         write_text(folder / REPORT_FILE, json.dumps(report, indent=1) + "\n")
     return report
+
+
+def candidates(run: Run, forecaster: Forecaster) -> dict[str, Combination]:
+    """Everything predict can write for this run, as combinations of its checkpoints."""
+    end = run.steps.index(forecaster.context_end)
+    first, previous, last = run.checkpoints[0], run.checkpoints[end - 1], run.checkpoints[end]
+    window = run.checkpoints[max(0, end - LAWA_WINDOW + 1) : end + 1]
+    targets, outputs = forecaster.target_steps, len(forecaster.offsets)
+    slopes = line_slopes(previous.step, last.step, targets)
+    zero = [0.0] * outputs
+    return {
+        "forecast": combination("farcast", [first, last], forecaster.weight, forecaster.bias, targets),
+        "last": combination("keep last", [last], [[1.0] * outputs], zero, targets),
+        "line": combination("straight line", [previous, last], [[-s for s in slopes], [1.0 + s for s in slopes]], zero, targets),
+        "lawa": combination(f"average of the last {len(window)}", window, [[1.0 / len(window)] * outputs] * len(window), zero, targets),
+    }
 
 
 def dry_run(

@@ -13,38 +13,51 @@ def _percent(skill: float) -> str:
     return f"{abs(skill) * 100:.1f}%"
 
 
+NAMES = {"forecast": "the forecast", "last": "keeping the last checkpoint", "line": "a straight line", "lawa": "averaging the last checkpoints"}
+
+
+def best_method(backtest: dict) -> str | None:
+    """The candidate with the lowest backtest MAE, or None without a backtest."""
+    if "unavailable" in backtest:
+        return None
+    overall = backtest["overall"]
+    return min(("forecast", "last", "line", "lawa"), key=lambda method: (overall[method]["mae"], method != "forecast"))
+
+
 def verdict(backtest: dict) -> dict:
-    """The headline: does the forecast beat keeping the last checkpoint, and a straight line?"""
+    """The headline: does the forecast beat keeping the last checkpoint, a straight line, an average?"""
     if "unavailable" in backtest:
         return {
-            "skill_vs_last": None,
-            "skill_vs_line": None,
-            "beats_last": None,
-            "beats_line": None,
+            "skill_vs_last": None, "skill_vs_line": None, "skill_vs_lawa": None,
+            "beats_last": None, "beats_line": None, "beats_lawa": None, "best": None,
             "verdict": f"UNVERIFIED: no backtest was possible ({backtest['unavailable']}). Nothing shows this forecast beats keeping the last checkpoint.",
         }
     overall = backtest["overall"]
-    vs_last, vs_line = overall["skill_vs_last"], overall["skill_vs_line"]
-    beats_last = vs_last is not None and vs_last > 0
-    beats_line = vs_line is not None and vs_line > 0
+    skills = {b: overall[f"skill_vs_{b}"] for b in ("last", "line", "lawa")}
+    beats = {b: s is not None and s > 0 for b, s in skills.items()}
     target = backtest["plan"]["target_step"]
-    if not beats_last:
-        words = (
-            f"The forecast does NOT beat keeping the last checkpoint: in the backtest its error at step {target:g} was "
-            f"{_percent(vs_last or 0)} {'higher' if (vs_last or 0) < 0 else 'no lower'}. Keeping your last checkpoint is the better estimate."
-        )
-    elif not beats_line:
-        words = f"The forecast beats keeping the last checkpoint by {_percent(vs_last)} but does NOT beat a straight-line extrapolation (error {_percent(vs_line)} higher)."
+    if not beats["last"]:
+        s = skills["last"] or 0.0
+        words = (f"The forecast does NOT beat keeping the last checkpoint: in the backtest its error at step {target:g} was "
+                 f"{_percent(s)} {'higher' if s < 0 else 'no lower'}. Keeping your last checkpoint is the better estimate.")
     else:
-        words = f"The forecast beats both baselines in the backtest: error {_percent(vs_last)} lower than keeping the last checkpoint, {_percent(vs_line)} lower than a straight line."
-    return {"skill_vs_last": vs_last, "skill_vs_line": vs_line, "beats_last": beats_last, "beats_line": beats_line, "verdict": words}
+        parts = [f"The forecast beats keeping the last checkpoint by {_percent(skills['last'])}"]
+        for baseline in ("line", "lawa"):
+            s = skills[baseline] or 0.0
+            parts.append(f"{NAMES[baseline]} by {_percent(s)}" if beats[baseline] else f"but NOT {NAMES[baseline]} (error {_percent(s)} higher)")
+        words = ", ".join(parts) + " (backtest MAE)."
+    result = {f"skill_vs_{b}": s for b, s in skills.items()}
+    result.update({f"beats_{b}": v for b, v in beats.items()})
+    result.update({"best": best_method(backtest), "verdict": words})
+    return result
 
 
 def _row(name: str, stats: dict) -> list[str]:
     skill = lambda s: "n/a" if s is None else f"{s:+.3f}"  # noqa: E731
     return [
         name, f"{stats['numel']:,}", f"{stats['forecast']['mae']:.3e}", f"{stats['forecast']['rmse']:.3e}",
-        f"{stats['last']['mae']:.3e}", f"{stats['line']['mae']:.3e}", skill(stats["skill_vs_last"]), skill(stats["skill_vs_line"]),
+        f"{stats['last']['mae']:.3e}", f"{stats['line']['mae']:.3e}", f"{stats['lawa']['mae']:.3e}",
+        skill(stats["skill_vs_last"]), skill(stats["skill_vs_line"]), skill(stats["skill_vs_lawa"]),
     ]
 
 
@@ -57,16 +70,18 @@ def render(report: dict, console: Console) -> None:
     if "unavailable" not in backtest:
         plan = backtest["plan"]
         table = Table(title=f"backtest: steps {plan['first_step']} and {plan['last_step']} -> step {plan['target_step']:g}, over {backtest['scope']}")
-        for column in ("tensor", "numel", "MAE", "RMSE", "MAE last", "MAE line", "skill vs last", "skill vs line"):
+        for column in ("tensor", "numel", "MAE", "RMSE", "MAE last", "MAE line", "MAE lawa", "skill vs last", "skill vs line", "skill vs lawa"):
             table.add_column(column, justify="left" if column == "tensor" else "right")
         tensors = sorted(backtest["tensors"].items(), key=lambda item: -item[1]["numel"])
         for name, stats in tensors[:TENSOR_ROWS]:
             table.add_row(*_row(name, stats))
         if len(tensors) > TENSOR_ROWS:
-            table.add_row(f"... {len(tensors) - TENSOR_ROWS} more in the JSON report", *[""] * 7)
+            table.add_row(f"... {len(tensors) - TENSOR_ROWS} more in the JSON report", *[""] * 9)
         table.add_row(*_row("[bold]overall[/bold]", backtest["overall"]))
         console.print(table)
     console.print(f"[bold]{report['verdict']}[/bold]")
+    if "written" in report:
+        console.print(f"[bold]{report['written']['why']}[/bold]")
     for note in report["notes"]:
         console.print(f"note: {note}")
     for path in report.get("output", []):

@@ -168,3 +168,50 @@ def test_python_module_entry_point(run_dir):
     assert result.returncode == 0, result.stderr
     assert "checkpoints: 11 at steps 0, 20" in result.stdout
     assert "parameters: 523 (508 forecast)" in result.stdout
+
+
+def turning_run(root: Path) -> Path:
+    """A run that turns back: the trend of its history points the wrong way at the end."""
+    steps = list(range(0, 201, 20))
+    base = torch.randn(24, 16, generator=torch.Generator().manual_seed(3))
+    weights = {s: {"encoder.weight": base * (1 + (s / 100) - (s / 100) ** 2 * 0.5)} for s in steps}
+    return write_run(root, steps=steps, weights=weights, extras=False)
+
+
+def test_fallback_writes_the_candidate_that_won_the_backtest(tmp_path, farcast):
+    run = turning_run(tmp_path / "run")
+    report = json.loads(farcast("predict", run, "-H", 200, "-o", tmp_path / "out", "--fallback", "--json", *FAST).stdout)
+    assert report["beats_last"] is False
+    best = report["best"]
+    overall = report["backtest"]["overall"]
+    assert best != "forecast" and overall[best]["mae"] == min(overall[m]["mae"] for m in ("forecast", "last", "line", "lawa"))
+    assert report["written"]["method"] == best and "--fallback: wrote" in report["written"]["why"]
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
+        assert json.loads(handle.metadata()["farcast"])["method"] in ("keep last", "straight line", "average of the last 5")
+    if best == "last":
+        assert torch.equal(read_checkpoint(tmp_path / "out")["encoder.weight"], load_file(run / "checkpoint-200" / "model.safetensors")["encoder.weight"])
+    if best == "lawa":
+        window = [load_file(run / f"checkpoint-{s}" / "model.safetensors")["encoder.weight"] for s in (120, 140, 160, 180, 200)]
+        assert torch.allclose(read_checkpoint(tmp_path / "out")["encoder.weight"], sum(window) / 5, atol=1e-6)
+
+
+def test_without_fallback_the_losing_forecast_is_still_written_and_labelled(tmp_path, farcast):
+    run = turning_run(tmp_path / "run")
+    report = json.loads(farcast("predict", run, "-H", 200, "-o", tmp_path / "out", "--json", *FAST).stdout)
+    assert "written" not in report
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
+        assert json.loads(handle.metadata()["farcast"])["method"] == "farcast"
+
+
+def test_fallback_keeps_a_winning_forecast(run_dir, farcast, tmp_path):
+    report = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--fallback", "--json", *FAST).stdout)
+    assert report["beats_last"] is True
+    if report["best"] == "forecast":
+        assert "written" not in report
+
+
+def test_report_scores_the_average_of_the_last_checkpoints(run_dir, farcast, tmp_path):
+    report = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--json", *FAST).stdout)
+    overall = report["backtest"]["overall"]
+    assert overall["skill_vs_lawa"] == pytest.approx(1 - overall["forecast"]["mae"] / overall["lawa"]["mae"])
+    assert overall["lawa"]["mae"] > overall["last"]["mae"]
