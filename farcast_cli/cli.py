@@ -56,6 +56,7 @@ BacktestScope = Annotated[Scope, typer.Option("--backtest", help="Score the back
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress messages.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+EvalCmd = Annotated[Optional[str], typer.Option("--eval-cmd", help="Command printing a checkpoint's loss, with {checkpoint} for its folder: adds steps saved to the backtest.")]
 UseMmap = Annotated[bool, typer.Option("--mmap", help="Read through memory maps instead of positional reads (slow on network file systems).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.")]
 
@@ -159,6 +160,7 @@ def fit(
     max_memory: MaxMemory = "1GiB",
     backtest: BacktestScope = Scope.full,
     use_mmap: UseMmap = False,
+    eval_cmd: EvalCmd = None,
     force: Force = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -169,7 +171,7 @@ def fit(
         raise typer.BadParameter("--horizon is required", param_hint="--horizon")
 
     def action() -> dict:
-        options = pipeline.StreamOptions(device, parse_size(max_memory), backtest.value, quiet, use_mmap)
+        options = pipeline.StreamOptions(device, parse_size(max_memory), backtest.value, quiet, use_mmap, eval_cmd)
         return pipeline.fit(run_dir, output, horizon, context_end, emit or [], settings, options, force)
 
     _run(action, _show_report(as_json))
@@ -196,6 +198,7 @@ def predict(
     max_memory: MaxMemory = "1GiB",
     backtest: BacktestScope = Scope.full,
     use_mmap: UseMmap = False,
+    eval_cmd: EvalCmd = None,
     dry_run: DryRun = False,
     force: Force = False,
     quiet: Quiet = False,
@@ -206,7 +209,7 @@ def predict(
     out_dtype = None if dtype is None else dtype.value.upper()
 
     def options() -> pipeline.StreamOptions:
-        return pipeline.StreamOptions(device, parse_size(max_memory), backtest.value, quiet, use_mmap)
+        return pipeline.StreamOptions(device, parse_size(max_memory), backtest.value, quiet, use_mmap, eval_cmd)
 
     if dry_run:
         _run(lambda: pipeline.dry_run(run_dir, output, horizon, forecaster, emit or [], settings, options(), out_dtype), lambda plan: _show_plan(plan, as_json))

@@ -15,6 +15,7 @@ from farcast_cli.device import resolve_device
 from farcast_cli.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.errors import InputError, LowSkillError, UsageError
 from farcast_cli.forecast import Combination, combination, write_forecast
+from farcast_cli.evaluation import run_eval_command, steps_saved
 from farcast_cli.forecaster import FitSettings, Forecaster, fit_coefficients
 from farcast_cli.progress import byte_progress
 from farcast_cli.report import NAMES, REPORT_FILE, verdict
@@ -34,6 +35,7 @@ class StreamOptions:
     backtest: str = "full"
     quiet: bool = False
     use_mmap: bool = False
+    eval_cmd: str | None = None
 
     def engine(self, input_bytes: int, scratch_bytes: int, advance=lambda n: None) -> EngineSettings:
         """Engine settings whose buffers for one pass fit in max_memory."""
@@ -116,7 +118,7 @@ def _evaluate(run: Run, history: History, plan: BacktestPlan, forecaster: Foreca
     return result
 
 
-def backtest_on_run(run: Run, history: History, forecaster: Forecaster, settings: FitSettings, options: StreamOptions) -> dict:
+def backtest_on_run(run: Run, history: History, forecaster: Forecaster, settings: FitSettings, options: StreamOptions, scratch_parent: Path) -> dict:
     """Repeat the fit with the last checkpoints held out, and forecast the last one."""
     steps = run.steps
     rho = forecaster.horizon / (steps[-1] - steps[0])
@@ -126,13 +128,30 @@ def backtest_on_run(run: Run, history: History, forecaster: Forecaster, settings
     held_out = history.truncated(cut)
     horizon = steps[-1] - steps[cut]
     trial = fit_on_run(held_out, horizon, [horizon], settings)
-    return _evaluate(run, history, BacktestPlan(0, cut - 1, cut, float(steps[-1])), trial, options)
+    result = _evaluate(run, history, BacktestPlan(0, cut - 1, cut, float(steps[-1])), trial, options)
+    return _with_steps_saved(result, run, trial, len(steps) - 1, options, scratch_parent)
 
 
-def evaluate_on_reference(run: Run, history: History, forecaster: Forecaster, options: StreamOptions) -> dict:
+def _with_steps_saved(result: dict, run: Run, forecaster: Forecaster, end: int, options: StreamOptions, scratch_parent: Path) -> dict:
+    """With --eval-cmd: score the backtest's candidates and the true checkpoints, and add steps saved."""
+    if options.eval_cmd is None:
+        return result
+    cut = run.steps.index(forecaster.context_end)
+    truncated = run.truncated(end)
+    engine = lambda: options.engine(*PREDICT_BYTES_PER_ELEMENT)  # noqa: E731
+    result["eval"] = steps_saved(truncated, cut, candidates(truncated, forecaster), options.eval_cmd, scratch_parent, engine)
+    return result
+
+
+def evaluate_on_reference(run: Run, history: History, forecaster: Forecaster, options: StreamOptions, scratch_parent: Path) -> dict:
     """Score the reference forecaster on the reference run itself, where the truth at E + H is known."""
     end = run.steps.index(forecaster.context_end)
-    return _evaluate(run, history, BacktestPlan(0, end - 1, end, float(forecaster.target_steps[-1])), forecaster, options)
+    result = _evaluate(run, history, BacktestPlan(0, end - 1, end, float(forecaster.target_steps[-1])), forecaster, options)
+    target = forecaster.target_steps[-1]
+    if options.eval_cmd is not None and target not in run.steps:
+        result["eval"] = {"unavailable": f"step {target} is not a checkpoint of the reference run"}
+        return result
+    return _with_steps_saved(result, run, forecaster, run.steps.index(target) if target in run.steps else end, options, scratch_parent)
 
 
 def _notes(run: Run) -> list[str]:
@@ -182,12 +201,12 @@ def fit(
         with timed(timings, "fit"):
             forecaster = fit_on_run(history, horizon, offsets, settings)
         with timed(timings, "backtest"):
-            backtest = backtest_on_run(run, history, forecaster, settings, options)
+            backtest = backtest_on_run(run, history, forecaster, settings, options, out_file.resolve().parent)
     else:
         with timed(timings, "fit"):
             forecaster = fit_on_reference(history, context_end, offsets, settings)
         with timed(timings, "backtest"):
-            backtest = evaluate_on_reference(run, history, forecaster, options)
+            backtest = evaluate_on_reference(run, history, forecaster, options, out_file.resolve().parent)
     report = _report("fit", run, forecaster, backtest)
     report["seconds"] = {phase: round(value, 4) for phase, value in timings.items()}
     forecaster.report = report
@@ -244,7 +263,7 @@ def predict(
         with timed(timings, "fit"):
             forecaster = fit_on_run(history, horizon, offsets, settings)
         with timed(timings, "backtest"):
-            report = _report("predict", run, forecaster, backtest_on_run(run, history, forecaster, settings, options))
+            report = _report("predict", run, forecaster, backtest_on_run(run, history, forecaster, settings, options, _existing_parent(out_dir)))
     _enforce_min_skill(report, min_skill)
     candidate = candidates(run, forecaster)["forecast"]
     if fallback and report["best"] not in (None, "forecast"):
@@ -257,6 +276,10 @@ def predict(
             for checkpoint in run.checkpoints:
                 checkpoint.check_unchanged()
         report["output"] = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
+        if options.eval_cmd is not None:
+            with timed(timings, "eval"):
+                report["written_loss"] = run_eval_command(options.eval_cmd, written[-1])
+                report["last_checkpoint_loss"] = run_eval_command(options.eval_cmd, last.path)
         report["seconds"] = {phase: round(value, 4) for phase, value in timings.items()}
         write_text(folder / REPORT_FILE, json.dumps(report, indent=1) + "\n")
     return report
@@ -320,6 +343,14 @@ def dry_run(
         else:
             plan["reads"]["backtest"] = {"sampled coordinates only": True, "bytes": 0}
     return plan
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest existing folder above `path`: scratch space on the output's file system."""
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
 
 
 def _enforce_min_skill(report: dict, min_skill: float | None) -> None:

@@ -79,6 +79,12 @@ def render(report: dict, console: Console) -> None:
             table.add_row(f"... {len(tensors) - TENSOR_ROWS} more in the JSON report", *[""] * 9)
         table.add_row(*_row("[bold]overall[/bold]", backtest["overall"]))
         console.print(table)
+    evaluation = backtest.get("eval", {})
+    if "steps_saved" in evaluation:
+        saved = ", ".join(f"{NAMES[m]} {v:+.2f} (loss {evaluation['losses'][m]:.4g})" for m, v in evaluation["steps_saved"].items())
+        console.print(f"steps saved in the backtest, by --eval-cmd: {saved}")
+    if "written_loss" in report:
+        console.print(f"loss of the written checkpoint: {report['written_loss']:.4g}; of the last checkpoint: {report['last_checkpoint_loss']:.4g}")
     console.print(f"[bold]{report['verdict']}[/bold]")
     if "written" in report:
         console.print(f"[bold]{report['written']['why']}[/bold]")
