@@ -51,6 +51,15 @@ def choose_cut(steps: list[int], rho: float) -> int | None:
     return min(feasible)[2] if feasible else None
 
 
+SHRINK_GRID = np.linspace(0.0, 1.5, 31)
+
+
+def best_shrink(last: np.ndarray, forecast: np.ndarray, truth: np.ndarray) -> float:
+    """The alpha in [0, 1.5] for which last + alpha * (forecast - last) has the lowest MAE against the truth."""
+    errors = [np.abs(last + alpha * (forecast - last) - truth).mean() for alpha in SHRINK_GRID]
+    return float(SHRINK_GRID[int(np.argmin(errors))])
+
+
 def skill(error: float, baseline_error: float) -> float | None:
     return None if baseline_error == 0 else 1.0 - error / baseline_error
 

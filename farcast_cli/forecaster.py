@@ -11,7 +11,7 @@ two raw inputs are nearly equal and so nearly collinear.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ class FitSettings:
     max_epochs: int = 100
     patience: int = 5
     validation_fraction: float = 0.2
+    shrink: float | None = None
 
 
 @dataclass
@@ -64,6 +65,12 @@ class Forecaster:
         out = torch.mul(last, self.weight[1][output], out=out)
         out.add_(first, alpha=self.weight[0][output])
         return out.add_(self.bias[output])
+
+    def shrunk(self, alpha: float) -> Forecaster:
+        """The forecast moved towards the last checkpoint: last + alpha * (forecast - last), still one linear layer."""
+        weight = [[alpha * a for a in self.weight[0]], [alpha * a + (1.0 - alpha) for a in self.weight[1]]]
+        bias = [alpha * b for b in self.bias]
+        return replace(self, weight=weight, bias=bias, fit_info={**self.fit_info, "shrink": alpha})
 
     def save(self, path: Path) -> None:
         data = {"format": FORMAT, **asdict(self)}

@@ -8,8 +8,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from farcast_cli import __version__
-from farcast_cli.backtest import INPUT_BYTES_PER_ELEMENT, LAWA_WINDOW, SCRATCH_BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, choose_cut, line_slopes
+from farcast_cli.backtest import INPUT_BYTES_PER_ELEMENT, LAWA_WINDOW, SCRATCH_BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, best_shrink, choose_cut, line_slopes
 from farcast_cli.checkpoint_writer import atomic_folder, check_output_location, write_text
 from farcast_cli.device import resolve_device
 from farcast_cli.engine import EngineSettings, plan_chunk_elements
@@ -85,10 +87,36 @@ def output_offsets(horizon: int, emit: list[int]) -> list[int]:
 
 
 def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> Forecaster:
-    """The default mode: learn the jump from the run's own history, scaled to each earlier anchor."""
-    steps = history.steps
+    """The default mode: learn the jump from the run's own history, scaled to each earlier anchor,
+    then shrink towards the last checkpoint by settings.shrink, or (None) by the factor that did
+    best in a backtest on this same history (benchmarks/RESULTS.md: the most robust variant)."""
+    forecaster = _fit_plain(history, horizon, offsets, settings)
+    alpha = settings.shrink
+    if alpha is None:
+        trial = _held_out_trial(history, horizon, settings)
+        alpha = 1.0 if trial is None else _shrink_from_trial(history, *trial)
+    return forecaster.shrunk(alpha)
+
+
+def _fit_plain(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> Forecaster:
     weight, bias, info = fit_coefficients(self_pairs(history, horizon, offsets), settings)
-    return Forecaster("self", int(steps[0]), int(steps[-1]), offsets, weight, bias, asdict(settings), info)
+    return Forecaster("self", int(history.steps[0]), int(history.steps[-1]), offsets, weight, bias, asdict(settings), info)
+
+
+def _held_out_trial(history: History, horizon: int, settings: FitSettings) -> tuple[int, Forecaster] | None:
+    """The unshrunk fit on the history up to the backtest's cut, or None when no cut can be fitted."""
+    steps = list(history.steps)
+    cut = choose_cut(steps, horizon / (steps[-1] - steps[0]))
+    if cut is None:
+        return None
+    jump = int(steps[-1] - steps[cut])
+    return cut, _fit_plain(history.truncated(cut), jump, [jump], settings)
+
+
+def _shrink_from_trial(history: History, cut: int, trial: Forecaster) -> float:
+    values = torch.from_numpy(history.values)
+    forecast = trial.apply(values[:, 0], values[:, cut], 0).numpy()
+    return best_shrink(history.values[:, cut], forecast, history.values[:, -1])
 
 
 def _require_three_checkpoints(run: Run) -> None:
@@ -97,9 +125,11 @@ def _require_three_checkpoints(run: Run) -> None:
 
 
 def fit_on_reference(history: History, context_end: int, offsets: list[int], settings: FitSettings) -> Forecaster:
-    """The paper's protocol: learn (w at s_0, w at E) -> w at E + H from a complete reference run."""
+    """The paper's protocol: learn (w at s_0, w at E) -> w at E + H from a complete reference run.
+    Shrinks only by a number given in settings.shrink: here the fit already saw the truth."""
     weight, bias, info = fit_coefficients(reference_pairs(history, context_end, offsets), settings)
-    return Forecaster("reference", int(history.steps[0]), context_end, offsets, weight, bias, asdict(settings), info)
+    forecaster = Forecaster("reference", int(history.steps[0]), context_end, offsets, weight, bias, asdict(settings), info)
+    return forecaster.shrunk(1.0 if settings.shrink is None else settings.shrink)
 
 
 def _evaluate(run: Run, history: History, plan: BacktestPlan, forecaster: Forecaster, options: StreamOptions) -> dict:
@@ -163,6 +193,14 @@ def _notes(run: Run) -> list[str]:
     return notes
 
 
+def _shrink_note(forecaster: Forecaster) -> list[str]:
+    alpha = forecaster.fit_info.get("shrink", 1.0)
+    if alpha == 1.0:
+        return []
+    how = "chosen by a backtest on the run's history" if forecaster.settings.get("shrink") is None else "set by --shrink"
+    return [f"the forecast is shrunk towards the last checkpoint: last + {alpha:.2f} x (2-point forecast - last), {how}"]
+
+
 def _report(command: str, run: Run, forecaster: Forecaster, backtest: dict, extra_notes: list[str] = ()) -> dict:
     report = {
         "farcast_version": __version__,
@@ -176,7 +214,7 @@ def _report(command: str, run: Run, forecaster: Forecaster, backtest: dict, extr
         "target_steps": forecaster.target_steps,
         "forecaster": {"weight": forecaster.weight, "bias": forecaster.bias, "fit": forecaster.fit_info},
         "backtest": backtest,
-        "notes": _notes(run) + list(extra_notes),
+        "notes": _notes(run) + _shrink_note(forecaster) + list(extra_notes),
         "warnings": run.warnings,
     }
     report.update(verdict(backtest))

@@ -125,3 +125,36 @@ def test_regulariser_shrinks_a_forecast_that_outruns_the_first_step():
     jump = lambda w, b: np.mean(np.abs(w[0][0] * first + w[1][0] * last + b[0] - last))  # noqa: E731
     assert jump(free, free_bias) == pytest.approx(1.0, abs=0.05)
     assert jump(held, held_bias) < 0.5
+
+
+def test_shrinking_moves_the_forecast_towards_the_last_checkpoint():
+    import torch
+
+    from farcast_cli.forecaster import Forecaster
+
+    forecaster = Forecaster("self", 0, 100, [50], [[-0.5], [1.4]], [0.01], {})
+    first, last = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0])
+    full = forecaster.apply(first, last, 0)
+    assert torch.allclose(forecaster.shrunk(0.0).apply(first, last, 0), last)
+    assert torch.allclose(forecaster.shrunk(0.5).apply(first, last, 0), last + 0.5 * (full - last))
+    assert forecaster.shrunk(0.5).fit_info["shrink"] == 0.5
+
+
+def test_shrink_option(run_dir, farcast, tmp_path):
+    auto = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "auto", "--json", *FAST).stdout)
+    none = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "none", "--shrink", "none", "--json", *FAST).stdout)
+    alpha = auto["forecaster"]["fit"]["shrink"]
+    assert none["forecaster"]["fit"]["shrink"] == 1.0 and 0.0 <= alpha <= 1.5
+    if alpha != 1.0:
+        assert any(f"last + {alpha:.2f} x" in note and "chosen by a backtest" in note for note in auto["notes"])
+    farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "zero", "--shrink", "0", *FAST)
+    kept = load_file(tmp_path / "zero" / "model.safetensors")["encoder.weight"]
+    assert torch_equal(kept, load_file(run_dir / "checkpoint-200" / "model.safetensors")["encoder.weight"])
+    result = farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "bad", "--shrink", "lots", *FAST, expect=2)
+    assert "--shrink" in result.stderr
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

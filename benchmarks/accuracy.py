@@ -1,0 +1,248 @@
+"""Does the forecast save training? Every method on every workload, in weight space and in loss.
+
+    python benchmarks/accuracy.py                      # all CPU workloads (a few minutes)
+    python benchmarks/accuracy.py --workload digits-mlp-adam
+
+For each workload (benchmarks/workloads/, runs cached under --work): cuts at 25%, 50% and 75% of the
+nominal run length L, jumps of 0.5x and 1x the elapsed steps. For every method: weight MAE skill
+against keeping the last checkpoint, and steps saved: where the true run reaches the forecast's
+validation loss, minus the cut, as a fraction of the jump (0: no better than the last checkpoint,
+1: as good as training the whole jump, capped at 1; negative: worse than the last checkpoint).
+
+Methods: keep last, straight line (last two checkpoints), LAWA (mean of the last 5), full-window
+linear (11 points of the history on a relative time grid, least squares), the paper's 2-point
+model (unshrunk), variants: per-tensor coefficients, a recent anchor (the midpoint of the history
+instead of its start), a smoothed last input (mean of the last 3 checkpoints); and farcast's
+default, the 2-point model shrunk towards the last checkpoint by the factor its own backtest picks
+(`farcast predict` as shipped, called through its Python API).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from farcast_cli.evaluation import step_reaching  # noqa: E402
+from farcast_cli.forecaster import FitSettings, fit_coefficients  # noqa: E402
+from farcast_cli.pipeline import fit_on_run  # noqa: E402
+from farcast_cli.sampling import History  # noqa: E402
+from farcast_cli.training_data import Pairs, interpolate, self_pairs  # noqa: E402
+
+WORKLOADS = {
+    "least-squares-gd": ("workloads.least_squares", None),
+    "digits-mlp-adam": ("workloads.digits_mlp", "Adam"),
+    "digits-mlp-sgdm": ("workloads.digits_mlp", "SGDMomentum"),
+    "mnist1d-cnn-adam": ("workloads.mnist1d_cnn", None),
+    "tiny-lm-adamw": ("workloads.tiny_lm", None),
+}
+CUTS, JUMPS = (0.25, 0.5, 0.75), (0.5, 1.0)
+METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "farcast default")
+SAMPLE = 20000
+
+
+def load_workload(name: str):
+    module_name, attribute = WORKLOADS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, attribute) if attribute else module
+
+
+class Run:
+    """Every checkpoint of a workload's run as one flat float64 vector, with a way back to a model."""
+
+    def __init__(self, run_dir: Path, workload) -> None:
+        folders = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        self.steps = np.array([int(p.name.split("-")[1]) for p in folders], dtype=np.float64)
+        states = [load_file(p / "model.safetensors") for p in folders]
+        self.names = [n for n in sorted(states[0]) if states[0][n].is_floating_point()]
+        self.shapes = {n: states[0][n].shape for n in self.names}
+        self.template = states[0]
+        self.vectors = np.stack([np.concatenate([s[n].double().reshape(-1).numpy() for n in self.names]) for s in states])
+        self.tensor_index = np.concatenate([np.full(states[0][n].numel(), i) for i, n in enumerate(self.names)])
+        self.workload = workload
+        self._losses: dict[int, float] = {}
+
+    def index(self, step: float) -> int:
+        return int(np.searchsorted(self.steps, step))
+
+    def loss(self, vector: np.ndarray) -> float:
+        model = self.workload.build()
+        state, position = dict(self.template), 0
+        for name in self.names:
+            count = int(np.prod(self.shapes[name]))
+            state[name] = torch.from_numpy(vector[position : position + count].copy()).float().reshape(self.shapes[name])
+            position += count
+        model.load_state_dict(state)
+        model.eval()
+        return self.workload.validation_loss(model)
+
+    def checkpoint_loss(self, k: int) -> float:
+        if k not in self._losses:
+            self._losses[k] = self.loss(self.vectors[k])
+        return self._losses[k]
+
+
+def history(run: Run, upto: int, rows: np.ndarray) -> History:
+    return History(run.steps[: upto + 1], run.vectors[: upto + 1, rows].T.copy(), run.tensor_index[rows], run.names)
+
+
+def fit_pairs(pairs: Pairs) -> tuple[list, list]:
+    weight, bias, _ = fit_coefficients(pairs, FitSettings(shrink=1.0))
+    return weight, bias
+
+
+def two_point(run: Run, cut: int, horizon: int, rows: np.ndarray, first_of=None, last_of=None) -> np.ndarray:
+    """Fit the shared linear layer on the history up to `cut` and apply it at the cut.
+
+    first_of(history, t) and last_of(history, t) choose the two inputs (default: w at s_0 and w at t).
+    """
+    h = history(run, cut, rows)
+    pairs = self_pairs(h, horizon, [horizon])
+    s0 = h.steps[0]
+    rho = horizon / (h.steps[-1] - s0)
+    anchors = [t for t in h.steps[1:] if t + rho * (t - s0) <= h.steps[-1] + 1e-9]
+    if first_of is not None:
+        pairs.first = np.concatenate([first_of(h, t) for t in anchors])
+    if last_of is not None:
+        pairs.last = np.concatenate([last_of(h, t) for t in anchors])
+    weight, bias = fit_pairs(pairs)
+    full = history(run, cut, np.arange(run.vectors.shape[1]))
+    first = full.values[:, 0] if first_of is None else first_of(full, full.steps[-1])
+    last = full.values[:, -1] if last_of is None else last_of(full, full.steps[-1])
+    return weight[0][0] * first + weight[1][0] * last + bias[0]
+
+
+def midpoint_anchor(h: History, t: float) -> np.ndarray:
+    return interpolate(h, h.steps[0] + 0.5 * (t - h.steps[0]))
+
+
+def smoothed_last(h: History, t: float) -> np.ndarray:
+    spacing = h.steps[1] - h.steps[0]
+    return np.mean([interpolate(h, max(h.steps[0], t - k * spacing)) for k in range(3)], axis=0)
+
+
+def full_window(run: Run, cut: int, horizon: int, rows: np.ndarray, points: int = 11) -> np.ndarray:
+    """Least squares from the history at `points` relative times (plus a bias) to the jump's target."""
+    h = history(run, cut, rows)
+    s0, end = h.steps[0], h.steps[-1]
+    rho = horizon / (end - s0)
+    grid = np.linspace(0, 1, points)
+    anchors = [t for t in h.steps[1:] if t + rho * (t - s0) <= end + 1e-9]
+    design = lambda hist, t: np.stack([interpolate(hist, s0 + g * (t - s0)) for g in grid] + [np.ones(hist.values.shape[0])], axis=1)  # noqa: E731
+    x = np.concatenate([design(h, t) for t in anchors])
+    y = np.concatenate([interpolate(h, t + rho * (t - s0)) for t in anchors])
+    coefficients, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return design(history(run, cut, np.arange(run.vectors.shape[1])), end) @ coefficients
+
+
+def per_tensor(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
+    result = np.empty(run.vectors.shape[1])
+    for index in range(len(run.names)):
+        mine = rows[run.tensor_index[rows] == index]
+        columns = np.nonzero(run.tensor_index == index)[0]
+        if len(mine) < 20:
+            mine = rows
+        h = history(run, cut, mine)
+        weight, bias = fit_pairs(self_pairs(h, horizon, [horizon]))
+        result[columns] = weight[0][0] * run.vectors[0, columns] + weight[1][0] * run.vectors[cut, columns] + bias[0]
+    return result
+
+
+def farcast_default(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
+    """What `farcast predict` does by default: the 2-point fit, shrunk by the factor its backtest picks."""
+    forecaster = fit_on_run(history(run, cut, rows), horizon, [horizon], FitSettings())
+    return forecaster.apply(torch.from_numpy(run.vectors[0]), torch.from_numpy(run.vectors[cut]), 0).numpy()
+
+
+def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator) -> list[dict]:
+    rows_all = np.arange(run.vectors.shape[1])
+    rows = rows_all if len(rows_all) <= SAMPLE else np.sort(rng.choice(rows_all, SAMPLE, replace=False))
+    results = []
+    for fraction in CUTS:
+        cut_step = round(fraction * nominal / save_every) * save_every
+        for jump in JUMPS:
+            horizon = round(jump * cut_step / save_every) * save_every
+            cut, target = run.index(cut_step), run.index(cut_step + horizon)
+            if target >= len(run.steps) or run.steps[target] != cut_step + horizon:
+                continue
+            last = run.vectors[cut]
+            predictions = {
+                "last": last,
+                "line": last + (last - run.vectors[cut - 1]) * horizon / save_every,
+                "lawa": run.vectors[max(0, cut - 4) : cut + 1].mean(axis=0),
+                "full-window": full_window(run, cut, horizon, rows),
+                "2-point": two_point(run, cut, horizon, rows),
+                "per-tensor": per_tensor(run, cut, horizon, rows),
+                "recent-anchor": two_point(run, cut, horizon, rows, first_of=midpoint_anchor),
+                "smoothed": two_point(run, cut, horizon, rows, last_of=smoothed_last),
+            }
+            predictions["farcast default"] = farcast_default(run, cut, horizon, rows)
+            truth = run.vectors[target]
+            curve = [(run.steps[k], run.checkpoint_loss(k)) for k in range(cut, target + 1)]
+            row = {"cut": fraction, "cut_step": cut_step, "jump": jump, "target_step": cut_step + horizon,
+                   "loss_last": curve[0][1], "loss_target": curve[-1][1], "methods": {}}
+            mae_last = np.abs(last - truth).mean()
+            for method, predicted in predictions.items():
+                loss = run.loss(predicted)
+                reached = step_reaching(curve, loss)
+                saved = 1.0 if reached is None else (reached - cut_step) / horizon
+                if loss > curve[0][1]:
+                    saved = -_steps_back(run, cut, loss) / horizon
+                row["methods"][method] = {"weight_skill": 1 - np.abs(predicted - truth).mean() / mae_last, "loss": loss, "steps_saved": saved}
+            results.append(row)
+            print(f"  cut {fraction:.2f} (step {cut_step}), jump {jump}x to {cut_step + horizon}: " + ", ".join(
+                f"{m} {v['steps_saved']:+.2f}" for m, v in row["methods"].items()), flush=True)
+    return results
+
+
+def _steps_back(run: Run, cut: int, loss: float) -> float:
+    """How many steps before the cut the true run last had this (worse) loss: a negative saving."""
+    for k in range(cut, -1, -1):
+        if run.checkpoint_loss(k) >= loss:
+            return float(run.steps[cut] - run.steps[k])
+    return float(run.steps[cut] - run.steps[0])
+
+
+def table(name: str, results: list[dict]) -> str:
+    head = "| cut, jump | " + " | ".join(METHODS) + " |\n|---|" + "---|" * len(METHODS) + "\n"
+    lines = []
+    for row in results:
+        cells = [f"{row['methods'][m]['steps_saved']:+.2f} ({row['methods'][m]['weight_skill']:+.2f})" for m in METHODS]
+        lines.append(f"| {row['cut']:.0%}, {row['jump']:g}x | " + " | ".join(cells) + " |")
+    means = [np.mean([r["methods"][m]["steps_saved"] for r in results]) for m in METHODS]
+    lines.append("| **mean steps saved** | " + " | ".join(f"**{v:+.2f}**" for v in means) + " |")
+    return f"### {name}\n\nsteps saved (weight MAE skill vs keep last)\n\n" + head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-accuracy"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    everything = {}
+    for name in args.workload or list(WORKLOADS):
+        workload = load_workload(name)
+        run_dir = args.work / name
+        if not run_dir.exists():
+            print(f"{name}: training ...", flush=True)
+            workload.train(run_dir)
+        print(f"{name}:", flush=True)
+        run = Run(run_dir, workload)
+        everything[name] = evaluate(run, workload.STEPS, workload.SAVE_EVERY, np.random.default_rng(0))
+        print(table(name, everything[name]))
+    if args.json:
+        args.json.write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()
