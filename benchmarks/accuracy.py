@@ -14,7 +14,8 @@ linear (11 points of the history on a relative time grid, least squares), the pa
 model (unshrunk), variants: per-tensor coefficients, a recent anchor (the midpoint of the history
 instead of its start), a smoothed last input (mean of the last 3 checkpoints); and farcast's
 default, the 2-point model shrunk towards the last checkpoint by the factor its own backtest picks
-(`farcast predict` as shipped, called through its Python API).
+(`farcast predict` as shipped, called through its Python API); and the same with time measured in
+cumulative learning rate from trainer_state.json (lr-time; equal to the default at constant rate).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ WORKLOADS = {
     "digits-mlp-sgdm": ("workloads.digits_mlp", "SGDMomentum"),
     "mnist1d-cnn-adam": ("workloads.mnist1d_cnn", None),
     "tiny-lm-adamw": ("workloads.tiny_lm", None),
+    "minilm-finetune-adamw": ("workloads.minilm_finetune", None),
 }
 CUTS, JUMPS = (0.25, 0.5, 0.75), (0.5, 1.0)
-METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "farcast default")
+METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "farcast default", "lr-time")
 SAMPLE = 20000
 
 
@@ -59,13 +61,14 @@ class Run:
     """Every checkpoint of a workload's run as one flat float64 vector, with a way back to a model."""
 
     def __init__(self, run_dir: Path, workload) -> None:
+        self.run_dir = run_dir
         folders = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         self.steps = np.array([int(p.name.split("-")[1]) for p in folders], dtype=np.float64)
         states = [load_file(p / "model.safetensors") for p in folders]
         self.names = [n for n in sorted(states[0]) if states[0][n].is_floating_point()]
         self.shapes = {n: states[0][n].shape for n in self.names}
         self.template = states[0]
-        self.vectors = np.stack([np.concatenate([s[n].double().reshape(-1).numpy() for n in self.names]) for s in states])
+        self.vectors = np.stack([np.concatenate([s[n].float().reshape(-1).numpy() for n in self.names]) for s in states])
         self.tensor_index = np.concatenate([np.full(states[0][n].numel(), i) for i, n in enumerate(self.names)])
         self.workload = workload
         self._losses: dict[int, float] = {}
@@ -90,8 +93,11 @@ class Run:
         return self._losses[k]
 
 
-def history(run: Run, upto: int, rows: np.ndarray) -> History:
-    return History(run.steps[: upto + 1], run.vectors[: upto + 1, rows].T.copy(), run.tensor_index[rows], run.names)
+def history(run: Run, upto: int, rows: np.ndarray | None = None) -> History:
+    """The history up to checkpoint `upto` of the given coordinates; all of them (a view, no copy) for None."""
+    if rows is None:
+        return History(run.steps[: upto + 1], run.vectors[: upto + 1].T, run.tensor_index, run.names)
+    return History(run.steps[: upto + 1], run.vectors[: upto + 1, rows].T.astype(np.float64), run.tensor_index[rows], run.names)
 
 
 def fit_pairs(pairs: Pairs) -> tuple[list, list]:
@@ -114,7 +120,7 @@ def two_point(run: Run, cut: int, horizon: int, rows: np.ndarray, first_of=None,
     if last_of is not None:
         pairs.last = np.concatenate([last_of(h, t) for t in anchors])
     weight, bias = fit_pairs(pairs)
-    full = history(run, cut, np.arange(run.vectors.shape[1]))
+    full = history(run, cut)
     first = full.values[:, 0] if first_of is None else first_of(full, full.steps[-1])
     last = full.values[:, -1] if last_of is None else last_of(full, full.steps[-1])
     return weight[0][0] * first + weight[1][0] * last + bias[0]
@@ -140,7 +146,7 @@ def full_window(run: Run, cut: int, horizon: int, rows: np.ndarray, points: int 
     x = np.concatenate([design(h, t) for t in anchors])
     y = np.concatenate([interpolate(h, t + rho * (t - s0)) for t in anchors])
     coefficients, *_ = np.linalg.lstsq(x, y, rcond=None)
-    return design(history(run, cut, np.arange(run.vectors.shape[1])), end) @ coefficients
+    return design(history(run, cut), end) @ coefficients
 
 
 def per_tensor(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
@@ -159,7 +165,34 @@ def per_tensor(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray
 def farcast_default(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
     """What `farcast predict` does by default: the 2-point fit, shrunk by the factor its backtest picks."""
     forecaster = fit_on_run(history(run, cut, rows), horizon, [horizon], FitSettings())
-    return forecaster.apply(torch.from_numpy(run.vectors[0]), torch.from_numpy(run.vectors[cut]), 0).numpy()
+    return forecaster.apply(torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double(), 0).numpy()
+
+
+def lr_clock(run: Run, cut_step: int):
+    """Step -> cumulative learning rate, from the cut checkpoint's trainer_state.json log, the
+    learning rate extrapolated linearly (from the last fifth of the log, floored at 0) beyond it.
+    Scaled by the mean rate so that it reads in 'steps at the mean rate'."""
+    state = json.loads((run.run_dir / f"checkpoint-{cut_step}" / "trainer_state.json").read_text())
+    logged = [(e["step"], e["learning_rate"]) for e in state["log_history"] if "learning_rate" in e]
+    steps, rates = np.array([s for s, _ in logged], dtype=float), np.array([r for _, r in logged])
+    tail = slice(len(steps) * 4 // 5, None)
+    slope, intercept = np.polyfit(steps[tail], rates[tail], 1) if len(steps[tail]) > 1 else (0.0, rates[-1])
+    horizon = np.arange(1, int(run.steps[-1]) + 1, dtype=float)
+    known = np.interp(horizon, steps, rates)
+    future = np.maximum(0.0, intercept + slope * horizon)
+    rate = np.where(horizon <= steps[-1], known, future)
+    clock = np.concatenate([[0.0], np.cumsum(rate)]) / rates.mean()
+    return lambda step: np.interp(step, np.arange(len(clock)), clock)
+
+
+def lr_time(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
+    """The default fit and shrinkage with time measured in cumulative learning rate, not steps."""
+    clock = lr_clock(run, int(run.steps[cut]))
+    h = history(run, cut, rows)
+    h.steps = clock(h.steps)
+    jump = float(clock(run.steps[cut] + horizon) - clock(run.steps[cut]))
+    forecaster = fit_on_run(h, jump, [jump], FitSettings())
+    return forecaster.apply(torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double(), 0).numpy()
 
 
 def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator) -> list[dict]:
@@ -185,6 +218,7 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator) 
                 "smoothed": two_point(run, cut, horizon, rows, last_of=smoothed_last),
             }
             predictions["farcast default"] = farcast_default(run, cut, horizon, rows)
+            predictions["lr-time"] = lr_time(run, cut, horizon, rows)
             truth = run.vectors[target]
             curve = [(run.steps[k], run.checkpoint_loss(k)) for k in range(cut, target + 1)]
             row = {"cut": fraction, "cut_step": cut_step, "jump": jump, "target_step": cut_step + horizon,
@@ -204,10 +238,13 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator) 
 
 
 def _steps_back(run: Run, cut: int, loss: float) -> float:
-    """How many steps before the cut the true run last had this (worse) loss: a negative saving."""
-    for k in range(cut, -1, -1):
-        if run.checkpoint_loss(k) >= loss:
-            return float(run.steps[cut] - run.steps[k])
+    """How many steps before the cut the true run last had this (worse) loss, linear between
+    checkpoints: a negative saving."""
+    for k in range(cut - 1, -1, -1):
+        later, earlier = run.checkpoint_loss(k + 1), run.checkpoint_loss(k)
+        if earlier >= loss:
+            fraction = (loss - later) / (earlier - later) if earlier > later else 1.0
+            return float(run.steps[cut] - run.steps[k + 1] + fraction * (run.steps[k + 1] - run.steps[k]))
     return float(run.steps[cut] - run.steps[0])
 
 
