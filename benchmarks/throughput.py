@@ -6,6 +6,7 @@ For each dtype (f32, bf16): a 4-checkpoint run of about 1 GB per checkpoint (4 G
 the page cache warmed, then (1) plain reads of the two checkpoints predict streams plus a plain
 fsynced write of the output's size, (2) `farcast predict --backtest sample`, (3) `farcast predict`
 with the full backtest, whose raw baseline also reads the checkpoints the backtest reads. Prints
+the best of 4 timings each (page-cache writeback makes single timings vary up to 3x here):
 seconds, GB/s and the ratio predict / raw I/O (target: at most 1.25), both for the whole process
 (Python and torch start-up, sampling and fitting included) and for the streaming phases alone
 (writing the forecast, plus the full backtest where there is one), from the report's `seconds`.
@@ -21,15 +22,18 @@ from pathlib import Path
 from common import make_run_elsewhere, python_startup_seconds, raw_io_seconds, timed_farcast, warm_cache
 
 
+REPEATS = 4
+
+
 def measure(run: Path, work: Path, device: str, backtest: str) -> dict:
     files = sorted(run.glob("checkpoint-*/model.safetensors"), key=lambda p: int(p.parent.name.split("-")[1]))
     streamed = [files[0], files[-1]] if backtest == "sample" else [files[0], files[-1], files[0], files[1], files[2], files[3]]
     out_bytes = files[-1].stat().st_size
     warm_cache(files)
-    raw = min(raw_io_seconds(streamed, out_bytes, work / "raw.bin") for _ in range(2))
+    raw = min(raw_io_seconds(streamed, out_bytes, work / "raw.bin") for _ in range(REPEATS))
     out = work / "forecast"
     seconds, streaming = [], []
-    for _ in range(2):
+    for _ in range(REPEATS):
         shutil.rmtree(out, ignore_errors=True)
         elapsed, peak_mb, stdout = timed_farcast("predict", run, "-H", 100, "-o", out, "--backtest", backtest, "--device", device, "--quiet", "--json")
         phases = json.loads(stdout)["seconds"]

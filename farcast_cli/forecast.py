@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,60 +40,14 @@ class Scratch:
         return self.buffers[key][:count]
 
 
-def to_host(values: torch.Tensor, scratch: Scratch, slot: int = 0) -> torch.Tensor:
+def to_host(values: torch.Tensor, scratch: Scratch) -> torch.Tensor:
     """A CPU tensor with the values; from a GPU through a reused pinned buffer."""
     if values.device.type == "cpu":
         return values
-    host = scratch.get(values.numel(), values.dtype, torch.device("cpu"), pinned=True, slot=slot)
+    host = scratch.get(values.numel(), values.dtype, torch.device("cpu"), pinned=True)
     host.copy_(values, non_blocking=True)
     torch.cuda.current_stream(values.device).synchronize()
     return host
-
-
-class WriteBehind:
-    """Writes in a background thread, in submission order, so that the next chunk is computed while
-    this one is written. Each write owns a slot; a slot's buffers are reused only once its write is done."""
-
-    def __init__(self, slots: int) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self.done = [threading.Event() for _ in range(slots)]
-        for event in self.done:
-            event.set()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, daemon=True, name="farcast-writer")
-        self.thread.start()
-
-    def _work(self) -> None:
-        while (item := self.queue.get()) is not None:
-            slot, write, data = item
-            try:
-                if self.error is None:
-                    write(data)
-            except BaseException as error:  # re-raised in the caller's thread
-                self.error = error
-            finally:
-                self.done[slot].set()
-
-    def _raise_pending(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-    def wait_for(self, slot: int) -> None:
-        self.done[slot].wait()
-        self._raise_pending()
-
-    def submit(self, slot: int, write, data) -> None:
-        self.done[slot].clear()
-        self.queue.put((slot, write, data))
-
-    def finish(self, raise_error: bool = True) -> None:
-        """Wait for every pending write; raise the first error any of them met (unless another is
-        already on its way up)."""
-        self.queue.put(None)
-        self.thread.join()
-        if raise_error:
-            self._raise_pending()
 
 
 def first_non_finite(values: torch.Tensor) -> int | None:
@@ -180,22 +132,14 @@ def write_forecast(
             for place, target in zip(folders, candidate.target_steps):
                 metadata = {**file.metadata, "format": "pt", "farcast": _provenance(candidate, target)}
                 writers.append(SafetensorsWriter(place / out_name, ordered, metadata))
-            behind = WriteBehind(2 * len(writers))
-            try:
-                jobs = forecast_jobs(candidate.inputs, last, shard_name, settings.chunk_elements)
-                for number, (job, data) in enumerate(stream(jobs, settings)):
-                    for index, writer in enumerate(writers):
-                        slot = (number % 2) * len(writers) + index
-                        behind.wait_for(slot)
-                        if job.raw:
-                            behind.submit(slot, writer.write_bytes, bytes(data[0].numpy()))
-                        else:
-                            out_dtype = TORCH_DTYPES[out_infos[job.name].dtype]
-                            behind.submit(slot, writer.write, _forecast_chunk(job, data, candidate, index, out_dtype, scratch, slot))
-            except BaseException:
-                behind.finish(raise_error=False)
-                raise
-            behind.finish()
+            for job, data in stream(forecast_jobs(candidate.inputs, last, shard_name, settings.chunk_elements), settings):
+                if job.raw:
+                    for writer in writers:
+                        writer.write_bytes(data[0].numpy())
+                    continue
+                out_dtype = TORCH_DTYPES[out_infos[job.name].dtype]
+                for index, writer in enumerate(writers):
+                    writer.write(_forecast_chunk(job, data, candidate, index, out_dtype, scratch))
             for writer in writers:
                 writer.close()
         except BaseException:
@@ -209,19 +153,16 @@ def write_forecast(
     return folders
 
 
-def _forecast_chunk(
-    job: ChunkJob, data: list[torch.Tensor], candidate: Combination, index: int, out_dtype: torch.dtype, scratch: Scratch, slot: int
-) -> torch.Tensor:
-    """Output `index` of one chunk, in scratch buffers of its own `slot` (which no pending write uses)."""
+def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], candidate: Combination, index: int, out_dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
     count = data[0].numel()
-    forecast = candidate.apply(data, index, out=scratch.get(count, data[0].dtype, data[0].device, slot=slot))
+    forecast = candidate.apply(data, index, out=scratch.get(count, data[0].dtype, data[0].device))
     if out_dtype != forecast.dtype:
-        forecast = scratch.get(count, out_dtype, forecast.device, slot=slot).copy_(forecast)
+        forecast = scratch.get(count, out_dtype, forecast.device).copy_(forecast)
     if first_non_finite(forecast) is not None:
         raise_for_non_finite_input(job, data)
         where = first_non_finite(forecast)
         raise InputError(f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {job.start + where}")
-    return to_host(forecast, scratch, slot)
+    return to_host(forecast, scratch)
 
 
 def _provenance(candidate: Combination, target: int) -> str:
