@@ -39,3 +39,14 @@ def train_loop(run_dir: Path, model: torch.nn.Module, optimizer, loss_on_batch, 
             scheduler.step()
         if step % save_every == 0:
             save_checkpoint(run_dir, model, step, log_history, steps)
+
+
+def minibatch_cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int):
+    """loss_on_batch for train_loop: cross-entropy on a random minibatch, from a seeded generator."""
+    generator = torch.Generator().manual_seed(0)
+
+    def loss_on_batch(step: int) -> torch.Tensor:
+        rows = torch.randint(len(x), (batch,), generator=generator)
+        return torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
+
+    return loss_on_batch

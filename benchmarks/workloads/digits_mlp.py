@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from workloads import train_loop
+from workloads import minibatch_cross_entropy, train_loop
 
 STEPS, SAVE_EVERY, BATCH = 600, 20, 32
 
@@ -35,13 +35,7 @@ def validation_loss(model: torch.nn.Module) -> float:
 def train_with(run_dir: Path, make_optimizer) -> None:
     x, y, _, _ = _data()
     model = build()
-    generator = torch.Generator().manual_seed(0)
-
-    def loss_on_batch(step: int) -> torch.Tensor:
-        batch = torch.randint(len(x), (BATCH,), generator=generator)
-        return torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-
-    train_loop(run_dir, model, make_optimizer(model.parameters()), loss_on_batch, int(STEPS * 1.5), SAVE_EVERY)
+    train_loop(run_dir, model, make_optimizer(model.parameters()), minibatch_cross_entropy(model, x, y, BATCH), int(STEPS * 1.5), SAVE_EVERY)
 
 
 class Adam:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from workloads import train_loop
+from workloads import minibatch_cross_entropy, train_loop
 
 NAME = "mnist1d-cnn-adam"
 STEPS, SAVE_EVERY, BATCH = 1000, 25, 64
@@ -46,10 +46,4 @@ def validation_loss(model: torch.nn.Module) -> float:
 def train(run_dir: Path) -> None:
     x, y, _, _ = _data()
     model = build()
-    generator = torch.Generator().manual_seed(0)
-
-    def loss_on_batch(step: int) -> torch.Tensor:
-        batch = torch.randint(len(x), (BATCH,), generator=generator)
-        return torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
-
-    train_loop(run_dir, model, torch.optim.Adam(model.parameters(), lr=1e-3), loss_on_batch, int(STEPS * 1.5), SAVE_EVERY)
+    train_loop(run_dir, model, torch.optim.Adam(model.parameters(), lr=1e-3), minibatch_cross_entropy(model, x, y, BATCH), int(STEPS * 1.5), SAVE_EVERY)
