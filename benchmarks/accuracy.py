@@ -230,7 +230,7 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator) 
                 saved = 1.0 if reached is None else (reached - cut_step) / horizon
                 if loss > curve[0][1]:
                     saved = -_steps_back(run, cut, loss) / horizon
-                row["methods"][method] = {"weight_skill": 1 - np.abs(predicted - truth).mean() / mae_last, "loss": loss, "steps_saved": saved}
+                row["methods"][method] = {"weight_skill": float(1 - np.abs(predicted - truth).mean() / mae_last), "loss": float(loss), "steps_saved": float(saved)}
             results.append(row)
             print(f"  cut {fraction:.2f} (step {cut_step}), jump {jump}x to {cut_step + horizon}: " + ", ".join(
                 f"{m} {v['steps_saved']:+.2f}" for m, v in row["methods"].items()), flush=True)
