@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from farcast_cli.backtest import best_shrink, choose_cut  # noqa: E402
 from farcast_cli.evaluation import step_reaching  # noqa: E402
 from farcast_cli.forecaster import FitSettings, fit_coefficients  # noqa: E402
 from farcast_cli.pipeline import fit_on_run  # noqa: E402
@@ -47,7 +48,7 @@ WORKLOADS = {
     "minilm-finetune-adamw": ("workloads.minilm_finetune", None),
 }
 CUTS, JUMPS = (0.25, 0.5, 0.75), (0.5, 1.0)
-METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "farcast default", "lr-time")
+METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "farcast default", "lr-time", "per-tensor+shrink")
 SAMPLE = 20000
 
 
@@ -162,6 +163,18 @@ def per_tensor(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray
     return result
 
 
+def per_tensor_shrunk(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
+    """Per-tensor coefficients, shrunk towards the last checkpoint by the factor an inner backtest picks."""
+    forecast = per_tensor(run, cut, horizon, rows)
+    steps = list(run.steps[: cut + 1])
+    inner = choose_cut(steps, horizon / (steps[-1] - steps[0]))
+    if inner is None:
+        return forecast
+    inner_forecast = per_tensor(run, inner, int(steps[-1] - steps[inner]), rows)[rows]
+    alpha = best_shrink(run.vectors[inner, rows], inner_forecast, run.vectors[cut, rows])
+    return run.vectors[cut] + alpha * (forecast - run.vectors[cut])
+
+
 def farcast_default(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
     """What `farcast predict` does by default: the 2-point fit, shrunk by the factor its backtest picks."""
     forecaster = fit_on_run(history(run, cut, rows), horizon, [horizon], FitSettings())
@@ -195,7 +208,7 @@ def lr_time(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
     return forecaster.apply(torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double(), 0).numpy()
 
 
-def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator) -> list[dict]:
+def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, methods: tuple[str, ...] = METHODS) -> list[dict]:
     rows_all = np.arange(run.vectors.shape[1])
     rows = rows_all if len(rows_all) <= SAMPLE else np.sort(rng.choice(rows_all, SAMPLE, replace=False))
     results = []
@@ -207,18 +220,20 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator) 
             if target >= len(run.steps) or run.steps[target] != cut_step + horizon:
                 continue
             last = run.vectors[cut]
-            predictions = {
-                "last": last,
-                "line": last + (last - run.vectors[cut - 1]) * horizon / save_every,
-                "lawa": run.vectors[max(0, cut - 4) : cut + 1].mean(axis=0),
-                "full-window": full_window(run, cut, horizon, rows),
-                "2-point": two_point(run, cut, horizon, rows),
-                "per-tensor": per_tensor(run, cut, horizon, rows),
-                "recent-anchor": two_point(run, cut, horizon, rows, first_of=midpoint_anchor),
-                "smoothed": two_point(run, cut, horizon, rows, last_of=smoothed_last),
+            makers = {
+                "last": lambda: last,
+                "line": lambda: last + (last - run.vectors[cut - 1]) * horizon / save_every,
+                "lawa": lambda: run.vectors[max(0, cut - 4) : cut + 1].mean(axis=0),
+                "full-window": lambda: full_window(run, cut, horizon, rows),
+                "2-point": lambda: two_point(run, cut, horizon, rows),
+                "per-tensor": lambda: per_tensor(run, cut, horizon, rows),
+                "recent-anchor": lambda: two_point(run, cut, horizon, rows, first_of=midpoint_anchor),
+                "smoothed": lambda: two_point(run, cut, horizon, rows, last_of=smoothed_last),
+                "farcast default": lambda: farcast_default(run, cut, horizon, rows),
+                "lr-time": lambda: lr_time(run, cut, horizon, rows),
+                "per-tensor+shrink": lambda: per_tensor_shrunk(run, cut, horizon, rows),
             }
-            predictions["farcast default"] = farcast_default(run, cut, horizon, rows)
-            predictions["lr-time"] = lr_time(run, cut, horizon, rows)
+            predictions = {m: makers[m]() for m in METHODS if m in methods or m == "last"}
             truth = run.vectors[target]
             curve = [(run.steps[k], run.checkpoint_loss(k)) for k in range(cut, target + 1)]
             row = {"cut": fraction, "cut_step": cut_step, "jump": jump, "target_step": cut_step + horizon,
@@ -249,12 +264,13 @@ def _steps_back(run: Run, cut: int, loss: float) -> float:
 
 
 def table(name: str, results: list[dict]) -> str:
-    head = "| cut, jump | " + " | ".join(METHODS) + " |\n|---|" + "---|" * len(METHODS) + "\n"
+    methods = [m for m in METHODS if m in results[0]["methods"]]
+    head = "| cut, jump | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
     lines = []
     for row in results:
-        cells = [f"{row['methods'][m]['steps_saved']:+.2f} ({row['methods'][m]['weight_skill']:+.2f})" for m in METHODS]
+        cells = [f"{row['methods'][m]['steps_saved']:+.2f} ({row['methods'][m]['weight_skill']:+.2f})" for m in methods]
         lines.append(f"| {row['cut']:.0%}, {row['jump']:g}x | " + " | ".join(cells) + " |")
-    means = [np.mean([r["methods"][m]["steps_saved"] for r in results]) for m in METHODS]
+    means = [np.mean([r["methods"][m]["steps_saved"] for r in results]) for m in methods]
     lines.append("| **mean steps saved** | " + " | ".join(f"**{v:+.2f}**" for v in means) + " |")
     return f"### {name}\n\nsteps saved (weight MAE skill vs keep last)\n\n" + head + "\n".join(lines) + "\n"
 
@@ -264,7 +280,9 @@ def main() -> None:
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-accuracy"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
     args = parser.parse_args()
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
     torch.set_num_threads(1)
     everything = {}
     for name in args.workload or list(WORKLOADS):
@@ -275,7 +293,7 @@ def main() -> None:
             workload.train(run_dir)
         print(f"{name}:", flush=True)
         run = Run(run_dir, workload)
-        everything[name] = evaluate(run, workload.STEPS, workload.SAVE_EVERY, np.random.default_rng(0))
+        everything[name] = evaluate(run, workload.STEPS, workload.SAVE_EVERY, np.random.default_rng(0), methods)
         print(table(name, everything[name]))
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))
