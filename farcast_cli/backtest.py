@@ -100,7 +100,7 @@ def line_slopes(previous_step: float, last_step: float, target_steps: list[float
     return [(target - last_step) / (last_step - previous_step) for target in target_steps]
 
 
-def _predictions(forecaster: Forecaster, values: dict[int, torch.Tensor], plan: BacktestPlan, steps, scratch: Scratch | None) -> dict[str, torch.Tensor]:
+def _predictions(forecaster: Forecaster, values: dict[int, torch.Tensor], plan: BacktestPlan, steps, scratch: Scratch | None, name: str) -> dict[str, torch.Tensor]:
     last, previous = values[plan.last_index], values[plan.previous_index]
     buffer = (lambda slot: scratch.get(last.numel(), last.dtype, last.device, slot=slot)) if scratch else (lambda slot: None)  # noqa: E731
     (slope,) = line_slopes(steps[plan.previous_index], steps[plan.last_index], [plan.target_step])
@@ -108,7 +108,7 @@ def _predictions(forecaster: Forecaster, values: dict[int, torch.Tensor], plan: 
     for index in plan.lawa_indices:
         lawa.add_(values[index], alpha=1.0 / len(plan.lawa_indices))
     return {
-        "forecast": forecaster.apply(values[plan.first_index], last, len(forecaster.offsets) - 1, out=buffer(2)),
+        "forecast": forecaster.apply(values[plan.first_index], last, len(forecaster.offsets) - 1, out=buffer(2), name=name),
         "last": last,
         "line": torch.sub(last, previous, out=buffer(1)).mul_(slope).add_(last),
         "lawa": lawa,
@@ -142,7 +142,7 @@ def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, set
         for index, weight in truth_parts:
             truth.add_(values[index], alpha=weight)
         sums = per_tensor.setdefault(job.name, _Sums())
-        sums.add(truth, _predictions(forecaster, values, plan, run.steps, scratch), scratch.get(count, like.dtype, like.device, slot=5))
+        sums.add(truth, _predictions(forecaster, values, plan, run.steps, scratch, job.name), scratch.get(count, like.dtype, like.device, slot=5))
         if not sums.finite():
             raise_for_non_finite_input(job, data)
     overall = _Sums()
@@ -154,14 +154,13 @@ def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, set
 def backtest_sample(history: History, plan: BacktestPlan, forecaster: Forecaster) -> dict:
     """Evaluate on the sampled coordinates only: cheap, and close to the full figure for large samples."""
     columns = torch.from_numpy(history.values)
-    values = {i: columns[:, i] for i in range(columns.shape[1])}
     truth = torch.from_numpy(interpolate(history, plan.target_step))
-    predictions = _predictions(forecaster, values, plan, list(history.steps), None)
     per_tensor, overall = {}, _Sums()
     for index, name in enumerate(history.tensor_names):
         rows = torch.from_numpy(np.nonzero(history.tensor_index == index)[0])
+        values = {i: columns[rows, i] for i in range(columns.shape[1])}
         sums = _Sums()
-        sums.add(truth[rows], {method: predicted[rows] for method, predicted in predictions.items()})
+        sums.add(truth[rows], _predictions(forecaster, values, plan, list(history.steps), None, name))
         per_tensor[name] = sums.summary()
         overall.merge(sums)
     return {"scope": f"{columns.shape[0]} sampled coordinates", "tensors": per_tensor, "overall": overall.summary()}

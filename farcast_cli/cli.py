@@ -51,6 +51,7 @@ LearningRate = Annotated[float, typer.Option("--lr", help="Adam learning rate.")
 MaxEpochs = Annotated[int, typer.Option(help="Most epochs of Adam.")]
 Patience = Annotated[int, typer.Option(help="Epochs without validation gain before stopping.")]
 Shrink = Annotated[str, typer.Option(help="Move the forecast towards the last checkpoint by a factor: auto (chosen by a backtest on the run), none, or a number (0 = keep last, 1 = unshrunk).")]
+PerTensor = Annotated[bool, typer.Option("--per-tensor", help="Fit coefficients for each tensor with enough sampled coordinates, the shared ones for the rest.")]
 Device = Annotated[str, typer.Option(help="auto (a GPU when one is visible), cpu, cuda or cuda:N.")]
 MaxMemory = Annotated[str, typer.Option(help="Memory for tensor data, host and device (e.g. 512MB, 4GiB).")]
 BacktestScope = Annotated[Scope, typer.Option("--backtest", help="Score the backtest on all coordinates (full) or on the fitting sample (sample, fast).")]
@@ -62,10 +63,10 @@ UseMmap = Annotated[bool, typer.Option("--mmap", help="Read through memory maps 
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.")]
 
 
-def _settings(sample: int, seed: int, lam: float, lr: float, batch_size: int, max_epochs: int, patience: int, shrink: str) -> FitSettings:
+def _settings(sample: int, seed: int, lam: float, lr: float, batch_size: int, max_epochs: int, patience: int, shrink: str, per_tensor: bool) -> FitSettings:
     if sample < 2 or batch_size < 1 or max_epochs < 1 or patience < 1 or lr <= 0 or lam < 0:
         raise typer.BadParameter("--sample must be at least 2; --batch-size, --max-epochs, --patience and --lr positive; --lambda not negative")
-    return FitSettings(sample=sample, seed=seed, lam=lam, lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience, shrink=_shrink(shrink))
+    return FitSettings(sample=sample, seed=seed, lam=lam, lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience, shrink=_shrink(shrink), per_tensor=per_tensor)
 
 
 def _shrink(text: str) -> float | None:
@@ -172,6 +173,7 @@ def fit(
     max_epochs: MaxEpochs = FitSettings.max_epochs,
     patience: Patience = FitSettings.patience,
     shrink: Shrink = "auto",
+    per_tensor: PerTensor = False,
     device: Device = "auto",
     max_memory: MaxMemory = "1GiB",
     backtest: BacktestScope = Scope.full,
@@ -182,7 +184,7 @@ def fit(
     as_json: AsJson = False,
 ) -> None:
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
-    settings = _settings(sample, seed, lam, lr, batch_size, max_epochs, patience, shrink)
+    settings = _settings(sample, seed, lam, lr, batch_size, max_epochs, patience, shrink, per_tensor)
     if horizon is None:
         raise typer.BadParameter("--horizon is required", param_hint="--horizon")
 
@@ -211,6 +213,7 @@ def predict(
     max_epochs: MaxEpochs = FitSettings.max_epochs,
     patience: Patience = FitSettings.patience,
     shrink: Shrink = "auto",
+    per_tensor: PerTensor = False,
     device: Device = "auto",
     max_memory: MaxMemory = "1GiB",
     backtest: BacktestScope = Scope.full,
@@ -222,7 +225,7 @@ def predict(
     as_json: AsJson = False,
 ) -> None:
     """Forecast the weights HORIZON steps past the last checkpoint and write them as a checkpoint."""
-    settings = _settings(sample, seed, lam, lr, batch_size, max_epochs, patience, shrink)
+    settings = _settings(sample, seed, lam, lr, batch_size, max_epochs, patience, shrink, per_tensor)
     out_dtype = None if dtype is None else dtype.value.upper()
 
     def options() -> pipeline.StreamOptions:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -78,16 +78,21 @@ class Combination:
     weights: tuple[tuple[float, ...], ...]
     bias: tuple[float, ...]
     target_steps: tuple[int, ...]
+    per_tensor: dict = field(default_factory=dict)
 
-    def apply(self, values: list[torch.Tensor], output: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        out = torch.mul(values[0], self.weights[0][output], out=out)
-        for value, weight in zip(values[1:], self.weights[1:]):
+    def apply(self, values: list[torch.Tensor], output: int, out: torch.Tensor | None = None, name: str | None = None) -> torch.Tensor:
+        """Output `output` for tensor `name`: with its own weights where it has them (per-tensor fits)."""
+        weights, bias = self.per_tensor.get(name, (self.weights, self.bias))
+        out = torch.mul(values[0], weights[0][output], out=out)
+        for value, weight in zip(values[1:], weights[1:]):
             out.add_(value, alpha=weight[output])
-        return out.add_(self.bias[output]) if self.bias[output] else out
+        return out.add_(bias[output]) if bias[output] else out
 
 
-def combination(method: str, inputs: list[Checkpoint], weights: list[list[float]], bias: list[float], target_steps: list[int]) -> Combination:
-    return Combination(method, tuple(inputs), tuple(tuple(w) for w in weights), tuple(bias), tuple(target_steps))
+def combination(
+    method: str, inputs: list[Checkpoint], weights: list[list[float]], bias: list[float], target_steps: list[int], per_tensor: dict | None = None
+) -> Combination:
+    return Combination(method, tuple(inputs), tuple(tuple(w) for w in weights), tuple(bias), tuple(target_steps), dict(per_tensor or {}))
 
 
 def output_folders(folder: Path, target_steps: tuple[int, ...]) -> list[Path]:
@@ -155,7 +160,7 @@ def write_forecast(
 
 def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], candidate: Combination, index: int, out_dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
     count = data[0].numel()
-    forecast = candidate.apply(data, index, out=scratch.get(count, data[0].dtype, data[0].device))
+    forecast = candidate.apply(data, index, out=scratch.get(count, data[0].dtype, data[0].device), name=job.name)
     if out_dtype != forecast.dtype:
         forecast = scratch.get(count, out_dtype, forecast.device).copy_(forecast)
     if first_non_finite(forecast) is not None:

@@ -35,6 +35,7 @@ class FitSettings:
     patience: int = 5
     validation_fraction: float = 0.2
     shrink: float | None = None
+    per_tensor: bool = False
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Forecaster:
     fit_info: dict = field(default_factory=dict)
     report: dict | None = None
     version: str = __version__
+    per_tensor: dict[str, list] = field(default_factory=dict)
 
     @property
     def horizon(self) -> int:
@@ -60,17 +62,25 @@ class Forecaster:
     def target_steps(self) -> list[int]:
         return [self.context_end + o for o in self.offsets]
 
-    def apply(self, first: torch.Tensor, last: torch.Tensor, output: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Forecast output number `output` from the first and last context values, into `out` if given."""
-        out = torch.mul(last, self.weight[1][output], out=out)
-        out.add_(first, alpha=self.weight[0][output])
-        return out.add_(self.bias[output])
+    def coefficients(self, name: str | None = None) -> tuple[list[list[float]], list[float]]:
+        """(A, b) for a tensor: its own where it was fitted per tensor, else the shared ones."""
+        if name is not None and name in self.per_tensor:
+            weight, bias = self.per_tensor[name]
+            return weight, bias
+        return self.weight, self.bias
+
+    def apply(self, first: torch.Tensor, last: torch.Tensor, output: int, out: torch.Tensor | None = None, name: str | None = None) -> torch.Tensor:
+        """Forecast output number `output` of tensor `name` from its first and last context values, into `out` if given."""
+        weight, bias = self.coefficients(name)
+        out = torch.mul(last, weight[1][output], out=out)
+        out.add_(first, alpha=weight[0][output])
+        return out.add_(bias[output])
 
     def shrunk(self, alpha: float) -> Forecaster:
-        """The forecast moved towards the last checkpoint: last + alpha * (forecast - last), still one linear layer."""
-        weight = [[alpha * a for a in self.weight[0]], [alpha * a + (1.0 - alpha) for a in self.weight[1]]]
-        bias = [alpha * b for b in self.bias]
-        return replace(self, weight=weight, bias=bias, fit_info={**self.fit_info, "shrink": alpha})
+        """The forecast moved towards the last checkpoint: last + alpha * (forecast - last), still linear."""
+        weight, bias = _shrink(self.weight, self.bias, alpha)
+        per_tensor = {name: list(_shrink(w, b, alpha)) for name, (w, b) in self.per_tensor.items()}
+        return replace(self, weight=weight, bias=bias, per_tensor=per_tensor, fit_info={**self.fit_info, "shrink": alpha})
 
     def save(self, path: Path) -> None:
         data = {"format": FORMAT, **asdict(self)}
@@ -94,6 +104,10 @@ class Forecaster:
             return cls(**data)
         except TypeError as error:
             raise InputError(f"{path}: forecaster file is incomplete or from another version ({error})") from None
+
+
+def _shrink(weight: list[list[float]], bias: list[float], alpha: float) -> tuple[list[list[float]], list[float]]:
+    return [[alpha * a for a in weight[0]], [alpha * a + (1.0 - alpha) for a in weight[1]]], [alpha * b for b in bias]
 
 
 def _split_coordinates(pairs: Pairs, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from farcast_cli import __version__
 from farcast_cli.backtest import INPUT_BYTES_PER_ELEMENT, LAWA_WINDOW, SCRATCH_BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, best_shrink, choose_cut, line_slopes
@@ -23,11 +23,12 @@ from farcast_cli.progress import byte_progress
 from farcast_cli.report import NAMES, REPORT_FILE, verdict
 from farcast_cli.run import Run, find_run
 from farcast_cli.safetensors_reader import ITEM_SIZES
-from farcast_cli.sampling import History, read_history
-from farcast_cli.training_data import max_self_horizon, reference_pairs, self_pairs
+from farcast_cli.sampling import History, read_history, sample_forecast
+from farcast_cli.training_data import Pairs, max_self_horizon, reference_pairs, self_pairs
 
 
 PREDICT_BYTES_PER_ELEMENT = (2 * 8, 4 * 8)
+MIN_TENSOR_SAMPLE = 64
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,24 @@ def fit_on_run(history: History, horizon: int, offsets: list[int], settings: Fit
 
 
 def _fit_plain(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> Forecaster:
-    weight, bias, info = fit_coefficients(self_pairs(history, horizon, offsets), settings)
-    return Forecaster("self", int(history.steps[0]), int(history.steps[-1]), offsets, weight, bias, asdict(settings), info)
+    pairs = self_pairs(history, horizon, offsets)
+    weight, bias, info = fit_coefficients(pairs, settings)
+    per_tensor = _fit_per_tensor(history, pairs, settings)
+    return Forecaster("self", int(history.steps[0]), int(history.steps[-1]), offsets, weight, bias, asdict(settings), info, per_tensor=per_tensor)
+
+
+def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings) -> dict[str, list]:
+    """With settings.per_tensor: (A, b) for each tensor with at least MIN_TENSOR_SAMPLE sampled
+    coordinates; the others keep the shared coefficients."""
+    if not settings.per_tensor:
+        return {}
+    owner = history.tensor_index[pairs.coordinate]
+    fitted = {}
+    for index, name in enumerate(history.tensor_names):
+        if np.count_nonzero(history.tensor_index == index) >= MIN_TENSOR_SAMPLE:
+            weight, bias, _ = fit_coefficients(pairs.subset(owner == index), settings)
+            fitted[name] = [weight, bias]
+    return fitted
 
 
 def _held_out_trial(history: History, horizon: int, settings: FitSettings) -> tuple[int, Forecaster] | None:
@@ -114,8 +131,7 @@ def _held_out_trial(history: History, horizon: int, settings: FitSettings) -> tu
 
 
 def _shrink_from_trial(history: History, cut: int, trial: Forecaster) -> float:
-    values = torch.from_numpy(history.values)
-    forecast = trial.apply(values[:, 0], values[:, cut], 0).numpy()
+    forecast = sample_forecast(history, 0, cut, trial, 0)
     return best_shrink(history.values[:, cut], forecast, history.values[:, -1])
 
 
@@ -127,8 +143,10 @@ def _require_three_checkpoints(run: Run) -> None:
 def fit_on_reference(history: History, context_end: int, offsets: list[int], settings: FitSettings) -> Forecaster:
     """The paper's protocol: learn (w at s_0, w at E) -> w at E + H from a complete reference run.
     Shrinks only by a number given in settings.shrink: here the fit already saw the truth."""
-    weight, bias, info = fit_coefficients(reference_pairs(history, context_end, offsets), settings)
-    forecaster = Forecaster("reference", int(history.steps[0]), context_end, offsets, weight, bias, asdict(settings), info)
+    pairs = reference_pairs(history, context_end, offsets)
+    weight, bias, info = fit_coefficients(pairs, settings)
+    per_tensor = _fit_per_tensor(history, pairs, settings)
+    forecaster = Forecaster("reference", int(history.steps[0]), context_end, offsets, weight, bias, asdict(settings), info, per_tensor=per_tensor)
     return forecaster.shrunk(1.0 if settings.shrink is None else settings.shrink)
 
 
@@ -332,7 +350,7 @@ def candidates(run: Run, forecaster: Forecaster) -> dict[str, Combination]:
     slopes = line_slopes(previous.step, last.step, targets)
     zero = [0.0] * outputs
     return {
-        "forecast": combination("farcast", [first, last], forecaster.weight, forecaster.bias, targets),
+        "forecast": combination("farcast", [first, last], forecaster.weight, forecaster.bias, targets, forecaster.per_tensor),
         "last": combination("keep last", [last], [[1.0] * outputs], zero, targets),
         "line": combination("straight line", [previous, last], [[-s for s in slopes], [1.0 + s for s in slopes]], zero, targets),
         "lawa": combination(f"average of the last {len(window)}", window, [[1.0 / len(window)] * outputs] * len(window), zero, targets),

@@ -21,6 +21,9 @@ class Pairs:
     last_dt: np.ndarray
     coordinate: np.ndarray
 
+    def subset(self, rows: np.ndarray) -> Pairs:
+        return Pairs(self.first[rows], self.last[rows], self.targets[rows], self.first_rate[rows], self.last_dt[rows], self.coordinate[rows])
+
 
 def interpolate(history: History, time: float) -> np.ndarray:
     """Every sampled coordinate's value at `time`, linear between the two checkpoints around it."""

@@ -158,3 +158,38 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def two_speed_run(root):
+    """encoder.weight relaxes ten times faster than head.weight: one shared layer cannot fit both."""
+    import torch
+
+    steps = list(range(0, 201, 20))
+    generator = torch.Generator().manual_seed(0)
+    starts = {"encoder.weight": torch.randn(24, 16, generator=generator), "head.weight": torch.randn(4, 24, generator=generator)}
+    ends = {name: torch.randn(value.shape, generator=generator) for name, value in starts.items()}
+    rates = {"encoder.weight": 0.02, "head.weight": 0.002}
+    weights = {s: {n: ends[n] + (starts[n] - ends[n]) * torch.exp(torch.tensor(-rates[n] * s)) for n in starts} for s in steps}
+    return write_run(root, steps=steps, weights=weights, extras=False)
+
+
+def test_per_tensor_coefficients_fit_tensors_that_move_differently(tmp_path, farcast):
+    run = two_speed_run(tmp_path / "run")
+    shared = json.loads(farcast("predict", run, "-H", 100, "-o", tmp_path / "a", "--json", *FAST).stdout)
+    own = json.loads(farcast("predict", run, "-H", 100, "-o", tmp_path / "b", "--per-tensor", "--json", *FAST).stdout)
+    assert own["skill_vs_last"] > shared["skill_vs_last"] + 0.02
+    forecaster_file = tmp_path / "f.json"
+    farcast("fit", run, "-H", 100, "-o", forecaster_file, "--per-tensor", *FAST)
+    saved = json.loads(forecaster_file.read_text())
+    assert sorted(saved["per_tensor"]) == ["encoder.weight", "head.weight"]
+    fast, slow = saved["per_tensor"]["encoder.weight"][0], saved["per_tensor"]["head.weight"][0]
+    assert fast != slow
+    farcast("predict", run, "--forecaster", forecaster_file, "-o", tmp_path / "c", "--quiet")
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+def test_small_tensors_keep_the_shared_coefficients(run_dir, farcast, tmp_path):
+    farcast("fit", run_dir, "-H", 100, "-o", tmp_path / "f.json", "--per-tensor", "--backtest", "sample", *FAST)
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert sorted(saved["per_tensor"]) == ["encoder.weight", "head.weight"]
+    assert saved["settings"]["per_tensor"] is True
