@@ -32,7 +32,6 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from farcast_cli.backtest import best_shrink, choose_cut  # noqa: E402
 from farcast_cli.evaluation import step_reaching  # noqa: E402
 from farcast_cli.forecaster import FitSettings, fit_coefficients  # noqa: E402
 from farcast_cli.pipeline import fit_on_run  # noqa: E402
@@ -48,7 +47,7 @@ WORKLOADS = {
     "minilm-finetune-adamw": ("workloads.minilm_finetune", None),
 }
 CUTS, JUMPS = (0.25, 0.5, 0.75), (0.5, 1.0)
-METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "farcast default", "lr-time", "per-tensor+shrink")
+METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "shared+shrink", "lr-time", "per-tensor+shrink")
 SAMPLE = 20000
 
 
@@ -163,22 +162,16 @@ def per_tensor(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray
     return result
 
 
-def per_tensor_shrunk(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
-    """Per-tensor coefficients, shrunk towards the last checkpoint by the factor an inner backtest picks."""
-    forecast = per_tensor(run, cut, horizon, rows)
-    steps = list(run.steps[: cut + 1])
-    inner = choose_cut(steps, horizon / (steps[-1] - steps[0]))
-    if inner is None:
-        return forecast
-    inner_forecast = per_tensor(run, inner, int(steps[-1] - steps[inner]), rows)[rows]
-    alpha = best_shrink(run.vectors[inner, rows], inner_forecast, run.vectors[cut, rows])
-    return run.vectors[cut] + alpha * (forecast - run.vectors[cut])
-
-
-def farcast_default(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
-    """What `farcast predict` does by default: the 2-point fit, shrunk by the factor its backtest picks."""
-    forecaster = fit_on_run(history(run, cut, rows), horizon, [horizon], FitSettings())
-    return forecaster.apply(torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double(), 0).numpy()
+def farcast_fit(run: Run, cut: int, horizon: int, rows: np.ndarray, settings: FitSettings = FitSettings()) -> np.ndarray:
+    """What `farcast predict` does with these settings (default: per-tensor coefficients, shrunk by
+    the factor its own backtest picks), through its Python API."""
+    forecaster = fit_on_run(history(run, cut, rows), horizon, [horizon], settings)
+    first, last = torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double()
+    result = np.empty(run.vectors.shape[1])
+    for index, name in enumerate(run.names):
+        columns = torch.from_numpy(np.nonzero(run.tensor_index == index)[0])
+        result[columns.numpy()] = forecaster.apply(first[columns], last[columns], 0, name=name).numpy()
+    return result
 
 
 def lr_clock(run: Run, cut_step: int):
@@ -204,7 +197,7 @@ def lr_time(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
     h = history(run, cut, rows)
     h.steps = clock(h.steps)
     jump = float(clock(run.steps[cut] + horizon) - clock(run.steps[cut]))
-    forecaster = fit_on_run(h, jump, [jump], FitSettings())
+    forecaster = fit_on_run(h, jump, [jump], FitSettings(per_tensor=False))
     return forecaster.apply(torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double(), 0).numpy()
 
 
@@ -229,9 +222,9 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, 
                 "per-tensor": lambda: per_tensor(run, cut, horizon, rows),
                 "recent-anchor": lambda: two_point(run, cut, horizon, rows, first_of=midpoint_anchor),
                 "smoothed": lambda: two_point(run, cut, horizon, rows, last_of=smoothed_last),
-                "farcast default": lambda: farcast_default(run, cut, horizon, rows),
+                "shared+shrink": lambda: farcast_fit(run, cut, horizon, rows, FitSettings(per_tensor=False)),
                 "lr-time": lambda: lr_time(run, cut, horizon, rows),
-                "per-tensor+shrink": lambda: per_tensor_shrunk(run, cut, horizon, rows),
+                "per-tensor+shrink": lambda: farcast_fit(run, cut, horizon, rows),
             }
             predictions = {m: makers[m]() for m in METHODS if m in methods or m == "last"}
             truth = run.vectors[target]

@@ -51,7 +51,7 @@ LearningRate = Annotated[float, typer.Option("--lr", help="Adam learning rate.")
 MaxEpochs = Annotated[int, typer.Option(help="Most epochs of Adam.")]
 Patience = Annotated[int, typer.Option(help="Epochs without validation gain before stopping.")]
 Shrink = Annotated[str, typer.Option(help="Move the forecast towards the last checkpoint by a factor: auto (chosen by a backtest on the run), none, or a number (0 = keep last, 1 = unshrunk).")]
-PerTensor = Annotated[bool, typer.Option("--per-tensor", help="Fit coefficients for each tensor with enough sampled coordinates, the shared ones for the rest.")]
+PerTensor = Annotated[bool, typer.Option("--per-tensor/--shared", help="Coefficients for each tensor with enough sampled coordinates (the rest share one set), or one shared set for all.")]
 Device = Annotated[str, typer.Option(help="auto (a GPU when one is visible), cpu, cuda or cuda:N.")]
 MaxMemory = Annotated[str, typer.Option(help="Memory for tensor data, host and device (e.g. 512MB, 4GiB).")]
 BacktestScope = Annotated[Scope, typer.Option("--backtest", help="Score the backtest on all coordinates (full) or on the fitting sample (sample, fast).")]
@@ -173,7 +173,7 @@ def fit(
     max_epochs: MaxEpochs = FitSettings.max_epochs,
     patience: Patience = FitSettings.patience,
     shrink: Shrink = "auto",
-    per_tensor: PerTensor = False,
+    per_tensor: PerTensor = FitSettings.per_tensor,
     device: Device = "auto",
     max_memory: MaxMemory = "1GiB",
     backtest: BacktestScope = Scope.full,
@@ -213,7 +213,7 @@ def predict(
     max_epochs: MaxEpochs = FitSettings.max_epochs,
     patience: Patience = FitSettings.patience,
     shrink: Shrink = "auto",
-    per_tensor: PerTensor = False,
+    per_tensor: PerTensor = FitSettings.per_tensor,
     device: Device = "auto",
     max_memory: MaxMemory = "1GiB",
     backtest: BacktestScope = Scope.full,

@@ -35,7 +35,7 @@ class FitSettings:
     patience: int = 5
     validation_fraction: float = 0.2
     shrink: float | None = None
-    per_tensor: bool = False
+    per_tensor: bool = True
 
 
 @dataclass

@@ -230,7 +230,7 @@ def _report(command: str, run: Run, forecaster: Forecaster, backtest: dict, extr
         "context": {"first_step": forecaster.first_step, "last_step": forecaster.context_end},
         "horizon": forecaster.horizon,
         "target_steps": forecaster.target_steps,
-        "forecaster": {"weight": forecaster.weight, "bias": forecaster.bias, "fit": forecaster.fit_info},
+        "forecaster": {"weight": forecaster.weight, "bias": forecaster.bias, "per_tensor": forecaster.per_tensor, "fit": forecaster.fit_info},
         "backtest": backtest,
         "notes": _notes(run) + _shrink_note(forecaster) + list(extra_notes),
         "warnings": run.warnings,

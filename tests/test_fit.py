@@ -175,7 +175,7 @@ def two_speed_run(root):
 
 def test_per_tensor_coefficients_fit_tensors_that_move_differently(tmp_path, farcast):
     run = two_speed_run(tmp_path / "run")
-    shared = json.loads(farcast("predict", run, "-H", 100, "-o", tmp_path / "a", "--json", *FAST).stdout)
+    shared = json.loads(farcast("predict", run, "-H", 100, "-o", tmp_path / "a", "--shared", "--json", *FAST).stdout)
     own = json.loads(farcast("predict", run, "-H", 100, "-o", tmp_path / "b", "--per-tensor", "--json", *FAST).stdout)
     assert own["skill_vs_last"] > shared["skill_vs_last"] + 0.02
     forecaster_file = tmp_path / "f.json"
@@ -189,7 +189,20 @@ def test_per_tensor_coefficients_fit_tensors_that_move_differently(tmp_path, far
 
 
 def test_small_tensors_keep_the_shared_coefficients(run_dir, farcast, tmp_path):
-    farcast("fit", run_dir, "-H", 100, "-o", tmp_path / "f.json", "--per-tensor", "--backtest", "sample", *FAST)
+    farcast("fit", run_dir, "-H", 100, "-o", tmp_path / "f.json", "--backtest", "sample", *FAST)
     saved = json.loads((tmp_path / "f.json").read_text())
     assert sorted(saved["per_tensor"]) == ["encoder.weight", "head.weight"]
     assert saved["settings"]["per_tensor"] is True
+
+
+def test_shared_gives_the_papers_single_set_of_coefficients(run_dir, farcast, tmp_path):
+    farcast("fit", run_dir, "-H", 100, "-o", tmp_path / "f.json", "--shared", "--backtest", "sample", *FAST)
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert saved["per_tensor"] == {} and saved["settings"]["per_tensor"] is False
+
+
+def test_report_lists_the_per_tensor_coefficients(run_dir, farcast, tmp_path):
+    report = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--json", *FAST).stdout)
+    assert sorted(report["forecaster"]["per_tensor"]) == ["encoder.weight", "head.weight"]
+    weight, bias = report["forecaster"]["per_tensor"]["encoder.weight"]
+    assert len(weight) == 2 and len(bias) == 1
