@@ -91,12 +91,15 @@ def fit_on_run(history: History, horizon: int, offsets: list[int], settings: Fit
     """The default mode: learn the jump from the run's own history, scaled to each earlier anchor,
     then shrink towards the last checkpoint by settings.shrink, or (None) by the factor that did
     best in a backtest on this same history (benchmarks/RESULTS.md: the most robust variant)."""
-    forecaster = _fit_plain(history, horizon, offsets, settings)
-    alpha = settings.shrink
-    if alpha is None:
-        trial = _held_out_trial(history, horizon, settings)
-        alpha = 1.0 if trial is None else _shrink_from_trial(history, *trial)
-    return forecaster.shrunk(alpha)
+    trial = _held_out_trial(history, horizon, settings) if settings.shrink is None else None
+    return _fit_plain(history, horizon, offsets, settings).shrunk(_shrink_factor(history, trial, settings))
+
+
+def _shrink_factor(history: History, trial: tuple[int, Forecaster] | None, settings: FitSettings) -> float:
+    """settings.shrink, or the factor for which the held-out trial came closest to the last checkpoint."""
+    if settings.shrink is not None:
+        return settings.shrink
+    return 1.0 if trial is None else _shrink_from_trial(history, *trial)
 
 
 def _fit_plain(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> Forecaster:
@@ -166,18 +169,24 @@ def _evaluate(run: Run, history: History, plan: BacktestPlan, forecaster: Foreca
     return result
 
 
-def backtest_on_run(run: Run, history: History, forecaster: Forecaster, settings: FitSettings, options: StreamOptions, scratch_parent: Path) -> dict:
-    """Repeat the fit with the last checkpoints held out, and forecast the last one."""
-    steps = run.steps
-    rho = forecaster.horizon / (steps[-1] - steps[0])
-    cut = choose_cut(steps, rho)
-    if cut is None:
-        return {"unavailable": f"{len(steps)} checkpoints are too few to hold some out and still fit a jump of this size"}
+def fit_and_backtest(
+    run: Run, history: History, horizon: int, offsets: list[int], settings: FitSettings, options: StreamOptions, scratch_parent: Path
+) -> tuple[Forecaster, dict]:
+    """Fit on the whole run; repeat the fit with the last checkpoints held out, and forecast the last one.
+
+    The held-out fit serves twice: its error picks the full forecaster's shrinkage, and, shrunk by a
+    factor from a backtest nested inside the held-out history, it is the forecaster the report scores.
+    """
+    trial = _held_out_trial(history, horizon, settings)
+    forecaster = _fit_plain(history, horizon, offsets, settings).shrunk(_shrink_factor(history, trial, settings))
+    if trial is None:
+        return forecaster, {"unavailable": f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"}
+    cut, plain = trial
     held_out = history.truncated(cut)
-    horizon = steps[-1] - steps[cut]
-    trial = fit_on_run(held_out, horizon, [horizon], settings)
-    result = _evaluate(run, history, BacktestPlan(0, cut - 1, cut, float(steps[-1])), trial, options)
-    return _with_steps_saved(result, run, trial, len(steps) - 1, options, scratch_parent)
+    inner = _held_out_trial(held_out, plain.horizon, settings) if settings.shrink is None else None
+    scored = plain.shrunk(_shrink_factor(held_out, inner, settings))
+    result = _evaluate(run, history, BacktestPlan(0, cut - 1, cut, float(run.steps[-1])), scored, options)
+    return forecaster, _with_steps_saved(result, run, scored, len(run.steps) - 1, options, scratch_parent)
 
 
 def _with_steps_saved(result: dict, run: Run, forecaster: Forecaster, end: int, options: StreamOptions, scratch_parent: Path) -> dict:
@@ -254,10 +263,8 @@ def fit(
     with timed(timings, "read_sample"):
         history = read_history(run, settings.sample, settings.seed)
     if context_end is None:
-        with timed(timings, "fit"):
-            forecaster = fit_on_run(history, horizon, offsets, settings)
-        with timed(timings, "backtest"):
-            backtest = backtest_on_run(run, history, forecaster, settings, options, out_file.resolve().parent)
+        with timed(timings, "fit_and_backtest"):
+            forecaster, backtest = fit_and_backtest(run, history, horizon, offsets, settings, options, out_file.resolve().parent)
     else:
         with timed(timings, "fit"):
             forecaster = fit_on_reference(history, context_end, offsets, settings)
@@ -316,10 +323,9 @@ def predict(
         _require_three_checkpoints(run)
         with timed(timings, "read_sample"):
             history = read_history(run, settings.sample, settings.seed)
-        with timed(timings, "fit"):
-            forecaster = fit_on_run(history, horizon, offsets, settings)
-        with timed(timings, "backtest"):
-            report = _report("predict", run, forecaster, backtest_on_run(run, history, forecaster, settings, options, _existing_parent(out_dir)))
+        with timed(timings, "fit_and_backtest"):
+            forecaster, backtest = fit_and_backtest(run, history, horizon, offsets, settings, options, _existing_parent(out_dir))
+        report = _report("predict", run, forecaster, backtest)
     _enforce_min_skill(report, min_skill)
     candidate = candidates(run, forecaster)["forecast"]
     if fallback and report["best"] not in (None, "forecast"):
