@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from farcast_cli.errors import InputError
-from farcast_cli.safetensors_reader import TORCH_DTYPES, SafetensorsFile, TensorInfo
+from farcast_cli.safetensors_reader import TORCH_DTYPES, SafetensorsFile, TensorInfo, pread_exactly
 
 MAX_CHUNK_ELEMENTS = 4 * 1024 * 1024
 Advance = Callable[[int], None]
@@ -94,12 +94,7 @@ class _Files:
             if key in self.maps:
                 view[:] = self.maps[key][begin : begin + len(view)]
                 return
-            done = 0
-            while done < len(view):
-                n = os.preadv(self.fds[key], [view[done:]], begin + done)
-                if n == 0:
-                    raise InputError(f"{file.path}: file ended early at byte {begin + done}; truncated while being read?")
-                done += n
+            pread_exactly(self.fds[key], view, begin, file.path)
         except (OSError, ValueError) as error:
             raise InputError(f"{file.path}: read failed: {getattr(error, 'strerror', None) or error}") from None
 

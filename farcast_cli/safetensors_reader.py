@@ -116,21 +116,15 @@ class SafetensorsFile:
         except OSError as error:
             raise InputError(f"{self.path}: cannot open: {error.strerror}") from None
         try:
-            return [self._pread(fd, begin, end) for begin, end in ranges]
+            return [self._read_range(fd, begin, end) for begin, end in ranges]
         except OSError as error:
             raise InputError(f"{self.path}: read failed: {error.strerror}") from None
         finally:
             os.close(fd)
 
-    def _pread(self, fd: int, begin: int, end: int) -> bytearray:
+    def _read_range(self, fd: int, begin: int, end: int) -> bytearray:
         buffer = bytearray(end - begin)
-        view = memoryview(buffer)
-        done = 0
-        while done < len(buffer):
-            n = os.preadv(fd, [view[done:]], begin + done)
-            if n == 0:
-                raise InputError(f"{self.path}: file ended early at byte {begin + done}; truncated while being read?")
-            done += n
+        pread_exactly(fd, memoryview(buffer), begin, self.path)
         return buffer
 
     def read_elements(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
@@ -139,6 +133,16 @@ class SafetensorsFile:
         if not raw:
             return torch.empty(0, dtype=TORCH_DTYPES[info.dtype])
         return torch.frombuffer(raw, dtype=TORCH_DTYPES[info.dtype])
+
+
+def pread_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill `view` from byte `offset` of an open file with positional reads; a short file is an error."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise InputError(f"{path}: file ended early at byte {offset + done}; truncated while being read?")
+        done += n
 
 
 def _read_raw_header(handle, file_size: int, path: Path) -> tuple[int, bytes]:
