@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                      # all CPU workloads (a few minutes)
     python benchmarks/accuracy.py --workload digits-mlp-adam
+    FARCAST_BENCH_DEVICE=cuda python benchmarks/accuracy.py --workload distilbert-size-lm-adamw   # GPU machine
 
 For each workload (benchmarks/workloads/, runs cached under --work): cuts at 25%, 50% and 75% of the
 nominal run length L, jumps of 0.5x and 1x the elapsed steps. For every method: weight MAE skill
@@ -43,9 +44,11 @@ WORKLOADS = {
     "digits-mlp-adam": ("workloads.digits_mlp", "Adam"),
     "digits-mlp-sgdm": ("workloads.digits_mlp", "SGDMomentum"),
     "mnist1d-cnn-adam": ("workloads.mnist1d_cnn", None),
-    "tiny-lm-adamw": ("workloads.tiny_lm", None),
+    "tiny-lm-adamw": ("workloads.tiny_lm", "SMALL"),
     "minilm-finetune-adamw": ("workloads.minilm_finetune", None),
+    "distilbert-size-lm-adamw": ("workloads.tiny_lm", "DISTILBERT_SIZE"),
 }
+GPU_ONLY = {"distilbert-size-lm-adamw"}
 CUTS, JUMPS = (0.25, 0.5, 0.75), (0.5, 1.0)
 METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "shared+shrink", "lr-time", "per-tensor+shrink")
 SAMPLE = 20000
@@ -278,7 +281,7 @@ def main() -> None:
     methods = tuple(args.methods.split(",")) if args.methods else METHODS
     torch.set_num_threads(1)
     everything = {}
-    for name in args.workload or list(WORKLOADS):
+    for name in args.workload or [n for n in WORKLOADS if n not in GPU_ONLY]:
         workload = load_workload(name)
         run_dir = args.work / name
         if not run_dir.exists():

@@ -8,17 +8,20 @@ train(out_dir) / validation_loss(model). All run on one CPU thread in minutes, o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+DEVICE = torch.device(os.environ.get("FARCAST_BENCH_DEVICE", "cpu"))
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, step: int, log_history: list[dict], max_steps: int) -> None:
     """A Trainer-style checkpoint folder: model.safetensors and trainer_state.json."""
     folder = run_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True, exist_ok=True)
-    state = {name: value.detach().clone().contiguous() for name, value in model.state_dict().items()}
+    state = {name: value.detach().to("cpu", copy=True).contiguous() for name, value in model.state_dict().items()}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     trainer_state = {"global_step": step, "max_steps": max_steps, "log_history": list(log_history)}
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state))
