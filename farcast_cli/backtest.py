@@ -39,6 +39,11 @@ class BacktestPlan:
     def lawa_indices(self) -> tuple[int, ...]:
         return tuple(range(max(0, self.last_index - LAWA_WINDOW + 1), self.last_index + 1))
 
+    def inputs(self, steps: list[int]) -> list[int]:
+        """Indices of every checkpoint the full backtest reads: the forecast's, the baselines' and the truth's."""
+        truth = (i for i, _ in _truth_weights(steps, self.target_step))
+        return sorted({self.first_index, self.previous_index, self.last_index, *self.lawa_indices, *truth})
+
 
 def choose_cut(steps: list[int], rho: float) -> int | None:
     """The held-out cut whose jump ratio to the last step is closest to rho, among cuts that can be fitted."""
@@ -126,7 +131,7 @@ def _truth_weights(steps: list[int], target: float) -> list[tuple[int, float]]:
 def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, settings: EngineSettings) -> dict:
     """Evaluate over every coordinate of every float tensor, chunk by chunk."""
     truth_parts = _truth_weights(run.steps, plan.target_step)
-    needed = sorted({plan.first_index, plan.previous_index, plan.last_index, *plan.lawa_indices, *(i for i, _ in truth_parts)})
+    needed = plan.inputs(run.steps)
     jobs = [
         job
         for info in run.tensor_infos()

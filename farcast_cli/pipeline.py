@@ -157,7 +157,8 @@ def _evaluate(run: Run, history: History, plan: BacktestPlan, forecaster: Foreca
     if options.backtest == "sample":
         result = backtest_sample(history, plan, forecaster)
     else:
-        with byte_progress("backtest", 4 * run.last.nbytes, options.quiet) as advance:
+        total = sum(run.checkpoints[i].nbytes for i in plan.inputs(run.steps))
+        with byte_progress("backtest", total, options.quiet) as advance:
             result = backtest_streaming(run, plan, forecaster, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance))
     steps = run.steps
     result["plan"] = {
@@ -205,10 +206,12 @@ def evaluate_on_reference(run: Run, history: History, forecaster: Forecaster, op
     end = run.steps.index(forecaster.context_end)
     result = _evaluate(run, history, BacktestPlan(0, end - 1, end, float(forecaster.target_steps[-1])), forecaster, options)
     target = forecaster.target_steps[-1]
-    if options.eval_cmd is not None and target not in run.steps:
+    if options.eval_cmd is None:
+        return result
+    if target not in run.steps:
         result["eval"] = {"unavailable": f"step {target} is not a checkpoint of the reference run"}
         return result
-    return _with_steps_saved(result, run, forecaster, run.steps.index(target) if target in run.steps else end, options, scratch_parent)
+    return _with_steps_saved(result, run, forecaster, run.steps.index(target), options, scratch_parent)
 
 
 def _notes(run: Run) -> list[str]:
@@ -264,12 +267,12 @@ def fit(
         history = read_history(run, settings.sample, settings.seed)
     if context_end is None:
         with timed(timings, "fit_and_backtest"):
-            forecaster, backtest = fit_and_backtest(run, history, horizon, offsets, settings, options, out_file.resolve().parent)
+            forecaster, backtest = fit_and_backtest(run, history, horizon, offsets, settings, options, _existing_parent(out_file))
     else:
         with timed(timings, "fit"):
             forecaster = fit_on_reference(history, context_end, offsets, settings)
         with timed(timings, "backtest"):
-            backtest = evaluate_on_reference(run, history, forecaster, options, out_file.resolve().parent)
+            backtest = evaluate_on_reference(run, history, forecaster, options, _existing_parent(out_file))
     report = _report("fit", run, forecaster, backtest)
     report["seconds"] = {phase: round(value, 4) for phase, value in timings.items()}
     forecaster.report = report
@@ -400,8 +403,8 @@ def dry_run(
         if cut is None:
             plan["reads"]["backtest"] = {"unavailable": "too few checkpoints"}
         elif options.backtest == "full":
-            used = sorted({run.steps[0], run.steps[cut - 1], run.steps[cut], run.steps[-1]})
-            plan["reads"]["backtest"] = {"checkpoints": used, "bytes": sum(run.at_step(s).nbytes for s in used)}
+            used = BacktestPlan(0, cut - 1, cut, float(run.steps[-1])).inputs(run.steps)
+            plan["reads"]["backtest"] = {"checkpoints": [run.steps[i] for i in used], "bytes": sum(run.checkpoints[i].nbytes for i in used)}
         else:
             plan["reads"]["backtest"] = {"sampled coordinates only": True, "bytes": 0}
     return plan

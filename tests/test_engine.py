@@ -81,7 +81,10 @@ def test_dry_run_reports_the_plan_and_writes_nothing(run_dir, farcast, tmp_path)
     plan = json.loads(result.stdout)
     assert plan["reads"]["forecast"] == {"checkpoints": [0, 200], "bytes": 2 * (run_dir / "checkpoint-0" / "model.safetensors").stat().st_size}
     assert plan["reads"]["sample"] == {"coordinates": 508, "checkpoints": 11}
-    assert plan["reads"]["backtest"]["checkpoints"] == [0, 120, 140, 200]
+    assert plan["reads"]["backtest"]["checkpoints"] == [0, 60, 80, 100, 120, 140, 200]
+    report = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "real", "--json", *FAST).stdout)
+    used = report["backtest"]["plan"]
+    assert {used["first_step"], used["line_from_step"], used["last_step"], used["target_step"]} <= set(plan["reads"]["backtest"]["checkpoints"])
     assert plan["writes"]["checkpoints"] == [300]
     memory = plan["memory"]
     assert memory["read_buffers_bytes"] + memory["scratch_bytes"] <= 1_000_000
