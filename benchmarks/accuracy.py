@@ -17,6 +17,11 @@ instead of its start), a smoothed last input (mean of the last 3 checkpoints); a
 default, the 2-point model shrunk towards the last checkpoint by the factor its own backtest picks
 (`farcast predict` as shipped, called through its Python API); and the same with time measured in
 cumulative learning rate from trainer_state.json (lr-time; equal to the default at constant rate).
+
+Oracles (only with --methods; they look at the future, so they measure the ceiling of the 2-point
+family, not a forecaster): a·w_0 + c·w_t + b with coefficients fitted by least squares to the true
+target weights, shared or per tensor; and with coefficients chosen to minimise the validation loss
+itself, shared (3 numbers) or per tensor (3 per tensor).
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ WORKLOADS = {
 }
 GPU_ONLY = {"distilbert-size-lm-adamw"}
 CUTS, JUMPS = (0.25, 0.5, 0.75), (0.5, 1.0)
-METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "shared+shrink", "lr-time", "per-tensor+shrink")
+DEFAULT_METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "shared+shrink", "lr-time", "per-tensor+shrink")
+ORACLES = ("oracle-shared", "oracle-per-tensor", "oracle-loss", "oracle-loss-per-tensor")
+METHODS = DEFAULT_METHODS + ORACLES
 SAMPLE = 20000
 
 
@@ -177,6 +184,39 @@ def farcast_fit(run: Run, cut: int, horizon: int, rows: np.ndarray, settings: Fi
     return result
 
 
+def oracle(run: Run, cut: int, target: int, per_tensor: bool) -> np.ndarray:
+    """The ceiling of the 2-point family: coefficients fitted by least squares to the true future
+    weights (which no forecaster has), shared by all weights or one set per tensor."""
+    groups = [np.arange(run.vectors.shape[1])] if not per_tensor else [np.nonzero(run.tensor_index == i)[0] for i in range(len(run.names))]
+    result = np.empty(run.vectors.shape[1])
+    for columns in groups:
+        design = np.stack([run.vectors[0, columns], run.vectors[cut, columns], np.ones(len(columns))], axis=1)
+        coefficients, *_ = np.linalg.lstsq(design, run.vectors[target, columns], rcond=None)
+        result[columns] = design @ coefficients
+    return result
+
+
+def oracle_by_loss(run: Run, cut: int, target: int, per_tensor: bool) -> np.ndarray:
+    """The ceiling of the 2-point family judged by loss: the (a, c, b) of a·w_0 + c·w_t + b (shared,
+    or one set per tensor) that minimise the validation loss itself, searched from the weight-space
+    oracle's coefficients (Nelder-Mead shared, Powell per tensor); no forecaster could know them."""
+    from scipy.optimize import minimize
+
+    groups = [np.arange(run.vectors.shape[1])] if not per_tensor else [np.nonzero(run.tensor_index == i)[0] for i in range(len(run.names))]
+    designs = [np.stack([run.vectors[0, c], run.vectors[cut, c], np.ones(len(c))], axis=1) for c in groups]
+    start = np.concatenate([np.linalg.lstsq(d, run.vectors[target, c], rcond=None)[0] for d, c in zip(designs, groups)])
+
+    def combine(coefficients: np.ndarray) -> np.ndarray:
+        result = np.empty(run.vectors.shape[1])
+        for k, (d, c) in enumerate(zip(designs, groups)):
+            result[c] = d @ coefficients[3 * k : 3 * k + 3]
+        return result
+
+    method, budget = ("Powell", 3000) if per_tensor else ("Nelder-Mead", 300)
+    best = minimize(lambda c: run.loss(combine(c)), start, method=method, options={"maxfev": budget, "xtol": 1e-4, "ftol": 1e-7} if per_tensor else {"maxfev": budget, "xatol": 1e-4, "fatol": 1e-6})
+    return combine(best.x)
+
+
 def lr_clock(run: Run, cut_step: int):
     """Step -> cumulative learning rate, from the cut checkpoint's trainer_state.json log, the
     learning rate extrapolated linearly (from the last fifth of the log, floored at 0) beyond it.
@@ -204,7 +244,7 @@ def lr_time(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
     return forecaster.apply(torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double(), 0).numpy()
 
 
-def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, methods: tuple[str, ...] = METHODS) -> list[dict]:
+def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, methods: tuple[str, ...] = DEFAULT_METHODS) -> list[dict]:
     rows_all = np.arange(run.vectors.shape[1])
     rows = rows_all if len(rows_all) <= SAMPLE else np.sort(rng.choice(rows_all, SAMPLE, replace=False))
     results = []
@@ -228,6 +268,10 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, 
                 "shared+shrink": lambda: farcast_fit(run, cut, horizon, rows, FitSettings(per_tensor=False)),
                 "lr-time": lambda: lr_time(run, cut, horizon, rows),
                 "per-tensor+shrink": lambda: farcast_fit(run, cut, horizon, rows),
+                "oracle-shared": lambda: oracle(run, cut, target, per_tensor=False),
+                "oracle-per-tensor": lambda: oracle(run, cut, target, per_tensor=True),
+                "oracle-loss": lambda: oracle_by_loss(run, cut, target, per_tensor=False),
+                "oracle-loss-per-tensor": lambda: oracle_by_loss(run, cut, target, per_tensor=True),
             }
             predictions = {m: makers[m]() for m in METHODS if m in methods or m == "last"}
             truth = run.vectors[target]
@@ -276,9 +320,9 @@ def main() -> None:
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS))
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-accuracy"))
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--methods", help="comma-separated, from: " + ", ".join(METHODS) + " (default: all but the oracles)")
     args = parser.parse_args()
-    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     torch.set_num_threads(1)
     everything = {}
     for name in args.workload or [n for n in WORKLOADS if n not in GPU_ONLY]:
