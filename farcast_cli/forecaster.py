@@ -126,68 +126,71 @@ def _scale(values: np.ndarray) -> float:
     return scale if scale > 0 else 1.0
 
 
-class _Model(torch.nn.Module):
-    def __init__(self, outputs: int) -> None:
-        super().__init__()
-        self.p = torch.nn.Parameter(torch.zeros(outputs, dtype=torch.float64))
-        self.q = torch.nn.Parameter(torch.zeros(outputs, dtype=torch.float64))
-        self.c = torch.nn.Parameter(torch.zeros(outputs, dtype=torch.float64))
+class _Adam:
+    """Adam (torch's defaults, betas 0.9/0.999, eps 1e-8) on the three coefficient vectors.
 
-    def forward(self, level: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
-        return level[:, None] * self.p + change[:, None] * self.q + self.c
+    Written out because these are 3m numbers: torch.optim's first use imports torch._dynamo
+    (1.3 s measured), more than the whole fit costs."""
+
+    def __init__(self, parameters: np.ndarray, lr: float) -> None:
+        self.parameters, self.lr, self.t = parameters, lr, 0
+        self.m, self.v = np.zeros_like(parameters), np.zeros_like(parameters)
+
+    def step(self, gradient: np.ndarray) -> None:
+        self.t += 1
+        self.m = 0.9 * self.m + 0.1 * gradient
+        self.v = 0.999 * self.v + 0.001 * gradient * gradient
+        denominator = np.sqrt(self.v) / np.sqrt(1 - 0.999**self.t) + 1e-8
+        self.parameters -= (self.lr / (1 - 0.9**self.t)) * self.m / denominator
 
 
 def fit_coefficients(pairs: Pairs, settings: FitSettings) -> tuple[list[list[float]], list[float], dict]:
     """Fit A (2 x m) and b (m) by Adam on L1 + lam * L_grad, restoring the best validation weights."""
-    torch.manual_seed(settings.seed)
     train, held = _split_coordinates(pairs, settings.validation_fraction, settings.seed)
     s_level = _scale(pairs.last)
     s_change = _scale(pairs.last - pairs.first)
     s_out = _scale(pairs.targets - pairs.last[:, None])
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
-    level = as_tensor(pairs.last / s_level)
-    change = as_tensor((pairs.last - pairs.first) / s_change)
-    residual = as_tensor((pairs.targets - pairs.last[:, None]) / s_out)
-    rate_bound = as_tensor(pairs.first_rate / s_out)
-    last_dt = as_tensor(pairs.last_dt)
+    inputs = np.stack([pairs.last / s_level, (pairs.last - pairs.first) / s_change, np.ones(len(pairs.last))], axis=1)
+    residual = (pairs.targets - pairs.last[:, None]) / s_out
+    rate_bound = pairs.first_rate / s_out
 
-    model = _Model(pairs.targets.shape[1])
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    coefficients = np.zeros((3, pairs.targets.shape[1]))
+    optimizer = _Adam(coefficients, settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    train_index = torch.from_numpy(train)
-    held_index = torch.from_numpy(held)
 
-    def loss_on(index: torch.Tensor) -> torch.Tensor:
-        predicted = model(level[index], change[index])
-        prediction_loss = (predicted - residual[index]).abs().mean()
-        before_last = predicted[:, -2] if predicted.shape[1] > 1 else torch.zeros_like(predicted[:, -1])
-        last_rate = (predicted[:, -1] - before_last).abs() / last_dt[index]
-        gradient_loss = torch.relu(last_rate - rate_bound[index]).mean()
-        return prediction_loss + settings.lam * gradient_loss
+    def loss_and_gradient(index: np.ndarray, gradient: bool = True) -> tuple[float, np.ndarray | None]:
+        x = inputs[index]
+        predicted = x @ coefficients
+        error = predicted - residual[index]
+        before_last = predicted[:, -2] if predicted.shape[1] > 1 else 0.0
+        step = predicted[:, -1] - before_last
+        excess = np.abs(step) / pairs.last_dt[index] - rate_bound[index]
+        loss = float(np.abs(error).mean() + settings.lam * np.maximum(excess, 0.0).mean())
+        if not gradient:
+            return loss, None
+        d_predicted = np.sign(error) / error.size
+        d_step = settings.lam * (excess > 0) * np.sign(step) / pairs.last_dt[index] / len(index)
+        d_predicted[:, -1] += d_step
+        if predicted.shape[1] > 1:
+            d_predicted[:, -2] -= d_step
+        return loss, x.T @ d_predicted
 
     def validation_loss() -> float:
-        with torch.no_grad():
-            return float(loss_on(held_index))
+        return loss_and_gradient(held, gradient=False)[0]
 
-    best_loss, best_state, best_epoch, epoch = validation_loss(), _snapshot(model), 0, 0
+    best_loss, best, best_epoch, epoch = validation_loss(), coefficients.copy(), 0, 0
     for epoch in range(1, settings.max_epochs + 1):
-        order = train_index[torch.randperm(len(train_index), generator=generator)]
-        for batch in order.split(settings.batch_size):
-            optimizer.zero_grad()
-            loss_on(batch).backward()
-            optimizer.step()
+        order = train[torch.randperm(len(train), generator=generator).numpy()]
+        for start in range(0, len(order), settings.batch_size):
+            optimizer.step(loss_and_gradient(order[start : start + settings.batch_size])[1])
         loss = validation_loss()
         if loss < best_loss:
-            best_loss, best_state, best_epoch = loss, _snapshot(model), epoch
+            best_loss, best, best_epoch = loss, coefficients.copy(), epoch
         elif epoch - best_epoch >= settings.patience:
             break
-    p, q, c = (best_state[name].numpy() for name in ("p", "q", "c"))
+    p, q, c = best
     a_first = -s_out * q / s_change
     a_last = 1.0 + s_out * (p / s_level + q / s_change)
     weight = [a_first.tolist(), a_last.tolist()]
     info = {"pairs": len(pairs.first), "held_out_pairs": len(held), "epochs": epoch, "best_epoch": best_epoch, "validation_l1": best_loss * s_out}
     return weight, (s_out * c).tolist(), info
-
-
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: value.detach().clone() for name, value in model.state_dict().items()}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -206,3 +208,17 @@ def test_report_lists_the_per_tensor_coefficients(run_dir, farcast, tmp_path):
     assert sorted(report["forecaster"]["per_tensor"]) == ["encoder.weight", "head.weight"]
     weight, bias = report["forecaster"]["per_tensor"]["encoder.weight"]
     assert len(weight) == 2 and len(bias) == 1
+
+
+def test_fitting_does_not_pull_in_torch_compiler(run_dir, tmp_path):
+    """torch.optim imports torch._dynamo on first use (1.3 s of start-up measured); the fit must not."""
+    script = (
+        "import sys\n"
+        "from farcast_cli.cli import main\n"
+        f"sys.argv = ['farcast', 'fit', {str(run_dir)!r}, '--horizon', '40', '-o', {str(tmp_path / 'f.json')!r}, '--quiet']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert (tmp_path / "f.json").exists()
+    assert result.stdout.strip().splitlines()[-1] == "False"
