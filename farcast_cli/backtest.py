@@ -77,7 +77,7 @@ class _Sums:
     def add(self, truth: torch.Tensor, predictions: dict[str, torch.Tensor], work: torch.Tensor | None = None) -> None:
         for method, predicted in predictions.items():
             error = torch.sub(predicted, truth, out=work)
-            self.values[method][0] += float(error.abs_().sum(dtype=torch.float64))
+            self.values[method][0] += float(error.abs_().sum())
             self.values[method][1] += float(torch.dot(error, error))
         self.count += truth.numel()
 
@@ -109,8 +109,9 @@ def _predictions(forecaster: Forecaster, values: dict[int, torch.Tensor], plan: 
     last, previous = values[plan.last_index], values[plan.previous_index]
     buffer = (lambda slot: scratch.get(last.numel(), last.dtype, last.device, slot=slot)) if scratch else (lambda slot: None)  # noqa: E731
     (slope,) = line_slopes(steps[plan.previous_index], steps[plan.last_index], [plan.target_step])
-    lawa = torch.zeros_like(last) if scratch is None else buffer(3).zero_()
-    for index in plan.lawa_indices:
+    first_lawa, *other_lawa = plan.lawa_indices
+    lawa = torch.mul(values[first_lawa], 1.0 / len(plan.lawa_indices), out=buffer(3))
+    for index in other_lawa:
         lawa.add_(values[index], alpha=1.0 / len(plan.lawa_indices))
     return {
         "forecast": forecaster.apply(values[plan.first_index], last, len(forecaster.offsets) - 1, out=buffer(2), name=name),
@@ -128,6 +129,14 @@ def _truth_weights(steps: list[int], target: float) -> list[tuple[int, float]]:
     return [(i, 1.0 - alpha), (i + 1, alpha)]
 
 
+def _truth(values: dict[int, torch.Tensor], parts: list[tuple[int, float]], out: torch.Tensor) -> torch.Tensor:
+    """The true weights at the target: a checkpoint's chunk itself, or interpolated between two into `out`."""
+    if len(parts) == 1:
+        return values[parts[0][0]]
+    (i, a), (j, b) = parts
+    return torch.mul(values[i], a, out=out).add_(values[j], alpha=b)
+
+
 def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, settings: EngineSettings) -> dict:
     """Evaluate over every coordinate of every float tensor, chunk by chunk."""
     truth_parts = _truth_weights(run.steps, plan.target_step)
@@ -143,9 +152,7 @@ def backtest_streaming(run: Run, plan: BacktestPlan, forecaster: Forecaster, set
     for job, data in stream(jobs, settings):
         values = dict(zip(needed, data))
         count, like = data[0].numel(), data[0]
-        truth = scratch.get(count, like.dtype, like.device, slot=4).zero_()
-        for index, weight in truth_parts:
-            truth.add_(values[index], alpha=weight)
+        truth = _truth(values, truth_parts, scratch.get(count, like.dtype, like.device, slot=4))
         sums = per_tensor.setdefault(job.name, _Sums())
         sums.add(truth, _predictions(forecaster, values, plan, run.steps, scratch, job.name), scratch.get(count, like.dtype, like.device, slot=5))
         if not sums.finite():

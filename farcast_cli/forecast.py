@@ -51,8 +51,10 @@ def to_host(values: torch.Tensor, scratch: Scratch) -> torch.Tensor:
 
 
 def first_non_finite(values: torch.Tensor) -> int | None:
-    """Index of the first NaN or Inf, or None. A single sum rules them out in the common case."""
-    if math.isfinite(float(values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32))):
+    """Index of the first NaN or Inf, or None. A single sum rules them out in the common case: in
+    the tensor's own dtype (a bfloat16 sum with a float32 result is 15x slower on CPU), except
+    float16, whose own sums overflow at 65504."""
+    if math.isfinite(float(values.sum(dtype=torch.float32 if values.dtype == torch.float16 else values.dtype))):
         return None
     finite = torch.isfinite(values)
     return None if bool(finite.all()) else int((~finite).nonzero()[0])

@@ -283,3 +283,19 @@ def test_bad_option_values_are_usage_errors(run_dir, farcast, tmp_path):
     ]:
         out = tmp_path / "out"
         assert_clean_failure(predict(farcast, run_dir, out, *args), out, 2, problem)
+
+
+@pytest.mark.parametrize("dtype, last_value", [(torch.float16, 60000.0), (torch.bfloat16, 3.0e38)])
+def test_forecast_that_overflows_the_output_dtype_is_refused(tmp_path, farcast, dtype, last_value):
+    """-0.5 x first + 1.4 x last leaves float16's range (65504) after the float32 arithmetic, and
+    bfloat16's along with float32's: either way no checkpoint with Inf in it is written."""
+    from farcast_cli.forecaster import Forecaster
+
+    steps = [0, 50, 100]
+    weights = {s: {"w": torch.full((4, 8), last_value * s / 100)} for s in steps}
+    run = write_run(tmp_path / "run", steps=steps, dtype=dtype, extras=False, weights=weights)
+    forecaster_file = tmp_path / "f.json"
+    Forecaster("self", 0, 100, [50], [[-0.5], [1.4]], [0.0], {}).save(forecaster_file)
+    out = tmp_path / "out"
+    result = farcast("predict", run, "--forecaster", forecaster_file, "-o", out, expect=3)
+    assert_clean_failure(result, out, 3, str(run / "checkpoint-100" / "model.safetensors"), "tensor 'w'", "overflows", "element 0")
