@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import torch
 
@@ -110,11 +111,14 @@ def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
     return TensorInfo(info.name, dtype, info.shape, 0, info.numel * ITEM_SIZES[dtype])
 
 
-def forecast_jobs(inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int) -> list[ChunkJob]:
-    """One shard's tensors in file order: forecast chunks read every input, others copy the last's bytes."""
+def forecast_jobs(inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int, only: Collection[str] | None = None) -> list[ChunkJob]:
+    """One shard's tensors (or those of them in `only`) in file order: forecast chunks read every
+    input, others copy the last's bytes."""
     file = last.files[shard]
     jobs: list[ChunkJob] = []
     for info in sorted(file.tensors.values(), key=lambda t: t.begin):
+        if only is not None and info.name not in only:
+            continue
         if info.is_forecast:
             jobs += chunk_jobs(info.name, info.numel, chunk, tuple(Source(*c.tensor(info.name)) for c in inputs))
         else:
@@ -126,6 +130,27 @@ def write_forecast(
     candidate: Combination, last: Checkpoint, folder: Path, settings: EngineSettings, dtype: str | None = None
 ) -> list[Path]:
     """Write the candidate's checkpoint(s) into `folder`, laid out like `last`; return their folders."""
+    write_tensors(candidate, last, folder, settings, dtype)
+    return finish_forecast(candidate, last, folder, dtype)
+
+
+def split_work(last: Checkpoint, parts: int) -> list[frozenset[str]]:
+    """The checkpoint's tensors divided among `parts` processes with about equal bytes each (the
+    largest tensor first, to the lightest part), the same on every process: each gives its share to
+    write_tensors, then one calls finish_forecast once all are done."""
+    loads, shares = [0] * parts, [set() for _ in range(parts)]
+    for name in sorted(last.shard_of, key=lambda n: (-last.tensor(n)[1].nbytes, n)):
+        lightest = loads.index(min(loads))
+        shares[lightest].add(name)
+        loads[lightest] += last.tensor(name)[1].nbytes
+    return [frozenset(share) for share in shares]
+
+
+def write_tensors(
+    candidate: Combination, last: Checkpoint, folder: Path, settings: EngineSettings, dtype: str | None = None, only: Collection[str] | None = None
+) -> None:
+    """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
+    files, or with `only`, those tensors into files that other processes write the rest of."""
     folders = output_folders(folder, candidate.target_steps)
     for place in folders:
         place.mkdir(exist_ok=True)
@@ -138,8 +163,8 @@ def write_forecast(
         try:
             for place, target in zip(folders, candidate.target_steps):
                 metadata = {**file.metadata, "format": "pt", "farcast": _provenance(candidate, target)}
-                writers.append(SafetensorsWriter(place / out_name, ordered, metadata))
-            for job, data in stream(forecast_jobs(candidate.inputs, last, shard_name, settings.chunk_elements), settings):
+                writers.append(SafetensorsWriter(place / out_name, ordered, metadata, only))
+            for job, data in stream(forecast_jobs(candidate.inputs, last, shard_name, settings.chunk_elements, only), settings):
                 if job.raw:
                     for writer in writers:
                         writer.write_bytes(data[0].numpy())
@@ -153,6 +178,11 @@ def write_forecast(
             for writer in writers:
                 writer.abort()
             raise
+
+
+def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None) -> list[Path]:
+    """The shard index and the config and tokenizer files, once every tensor is written."""
+    folders = output_folders(folder, candidate.target_steps)
     sizes = {name: info.numel * ITEM_SIZES[output_info(info, dtype).dtype] for name, info in ((n, last.tensor(n)[1]) for n in last.shard_of)}
     for place in folders:
         write_index(place, last, sizes)

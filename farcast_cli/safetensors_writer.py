@@ -9,6 +9,7 @@ import errno
 import json
 import os
 from pathlib import Path
+from typing import Collection
 
 import torch
 
@@ -37,15 +38,25 @@ def output_failure(path: Path, error: OSError) -> OutputError:
 
 
 class SafetensorsWriter:
-    """Writes one file, tensor by tensor in the given order, each tensor in one or more chunks."""
+    """Writes one file, tensor by tensor in the given order, each tensor in one or more chunks.
 
-    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str]) -> None:
+    With `only`, it writes just those tensors, each at its offset, into a file that other writers
+    (other processes) fill with the rest: every writer writes the same header and sets the same
+    size, so the work on one file divides by tensor. Without it, the file must not exist yet."""
+
+    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], only: Collection[str] | None = None) -> None:
         self.path = Path(path)
         header, self._layout = _header_bytes(tensors, metadata)
+        self._data_start = len(header)
+        self._only = None if only is None else frozenset(only)
         self._next = 0
         self._written = 0
         try:
-            self._handle = open(self.path, "xb")
+            if self._only is None:
+                self._handle = open(self.path, "xb")
+            else:
+                self._handle = open(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644), "wb")
+                os.ftruncate(self._handle.fileno(), len(header) + sum(info.nbytes for info in self._layout))
             self._handle.write(header)
         except OSError as error:
             raise output_failure(self.path, error) from None
@@ -73,9 +84,16 @@ class SafetensorsWriter:
         self._advance_past_full_tensors()
 
     def _advance_past_full_tensors(self) -> None:
-        while self._next < len(self._layout) and self._written == self._layout[self._next].nbytes:
+        moved = False
+        while self._next < len(self._layout) and (self._written == self._layout[self._next].nbytes or not self._mine(self._layout[self._next])):
             self._next += 1
             self._written = 0
+            moved = True
+        if moved and self._only is not None and self._next < len(self._layout):
+            self._handle.seek(self._data_start + self._layout[self._next].begin)
+
+    def _mine(self, info: TensorInfo) -> bool:
+        return self._only is None or info.name in self._only
 
     def close(self) -> None:
         """Flush and fsync; every tensor must have been written in full."""
