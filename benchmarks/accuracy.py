@@ -184,16 +184,28 @@ def farcast_fit(run: Run, cut: int, horizon: int, rows: np.ndarray, settings: Fi
     return result
 
 
+def _two_point_groups(run: Run, cut: int, per_tensor: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(columns, design [w_0, w_cut, 1]) for all weights at once, or for each tensor."""
+    groups = [np.arange(run.vectors.shape[1])] if not per_tensor else [np.nonzero(run.tensor_index == i)[0] for i in range(len(run.names))]
+    return [(c, np.stack([run.vectors[0, c], run.vectors[cut, c], np.ones(len(c))], axis=1)) for c in groups]
+
+
+def _combine(run: Run, groups: list[tuple[np.ndarray, np.ndarray]], coefficients: np.ndarray) -> np.ndarray:
+    result = np.empty(run.vectors.shape[1])
+    for k, (columns, design) in enumerate(groups):
+        result[columns] = design @ coefficients[3 * k : 3 * k + 3]
+    return result
+
+
+def _closest_in_weights(run: Run, groups: list[tuple[np.ndarray, np.ndarray]], target: int) -> np.ndarray:
+    return np.concatenate([np.linalg.lstsq(design, run.vectors[target, columns], rcond=None)[0] for columns, design in groups])
+
+
 def oracle(run: Run, cut: int, target: int, per_tensor: bool) -> np.ndarray:
     """The ceiling of the 2-point family: coefficients fitted by least squares to the true future
     weights (which no forecaster has), shared by all weights or one set per tensor."""
-    groups = [np.arange(run.vectors.shape[1])] if not per_tensor else [np.nonzero(run.tensor_index == i)[0] for i in range(len(run.names))]
-    result = np.empty(run.vectors.shape[1])
-    for columns in groups:
-        design = np.stack([run.vectors[0, columns], run.vectors[cut, columns], np.ones(len(columns))], axis=1)
-        coefficients, *_ = np.linalg.lstsq(design, run.vectors[target, columns], rcond=None)
-        result[columns] = design @ coefficients
-    return result
+    groups = _two_point_groups(run, cut, per_tensor)
+    return _combine(run, groups, _closest_in_weights(run, groups, target))
 
 
 def oracle_by_loss(run: Run, cut: int, target: int, per_tensor: bool) -> np.ndarray:
@@ -202,19 +214,13 @@ def oracle_by_loss(run: Run, cut: int, target: int, per_tensor: bool) -> np.ndar
     oracle's coefficients (Nelder-Mead shared, Powell per tensor); no forecaster could know them."""
     from scipy.optimize import minimize
 
-    groups = [np.arange(run.vectors.shape[1])] if not per_tensor else [np.nonzero(run.tensor_index == i)[0] for i in range(len(run.names))]
-    designs = [np.stack([run.vectors[0, c], run.vectors[cut, c], np.ones(len(c))], axis=1) for c in groups]
-    start = np.concatenate([np.linalg.lstsq(d, run.vectors[target, c], rcond=None)[0] for d, c in zip(designs, groups)])
-
-    def combine(coefficients: np.ndarray) -> np.ndarray:
-        result = np.empty(run.vectors.shape[1])
-        for k, (d, c) in enumerate(zip(designs, groups)):
-            result[c] = d @ coefficients[3 * k : 3 * k + 3]
-        return result
-
-    method, budget = ("Powell", 3000) if per_tensor else ("Nelder-Mead", 300)
-    best = minimize(lambda c: run.loss(combine(c)), start, method=method, options={"maxfev": budget, "xtol": 1e-4, "ftol": 1e-7} if per_tensor else {"maxfev": budget, "xatol": 1e-4, "fatol": 1e-6})
-    return combine(best.x)
+    groups = _two_point_groups(run, cut, per_tensor)
+    if per_tensor:
+        method, options = "Powell", {"maxfev": 3000, "xtol": 1e-4, "ftol": 1e-7}
+    else:
+        method, options = "Nelder-Mead", {"maxfev": 300, "xatol": 1e-4, "fatol": 1e-6}
+    best = minimize(lambda c: run.loss(_combine(run, groups, c)), _closest_in_weights(run, groups, target), method=method, options=options)
+    return _combine(run, groups, best.x)
 
 
 def lr_clock(run: Run, cut_step: int):
