@@ -164,12 +164,13 @@ def fit_coefficients(pairs: Pairs, settings: FitSettings) -> tuple[list[list[flo
         error = predicted - residual[index]
         before_last = predicted[:, -2] if predicted.shape[1] > 1 else 0.0
         step = predicted[:, -1] - before_last
-        excess = np.abs(step) / pairs.last_dt[index] - rate_bound[index]
+        last_dt = pairs.last_dt[index]
+        excess = np.abs(step) / last_dt - rate_bound[index]
         loss = float(np.abs(error).mean() + settings.lam * np.maximum(excess, 0.0).mean())
         if not gradient:
             return loss, None
         d_predicted = np.sign(error) / error.size
-        d_step = settings.lam * (excess > 0) * np.sign(step) / pairs.last_dt[index] / len(index)
+        d_step = settings.lam * (excess > 0) * np.sign(step) / last_dt / len(index)
         d_predicted[:, -1] += d_step
         if predicted.shape[1] > 1:
             d_predicted[:, -2] -= d_step
