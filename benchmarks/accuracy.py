@@ -38,11 +38,11 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from farcast_cli.evaluation import step_reaching  # noqa: E402
-from farcast_cli.forecaster import FitSettings, fit_coefficients  # noqa: E402
-from farcast_cli.pipeline import fit_on_run  # noqa: E402
-from farcast_cli.sampling import History  # noqa: E402
-from farcast_cli.training_data import Pairs, interpolate, self_pairs  # noqa: E402
+from farcast_cli.evaluate.loss import step_reaching  # noqa: E402
+from farcast_cli.model.forecaster import FitSettings, fit_coefficients  # noqa: E402
+from farcast_cli.commands import fit_on_run  # noqa: E402
+from farcast_cli.model.history import History  # noqa: E402
+from farcast_cli.model.pairs import Pairs, interpolate, self_pairs  # noqa: E402
 
 WORKLOADS = {
     "least-squares-gd": ("workloads.least_squares", None),

@@ -12,11 +12,11 @@ from typing import Annotated, Callable, Optional
 import typer
 from rich.console import Console
 
-from farcast_cli import __version__, pipeline
-from farcast_cli.device import parse_size
+from farcast_cli import __version__, commands as pipeline
+from farcast_cli.io.device import parse_size
 from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, sigterm_as_interrupt
-from farcast_cli.forecaster import FitSettings
-from farcast_cli.report import render
+from farcast_cli.model.forecaster import FitSettings
+from farcast_cli.evaluate.report import render
 
 app = typer.Typer(
     name="farcast",

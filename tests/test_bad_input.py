@@ -14,7 +14,7 @@ from conftest import FAST, write_run
 from safetensors.torch import save_file
 
 from farcast_cli.errors import InputError
-from farcast_cli.safetensors_reader import SafetensorsFile
+from farcast_cli.io.reader import SafetensorsFile
 
 VALID_DATA = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
 
@@ -289,7 +289,7 @@ def test_bad_option_values_are_usage_errors(run_dir, farcast, tmp_path):
 def test_forecast_that_overflows_the_output_dtype_is_refused(tmp_path, farcast, dtype, last_value):
     """-0.5 x first + 1.4 x last leaves float16's range (65504) after the float32 arithmetic, and
     bfloat16's along with float32's: either way no checkpoint with Inf in it is written."""
-    from farcast_cli.forecaster import Forecaster
+    from farcast_cli.model.forecaster import Forecaster
 
     steps = [0, 50, 100]
     weights = {s: {"w": torch.full((4, 8), last_value * s / 100)} for s in steps}

@@ -10,9 +10,9 @@ import torch
 from conftest import FAST
 from safetensors.torch import load_file
 
-from farcast_cli.engine import EngineSettings, Source, chunk_jobs, plan_chunk_elements, stream
+from farcast_cli.io.engine import EngineSettings, Source, chunk_jobs, plan_chunk_elements, stream
 from farcast_cli.errors import InputError
-from farcast_cli.run import find_run
+from farcast_cli.io.run import find_run
 
 
 def jobs_for(run_dir, chunk):
@@ -120,7 +120,7 @@ def test_sampled_reads_agree_with_the_library_across_batches(tmp_path, monkeypat
     import numpy as np
     from conftest import write_run
 
-    from farcast_cli import sampling
+    from farcast_cli.model import history as sampling
 
     run = find_run(write_run(tmp_path / "run", dtype=torch.bfloat16))
     monkeypatch.setattr(sampling, "BATCH_BYTES", 40)

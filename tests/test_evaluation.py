@@ -11,7 +11,7 @@ import torch
 from conftest import FAST, trajectories
 from safetensors.torch import save_file
 
-from farcast_cli.evaluation import step_reaching
+from farcast_cli.evaluate.loss import step_reaching
 
 EVAL_SCRIPT = """
 import sys

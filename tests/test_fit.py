@@ -11,8 +11,8 @@ import pytest
 from conftest import FAST, trajectories, write_run
 from safetensors.torch import load_file
 
-from farcast_cli.forecaster import FitSettings, fit_coefficients
-from farcast_cli.training_data import Pairs
+from farcast_cli.model.forecaster import FitSettings, fit_coefficients
+from farcast_cli.model.pairs import Pairs
 
 
 def test_reference_fit_then_predict_on_another_run(tmp_path, farcast):
@@ -132,7 +132,7 @@ def test_regulariser_shrinks_a_forecast_that_outruns_the_first_step():
 def test_shrinking_moves_the_forecast_towards_the_last_checkpoint():
     import torch
 
-    from farcast_cli.forecaster import Forecaster
+    from farcast_cli.model.forecaster import Forecaster
 
     forecaster = Forecaster("self", 0, 100, [50], [[-0.5], [1.4]], [0.01], {})
     first, last = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0])

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from farcast_cli.errors import InputError
-from farcast_cli.safetensors_reader import SafetensorsFile
+from farcast_cli.io.reader import SafetensorsFile
 
 VALID = save(
     {

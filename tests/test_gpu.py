@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import FAST, write_run
 
-from farcast_cli.engine import EngineSettings, Source, chunk_jobs, stream
-from farcast_cli.run import find_run
+from farcast_cli.io.engine import EngineSettings, Source, chunk_jobs, stream
+from farcast_cli.io.run import find_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 

@@ -152,8 +152,8 @@ def test_sample_backtest_is_close_to_the_full_one(run_dir, farcast, tmp_path):
 
 
 def test_python_api_returns_the_report(run_dir, tmp_path):
-    from farcast_cli import pipeline
-    from farcast_cli.forecaster import FitSettings
+    from farcast_cli import commands as pipeline
+    from farcast_cli.model.forecaster import FitSettings
 
     report = pipeline.predict(run_dir, tmp_path / "out", 100, None, [], FitSettings(sample=2000), pipeline.StreamOptions(quiet=True))
     assert report["output"] == [str(tmp_path / "out")]

@@ -11,19 +11,19 @@ from pathlib import Path
 import pytest
 from conftest import write_run
 
-from farcast_cli.forecast import split_work
-from farcast_cli.run import find_run
+from farcast_cli.forecast.write import split_work
+from farcast_cli.io.run import find_run
 
 WRITE_SHARE = textwrap.dedent(
     """
     import sys
     from pathlib import Path
     import torch
-    from farcast_cli.engine import EngineSettings
-    from farcast_cli.forecast import split_work, write_tensors
-    from farcast_cli.forecaster import Forecaster
-    from farcast_cli.pipeline import candidates
-    from farcast_cli.run import find_run
+    from farcast_cli.io.engine import EngineSettings
+    from farcast_cli.forecast.write import split_work, write_tensors
+    from farcast_cli.model.forecaster import Forecaster
+    from farcast_cli.commands import candidates
+    from farcast_cli.io.run import find_run
 
     torch.set_num_threads(1)
     run_dir, forecaster_file, folder, part, parts, dtype = sys.argv[1:]
@@ -38,9 +38,9 @@ WRITE_SHARE = textwrap.dedent(
 
 def write_in_parts(run: Path, forecaster_file: Path, folder: Path, parts: int, dtype: str = "") -> None:
     """Every share written by its own process, all running at once, then the folder finished."""
-    from farcast_cli.forecast import finish_forecast
-    from farcast_cli.forecaster import Forecaster
-    from farcast_cli.pipeline import candidates
+    from farcast_cli.forecast.write import finish_forecast
+    from farcast_cli.model.forecaster import Forecaster
+    from farcast_cli.commands import candidates
 
     folder.mkdir()
     processes = [

@@ -14,7 +14,7 @@ from typing import Collection
 import torch
 
 from farcast_cli.errors import OutputError
-from farcast_cli.safetensors_reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
+from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
 
 
 def _header_bytes(tensors: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, list[TensorInfo]]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from farcast_cli.errors import UsageError
-from farcast_cli.sampling import History
+from farcast_cli.model.history import History
 
 
 @dataclass

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 from farcast_cli.errors import OutputError
-from farcast_cli.run import Checkpoint, Run
-from farcast_cli.safetensors_writer import output_failure
+from farcast_cli.io.run import Checkpoint, Run
+from farcast_cli.io.writer import output_failure
 
 
 def check_output_location(out_dir: Path, run: Run, force: bool) -> None:

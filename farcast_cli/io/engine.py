@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from farcast_cli.errors import InputError
-from farcast_cli.safetensors_reader import TORCH_DTYPES, SafetensorsFile, TensorInfo, pread_exactly
+from farcast_cli.io.reader import TORCH_DTYPES, SafetensorsFile, TensorInfo, pread_exactly
 
 MAX_CHUNK_ELEMENTS = 4 * 1024 * 1024
 Advance = Callable[[int], None]

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from farcast_cli.engine import EngineSettings, Source, chunk_jobs, stream
-from farcast_cli.forecast import Scratch, raise_for_non_finite_input
-from farcast_cli.forecaster import Forecaster
-from farcast_cli.run import Run
-from farcast_cli.sampling import History
-from farcast_cli.training_data import interpolate
+from farcast_cli.io.engine import EngineSettings, Source, chunk_jobs, stream
+from farcast_cli.forecast.write import Scratch, raise_for_non_finite_input
+from farcast_cli.model.forecaster import Forecaster
+from farcast_cli.io.run import Run
+from farcast_cli.model.history import History
+from farcast_cli.model.pairs import interpolate
 
 METHODS = ("forecast", "last", "line", "lawa")
 BASELINES = METHODS[1:]

@@ -19,7 +19,7 @@ import torch
 
 from farcast_cli import __version__
 from farcast_cli.errors import InputError, OutputError
-from farcast_cli.training_data import Pairs
+from farcast_cli.model.pairs import Pairs
 
 FORMAT = "farcast-forecaster/1"
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from farcast_cli.errors import InputError
-from farcast_cli.run import Checkpoint, Run
-from farcast_cli.safetensors_reader import TORCH_DTYPES, TensorInfo
+from farcast_cli.io.run import Checkpoint, Run
+from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo
 
 MERGE_GAP_BYTES = 64 * 1024
 BATCH_BYTES = 16 * 1024 * 1024

@@ -9,7 +9,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from farcast_cli.errors import InputError
-from farcast_cli.safetensors_reader import SafetensorsFile, TensorInfo
+from farcast_cli.io.reader import SafetensorsFile, TensorInfo
 
 TRAINER_FOLDER = re.compile(r"^checkpoint-(\d+)$")
 SHARD_NAME = re.compile(r"-\d+-of-\d+$")

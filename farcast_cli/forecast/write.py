@@ -16,12 +16,12 @@ from typing import Collection
 import torch
 
 from farcast_cli import __version__
-from farcast_cli.checkpoint_writer import copy_aux_files, write_index
-from farcast_cli.engine import ChunkJob, EngineSettings, Source, chunk_jobs, stream
+from farcast_cli.io.output import copy_aux_files, write_index
+from farcast_cli.io.engine import ChunkJob, EngineSettings, Source, chunk_jobs, stream
 from farcast_cli.errors import InputError
-from farcast_cli.run import Checkpoint
-from farcast_cli.safetensors_reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
-from farcast_cli.safetensors_writer import SafetensorsWriter
+from farcast_cli.io.run import Checkpoint
+from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
+from farcast_cli.io.writer import SafetensorsWriter
 
 SINGLE_OUTPUT_FILE = "model.safetensors"
 RAW_CHUNK_BYTES_PER_ELEMENT = 4

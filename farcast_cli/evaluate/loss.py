@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from farcast_cli.errors import UsageError
-from farcast_cli.forecast import Combination, write_forecast
-from farcast_cli.engine import EngineSettings
-from farcast_cli.run import Run
+from farcast_cli.forecast.write import Combination, write_forecast
+from farcast_cli.io.engine import EngineSettings
+from farcast_cli.io.run import Run
 
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 EVAL_TIMEOUT_SECONDS = 3600

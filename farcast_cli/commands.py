@@ -11,20 +11,20 @@ from pathlib import Path
 import numpy as np
 
 from farcast_cli import __version__
-from farcast_cli.backtest import INPUT_BYTES_PER_ELEMENT, LAWA_WINDOW, SCRATCH_BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, best_shrink, choose_cut, line_slopes
-from farcast_cli.checkpoint_writer import atomic_folder, check_output_location, write_text
-from farcast_cli.device import resolve_device
-from farcast_cli.engine import EngineSettings, plan_chunk_elements
+from farcast_cli.evaluate.backtest import INPUT_BYTES_PER_ELEMENT, LAWA_WINDOW, SCRATCH_BYTES_PER_ELEMENT, BacktestPlan, backtest_sample, backtest_streaming, best_shrink, choose_cut, line_slopes
+from farcast_cli.io.output import atomic_folder, check_output_location, write_text
+from farcast_cli.io.device import resolve_device
+from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.errors import InputError, LowSkillError, UsageError
-from farcast_cli.forecast import Combination, combination, write_forecast
-from farcast_cli.evaluation import run_eval_command, steps_saved
-from farcast_cli.forecaster import FitSettings, Forecaster, fit_coefficients
+from farcast_cli.forecast.write import Combination, combination, write_forecast
+from farcast_cli.evaluate.loss import run_eval_command, steps_saved
+from farcast_cli.model.forecaster import FitSettings, Forecaster, fit_coefficients
 from farcast_cli.progress import byte_progress
-from farcast_cli.report import NAMES, REPORT_FILE, verdict
-from farcast_cli.run import Run, find_run
-from farcast_cli.safetensors_reader import ITEM_SIZES
-from farcast_cli.sampling import History, read_history, sample_forecast
-from farcast_cli.training_data import Pairs, max_self_horizon, reference_pairs, self_pairs
+from farcast_cli.evaluate.report import NAMES, REPORT_FILE, verdict
+from farcast_cli.io.run import Run, find_run
+from farcast_cli.io.reader import ITEM_SIZES
+from farcast_cli.model.history import History, read_history, sample_forecast
+from farcast_cli.model.pairs import Pairs, max_self_horizon, reference_pairs, self_pairs
 
 
 PREDICT_BYTES_PER_ELEMENT = (2 * 8, 4 * 8)
