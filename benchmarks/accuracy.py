@@ -39,8 +39,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 
 from farcast_cli.evaluate.loss import step_reaching  # noqa: E402
-from farcast_cli.model.forecaster import FitSettings, fit_coefficients  # noqa: E402
-from farcast_cli.commands import fit_on_run  # noqa: E402
+from farcast_cli.model.fit import FitSettings, fit_linear_map  # noqa: E402
+from farcast_cli.model.forecaster import Forecaster, fit_on_run  # noqa: E402
 from farcast_cli.model.history import History  # noqa: E402
 from farcast_cli.model.pairs import Pairs, interpolate, self_pairs  # noqa: E402
 
@@ -110,9 +110,9 @@ def history(run: Run, upto: int, rows: np.ndarray | None = None) -> History:
     return History(run.steps[: upto + 1], run.vectors[: upto + 1, rows].T.astype(np.float64), run.tensor_index[rows], run.names)
 
 
-def fit_pairs(pairs: Pairs) -> tuple[list, list]:
-    weight, bias, _ = fit_coefficients(pairs, FitSettings(shrink=1.0))
-    return weight, bias
+def fit_pairs(pairs: Pairs) -> tuple[tuple, tuple]:
+    linear, _ = fit_linear_map(pairs, FitSettings(shrink=1.0))
+    return linear.weight, linear.bias
 
 
 def two_point(run: Run, cut: int, horizon: int, rows: np.ndarray, first_of=None, last_of=None) -> np.ndarray:
@@ -175,12 +175,16 @@ def per_tensor(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray
 def farcast_fit(run: Run, cut: int, horizon: int, rows: np.ndarray, settings: FitSettings = FitSettings()) -> np.ndarray:
     """What `farcast predict` does with these settings (default: per-tensor coefficients, shrunk by
     the factor its own backtest picks), through its Python API."""
-    forecaster = fit_on_run(history(run, cut, rows), horizon, [horizon], settings)
+    return apply_forecaster(run, cut, fit_on_run(history(run, cut, rows), horizon, [horizon], settings).forecaster)
+
+
+def apply_forecaster(run: Run, cut: int, forecaster: Forecaster) -> np.ndarray:
+    """The forecaster applied to every weight of the run, from checkpoints 0 and `cut`."""
     first, last = torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double()
     result = np.empty(run.vectors.shape[1])
     for index, name in enumerate(run.names):
         columns = torch.from_numpy(np.nonzero(run.tensor_index == index)[0])
-        result[columns.numpy()] = forecaster.apply(first[columns], last[columns], 0, name=name).numpy()
+        result[columns.numpy()] = forecaster.map_for(name).apply([first[columns], last[columns]], 0).numpy()
     return result
 
 
@@ -246,8 +250,7 @@ def lr_time(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
     h = history(run, cut, rows)
     h.steps = clock(h.steps)
     jump = float(clock(run.steps[cut] + horizon) - clock(run.steps[cut]))
-    forecaster = fit_on_run(h, jump, [jump], FitSettings(per_tensor=False))
-    return forecaster.apply(torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double(), 0).numpy()
+    return apply_forecaster(run, cut, fit_on_run(h, jump, [jump], FitSettings(per_tensor=False)).forecaster)
 
 
 def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, methods: tuple[str, ...] = DEFAULT_METHODS) -> list[dict]:

@@ -6,7 +6,6 @@ import signal
 from contextlib import contextmanager
 from typing import Iterator
 
-EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
@@ -24,6 +23,12 @@ class FarcastError(Exception):
 
     exit_code = EXIT_INTERNAL
     report: dict | None = None
+
+
+class InternalError(FarcastError):
+    """A check of farcast's own work failed: a bug to report, never the user's input."""
+
+    exit_code = EXIT_INTERNAL
 
 
 class UsageError(FarcastError):

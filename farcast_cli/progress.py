@@ -6,13 +6,13 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 from rich.console import Console
+from farcast_cli.io.engine import Advance
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 PLAIN_EVERY_SECONDS = float(os.environ.get("FARCAST_PROGRESS_SECONDS", "5"))
-Advance = Callable[[int], None]
 
 
 @contextmanager

@@ -290,12 +290,13 @@ def test_forecast_that_overflows_the_output_dtype_is_refused(tmp_path, farcast, 
     """-0.5 x first + 1.4 x last leaves float16's range (65504) after the float32 arithmetic, and
     bfloat16's along with float32's: either way no checkpoint with Inf in it is written."""
     from farcast_cli.model.forecaster import Forecaster
+    from farcast_cli.model.linear import LinearMap
 
     steps = [0, 50, 100]
     weights = {s: {"w": torch.full((4, 8), last_value * s / 100)} for s in steps}
     run = write_run(tmp_path / "run", steps=steps, dtype=dtype, extras=False, weights=weights)
     forecaster_file = tmp_path / "f.json"
-    Forecaster("self", 0, 100, [50], [[-0.5], [1.4]], [0.0], {}).save(forecaster_file)
+    Forecaster("self", 0, 100, [50], LinearMap.of([[-0.5], [1.4]], [0.0]), {}).save(forecaster_file)
     out = tmp_path / "out"
     result = farcast("predict", run, "--forecaster", forecaster_file, "-o", out, expect=3)
     assert_clean_failure(result, out, 3, str(run / "checkpoint-100" / "model.safetensors"), "tensor 'w'", "overflows", "element 0")

@@ -22,7 +22,7 @@ WRITE_SHARE = textwrap.dedent(
     from farcast_cli.io.engine import EngineSettings
     from farcast_cli.forecast.write import split_work, write_tensors
     from farcast_cli.model.forecaster import Forecaster
-    from farcast_cli.commands import candidates
+    from farcast_cli.forecast.candidates import candidates
     from farcast_cli.io.run import find_run
 
     torch.set_num_threads(1)
@@ -40,7 +40,7 @@ def write_in_parts(run: Path, forecaster_file: Path, folder: Path, parts: int, d
     """Every share written by its own process, all running at once, then the folder finished."""
     from farcast_cli.forecast.write import finish_forecast
     from farcast_cli.model.forecaster import Forecaster
-    from farcast_cli.commands import candidates
+    from farcast_cli.forecast.candidates import candidates
 
     folder.mkdir()
     processes = [

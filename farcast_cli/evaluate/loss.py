@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from farcast_cli.errors import UsageError
-from farcast_cli.forecast.write import Combination, write_forecast
+from farcast_cli.forecast.candidates import Combination
+from farcast_cli.forecast.write import write_forecast
 from farcast_cli.io.engine import EngineSettings
 from farcast_cli.io.run import Run
 

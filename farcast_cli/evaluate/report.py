@@ -1,41 +1,133 @@
-"""Say how good the forecast is, in plain words, a table and JSON."""
+"""The report: what was forecast, how well each candidate did in the backtest, and the verdict in words.
+
+These dataclasses are the one definition of the JSON report (`--json`, and farcast_report.json in every
+output); the README's "The JSON report" documents it. SCHEMA_VERSION changes when a key changes meaning
+or goes away; new keys may appear within a version.
+"""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+from dataclasses import asdict, dataclass, field
 
+from farcast_cli import __version__
+from farcast_cli.forecast.candidates import BASELINES, METHODS
+
+SCHEMA_VERSION = 1
 REPORT_FILE = "farcast_report.json"
-TENSOR_ROWS = 15
-
-
-def _percent(skill: float) -> str:
-    return f"{abs(skill) * 100:.1f}%"
-
-
 NAMES = {"forecast": "the forecast", "last": "keeping the last checkpoint", "line": "a straight line", "lawa": "averaging the last checkpoints"}
 
 
-def best_method(backtest: dict) -> str | None:
-    """The candidate with the lowest backtest MAE, or None without a backtest."""
-    if "unavailable" in backtest:
-        return None
-    overall = backtest["overall"]
-    return min(("forecast", "last", "line", "lawa"), key=lambda method: (overall[method]["mae"], method != "forecast"))
+@dataclass(frozen=True)
+class MethodError:
+    mae: float
+    rmse: float
 
 
-def verdict(backtest: dict) -> dict:
-    """The headline: does the forecast beat keeping the last checkpoint, a straight line, an average?"""
-    if "unavailable" in backtest:
+@dataclass(frozen=True)
+class ErrorTable:
+    """One tensor's (or all tensors') backtest errors: each candidate's, and the forecast's skill
+    against each alternative, 1 - MAE(forecast) / MAE(alternative), None where that MAE is 0."""
+
+    numel: int
+    forecast: MethodError
+    last: MethodError
+    line: MethodError
+    lawa: MethodError
+    skill_vs_last: float | None
+    skill_vs_line: float | None
+    skill_vs_lawa: float | None
+
+    @classmethod
+    def from_json(cls, data: dict) -> ErrorTable:
+        methods = {m: MethodError(**data[m]) for m in METHODS}
+        return cls(numel=data["numel"], **methods, **{f"skill_vs_{b}": data[f"skill_vs_{b}"] for b in BASELINES})
+
+
+@dataclass(frozen=True)
+class BacktestPlan:
+    """The backtest forecast target_step from first_step and last_step; the line ran through line_from_step."""
+
+    first_step: int
+    line_from_step: int
+    last_step: int
+    target_step: float
+
+
+@dataclass
+class Backtest:
+    scope: str
+    plan: BacktestPlan
+    tensors: dict[str, ErrorTable]
+    overall: ErrorTable
+    eval: dict | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> Backtest:
+        tensors = {name: ErrorTable.from_json(table) for name, table in data["tensors"].items()}
+        return cls(data["scope"], BacktestPlan(**data["plan"]), tensors, ErrorTable.from_json(data["overall"]), data.get("eval"))
+
+
+@dataclass(frozen=True)
+class Written:
+    """What predict wrote when it was not the forecast: the candidate and why."""
+
+    method: str
+    why: str
+
+
+@dataclass
+class Report:
+    command: str
+    run: str
+    layout: str
+    steps: list[int]
+    mode: str
+    context: dict
+    horizon: int
+    target_steps: list[int]
+    forecaster: dict
+    backtest: Backtest | None
+    backtest_unavailable: str | None
+    skill_vs_last: float | None
+    skill_vs_line: float | None
+    skill_vs_lawa: float | None
+    beats_last: bool | None
+    beats_line: bool | None
+    beats_lawa: bool | None
+    best: str | None
+    verdict: str
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    written: Written | None = None
+    written_loss: float | None = None
+    last_checkpoint_loss: float | None = None
+    output: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    farcast_version: str = __version__
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def best_method(backtest: Backtest) -> str:
+    """The candidate with the lowest backtest MAE; the forecast wins ties."""
+    overall = backtest.overall
+    return min(METHODS, key=lambda method: (getattr(overall, method).mae, method != "forecast"))
+
+
+def verdict(backtest: Backtest | None, unavailable: str | None) -> dict:
+    """The headline fields: does the forecast beat keeping the last checkpoint, a straight line, an average?"""
+    if backtest is None:
         return {
             "skill_vs_last": None, "skill_vs_line": None, "skill_vs_lawa": None,
             "beats_last": None, "beats_line": None, "beats_lawa": None, "best": None,
-            "verdict": f"UNVERIFIED: no backtest was possible ({backtest['unavailable']}). Nothing shows this forecast beats keeping the last checkpoint.",
+            "verdict": f"UNVERIFIED: no backtest was possible ({unavailable}). Nothing shows this forecast beats keeping the last checkpoint.",
         }
-    overall = backtest["overall"]
-    skills = {b: overall[f"skill_vs_{b}"] for b in ("last", "line", "lawa")}
+    overall = backtest.overall
+    skills = {b: getattr(overall, f"skill_vs_{b}") for b in BASELINES}
     beats = {b: s is not None and s > 0 for b, s in skills.items()}
-    target = backtest["plan"]["target_step"]
+    target = backtest.plan.target_step
     if not beats["last"]:
         s = skills["last"] or 0.0
         words = (f"The forecast does NOT beat keeping the last checkpoint: in the backtest its error at step {target:g} was "
@@ -46,49 +138,13 @@ def verdict(backtest: dict) -> dict:
             s = skills[baseline] or 0.0
             parts.append(f"{NAMES[baseline]} by {_percent(s)}" if beats[baseline] else f"but NOT {NAMES[baseline]} (error {_percent(s)} higher)")
         words = ", ".join(parts) + " (backtest MAE)."
-    result = {f"skill_vs_{b}": s for b, s in skills.items()}
+    result: dict = {f"skill_vs_{b}": s for b, s in skills.items()}
     result.update({f"beats_{b}": v for b, v in beats.items()})
     result.update({"best": best_method(backtest), "verdict": words})
     return result
 
 
-def _row(name: str, stats: dict) -> list[str]:
-    skill = lambda s: "n/a" if s is None else f"{s:+.3f}"  # noqa: E731
-    return [
-        name, f"{stats['numel']:,}", f"{stats['forecast']['mae']:.3e}", f"{stats['forecast']['rmse']:.3e}",
-        f"{stats['last']['mae']:.3e}", f"{stats['line']['mae']:.3e}", f"{stats['lawa']['mae']:.3e}",
-        skill(stats["skill_vs_last"]), skill(stats["skill_vs_line"]), skill(stats["skill_vs_lawa"]),
-    ]
+def _percent(skill: float) -> str:
+    return f"{abs(skill) * 100:.1f}%"
 
 
-def render(report: dict, console: Console) -> None:
-    """The report for a person: what was forecast, the backtest table, the verdict."""
-    targets = ", ".join(map(str, report["target_steps"]))
-    console.print(f"[bold]farcast {report['command']}[/bold]: {report['run']} ({len(report['steps'])} checkpoints, steps {report['steps'][0]}..{report['steps'][-1]}), mode {report['mode']}")
-    console.print(f"forecast of step {targets} from steps {report['context']['first_step']} and {report['context']['last_step']} (horizon {report['horizon']})")
-    backtest = report["backtest"]
-    if "unavailable" not in backtest:
-        plan = backtest["plan"]
-        table = Table(title=f"backtest: steps {plan['first_step']} and {plan['last_step']} -> step {plan['target_step']:g}, over {backtest['scope']}")
-        for column in ("tensor", "numel", "MAE", "RMSE", "MAE last", "MAE line", "MAE lawa", "skill vs last", "skill vs line", "skill vs lawa"):
-            table.add_column(column, justify="left" if column == "tensor" else "right")
-        tensors = sorted(backtest["tensors"].items(), key=lambda item: -item[1]["numel"])
-        for name, stats in tensors[:TENSOR_ROWS]:
-            table.add_row(*_row(name, stats))
-        if len(tensors) > TENSOR_ROWS:
-            table.add_row(f"... {len(tensors) - TENSOR_ROWS} more in the JSON report", *[""] * 9)
-        table.add_row(*_row("[bold]overall[/bold]", backtest["overall"]))
-        console.print(table)
-    evaluation = backtest.get("eval", {})
-    if "steps_saved" in evaluation:
-        saved = ", ".join(f"{NAMES[m]} {v:+.2f} (loss {evaluation['losses'][m]:.4g})" for m, v in evaluation["steps_saved"].items())
-        console.print(f"steps saved in the backtest, by --eval-cmd: {saved}")
-    if "written_loss" in report:
-        console.print(f"loss of the written checkpoint: {report['written_loss']:.4g}; of the last checkpoint: {report['last_checkpoint_loss']:.4g}")
-    console.print(f"[bold]{report['verdict']}[/bold]")
-    if "written" in report:
-        console.print(f"[bold]{report['written']['why']}[/bold]")
-    for note in report["notes"]:
-        console.print(f"note: {note}")
-    for path in report.get("output", []):
-        console.print(f"wrote {path}")

@@ -1,101 +1,29 @@
-"""Stream the forecast: read a chunk of each tensor from its input checkpoints, combine, write it.
+"""Write a candidate's checkpoint: read a chunk of each tensor from its input checkpoints, combine it
+(forecast/candidates.py), check it, write it; laid out like the last checkpoint, shard for shard.
 
-Every candidate farcast can write is a linear combination of checkpoints: the fitted forecaster
-(first and last), keeping the last checkpoint, the straight line through the last two, and the
-average of the last few (LAWA).
+The work divides by tensor among processes: split_work gives each a share, write_tensors(only=share)
+writes it at its offsets into the shared output files, and finish_forecast adds the index.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection
 
 import torch
+from safetensors import safe_open
 
 from farcast_cli import __version__
 from farcast_cli.io.output import copy_aux_files, write_index
-from farcast_cli.io.engine import ChunkJob, EngineSettings, Source, chunk_jobs, stream
-from farcast_cli.errors import InputError
-from farcast_cli.io.run import Checkpoint
+from farcast_cli.io.engine import ChunkJob, EngineSettings, Scratch, Source, chunk_jobs, first_non_finite, raise_for_non_finite_input, stream, to_host
+from farcast_cli.errors import InputError, InternalError
+from farcast_cli.forecast.candidates import Combination
+from farcast_cli.io.run import SINGLE_FILE, Checkpoint
 from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
 from farcast_cli.io.writer import SafetensorsWriter
 
-SINGLE_OUTPUT_FILE = "model.safetensors"
 RAW_CHUNK_BYTES_PER_ELEMENT = 4
-
-
-class Scratch:
-    """Reused work buffers, one per (dtype, device, pinned), each of `size` elements."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, count: int, dtype: torch.dtype, device: torch.device, pinned: bool = False, slot: int = 0) -> torch.Tensor:
-        key = (dtype, str(device), pinned, slot)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(self.size, dtype=dtype, device=device, pin_memory=pinned)
-        return self.buffers[key][:count]
-
-
-def to_host(values: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """A CPU tensor with the values; from a GPU through a reused pinned buffer."""
-    if values.device.type == "cpu":
-        return values
-    host = scratch.get(values.numel(), values.dtype, torch.device("cpu"), pinned=True)
-    host.copy_(values, non_blocking=True)
-    torch.cuda.current_stream(values.device).synchronize()
-    return host
-
-
-def first_non_finite(values: torch.Tensor) -> int | None:
-    """Index of the first NaN or Inf, or None. A single sum rules them out in the common case: in
-    the tensor's own dtype (a bfloat16 sum with a float32 result is 15x slower on CPU), except
-    float16, whose own sums overflow at 65504."""
-    if math.isfinite(float(values.sum(dtype=torch.float32 if values.dtype == torch.float16 else values.dtype))):
-        return None
-    finite = torch.isfinite(values)
-    return None if bool(finite.all()) else int((~finite).nonzero()[0])
-
-
-def raise_for_non_finite_input(job: ChunkJob, data: list[torch.Tensor]) -> None:
-    """Name the first source holding NaN or Inf in this chunk, and where."""
-    for source, values in zip(job.sources, data):
-        where = first_non_finite(values)
-        if where is not None:
-            raise InputError(
-                f"{source.file.path}: tensor {job.name!r} holds {float(values[where])} at element {job.start + where}; "
-                "refusing to forecast from non-finite weights"
-            )
-
-
-@dataclass(frozen=True)
-class Combination:
-    """Output j is sum_i weights[i][j] * inputs[i] + bias[j], computed in float32 (float64 for F64)."""
-
-    method: str
-    inputs: tuple[Checkpoint, ...]
-    weights: tuple[tuple[float, ...], ...]
-    bias: tuple[float, ...]
-    target_steps: tuple[int, ...]
-    per_tensor: dict = field(default_factory=dict)
-
-    def apply(self, values: list[torch.Tensor], output: int, out: torch.Tensor | None = None, name: str | None = None) -> torch.Tensor:
-        """Output `output` for tensor `name`: with its own weights where it has them (per-tensor fits)."""
-        weights, bias = self.per_tensor.get(name, (self.weights, self.bias))
-        out = torch.mul(values[0], weights[0][output], out=out)
-        for value, weight in zip(values[1:], weights[1:]):
-            out.add_(value, alpha=weight[output])
-        return out.add_(bias[output]) if bias[output] else out
-
-
-def combination(
-    method: str, inputs: list[Checkpoint], weights: list[list[float]], bias: list[float], target_steps: list[int], per_tensor: dict | None = None
-) -> Combination:
-    return Combination(method, tuple(inputs), tuple(tuple(w) for w in weights), tuple(bias), tuple(target_steps), dict(per_tensor or {}))
 
 
 def output_folders(folder: Path, target_steps: tuple[int, ...]) -> list[Path]:
@@ -156,7 +84,7 @@ def write_tensors(
         place.mkdir(exist_ok=True)
     scratch = Scratch(settings.chunk_elements)
     for shard_name, file in last.files.items():
-        out_name = shard_name if last.index_name else SINGLE_OUTPUT_FILE
+        out_name = shard_name if last.index_name else SINGLE_FILE
         out_infos = {info.name: output_info(info, dtype) for info in file.tensors.values()}
         ordered = [out_infos[info.name] for info in sorted(file.tensors.values(), key=lambda t: t.begin)]
         writers: list[SafetensorsWriter] = []
@@ -187,7 +115,23 @@ def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtyp
     for place in folders:
         write_index(place, last, sizes)
         copy_aux_files(place, last)
+        check_readable_by_safetensors(place, last, dtype)
     return folders
+
+
+def check_readable_by_safetensors(folder: Path, last: Checkpoint, dtype: str | None) -> None:
+    """Open every written file with the safetensors library itself (its header only): the output must
+    be what the user's own loader reads, with the last checkpoint's names, shapes and dtypes."""
+    for shard_name, file in last.files.items():
+        path = folder / (shard_name if last.index_name else SINGLE_FILE)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                found = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()}
+        except Exception as error:
+            raise InternalError(f"{path}: the safetensors library cannot read the written file ({error}); please report this") from None
+        expected = {name: (output_info(info, dtype).dtype, list(info.shape)) for name, info in file.tensors.items()}
+        if found != expected:
+            raise InternalError(f"{path}: the safetensors library reads other tensors than were written; please report this")
 
 
 def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], candidate: Combination, index: int, out_dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
@@ -203,4 +147,4 @@ def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], candidate: Combinat
 
 
 def _provenance(candidate: Combination, target: int) -> str:
-    return json.dumps({"version": __version__, "method": candidate.method, "forecast_step": target, "from_steps": [c.step for c in candidate.inputs]})
+    return json.dumps({"version": __version__, "method": candidate.method, "forecast_step": target, "from_steps": candidate.from_steps})

@@ -1,16 +1,14 @@
-"""The forecaster: one linear layer shared by every weight, y = first * A[0] + last * A[1] + b.
+"""The forecaster, and every way of fitting it: on the run itself or on a reference run, with one
+shared map or one per tensor, shrunk towards the last checkpoint by a factor its own backtest picks.
 
-Fitted with the L1 loss plus the first-order-optimality regulariser of PAPER.md, by Adam with early
-stopping on held-out coordinates. Internally the layer is written as
-    y = last + s * (p * last / s_last + q * (last - first) / s_change + c)
-with p = q = c = 0 at the start (the "keep the last checkpoint" forecast) and each input scaled to
-unit size. That is the same 3m-parameter linear map, only better conditioned for Adam, because the
-two raw inputs are nearly equal and so nearly collinear.
+A Forecaster holds linear maps over two inputs, the first checkpoint and the last one (model/linear.py):
+one shared by every tensor, and one for each tensor that had enough sampled coordinates to fit its own.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -19,23 +17,15 @@ import torch
 
 from farcast_cli import __version__
 from farcast_cli.errors import InputError, OutputError
-from farcast_cli.model.pairs import Pairs
+from farcast_cli.model.fit import FitSettings, fit_linear_map
+from farcast_cli.model.history import History
+from farcast_cli.model.linear import LinearMap
+from farcast_cli.model.pairs import Pairs, reference_pairs, self_pairs
 
 FORMAT = "farcast-forecaster/1"
-
-
-@dataclass(frozen=True)
-class FitSettings:
-    sample: int = 8192
-    seed: int = 0
-    lam: float = 1e-5
-    lr: float = 1e-2
-    batch_size: int = 256
-    max_epochs: int = 100
-    patience: int = 5
-    validation_fraction: float = 0.2
-    shrink: float | None = None
-    per_tensor: bool = True
+MIN_TENSOR_SAMPLE = 64
+LAST_INPUT = 1
+SHRINK_GRID = np.linspace(0.0, 1.5, 31)
 
 
 @dataclass
@@ -46,13 +36,12 @@ class Forecaster:
     first_step: int
     context_end: int
     offsets: list[int]
-    weight: list[list[float]]
-    bias: list[float]
+    shared: LinearMap
     settings: dict
     fit_info: dict = field(default_factory=dict)
     report: dict | None = None
     version: str = __version__
-    per_tensor: dict[str, list] = field(default_factory=dict)
+    per_tensor: dict[str, LinearMap] = field(default_factory=dict)
 
     @property
     def horizon(self) -> int:
@@ -62,31 +51,38 @@ class Forecaster:
     def target_steps(self) -> list[int]:
         return [self.context_end + o for o in self.offsets]
 
-    def coefficients(self, name: str | None = None) -> tuple[list[list[float]], list[float]]:
-        """(A, b) for a tensor: its own where it was fitted per tensor, else the shared ones."""
-        if name is not None and name in self.per_tensor:
-            weight, bias = self.per_tensor[name]
-            return weight, bias
-        return self.weight, self.bias
+    @property
+    def shrink(self) -> float:
+        return self.fit_info.get("shrink", 1.0)
 
-    def apply(self, first: torch.Tensor, last: torch.Tensor, output: int, out: torch.Tensor | None = None, name: str | None = None) -> torch.Tensor:
-        """Forecast output number `output` of tensor `name` from its first and last context values, into `out` if given."""
-        weight, bias = self.coefficients(name)
-        out = torch.mul(last, weight[1][output], out=out)
-        out.add_(first, alpha=weight[0][output])
-        return out.add_(bias[output])
+    def map_for(self, name: str) -> LinearMap:
+        """The tensor's own map where it was fitted per tensor, else the shared one."""
+        return self.per_tensor.get(name, self.shared)
 
     def shrunk(self, alpha: float) -> Forecaster:
         """The forecast moved towards the last checkpoint: last + alpha * (forecast - last), still linear."""
-        weight, bias = _shrink(self.weight, self.bias, alpha)
-        per_tensor = {name: list(_shrink(w, b, alpha)) for name, (w, b) in self.per_tensor.items()}
-        return replace(self, weight=weight, bias=bias, per_tensor=per_tensor, fit_info={**self.fit_info, "shrink": alpha})
+        per_tensor = {name: linear.shrunk(alpha, LAST_INPUT) for name, linear in self.per_tensor.items()}
+        return replace(self, shared=self.shared.shrunk(alpha, LAST_INPUT), per_tensor=per_tensor, fit_info={**self.fit_info, "shrink": alpha})
+
+    def on_history(self, history: History, first: int, last: int, output: int) -> np.ndarray:
+        """The forecast of every sampled coordinate from history columns `first` and `last`."""
+        values = torch.from_numpy(history.values)
+        result = np.empty(values.shape[0])
+        for index, name in enumerate(history.tensor_names):
+            rows = torch.from_numpy(history.rows_of(index))
+            result[rows.numpy()] = self.map_for(name).apply([values[rows, first], values[rows, last]], output).numpy()
+        return result
+
+    def as_dict(self) -> dict:
+        """The saved form, farcast-forecaster/1: maps as weight (2 x m) and bias (m) lists."""
+        data = {key: value for key, value in asdict(self).items() if key not in ("shared", "per_tensor")}
+        weight, bias = self.shared.as_lists()
+        return {**data, "weight": weight, "bias": bias, "per_tensor": {name: linear.as_lists() for name, linear in self.per_tensor.items()}}
 
     def save(self, path: Path) -> None:
-        data = {"format": FORMAT, **asdict(self)}
         temporary = Path(path).with_name(f".{Path(path).name}.tmp")
         try:
-            temporary.write_text(json.dumps(data, indent=1))
+            temporary.write_text(json.dumps({"format": FORMAT, **self.as_dict()}, indent=1))
             temporary.replace(path)
         except OSError as error:
             temporary.unlink(missing_ok=True)
@@ -101,97 +97,118 @@ class Forecaster:
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise InputError(f"{path}: not a farcast forecaster file (expected format {FORMAT})")
         try:
-            return cls(**data)
-        except TypeError as error:
+            outputs = len(data["offsets"])
+            shared = _linear_map(data.pop("weight"), data.pop("bias"), outputs)
+            per_tensor = {name: _linear_map(*pair, outputs) for name, pair in data.pop("per_tensor", {}).items()}
+            return cls(shared=shared, per_tensor=per_tensor, **data)
+        except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"{path}: forecaster file is incomplete or from another version ({error})") from None
 
 
-def _shrink(weight: list[list[float]], bias: list[float], alpha: float) -> tuple[list[list[float]], list[float]]:
-    return [[alpha * a for a in weight[0]], [alpha * a + (1.0 - alpha) for a in weight[1]]], [alpha * b for b in bias]
+def _linear_map(weight: list, bias: list, outputs: int) -> LinearMap:
+    linear = LinearMap.of(weight, bias)
+    if len(linear.weight) != 2 or any(len(row) != outputs for row in linear.weight) or linear.outputs != outputs:
+        raise ValueError(f"expected 2 x {outputs} weights and {outputs} biases")
+    if not all(math.isfinite(v) for v in (*linear.bias, *(w for row in linear.weight for w in row))):
+        raise ValueError("coefficients must be finite numbers")
+    return linear
 
 
-def _split_coordinates(pairs: Pairs, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole coordinates, so validation measures generalisation to unseen weights."""
-    coordinates = np.unique(pairs.coordinate)
-    rng = np.random.default_rng(seed + 1)
-    held = rng.permutation(coordinates)[: max(1, int(round(len(coordinates) * fraction)))]
-    is_held = np.isin(pairs.coordinate, held)
-    if is_held.all():
-        return np.nonzero(is_held)[0], np.nonzero(is_held)[0]
-    return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
+@dataclass(frozen=True)
+class SelfFit:
+    """A fit on the run itself. `forecaster` is fitted on the whole history and shrunk; `trial` is the
+    same fit, unshrunk, on the history up to a held-out cut (None when the run is too short to hold
+    any checkpoints out); `scored` is the trial shrunk the way `forecaster` was, by a factor chosen
+    without the held-out checkpoints: the backtest scores it, so its figures stay out of sample."""
+
+    forecaster: Forecaster
+    trial: Forecaster | None
+    scored: Forecaster | None
+
+    @property
+    def cut(self) -> int | None:
+        return None if self.trial is None else self.trial.context_end
 
 
-def _scale(values: np.ndarray) -> float:
-    scale = float(np.mean(np.abs(values)))
-    return scale if scale > 0 else 1.0
+def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> SelfFit:
+    """The default mode: learn the jump from the run's own history (model/pairs.py's time rule),
+    then shrink towards the last checkpoint by settings.shrink, or (None) by the factor that did best
+    in a backtest on this same history (benchmarks/RESULTS.md: the most robust variant)."""
+    trial = held_out_trial(history, horizon, settings)
+    forecaster = _fit_plain(history, horizon, offsets, settings).shrunk(_shrink_factor(history, trial, settings))
+    if trial is None:
+        return SelfFit(forecaster, None, None)
+    held_out = history.truncated(history.column(trial.context_end))
+    inner = held_out_trial(held_out, trial.horizon, settings) if settings.shrink is None else None
+    return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings)))
 
 
-class _Adam:
-    """Adam (torch's defaults, betas 0.9/0.999, eps 1e-8) on the three coefficient vectors.
-
-    Written out because these are 3m numbers: torch.optim's first use imports torch._dynamo
-    (1.3 s measured), more than the whole fit costs."""
-
-    def __init__(self, parameters: np.ndarray, lr: float) -> None:
-        self.parameters, self.lr, self.t = parameters, lr, 0
-        self.m, self.v = np.zeros_like(parameters), np.zeros_like(parameters)
-
-    def step(self, gradient: np.ndarray) -> None:
-        self.t += 1
-        self.m = 0.9 * self.m + 0.1 * gradient
-        self.v = 0.999 * self.v + 0.001 * gradient * gradient
-        denominator = np.sqrt(self.v) / np.sqrt(1 - 0.999**self.t) + 1e-8
-        self.parameters -= (self.lr / (1 - 0.9**self.t)) * self.m / denominator
+def fit_on_reference(history: History, context_end: int, offsets: list[int], settings: FitSettings) -> Forecaster:
+    """The paper's protocol: learn (w at s_0, w at E) -> w at E + H from a complete reference run.
+    Shrinks only by a number given in settings.shrink: here the fit already saw the truth."""
+    pairs = reference_pairs(history, context_end, offsets)
+    forecaster = _forecaster("reference", history, context_end, offsets, pairs, settings)
+    return forecaster.shrunk(1.0 if settings.shrink is None else settings.shrink)
 
 
-def fit_coefficients(pairs: Pairs, settings: FitSettings) -> tuple[list[list[float]], list[float], dict]:
-    """Fit A (2 x m) and b (m) by Adam on L1 + lam * L_grad, restoring the best validation weights."""
-    train, held = _split_coordinates(pairs, settings.validation_fraction, settings.seed)
-    s_level = _scale(pairs.last)
-    s_change = _scale(pairs.last - pairs.first)
-    s_out = _scale(pairs.targets - pairs.last[:, None])
-    inputs = np.stack([pairs.last / s_level, (pairs.last - pairs.first) / s_change, np.ones(len(pairs.last))], axis=1)
-    residual = (pairs.targets - pairs.last[:, None]) / s_out
-    rate_bound = pairs.first_rate / s_out
+def held_out_trial(history: History, horizon: int, settings: FitSettings) -> Forecaster | None:
+    """The unshrunk fit on the history up to the backtest's cut, forecasting the last checkpoint,
+    or None when no cut can be fitted."""
+    steps = list(history.steps)
+    cut = choose_cut(steps, horizon / (steps[-1] - steps[0]))
+    if cut is None:
+        return None
+    jump = int(steps[-1] - steps[cut])
+    return _fit_plain(history.truncated(cut), jump, [jump], settings)
 
-    coefficients = np.zeros((3, pairs.targets.shape[1]))
-    optimizer = _Adam(coefficients, settings.lr)
-    generator = torch.Generator().manual_seed(settings.seed)
 
-    def loss_and_gradient(index: np.ndarray, gradient: bool = True) -> tuple[float, np.ndarray | None]:
-        x = inputs[index]
-        predicted = x @ coefficients
-        error = predicted - residual[index]
-        before_last = predicted[:, -2] if predicted.shape[1] > 1 else 0.0
-        step = predicted[:, -1] - before_last
-        last_dt = pairs.last_dt[index]
-        excess = np.abs(step) / last_dt - rate_bound[index]
-        loss = float(np.abs(error).mean() + settings.lam * np.maximum(excess, 0.0).mean())
-        if not gradient:
-            return loss, None
-        d_predicted = np.sign(error) / error.size
-        d_step = settings.lam * (excess > 0) * np.sign(step) / last_dt / len(index)
-        d_predicted[:, -1] += d_step
-        if predicted.shape[1] > 1:
-            d_predicted[:, -2] -= d_step
-        return loss, x.T @ d_predicted
+def choose_cut(steps: list[int], rho: float) -> int | None:
+    """The held-out cut whose jump ratio to the last step is closest to rho, among cuts that can be fitted."""
+    s0, s1, sk = steps[0], steps[1], steps[-1]
+    feasible = []
+    for c in range(2, len(steps) - 1):
+        rho_c = (sk - steps[c]) / (steps[c] - s0)
+        if s1 + rho_c * (s1 - s0) <= steps[c] + 1e-9:
+            feasible.append((abs(math.log(rho_c / rho)), -c, c))
+    return min(feasible)[2] if feasible else None
 
-    def validation_loss() -> float:
-        return loss_and_gradient(held, gradient=False)[0]
 
-    best_loss, best, best_epoch, epoch = validation_loss(), coefficients.copy(), 0, 0
-    for epoch in range(1, settings.max_epochs + 1):
-        order = train[torch.randperm(len(train), generator=generator).numpy()]
-        for start in range(0, len(order), settings.batch_size):
-            optimizer.step(loss_and_gradient(order[start : start + settings.batch_size])[1])
-        loss = validation_loss()
-        if loss < best_loss:
-            best_loss, best, best_epoch = loss, coefficients.copy(), epoch
-        elif epoch - best_epoch >= settings.patience:
-            break
-    p, q, c = best
-    a_first = -s_out * q / s_change
-    a_last = 1.0 + s_out * (p / s_level + q / s_change)
-    weight = [a_first.tolist(), a_last.tolist()]
-    info = {"pairs": len(pairs.first), "held_out_pairs": len(held), "epochs": epoch, "best_epoch": best_epoch, "validation_l1": best_loss * s_out}
-    return weight, (s_out * c).tolist(), info
+def best_shrink(last: np.ndarray, forecast: np.ndarray, truth: np.ndarray) -> float:
+    """The alpha in SHRINK_GRID for which last + alpha * (forecast - last) has the lowest MAE against the truth."""
+    errors = [np.abs(last + alpha * (forecast - last) - truth).mean() for alpha in SHRINK_GRID]
+    return float(SHRINK_GRID[int(np.argmin(errors))])
+
+
+def _shrink_factor(history: History, trial: Forecaster | None, settings: FitSettings) -> float:
+    """settings.shrink, or the factor for which the held-out trial came closest to the last checkpoint."""
+    if settings.shrink is not None:
+        return settings.shrink
+    if trial is None:
+        return 1.0
+    cut = history.column(trial.context_end)
+    forecast = trial.on_history(history, 0, cut, 0)
+    return best_shrink(history.values[:, cut], forecast, history.values[:, -1])
+
+
+def _fit_plain(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> Forecaster:
+    pairs = self_pairs(history, horizon, offsets)
+    return _forecaster("self", history, int(history.steps[-1]), offsets, pairs, settings)
+
+
+def _forecaster(mode: str, history: History, context_end: int, offsets: list[int], pairs: Pairs, settings: FitSettings) -> Forecaster:
+    shared, info = fit_linear_map(pairs, settings)
+    per_tensor = _fit_per_tensor(history, pairs, settings)
+    return Forecaster(mode, int(history.steps[0]), context_end, offsets, shared, asdict(settings), info, per_tensor=per_tensor)
+
+
+def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings) -> dict[str, LinearMap]:
+    """With settings.per_tensor: a map for each tensor with at least MIN_TENSOR_SAMPLE sampled
+    coordinates; the others keep the shared map."""
+    if not settings.per_tensor:
+        return {}
+    owner = history.tensor_index[pairs.coordinate]
+    fitted = {}
+    for index, name in enumerate(history.tensor_names):
+        if len(history.rows_of(index)) >= MIN_TENSOR_SAMPLE:
+            fitted[name] = fit_linear_map(pairs.subset(owner == index), settings)[0]
+    return fitted

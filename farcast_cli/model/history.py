@@ -24,6 +24,13 @@ class History:
     tensor_index: np.ndarray
     tensor_names: list[str]
 
+    def column(self, step: float) -> int:
+        """The column of a checkpoint step."""
+        return int(np.searchsorted(self.steps, step))
+
+    def rows_of(self, tensor: int) -> np.ndarray:
+        return np.nonzero(self.tensor_index == tensor)[0]
+
     def truncated(self, last_index: int) -> History:
         return History(self.steps[: last_index + 1], self.values[:, : last_index + 1], self.tensor_index, self.tensor_names)
 
@@ -99,13 +106,3 @@ def read_history(run: Run, size: int, seed: int) -> History:
     ]
     tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
     return History(np.array(run.steps, dtype=np.float64), np.stack(columns, axis=1), tensor_index, [info.name for info, _ in picks])
-
-
-def sample_forecast(history: History, first: int, last: int, forecaster, output: int) -> np.ndarray:
-    """The forecaster applied to the sampled coordinates, each with its own tensor's coefficients."""
-    values = torch.from_numpy(history.values)
-    result = np.empty(values.shape[0])
-    for index, name in enumerate(history.tensor_names):
-        rows = torch.from_numpy(np.nonzero(history.tensor_index == index)[0])
-        result[rows.numpy()] = forecaster.apply(values[rows, first], values[rows, last], output, name=name).numpy()
-    return result

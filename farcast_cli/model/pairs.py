@@ -1,4 +1,14 @@
-"""Turn a sampled history into (first, last) -> future training pairs for the two fitting modes."""
+"""Training pairs (first, last) -> future for the two fitting modes, and the time rule that makes them.
+
+Fitting on the run itself (`self_pairs`), a forecast of H steps past the last checkpoint s_K is
+learned from the run's own history by scaling the jump to each earlier anchor t:
+
+    inputs (w at s_0, w at t)  ->  target w at t + rho * (t - s_0),   rho = H / (s_K - s_0)
+
+so that every pair jumps the same fraction of its elapsed history as the forecast will; targets
+between checkpoints are interpolated linearly. A reference run (`reference_pairs`) gives the
+paper's protocol instead: (w at s_0, w at E) -> w at E + offset, the truth known for every offset.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +22,10 @@ from farcast_cli.model.history import History
 
 @dataclass
 class Pairs:
-    """Inputs and targets of the shared linear forecaster, one row per (coordinate, anchor time)."""
+    """One row per (sampled coordinate, anchor time): first and last are the map's two inputs,
+    targets its m outputs' truth; first_rate = |w_1 - w_0| / (s_1 - s_0), the run's first rate, and
+    last_dt the steps between the last two outputs, for the regulariser; coordinate is the row's
+    sampled coordinate, so that whole coordinates can be held out."""
 
     first: np.ndarray
     last: np.ndarray

@@ -1,0 +1,72 @@
+"""What farcast can write, each a linear combination of the run's checkpoints (model/linear.py):
+the forecast, and the three alternatives every report compares it with: keeping the last checkpoint,
+the straight line through the last two, and the average of the last few (LAWA)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from farcast_cli.io.run import Checkpoint, Run
+from farcast_cli.model.forecaster import Forecaster
+from farcast_cli.model.linear import LinearMap
+
+METHODS = ("forecast", "last", "line", "lawa")
+BASELINES = METHODS[1:]
+LAWA_WINDOW = 5
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Output j of tensor `name` is map_for(name) applied to the inputs' values of that tensor, computed
+    in float32 (float64 for F64 tensors)."""
+
+    method: str
+    inputs: tuple[Checkpoint, ...]
+    shared: LinearMap
+    target_steps: tuple[int, ...]
+    per_tensor: dict[str, LinearMap] = field(default_factory=dict)
+
+    def map_for(self, name: str | None) -> LinearMap:
+        return self.per_tensor.get(name, self.shared)
+
+    def apply(self, values: Sequence[torch.Tensor], output: int, out: torch.Tensor | None = None, name: str | None = None) -> torch.Tensor:
+        return self.map_for(name).apply(values, output, out)
+
+    @property
+    def from_steps(self) -> list[int]:
+        return [checkpoint.step for checkpoint in self.inputs]
+
+
+def candidate_inputs(run: Run, end: int) -> dict[str, list[Checkpoint]]:
+    """The checkpoints each candidate combines, forecasting from checkpoint number `end`."""
+    first, previous, last = run.checkpoints[0], run.checkpoints[end - 1], run.checkpoints[end]
+    return {"forecast": [first, last], "last": [last], "line": [previous, last], "lawa": run.checkpoints[max(0, end - LAWA_WINDOW + 1) : end + 1]}
+
+
+def line_slopes(previous_step: float, last_step: float, target_steps: Sequence[float]) -> list[float]:
+    """How many (last - previous) steps the straight line travels to reach each target."""
+    return [(target - last_step) / (last_step - previous_step) for target in target_steps]
+
+
+def candidates(run: Run, forecaster: Forecaster) -> dict[str, Combination]:
+    """Everything predict can write for this run, forecasting from the forecaster's context end."""
+    inputs = candidate_inputs(run, run.steps.index(forecaster.context_end))
+    targets, outputs = tuple(forecaster.target_steps), len(forecaster.offsets)
+    previous, last = inputs["line"]
+    slopes = line_slopes(previous.step, last.step, targets)
+    window = inputs["lawa"]
+    zero = [0.0] * outputs
+    maps = {
+        "forecast": forecaster.shared,
+        "last": LinearMap.keep(1, 0, outputs),
+        "line": LinearMap.of([[-s for s in slopes], [1.0 + s for s in slopes]], zero),
+        "lawa": LinearMap.of([[1.0 / len(window)] * outputs] * len(window), zero),
+    }
+    labels = {"forecast": "farcast", "last": "keep last", "line": "straight line", "lawa": f"average of the last {len(window)}"}
+    return {
+        method: Combination(labels[method], tuple(inputs[method]), maps[method], targets, forecaster.per_tensor if method == "forecast" else {})
+        for method in METHODS
+    }

@@ -1,0 +1,147 @@
+"""Fit the forecaster's linear map to training pairs: PAPER.md's L1 loss plus its regulariser, by Adam.
+
+The map is y = first * A[0] + last * A[1] + b (model/linear.py, K = 2 inputs, m outputs). Fitting
+it as written is badly conditioned: first and last are nearly equal, so nearly collinear. It is
+fitted in an equivalent form instead, each input scaled to unit size,
+
+    y = last + s_out * (p * last / s_level + q * (last - first) / s_change + c)
+
+with p = q = c = 0 at the start, which is "keep the last checkpoint". (p, q, c) is a 3 x m array;
+at the end it is turned back into A and b (`_as_linear_map`): the same 3m-parameter map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from farcast_cli.model.linear import LinearMap
+from farcast_cli.model.pairs import Pairs
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    sample: int = 8192
+    seed: int = 0
+    lam: float = 1e-5
+    lr: float = 1e-2
+    batch_size: int = 256
+    max_epochs: int = 100
+    patience: int = 5
+    validation_fraction: float = 0.2
+    shrink: float | None = None
+    per_tensor: bool = True
+
+
+def fit_linear_map(pairs: Pairs, settings: FitSettings) -> tuple[LinearMap, dict]:
+    """Adam on L1 + lam * L_grad over the training coordinates, stopped early on held-out ones,
+    returning the map with the best held-out loss and a summary of the fit."""
+    train, held = _split_coordinates(pairs, settings.validation_fraction, settings.seed)
+    problem = _Problem(pairs, settings.lam)
+    coefficients = np.zeros((3, pairs.targets.shape[1]))
+    optimizer = _Adam(coefficients, settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    best_loss, best, best_epoch, epoch = problem.loss(coefficients, held), coefficients.copy(), 0, 0
+    for epoch in range(1, settings.max_epochs + 1):
+        order = train[torch.randperm(len(train), generator=generator).numpy()]
+        for start in range(0, len(order), settings.batch_size):
+            optimizer.step(problem.gradient(coefficients, order[start : start + settings.batch_size]))
+        loss = problem.loss(coefficients, held)
+        if loss < best_loss:
+            best_loss, best, best_epoch = loss, coefficients.copy(), epoch
+        elif epoch - best_epoch >= settings.patience:
+            break
+    info = {"pairs": len(pairs.first), "held_out_pairs": len(held), "epochs": epoch, "best_epoch": best_epoch, "validation_l1": best_loss * problem.s_out}
+    return problem.as_linear_map(best), info
+
+
+class _Problem:
+    """The loss and its gradient in the scaled form (module docstring), for rows of the pairs.
+
+    The loss per row is  mean_j |r_j - d_j|  +  lam * ReLU(|y_m - y_{m-1}| / dt_m - |w_1 - w_0| / dt_1)
+    with r = x @ coefficients the predicted change from `last` and d the true one, both / s_out.
+
+    The regulariser is PAPER.md's first-order optimality condition (a forecast's last step may
+    not be larger than the run's first step) compared as rates, change per training step, where
+    PAPER.md compares raw steps: its checkpoints are equally spaced, ours are not (the first gap,
+    the forecast's last gap and the jumps scaled to each anchor all differ), so raw differences
+    would compare steps of different lengths.
+    """
+
+    def __init__(self, pairs: Pairs, lam: float) -> None:
+        self.s_level = _scale(pairs.last)
+        self.s_change = _scale(pairs.last - pairs.first)
+        self.s_out = _scale(pairs.targets - pairs.last[:, None])
+        self.inputs = np.stack([pairs.last / self.s_level, (pairs.last - pairs.first) / self.s_change, np.ones(len(pairs.last))], axis=1)
+        self.residual = (pairs.targets - pairs.last[:, None]) / self.s_out
+        self.rate_bound = pairs.first_rate / self.s_out
+        self.last_dt = pairs.last_dt
+        self.lam = lam
+
+    def _terms(self, coefficients: np.ndarray, rows: np.ndarray):
+        x = self.inputs[rows]
+        predicted = x @ coefficients
+        error = predicted - self.residual[rows]
+        step = predicted[:, -1] - (predicted[:, -2] if predicted.shape[1] > 1 else 0.0)
+        last_dt = self.last_dt[rows]
+        excess = np.abs(step) / last_dt - self.rate_bound[rows]
+        return x, error, step, last_dt, excess
+
+    def loss(self, coefficients: np.ndarray, rows: np.ndarray) -> float:
+        _, error, _, _, excess = self._terms(coefficients, rows)
+        return float(np.abs(error).mean() + self.lam * np.maximum(excess, 0.0).mean())
+
+    def gradient(self, coefficients: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """d loss / d coefficients, by hand: d|e|/de = sign(e), over the mean's count; the regulariser
+        acts on the last two outputs only, where ReLU is active, through d|step|/d step = sign(step)."""
+        x, error, step, last_dt, excess = self._terms(coefficients, rows)
+        d_predicted = np.sign(error) / error.size
+        d_step = self.lam * (excess > 0) * np.sign(step) / last_dt / len(rows)
+        d_predicted[:, -1] += d_step
+        if d_predicted.shape[1] > 1:
+            d_predicted[:, -2] -= d_step
+        return x.T @ d_predicted
+
+    def as_linear_map(self, coefficients: np.ndarray) -> LinearMap:
+        """Back from (p, q, c) to y = first * A[0] + last * A[1] + b."""
+        p, q, c = coefficients
+        a_first = -self.s_out * q / self.s_change
+        a_last = 1.0 + self.s_out * (p / self.s_level + q / self.s_change)
+        return LinearMap.of([a_first.tolist(), a_last.tolist()], (self.s_out * c).tolist())
+
+
+def _split_coordinates(pairs: Pairs, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out whole coordinates, so validation measures generalisation to unseen weights."""
+    coordinates = np.unique(pairs.coordinate)
+    rng = np.random.default_rng(seed + 1)
+    held = rng.permutation(coordinates)[: max(1, int(round(len(coordinates) * fraction)))]
+    is_held = np.isin(pairs.coordinate, held)
+    if is_held.all():
+        return np.nonzero(is_held)[0], np.nonzero(is_held)[0]
+    return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
+
+
+def _scale(values: np.ndarray) -> float:
+    scale = float(np.mean(np.abs(values)))
+    return scale if scale > 0 else 1.0
+
+
+class _Adam:
+    """Adam (torch's defaults, betas 0.9/0.999, eps 1e-8) on the 3 x m coefficients.
+
+    Written out because these are 3m numbers: torch.optim's first use imports torch._dynamo
+    (1.3 s measured), more than the whole fit costs."""
+
+    def __init__(self, parameters: np.ndarray, lr: float) -> None:
+        self.parameters, self.lr, self.t = parameters, lr, 0
+        self.m, self.v = np.zeros_like(parameters), np.zeros_like(parameters)
+
+    def step(self, gradient: np.ndarray) -> None:
+        self.t += 1
+        self.m = 0.9 * self.m + 0.1 * gradient
+        self.v = 0.999 * self.v + 0.001 * gradient * gradient
+        denominator = np.sqrt(self.v) / np.sqrt(1 - 0.999**self.t) + 1e-8
+        self.parameters -= (self.lr / (1 - 0.9**self.t)) * self.m / denominator
