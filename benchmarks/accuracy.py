@@ -55,7 +55,19 @@ WORKLOADS = {
 }
 GPU_ONLY = {"distilbert-size-lm-adamw"}
 CUTS, JUMPS = (0.25, 0.5, 0.75), (0.5, 1.0)
-DEFAULT_METHODS = ("last", "line", "lawa", "full-window", "2-point", "per-tensor", "recent-anchor", "smoothed", "shared+shrink", "lr-time", "per-tensor+shrink")
+DEFAULT_METHODS = (
+    "last",
+    "line",
+    "lawa",
+    "full-window",
+    "2-point",
+    "per-tensor",
+    "recent-anchor",
+    "smoothed",
+    "shared+shrink",
+    "lr-time",
+    "per-tensor+shrink",
+)
 ORACLES = ("oracle-shared", "oracle-per-tensor", "oracle-loss", "oracle-loss-per-tensor")
 METHODS = DEFAULT_METHODS + ORACLES
 SAMPLE = 20000
@@ -285,8 +297,15 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, 
             predictions = {m: makers[m]() for m in METHODS if m in methods or m == "last"}
             truth = run.vectors[target]
             curve = [(run.steps[k], run.checkpoint_loss(k)) for k in range(cut, target + 1)]
-            row = {"cut": fraction, "cut_step": cut_step, "jump": jump, "target_step": cut_step + horizon,
-                   "loss_last": curve[0][1], "loss_target": curve[-1][1], "methods": {}}
+            row = {
+                "cut": fraction,
+                "cut_step": cut_step,
+                "jump": jump,
+                "target_step": cut_step + horizon,
+                "loss_last": curve[0][1],
+                "loss_target": curve[-1][1],
+                "methods": {},
+            }
             mae_last = np.abs(last - truth).mean()
             for method, predicted in predictions.items():
                 loss = run.loss(predicted)
@@ -294,10 +313,17 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, 
                 saved = 1.0 if reached is None else (reached - cut_step) / horizon
                 if loss > curve[0][1]:
                     saved = -_steps_back(run, cut, loss) / horizon
-                row["methods"][method] = {"weight_skill": float(1 - np.abs(predicted - truth).mean() / mae_last), "loss": float(loss), "steps_saved": float(saved)}
+                row["methods"][method] = {
+                    "weight_skill": float(1 - np.abs(predicted - truth).mean() / mae_last),
+                    "loss": float(loss),
+                    "steps_saved": float(saved),
+                }
             results.append(row)
-            print(f"  cut {fraction:.2f} (step {cut_step}), jump {jump}x to {cut_step + horizon}: " + ", ".join(
-                f"{m} {v['steps_saved']:+.2f}" for m, v in row["methods"].items()), flush=True)
+            print(
+                f"  cut {fraction:.2f} (step {cut_step}), jump {jump}x to {cut_step + horizon}: "
+                + ", ".join(f"{m} {v['steps_saved']:+.2f}" for m, v in row["methods"].items()),
+                flush=True,
+            )
     return results
 
 

@@ -35,7 +35,10 @@ def make_run(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dtype:
 def make_run_elsewhere(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dtype: str) -> Path:
     """make_run in a child process, so this process stays small: Linux carries a process's peak
     resident size across fork and exec, so a large parent would inflate every child's figure."""
-    code = f"import torch, common; common.make_run(__import__('pathlib').Path({str(folder)!r}), {checkpoints}, {bytes_per_checkpoint}, torch.{dtype})"
+    code = (
+        f"import torch, common; "
+        f"common.make_run(__import__('pathlib').Path({str(folder)!r}), {checkpoints}, {bytes_per_checkpoint}, torch.{dtype})"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
     return folder
 

@@ -1,6 +1,6 @@
 """Host-to-device copy speed from pinned and from ordinary memory, the figures the GPU path relies on.
 
-    python benchmarks/gpu_transfer.py
+python benchmarks/gpu_transfer.py
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def main() -> None:
     pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
     pageable = torch.empty(size, dtype=torch.uint8)
     pinned_rate, pageable_rate = gb_per_second(pinned), gb_per_second(pageable)
-    print(f"host-to-device, 1 GiB: pinned {pinned_rate:.1f} GB/s, ordinary {pageable_rate:.1f} GB/s, ratio {pinned_rate / pageable_rate:.1f}")
+    print(
+        f"host-to-device, 1 GiB: pinned {pinned_rate:.1f} GB/s, ordinary {pageable_rate:.1f} GB/s, ratio {pinned_rate / pageable_rate:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,16 +32,31 @@ def main() -> None:
         for max_memory in ("1GiB", "256MB"):
             out, forecaster = args.work / "scale-out", args.work / "scale-forecaster.json"
             shutil.rmtree(out, ignore_errors=True)
-            predict_s, predict_mb, _ = timed_farcast("predict", run, "-H", 100, "-o", out, "--max-memory", max_memory, "--device", "cpu", "--quiet", "--json")
-            fit_s, fit_mb, stdout = timed_farcast("fit", run, "-H", 100, "-o", forecaster, "--force", "--backtest", "sample", "--max-memory", max_memory, "--quiet", "--json")
+            predict_s, predict_mb, _ = timed_farcast(
+                "predict", run, "-H", 100, "-o", out, "--max-memory", max_memory, "--device", "cpu", "--quiet", "--json"
+            )
+            fit_s, fit_mb, stdout = timed_farcast(
+                "fit", run, "-H", 100, "-o", forecaster, "--force", "--backtest", "sample", "--max-memory", max_memory, "--quiet", "--json"
+            )
             seconds = json.loads(stdout)["seconds"]
             seconds["fit"] = seconds["fit_and_backtest"]
             shutil.rmtree(out, ignore_errors=True)
-            row = {"run_gb": size, "max_memory": max_memory, "predict_seconds": predict_s, "predict_peak_mb": predict_mb,
-                   "fit_seconds": fit_s, "fit_peak_mb": fit_mb, "fit_read_sample_seconds": seconds["read_sample"], "fit_fit_seconds": seconds["fit"]}
+            row = {
+                "run_gb": size,
+                "max_memory": max_memory,
+                "predict_seconds": predict_s,
+                "predict_peak_mb": predict_mb,
+                "fit_seconds": fit_s,
+                "fit_peak_mb": fit_mb,
+                "fit_read_sample_seconds": seconds["read_sample"],
+                "fit_fit_seconds": seconds["fit"],
+            }
             rows.append(row)
-            print(f"run {size:4g} GB, --max-memory {max_memory:5s}: predict {predict_s:6.1f} s, peak {predict_mb:5.0f} MB | "
-                  f"fit {fit_s:5.1f} s (sample read {seconds['read_sample']:.2f} s, fitting {seconds['fit']:.2f} s), peak {fit_mb:5.0f} MB", flush=True)
+            print(
+                f"run {size:4g} GB, --max-memory {max_memory:5s}: predict {predict_s:6.1f} s, peak {predict_mb:5.0f} MB | "
+                f"fit {fit_s:5.1f} s (sample read {seconds['read_sample']:.2f} s, fitting {seconds['fit']:.2f} s), peak {fit_mb:5.0f} MB",
+                flush=True,
+            )
     for max_memory in ("1GiB", "256MB"):
         peaks = [r["predict_peak_mb"] for r in rows if r["max_memory"] == max_memory]
         print(f"--max-memory {max_memory}: predict peak max/min across sizes = {max(peaks) / min(peaks):.2f}")

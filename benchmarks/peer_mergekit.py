@@ -36,8 +36,15 @@ def make_run(folder: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
-                         num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     start = {name: value.detach().clone() for name, value in model.state_dict().items()}
     drift = {name: torch.randn_like(value) * 1e-3 for name, value in start.items()}
@@ -73,10 +80,21 @@ def main() -> None:
         f"  - model: {last}\n    parameters:\n      weight: {WEIGHTS[1]}\n"
     )
     forecaster = args.work / "fixed.json"
-    forecaster.write_text(json.dumps({
-        "format": "farcast-forecaster/1", "mode": "self", "first_step": 0, "context_end": 200, "offsets": [100],
-        "weight": [[WEIGHTS[0]], [WEIGHTS[1]]], "bias": [0.0], "settings": {}, "report": None,
-    }))
+    forecaster.write_text(
+        json.dumps(
+            {
+                "format": "farcast-forecaster/1",
+                "mode": "self",
+                "first_step": 0,
+                "context_end": 200,
+                "offsets": [100],
+                "weight": [[WEIGHTS[0]], [WEIGHTS[1]]],
+                "bias": [0.0],
+                "settings": {},
+                "report": None,
+            }
+        )
+    )
     mergekit_bin = str(Path(sys.executable).parent / "mergekit-yaml")
     rows = []
     for attempt in range(2):
@@ -86,7 +104,9 @@ def main() -> None:
             if tool == "mergekit":
                 seconds, peak = peak_of([mergekit_bin, str(recipe), str(out), "--lazy-unpickle"])
             else:
-                seconds, peak, _ = timed_farcast("predict", run, "--forecaster", forecaster, "-o", out, "--device", "cpu", "--quiet", "--json")
+                seconds, peak, _ = timed_farcast(
+                    "predict", run, "--forecaster", forecaster, "-o", out, "--device", "cpu", "--quiet", "--json"
+                )
             rows.append((tool, seconds, peak))
             print(f"{tool:8s} attempt {attempt + 1}: {seconds:6.2f} s, peak {peak:6.0f} MB", flush=True)
     ours = load_file(next((args.work / "out-farcast").glob("*.safetensors")))
@@ -97,8 +117,10 @@ def main() -> None:
     worst = max(float((ours[n] - theirs[n]).abs().max()) for n in common)
     best = {tool: min((s, p) for t, s, p in rows if t == tool) for tool in ("mergekit", "farcast")}
     print(f"tensors compared: {len(common)} of {len(ours)}; largest difference {worst:.2e}")
-    print(f"best of 2: mergekit {best['mergekit'][0]:.2f} s / {best['mergekit'][1]:.0f} MB, farcast {best['farcast'][0]:.2f} s / "
-          f"{best['farcast'][1]:.0f} MB; time ratio farcast/mergekit {best['farcast'][0] / best['mergekit'][0]:.2f}")
+    print(
+        f"best of 2: mergekit {best['mergekit'][0]:.2f} s / {best['mergekit'][1]:.0f} MB, farcast {best['farcast'][0]:.2f} s / "
+        f"{best['farcast'][1]:.0f} MB; time ratio farcast/mergekit {best['farcast'][0] / best['mergekit'][0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

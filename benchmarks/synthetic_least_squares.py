@@ -38,7 +38,9 @@ PAPER_AT_200 = {  # PAPER.md: last value, linear extrapolation, full-window line
 }
 
 
-def trajectories(count: int, dim: int, optimizer: str, rng: np.random.Generator, n: int = 100, lr: float = 0.01, batch: int = 10) -> np.ndarray:
+def trajectories(
+    count: int, dim: int, optimizer: str, rng: np.random.Generator, n: int = 100, lr: float = 0.01, batch: int = 10
+) -> np.ndarray:
     """(count, STEPS + 1, dim): GD, or SGD on minibatches of `batch` rows, on a fresh random problem each."""
     result = np.empty((count, STEPS + 1, dim))
     for i in range(count):
@@ -71,6 +73,7 @@ def farcast(*args: object) -> str:
 
 def full_window_linear(train: np.ndarray, test: np.ndarray) -> np.ndarray:
     """Least squares from all 21 observed values (plus a bias) to each output step, channel-independent."""
+
     def design(series: np.ndarray) -> np.ndarray:
         window = series[:, : CONTEXT_END + 1, :].transpose(0, 2, 1).reshape(-1, CONTEXT_END + 1)
         return np.hstack([window, np.ones((len(window), 1))])
@@ -89,15 +92,37 @@ def one_seed(dim: int, optimizer: str, seed: int, work: Path) -> dict[str, np.nd
     reference_run = write_as_run(work / "reference", reference, list(range(STEPS + 1)))
     test_run = write_as_run(work / "test", test, list(range(CONTEXT_END + 1)))
     emits = [f"--emit={s - CONTEXT_END}" for s in OUTPUT_STEPS[:-1]]
-    farcast("fit", reference_run, "--context-end", CONTEXT_END, "--horizon", STEPS - CONTEXT_END, *emits,
-            "-o", work / "forecaster.json", "--seed", seed, "--batch-size", 32, "--quiet", "--json")
+    farcast(
+        "fit",
+        reference_run,
+        "--context-end",
+        CONTEXT_END,
+        "--horizon",
+        STEPS - CONTEXT_END,
+        *emits,
+        "-o",
+        work / "forecaster.json",
+        "--seed",
+        seed,
+        "--batch-size",
+        32,
+        "--quiet",
+        "--json",
+    )
     farcast("predict", test_run, "--forecaster", work / "forecaster.json", "-o", work / "out", "--quiet", "--json")
-    two_point = np.stack([load_file(work / "out" / f"checkpoint-{s}" / "model.safetensors")["w"].double().numpy() for s in OUTPUT_STEPS], axis=1)
+    two_point = np.stack(
+        [load_file(work / "out" / f"checkpoint-{s}" / "model.safetensors")["w"].double().numpy() for s in OUTPUT_STEPS], axis=1
+    )
     truth = test[:, OUTPUT_STEPS, :]
     last = np.repeat(test[:, CONTEXT_END : CONTEXT_END + 1, :], len(OUTPUT_STEPS), axis=1)
     slope = test[:, CONTEXT_END, :] - test[:, CONTEXT_END - 1, :]
     line = test[:, CONTEXT_END, None, :] + slope[:, None, :] * (np.array(OUTPUT_STEPS) - CONTEXT_END)[None, :, None]
-    predictions = {"last value": last, "linear extrapolation": line, "full-window linear": full_window_linear(reference[:100], test), "2-point (farcast)": two_point}
+    predictions = {
+        "last value": last,
+        "linear extrapolation": line,
+        "full-window linear": full_window_linear(reference[:100], test),
+        "2-point (farcast)": two_point,
+    }
     return {name: ((p - truth) ** 2).mean(axis=(0, 2)) for name, p in predictions.items()}
 
 
@@ -117,8 +142,13 @@ def main() -> None:
             table[f"{dim_name} {optimizer}"] = {name: np.mean([r[name] for r in runs], axis=0).tolist() for name in runs[0]}
             paper = PAPER_AT_200[(dim_name, optimizer)]
             ours = [table[f"{dim_name} {optimizer}"][name][-1] for name in runs[0]]
-            print(f"least squares {dim_name}, {optimizer:3s} | ours at step 200: " + " | ".join(f"{v:.1e}" for v in ours)
-                  + " || paper: " + " | ".join(f"{v:.1e}" for v in paper), flush=True)
+            print(
+                f"least squares {dim_name}, {optimizer:3s} | ours at step 200: "
+                + " | ".join(f"{v:.1e}" for v in ours)
+                + " || paper: "
+                + " | ".join(f"{v:.1e}" for v in paper),
+                flush=True,
+            )
     print("columns: last value | linear extrapolation | full-window linear | 2-point")
     if args.json:
         args.json.write_text(json.dumps({"output_steps": OUTPUT_STEPS, "mse": table}, indent=1))

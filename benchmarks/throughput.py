@@ -22,7 +22,6 @@ from pathlib import Path
 
 from common import make_run_elsewhere, python_startup_seconds, raw_io_seconds, timed_farcast, warm_cache
 
-
 REPEATS = 4
 
 
@@ -36,15 +35,26 @@ def measure(run: Path, work: Path, device: str, backtest: str) -> dict:
     seconds, streaming = [], []
     for _ in range(REPEATS):
         shutil.rmtree(out, ignore_errors=True)
-        elapsed, peak_mb, stdout = timed_farcast("predict", run, "-H", 100, "-o", out, "--backtest", backtest, "--device", device, "--quiet", "--json")
+        elapsed, peak_mb, stdout = timed_farcast(
+            "predict", run, "-H", 100, "-o", out, "--backtest", backtest, "--device", device, "--quiet", "--json"
+        )
         phases = json.loads(stdout)["seconds"]
         seconds.append(elapsed)
         streaming.append(phases["write_forecast"] + (phases["fit_and_backtest"] if backtest == "full" else 0.0))
     shutil.rmtree(out, ignore_errors=True)
     moved = sum(p.stat().st_size for p in streamed) + out_bytes
-    return {"backtest": backtest, "bytes_moved": moved, "raw_seconds": raw, "farcast_seconds": min(seconds), "peak_mb": peak_mb,
-            "raw_gb_s": moved / raw / 1e9, "farcast_gb_s": moved / min(seconds) / 1e9, "ratio": min(seconds) / raw,
-            "streaming_seconds": min(streaming), "streaming_ratio": min(streaming) / raw}
+    return {
+        "backtest": backtest,
+        "bytes_moved": moved,
+        "raw_seconds": raw,
+        "farcast_seconds": min(seconds),
+        "peak_mb": peak_mb,
+        "raw_gb_s": moved / raw / 1e9,
+        "farcast_gb_s": moved / min(seconds) / 1e9,
+        "ratio": min(seconds) / raw,
+        "streaming_seconds": min(streaming),
+        "streaming_ratio": min(streaming) / raw,
+    }
 
 
 def main() -> None:
@@ -64,9 +74,13 @@ def main() -> None:
         for backtest in ("sample", "full"):
             row = {"dtype": name, "run_gb": total / 1e9, "device": args.device, **measure(run, args.work, args.device, backtest)}
             results.append(row)
-            print(f"{name:4s} run {row['run_gb']:.1f} GB, backtest {backtest:6s}: raw I/O {row['raw_seconds']:.2f} s ({row['raw_gb_s']:.2f} GB/s), "
-                  f"farcast {row['farcast_seconds']:.2f} s ({row['farcast_gb_s']:.2f} GB/s), ratio {row['ratio']:.2f}; "
-                  f"streaming phases {row['streaming_seconds']:.2f} s, ratio {row['streaming_ratio']:.2f}; peak {row['peak_mb']:.0f} MB", flush=True)
+            print(
+                f"{name:4s} run {row['run_gb']:.1f} GB, backtest {backtest:6s}: "
+                f"raw I/O {row['raw_seconds']:.2f} s ({row['raw_gb_s']:.2f} GB/s), "
+                f"farcast {row['farcast_seconds']:.2f} s ({row['farcast_gb_s']:.2f} GB/s), ratio {row['ratio']:.2f}; "
+                f"streaming phases {row['streaming_seconds']:.2f} s, ratio {row['streaming_ratio']:.2f}; peak {row['peak_mb']:.0f} MB",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps({"startup_seconds": startup, "results": results}, indent=1))
 

@@ -9,10 +9,11 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -86,10 +87,24 @@ def with_options(*groups: OptionGroup) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def _fit_settings(sample: int, seed: int, lam: float, lr: float, batch_size: int, max_epochs: int, patience: int, shrink: str, per_tensor: bool) -> FitSettings:
+def _fit_settings(
+    sample: int, seed: int, lam: float, lr: float, batch_size: int, max_epochs: int, patience: int, shrink: str, per_tensor: bool
+) -> FitSettings:
     if sample < 2 or batch_size < 1 or max_epochs < 1 or patience < 1 or lr <= 0 or lam < 0:
-        raise typer.BadParameter("--sample must be at least 2; --batch-size, --max-epochs, --patience and --lr positive; --lambda not negative")
-    return FitSettings(sample=sample, seed=seed, lam=lam, lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience, shrink=_shrink(shrink), per_tensor=per_tensor)
+        raise typer.BadParameter(
+            "--sample must be at least 2; --batch-size, --max-epochs, --patience and --lr positive; --lambda not negative"
+        )
+    return FitSettings(
+        sample=sample,
+        seed=seed,
+        lam=lam,
+        lr=lr,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        patience=patience,
+        shrink=_shrink(shrink),
+        per_tensor=per_tensor,
+    )
 
 
 def _shrink(text: str) -> float | None:
@@ -106,40 +121,84 @@ def _shrink(text: str) -> float | None:
     return value
 
 
-FIT_OPTIONS = OptionGroup("settings", (
-    _option("sample", int, FitSettings.sample, help="Weight coordinates sampled to fit the forecaster.", panel=FITTING),
-    _option("seed", int, FitSettings.seed, help="Seed for sampling and fitting.", panel=FITTING),
-    _option("lam", float, FitSettings.lam, "--lambda", help="Weight of the first-order-optimality regulariser.", panel=FITTING),
-    _option("lr", float, FitSettings.lr, "--lr", help="Adam learning rate.", panel=FITTING),
-    _option("batch_size", int, FitSettings.batch_size, help="Adam batch size.", panel=FITTING),
-    _option("max_epochs", int, FitSettings.max_epochs, help="Most epochs of Adam.", panel=FITTING),
-    _option("patience", int, FitSettings.patience, help="Epochs without validation gain before stopping.", panel=FITTING),
-    _option("shrink", str, "auto", help="Move the forecast towards the last checkpoint by a factor: auto (chosen by a backtest on the run), "
-            "none, or a number (0 = keep last, 1 = unshrunk).", panel=FITTING),
-    _option("per_tensor", bool, FitSettings.per_tensor, "--per-tensor/--shared", help="Coefficients for each tensor with enough sampled "
-            "coordinates (the rest share one set), or one shared set for all (the paper's model).", panel=FITTING),
-), _fit_settings)
+FIT_OPTIONS = OptionGroup(
+    "settings",
+    (
+        _option("sample", int, FitSettings.sample, help="Weight coordinates sampled to fit the forecaster.", panel=FITTING),
+        _option("seed", int, FitSettings.seed, help="Seed for sampling and fitting.", panel=FITTING),
+        _option("lam", float, FitSettings.lam, "--lambda", help="Weight of the first-order-optimality regulariser.", panel=FITTING),
+        _option("lr", float, FitSettings.lr, "--lr", help="Adam learning rate.", panel=FITTING),
+        _option("batch_size", int, FitSettings.batch_size, help="Adam batch size.", panel=FITTING),
+        _option("max_epochs", int, FitSettings.max_epochs, help="Most epochs of Adam.", panel=FITTING),
+        _option("patience", int, FitSettings.patience, help="Epochs without validation gain before stopping.", panel=FITTING),
+        _option(
+            "shrink",
+            str,
+            "auto",
+            help="Move the forecast towards the last checkpoint by a factor: auto (chosen by a backtest on the run), "
+            "none, or a number (0 = keep last, 1 = unshrunk).",
+            panel=FITTING,
+        ),
+        _option(
+            "per_tensor",
+            bool,
+            FitSettings.per_tensor,
+            "--per-tensor/--shared",
+            help="Coefficients for each tensor with enough sampled "
+            "coordinates (the rest share one set), or one shared set for all (the paper's model).",
+            panel=FITTING,
+        ),
+    ),
+    _fit_settings,
+)
 
 
-def _stream_options(device: str, max_memory: str, backtest: Scope, use_mmap: bool, eval_cmd: Optional[str], quiet: bool) -> commands.StreamOptions:
-    return commands.StreamOptions(device=device, max_memory=parse_size(max_memory), backtest=backtest.value, quiet=quiet, use_mmap=use_mmap, eval_cmd=eval_cmd)
+def _stream_options(
+    device: str, max_memory: str, backtest: Scope, use_mmap: bool, eval_cmd: str | None, quiet: bool
+) -> commands.StreamOptions:
+    return commands.StreamOptions(
+        device=device, max_memory=parse_size(max_memory), backtest=backtest.value, quiet=quiet, use_mmap=use_mmap, eval_cmd=eval_cmd
+    )
 
 
-STREAM_OPTIONS = OptionGroup("options", (
-    _option("eval_cmd", Optional[str], None, "--eval-cmd", help="A command that prints a checkpoint folder's loss, with {checkpoint} for "
-            "the folder: adds steps saved to the backtest."),
-    _option("device", str, "auto", help="auto (a GPU when one is visible), cpu, cuda or cuda:N.", panel=STREAMING),
-    _option("max_memory", str, "1GiB", help="Memory for tensor data, host and device (e.g. 512MB, 4GiB).", panel=STREAMING),
-    _option("backtest", Scope, Scope.full, "--backtest", help="Score the backtest on all coordinates (full) or on the fitting sample "
-            "(sample, fast).", panel=EVALUATION),
-    _option("use_mmap", bool, False, "--mmap", help="Read through memory maps instead of positional reads (slow on network file systems).",
-            panel=STREAMING),
-    _option("quiet", bool, False, "--quiet", "-q", help="No progress messages."),
-), _stream_options)
+STREAM_OPTIONS = OptionGroup(
+    "options",
+    (
+        _option(
+            "eval_cmd",
+            str | None,
+            None,
+            "--eval-cmd",
+            help="A command that prints a checkpoint folder's loss, with {checkpoint} for the folder: adds steps saved to the backtest.",
+        ),
+        _option("device", str, "auto", help="auto (a GPU when one is visible), cpu, cuda or cuda:N.", panel=STREAMING),
+        _option("max_memory", str, "1GiB", help="Memory for tensor data, host and device (e.g. 512MB, 4GiB).", panel=STREAMING),
+        _option(
+            "backtest",
+            Scope,
+            Scope.full,
+            "--backtest",
+            help="Score the backtest on all coordinates (full) or on the fitting sample (sample, fast).",
+            panel=EVALUATION,
+        ),
+        _option(
+            "use_mmap",
+            bool,
+            False,
+            "--mmap",
+            help="Read through memory maps instead of positional reads (slow on network file systems).",
+            panel=STREAMING,
+        ),
+        _option("quiet", bool, False, "--quiet", "-q", help="No progress messages."),
+    ),
+    _stream_options,
+)
 
-RunDir = Annotated[Path, typer.Argument(help="Folder of the run's checkpoints: checkpoint-<step>/ folders or <name><step>.safetensors files.")]
-Horizon = Annotated[Optional[int], typer.Option("--horizon", "-H", help="Training steps to jump past the last checkpoint.")]
-Emit = Annotated[Optional[list[int]], typer.Option("--emit", help="Also forecast this many steps ahead (repeatable, each below the horizon).")]
+RunDir = Annotated[
+    Path, typer.Argument(help="Folder of the run's checkpoints: checkpoint-<step>/ folders or <name><step>.safetensors files.")
+]
+Horizon = Annotated[int | None, typer.Option("--horizon", "-H", help="Training steps to jump past the last checkpoint.")]
+Emit = Annotated[list[int] | None, typer.Option("--emit", help="Also forecast this many steps ahead (repeatable, each below the horizon).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 
@@ -229,7 +288,9 @@ def fit(
     run_dir: RunDir,
     output: Annotated[Path, typer.Option("--output", "-o", help="Forecaster file to write (JSON).")],
     horizon: Horizon = None,
-    context_end: Annotated[Optional[int], typer.Option(help="Fit on a complete reference run: learn (step s_0, this step) -> this step + horizon.")] = None,
+    context_end: Annotated[
+        int | None, typer.Option(help="Fit on a complete reference run: learn (step s_0, this step) -> this step + horizon.")
+    ] = None,
     emit: Emit = None,
     force: Force = False,
     as_json: AsJson = False,
@@ -239,7 +300,9 @@ def fit(
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
     if horizon is None:
         raise typer.BadParameter("--horizon is required", param_hint="--horizon")
-    action = lambda: commands.fit(run_dir, output, horizon=horizon, context_end=context_end, emit=emit or [], settings=settings, options=options, force=force)  # noqa: E731
+    action = lambda: commands.fit(
+        run_dir, output, horizon=horizon, context_end=context_end, emit=emit or [], settings=settings, options=options, force=force
+    )  # noqa: E731
     _run(action, _show_report(as_json))
 
 
@@ -247,16 +310,33 @@ def fit(
 @with_options(FIT_OPTIONS, STREAM_OPTIONS)
 def predict(
     run_dir: RunDir,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the forecast checkpoint into (must not exist, unless --force).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder to write the forecast checkpoint into (must not exist, unless --force).")
+    ],
     horizon: Horizon = None,
-    forecaster: Annotated[Optional[Path], typer.Option(help="Apply a forecaster saved by `farcast fit` instead of fitting on this run.")] = None,
+    forecaster: Annotated[
+        Path | None, typer.Option(help="Apply a forecaster saved by `farcast fit` instead of fitting on this run.")
+    ] = None,
     emit: Emit = None,
-    dtype: Annotated[Optional[OutputDtype], typer.Option(help="Store forecast tensors in this dtype instead of the input's.")] = None,
-    min_skill: Annotated[Optional[float], typer.Option(help="Exit 4 and write nothing if the backtest skill against keeping the last checkpoint is below this.",
-                                                       rich_help_panel=EVALUATION)] = None,
-    fallback: Annotated[bool, typer.Option("--fallback", help="Write the candidate with the lowest backtest error (forecast, last checkpoint, "
-                                           "straight line, average of the last checkpoints), saying which.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.")] = False,
+    dtype: Annotated[OutputDtype | None, typer.Option(help="Store forecast tensors in this dtype instead of the input's.")] = None,
+    min_skill: Annotated[
+        float | None,
+        typer.Option(
+            help="Exit 4 and write nothing if the backtest skill against keeping the last checkpoint is below this.",
+            rich_help_panel=EVALUATION,
+        ),
+    ] = None,
+    fallback: Annotated[
+        bool,
+        typer.Option(
+            "--fallback",
+            help="Write the candidate with the lowest backtest error (forecast, last checkpoint, "
+            "straight line, average of the last checkpoints), saying which.",
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.")
+    ] = False,
     force: Force = False,
     as_json: AsJson = False,
     settings: FitSettings = None,
@@ -286,8 +366,10 @@ def _show_plan(plan: dict, as_json: bool) -> None:
         print(f"read for the backtest: {backtest.get('unavailable', 'only the sampled coordinates')}")
     print(f"read for the forecast: checkpoints {reads['forecast']['checkpoints']}, {reads['forecast']['bytes']:,} bytes")
     print(f"write: {writes['folder']}: step(s) {writes['checkpoints']}, {writes['bytes']:,} bytes")
-    print(f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
-          f"scratch {memory['scratch_bytes']:,} bytes, within --max-memory {memory['max_memory']:,}")
+    print(
+        f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
+        f"scratch {memory['scratch_bytes']:,} bytes, within --max-memory {memory['max_memory']:,}"
+    )
 
 
 def main() -> None:

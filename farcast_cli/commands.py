@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from farcast_cli.errors import InputError, LowSkillError, UsageError
-from farcast_cli.evaluate.backtest import INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, backtest_sample, backtest_streaming, checkpoints_read
+from farcast_cli.evaluate.backtest import (
+    INPUT_BYTES_PER_ELEMENT,
+    SCRATCH_BYTES_PER_ELEMENT,
+    backtest_sample,
+    backtest_streaming,
+    checkpoints_read,
+)
 from farcast_cli.evaluate.loss import run_eval_command, steps_saved
 from farcast_cli.evaluate.report import NAMES, REPORT_FILE, Backtest, Report, Written, verdict
 from farcast_cli.forecast.candidates import candidate_inputs, candidates
@@ -81,8 +87,15 @@ def inspect_run(run_dir: Path) -> dict:
 
 
 def fit(
-    run_dir: Path, out_file: Path, *, horizon: int, context_end: int | None = None, emit: list[int] = (),
-    settings: FitSettings = FitSettings(), options: StreamOptions = StreamOptions(), force: bool = False,
+    run_dir: Path,
+    out_file: Path,
+    *,
+    horizon: int,
+    context_end: int | None = None,
+    emit: list[int] = (),
+    settings: FitSettings = FitSettings(),
+    options: StreamOptions = StreamOptions(),
+    force: bool = False,
 ) -> Report:
     """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster."""
     if out_file.exists() and not force:
@@ -97,7 +110,9 @@ def fit(
         history = read_history(run, settings.sample, settings.seed)
     if context_end is None:
         with timed(timings, "fit_and_backtest"):
-            forecaster, backtest, unavailable = _fit_and_backtest(run, history, horizon, offsets, settings, options, _existing_parent(out_file))
+            forecaster, backtest, unavailable = _fit_and_backtest(
+                run, history, horizon, offsets, settings, options, _existing_parent(out_file)
+            )
     else:
         with timed(timings, "fit"):
             forecaster = fit_on_reference(history, context_end, offsets, settings)
@@ -112,9 +127,18 @@ def fit(
 
 
 def predict(
-    run_dir: Path, out_dir: Path, *, horizon: int | None = None, forecaster_file: Path | None = None, emit: list[int] = (),
-    settings: FitSettings = FitSettings(), options: StreamOptions = StreamOptions(), dtype: str | None = None,
-    force: bool = False, min_skill: float | None = None, fallback: bool = False,
+    run_dir: Path,
+    out_dir: Path,
+    *,
+    horizon: int | None = None,
+    forecaster_file: Path | None = None,
+    emit: list[int] = (),
+    settings: FitSettings = FitSettings(),
+    options: StreamOptions = StreamOptions(),
+    dtype: str | None = None,
+    force: bool = False,
+    min_skill: float | None = None,
+    fallback: bool = False,
 ) -> Report:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the forecast checkpoint.
 
@@ -139,13 +163,17 @@ def predict(
         with timed(timings, "read_sample"):
             history = read_history(run, settings.sample, settings.seed)
         with timed(timings, "fit_and_backtest"):
-            forecaster, backtest, unavailable = _fit_and_backtest(run, history, horizon, offsets, settings, options, _existing_parent(out_dir))
+            forecaster, backtest, unavailable = _fit_and_backtest(
+                run, history, horizon, offsets, settings, options, _existing_parent(out_dir)
+            )
         report = _report("predict", run, forecaster, backtest, unavailable)
     _enforce_min_skill(report, min_skill)
     choice = "forecast"
     if fallback and report.best not in (None, "forecast"):
         choice = report.best
-        report.written = Written(choice, f"--fallback: wrote {NAMES[choice]} instead of the forecast: it had the lowest error in the backtest.")
+        report.written = Written(
+            choice, f"--fallback: wrote {NAMES[choice]} instead of the forecast: it had the lowest error in the backtest."
+        )
     candidate = candidates(run, forecaster)[choice]
     last = run.at_step(forecaster.context_end)
     with atomic_folder(out_dir) as folder:
@@ -164,8 +192,15 @@ def predict(
 
 
 def dry_run(
-    run_dir: Path, out_dir: Path, *, horizon: int | None = None, forecaster_file: Path | None = None, emit: list[int] = (),
-    settings: FitSettings = FitSettings(), options: StreamOptions = StreamOptions(), dtype: str | None = None,
+    run_dir: Path,
+    out_dir: Path,
+    *,
+    horizon: int | None = None,
+    forecaster_file: Path | None = None,
+    emit: list[int] = (),
+    settings: FitSettings = FitSettings(),
+    options: StreamOptions = StreamOptions(),
+    dtype: str | None = None,
 ) -> dict:
     """What `predict` would read and write, and its memory plan, without reading any tensor data."""
     run = find_run(run_dir)
@@ -264,7 +299,10 @@ def _steps_saved(run: Run, forecaster: Forecaster, end: int, options: StreamOpti
 
 def _require_three_checkpoints(run: Run) -> None:
     if len(run.checkpoints) < 3:
-        raise InputError(f"{run.path}: only {len(run.checkpoints)} checkpoints; fitting on the run itself needs at least three (or fit on a reference run)")
+        raise InputError(
+            f"{run.path}: only {len(run.checkpoints)} checkpoints; "
+            "fitting on the run itself needs at least three (or fit on a reference run)"
+        )
 
 
 def _notes(run: Run) -> list[str]:
@@ -272,7 +310,10 @@ def _notes(run: Run) -> list[str]:
     notes = []
     if dtypes & {"BF16", "F16"}:
         floor = "2^-8 (0.4%)" if "BF16" in dtypes else "2^-11 (0.05%)"
-        notes.append(f"weights are stored in {'/'.join(sorted(dtypes & {'BF16', 'F16'}))}: rounding alone gives relative errors up to {floor}, a floor under any forecast error")
+        notes.append(
+            f"weights are stored in {'/'.join(sorted(dtypes & {'BF16', 'F16'}))}: "
+            f"rounding alone gives relative errors up to {floor}, a floor under any forecast error"
+        )
     return notes
 
 
@@ -284,7 +325,9 @@ def _shrink_note(forecaster: Forecaster) -> list[str]:
     return [f"the forecast is shrunk towards the last checkpoint: last + {alpha:.2f} x (2-point forecast - last), {how}"]
 
 
-def _report(command: str, run: Run, forecaster: Forecaster, backtest: Backtest | None, unavailable: str | None, extra_notes: list[str] = ()) -> Report:
+def _report(
+    command: str, run: Run, forecaster: Forecaster, backtest: Backtest | None, unavailable: str | None, extra_notes: list[str] = ()
+) -> Report:
     weight, bias = forecaster.shared.as_lists()
     return Report(
         command=command,
@@ -309,9 +352,14 @@ def _forecaster_for(run: Run, forecaster_file: Path, horizon: int | None) -> For
     if horizon is not None and horizon != forecaster.horizon:
         raise UsageError(f"--horizon {horizon} differs from the forecaster's horizon {forecaster.horizon}; refit or drop --horizon")
     if run.steps[0] != forecaster.first_step:
-        raise InputError(f"{run.path}: starts at step {run.steps[0]} but {forecaster_file} was fitted on runs starting at step {forecaster.first_step}")
+        raise InputError(
+            f"{run.path}: starts at step {run.steps[0]} but {forecaster_file} was fitted on runs starting at step {forecaster.first_step}"
+        )
     if forecaster.mode == "self" and run.steps[-1] != forecaster.context_end:
-        raise InputError(f"{run.path}: ends at step {run.steps[-1]} but {forecaster_file} was fitted on this run ending at step {forecaster.context_end}; refit")
+        raise InputError(
+            f"{run.path}: ends at step {run.steps[-1]} but {forecaster_file} was fitted on this run "
+            f"ending at step {forecaster.context_end}; refit"
+        )
     run.at_step(forecaster.context_end)
     return forecaster
 
@@ -334,6 +382,8 @@ def _enforce_min_skill(report: Report, min_skill: float | None) -> None:
     skill = report.skill_vs_last
     if skill is None or skill < min_skill:
         shown = "unknown" if skill is None else f"{skill:.3f}"
-        error = LowSkillError(f"backtest skill against keeping the last checkpoint is {shown}, below --min-skill {min_skill}; nothing written")
+        error = LowSkillError(
+            f"backtest skill against keeping the last checkpoint is {shown}, below --min-skill {min_skill}; nothing written"
+        )
         error.report = report
         raise error

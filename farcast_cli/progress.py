@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rich.console import Console
-from farcast_cli.io.engine import Advance
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from farcast_cli.io.engine import Advance
 
 PLAIN_EVERY_SECONDS = float(os.environ.get("FARCAST_PROGRESS_SECONDS", "5"))
 

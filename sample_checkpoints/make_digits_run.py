@@ -27,8 +27,10 @@ SEED = 0
 
 def build_model() -> torch.nn.Sequential:
     return torch.nn.Sequential(
-        torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+        torch.nn.Linear(64, HIDDEN),
+        torch.nn.ReLU(),
+        torch.nn.Linear(HIDDEN, HIDDEN),
+        torch.nn.ReLU(),
         torch.nn.Linear(HIDDEN, 10),
     )
 
@@ -84,8 +86,14 @@ def _save_checkpoint(folder: Path, model: torch.nn.Module, step: int, log_histor
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     config = {"architectures": ["DigitsMLP"], "model_type": "digits-mlp", "input_size": 64, "hidden_size": HIDDEN, "num_labels": 10}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {"global_step": step, "max_steps": STEPS, "save_steps": SAVE_EVERY, "logging_steps": LOG_EVERY,
-             "epoch": step * BATCH / 1400, "log_history": list(log_history)}
+    state = {
+        "global_step": step,
+        "max_steps": STEPS,
+        "save_steps": SAVE_EVERY,
+        "logging_steps": LOG_EVERY,
+        "epoch": step * BATCH / 1400,
+        "log_history": list(log_history),
+    }
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 

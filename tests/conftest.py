@@ -102,7 +102,9 @@ class Farcast:
     def __call__(self, *args: object, expect: int | None = 0):
         result = self.runner.invoke(app, [str(a) for a in args])
         if expect is not None:
-            assert result.exit_code == expect, f"exit {result.exit_code}, stderr: {result.stderr}, stdout: {result.stdout[-2000:]}, exception: {result.exception!r}"
+            assert result.exit_code == expect, (
+                f"exit {result.exit_code}, stderr: {result.stderr}, stdout: {result.stdout[-2000:]}, exception: {result.exception!r}"
+            )
         return result
 
 

@@ -10,8 +10,8 @@ import torch
 from conftest import FAST
 from safetensors.torch import load_file
 
-from farcast_cli.io.engine import EngineSettings, Source, chunk_jobs, plan_chunk_elements, stream
 from farcast_cli.errors import InputError
+from farcast_cli.io.engine import EngineSettings, Source, chunk_jobs, plan_chunk_elements, stream
 from farcast_cli.io.run import find_run
 
 
@@ -79,12 +79,17 @@ def test_mmap_and_tiny_memory_give_identical_forecasts(run_dir, farcast, tmp_pat
 def test_dry_run_reports_the_plan_and_writes_nothing(run_dir, farcast, tmp_path):
     result = farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--dry-run", "--json", "--max-memory", "1MB")
     plan = json.loads(result.stdout)
-    assert plan["reads"]["forecast"] == {"checkpoints": [0, 200], "bytes": 2 * (run_dir / "checkpoint-0" / "model.safetensors").stat().st_size}
+    assert plan["reads"]["forecast"] == {
+        "checkpoints": [0, 200],
+        "bytes": 2 * (run_dir / "checkpoint-0" / "model.safetensors").stat().st_size,
+    }
     assert plan["reads"]["sample"] == {"coordinates": 508, "checkpoints": 11}
     assert plan["reads"]["backtest"]["checkpoints"] == [0, 60, 80, 100, 120, 140, 200]
     report = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "real", "--json", *FAST).stdout)
     used = report["backtest"]["plan"]
-    assert {used["first_step"], used["line_from_step"], used["last_step"], used["target_step"]} <= set(plan["reads"]["backtest"]["checkpoints"])
+    assert {used["first_step"], used["line_from_step"], used["last_step"], used["target_step"]} <= set(
+        plan["reads"]["backtest"]["checkpoints"]
+    )
     assert plan["writes"]["checkpoints"] == [300]
     memory = plan["memory"]
     assert memory["read_buffers_bytes"] + memory["scratch_bytes"] <= 1_000_000
@@ -109,7 +114,9 @@ def test_progress_lines_in_batch_logs(run_dir, tmp_path, monkeypatch):
     env = {"FARCAST_PROGRESS_SECONDS": "0"}
     command = [sys.executable, "-m", "farcast_cli", "predict", str(run_dir), "-H", "100", "--sample", "500"]
     loud = subprocess.run([*command, "-o", str(tmp_path / "a")], capture_output=True, text=True, env={**__import__("os").environ, **env})
-    quiet = subprocess.run([*command, "-o", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True, env={**__import__("os").environ, **env})
+    quiet = subprocess.run(
+        [*command, "-o", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True, env={**__import__("os").environ, **env}
+    )
     assert loud.returncode == quiet.returncode == 0
     assert "farcast: forecast:" in loud.stderr and "MB/s" in loud.stderr
     assert quiet.stderr == ""

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import FAST, trajectories
 from safetensors.torch import save_file
 
@@ -52,7 +51,11 @@ def test_steps_saved_in_a_reference_fit(tmp_path, farcast, distance_eval):
     from conftest import write_run
 
     reference = write_run(tmp_path / "reference", steps=list(range(0, 301, 20)))
-    report = json.loads(farcast("fit", reference, "--context-end", 100, "-H", 200, "-o", tmp_path / "f.json", "--eval-cmd", distance_eval, "--json", *FAST).stdout)
+    report = json.loads(
+        farcast(
+            "fit", reference, "--context-end", 100, "-H", 200, "-o", tmp_path / "f.json", "--eval-cmd", distance_eval, "--json", *FAST
+        ).stdout
+    )
     evaluation = report["backtest"]["eval"]
     assert evaluation["curve"][0][0] == 100 and evaluation["curve"][-1][0] == 300
     assert evaluation["steps_saved"]["forecast"] > evaluation["steps_saved"]["last"] == 0.0

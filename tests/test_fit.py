@@ -85,7 +85,9 @@ def test_fit_refuses_to_overwrite_a_forecaster(run_dir, farcast, tmp_path):
 
 def test_emit_with_a_reference_forecaster(tmp_path, farcast):
     reference = write_run(tmp_path / "reference", steps=list(range(0, 301, 20)))
-    fitted = json.loads(farcast("fit", reference, "--context-end", 100, "-H", 200, "--emit", 100, "-o", tmp_path / "f.json", "--json", *FAST).stdout)
+    fitted = json.loads(
+        farcast("fit", reference, "--context-end", 100, "-H", 200, "--emit", 100, "-o", tmp_path / "f.json", "--json", *FAST).stdout
+    )
     assert fitted["target_steps"] == [200, 300]
     farcast("predict", reference, "--forecaster", tmp_path / "f.json", "-o", tmp_path / "out", "--quiet")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-200", "checkpoint-300", "farcast_report.json"]

@@ -155,7 +155,9 @@ def test_python_api_returns_the_report(run_dir, tmp_path):
     from farcast_cli import commands as pipeline
     from farcast_cli.model.fit import FitSettings
 
-    report = pipeline.predict(run_dir, tmp_path / "out", horizon=100, settings=FitSettings(sample=2000), options=pipeline.StreamOptions(quiet=True)).to_json()
+    report = pipeline.predict(
+        run_dir, tmp_path / "out", horizon=100, settings=FitSettings(sample=2000), options=pipeline.StreamOptions(quiet=True)
+    ).to_json()
     assert report["output"] == [str(tmp_path / "out")]
     assert report["backtest"]["overall"]["numel"] == 24 * 16 + 24 + 4 * 24 + 4
 

@@ -38,13 +38,14 @@ WRITE_SHARE = textwrap.dedent(
 
 def write_in_parts(run: Path, forecaster_file: Path, folder: Path, parts: int, dtype: str = "") -> None:
     """Every share written by its own process, all running at once, then the folder finished."""
+    from farcast_cli.forecast.candidates import candidates
     from farcast_cli.forecast.write import finish_forecast
     from farcast_cli.model.forecaster import Forecaster
-    from farcast_cli.forecast.candidates import candidates
 
     folder.mkdir()
     processes = [
-        subprocess.Popen([sys.executable, "-c", WRITE_SHARE, str(run), str(forecaster_file), str(folder), str(k), str(parts), dtype]) for k in range(parts)
+        subprocess.Popen([sys.executable, "-c", WRITE_SHARE, str(run), str(forecaster_file), str(folder), str(k), str(parts), dtype])
+        for k in range(parts)
     ]
     assert [p.wait(timeout=120) for p in processes] == [0] * parts
     found, forecaster = find_run(run), Forecaster.load(forecaster_file)

@@ -35,7 +35,9 @@ def validation_loss(model: torch.nn.Module) -> float:
 def train_with(run_dir: Path, make_optimizer) -> None:
     x, y, _, _ = _data()
     model = build()
-    train_loop(run_dir, model, make_optimizer(model.parameters()), minibatch_cross_entropy(model, x, y, BATCH), int(STEPS * 1.5), SAVE_EVERY)
+    train_loop(
+        run_dir, model, make_optimizer(model.parameters()), minibatch_cross_entropy(model, x, y, BATCH), int(STEPS * 1.5), SAVE_EVERY
+    )
 
 
 class Adam:

@@ -30,10 +30,14 @@ def _data() -> tuple[torch.Tensor, ...]:
 def build() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv1d(1, 16, 5, padding=2), torch.nn.ReLU(),
-        torch.nn.Conv1d(16, 16, 5, padding=2, stride=2), torch.nn.ReLU(),
-        torch.nn.Conv1d(16, 16, 5, padding=2, stride=2), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 10, 10),
+        torch.nn.Conv1d(1, 16, 5, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv1d(16, 16, 5, padding=2, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv1d(16, 16, 5, padding=2, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 10, 10),
     )
 
 
@@ -46,4 +50,11 @@ def validation_loss(model: torch.nn.Module) -> float:
 def train(run_dir: Path) -> None:
     x, y, _, _ = _data()
     model = build()
-    train_loop(run_dir, model, torch.optim.Adam(model.parameters(), lr=1e-3), minibatch_cross_entropy(model, x, y, BATCH), int(STEPS * 1.5), SAVE_EVERY)
+    train_loop(
+        run_dir,
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        minibatch_cross_entropy(model, x, y, BATCH),
+        int(STEPS * 1.5),
+        SAVE_EVERY,
+    )

@@ -40,8 +40,18 @@ class LanguageModel:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
-        config = GPT2Config(vocab_size=256, n_positions=self.context, n_embd=self.width, n_layer=self.layers, n_head=self.heads,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(
+            vocab_size=256,
+            n_positions=self.context,
+            n_embd=self.width,
+            n_layer=self.layers,
+            n_head=self.heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return GPT2LMHeadModel(config)
 
     def validation_loss(self, model: torch.nn.Module) -> float:

@@ -9,7 +9,7 @@ beats the baseline. Weight error is what this measures, not the user's loss (eva
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -69,7 +69,9 @@ class _Sums:
         return ErrorTable(numel=self.count, **errors, **skills)
 
 
-def _predictions(candidates: Mapping[str, Combination], values: dict[int, torch.Tensor], scratch: Scratch | None, name: str) -> dict[str, torch.Tensor]:
+def _predictions(
+    candidates: Mapping[str, Combination], values: dict[int, torch.Tensor], scratch: Scratch | None, name: str
+) -> dict[str, torch.Tensor]:
     """Every candidate's forecast of the target (their last output) from the chunk's values by step."""
     predictions = {}
     for slot, method in enumerate(METHODS):
@@ -105,7 +107,9 @@ def backtest_streaming(run: Run, candidates: Mapping[str, Combination], settings
         job
         for info in run.tensor_infos()
         if info.is_forecast and info.numel > 0
-        for job in chunk_jobs(info.name, info.numel, settings.chunk_elements, tuple(Source(*run.checkpoints[i].tensor(info.name)) for i in needed))
+        for job in chunk_jobs(
+            info.name, info.numel, settings.chunk_elements, tuple(Source(*run.checkpoints[i].tensor(info.name)) for i in needed)
+        )
     ]
     scratch = Scratch(settings.chunk_elements)
     per_tensor: dict[str, _Sums] = {}

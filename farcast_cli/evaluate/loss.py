@@ -13,8 +13,8 @@ import re
 import shlex
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from farcast_cli.errors import UsageError
 from farcast_cli.forecast.candidates import Combination
@@ -54,7 +54,11 @@ def step_reaching(curve: list[tuple[int, float]], loss: float) -> float | None:
 
 
 def steps_saved(
-    run: Run, cut: int, backtest_candidates: dict[str, Combination], template: str, scratch_parent: Path,
+    run: Run,
+    cut: int,
+    backtest_candidates: dict[str, Combination],
+    template: str,
+    scratch_parent: Path,
     settings: Callable[[], EngineSettings],
 ) -> dict:
     """Loss of each backtest candidate and of the true checkpoints from the cut to the last; steps saved."""
@@ -71,5 +75,10 @@ def steps_saved(
     for method, loss in losses.items():
         reached = step_reaching(curve, loss)
         saved[method] = 1.0 if reached is None else (reached - start) / (end - start)
-    return {"command": template, "curve": curve, "losses": losses, "steps_saved": saved,
-            "beyond_target": [m for m, loss in losses.items() if loss < min(l for _, l in curve)]}
+    return {
+        "command": template,
+        "curve": curve,
+        "losses": losses,
+        "steps_saved": saved,
+        "beyond_target": [m for m, loss in losses.items() if loss < min(value for _, value in curve)],
+    }

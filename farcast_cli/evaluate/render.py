@@ -14,18 +14,28 @@ COLUMNS = ("tensor", "numel", "MAE", "RMSE", "MAE last", "MAE line", "MAE lawa",
 def _row(name: str, stats: ErrorTable) -> list[str]:
     skill = lambda s: "n/a" if s is None else f"{s:+.3f}"  # noqa: E731
     return [
-        name, f"{stats.numel:,}", f"{stats.forecast.mae:.3e}", f"{stats.forecast.rmse:.3e}",
-        f"{stats.last.mae:.3e}", f"{stats.line.mae:.3e}", f"{stats.lawa.mae:.3e}",
-        skill(stats.skill_vs_last), skill(stats.skill_vs_line), skill(stats.skill_vs_lawa),
+        name,
+        f"{stats.numel:,}",
+        f"{stats.forecast.mae:.3e}",
+        f"{stats.forecast.rmse:.3e}",
+        f"{stats.last.mae:.3e}",
+        f"{stats.line.mae:.3e}",
+        f"{stats.lawa.mae:.3e}",
+        skill(stats.skill_vs_last),
+        skill(stats.skill_vs_line),
+        skill(stats.skill_vs_lawa),
     ]
 
 
 def render(report: Report, console: Console) -> None:
     targets = ", ".join(map(str, report.target_steps))
     console.print(
-        f"[bold]farcast {report.command}[/bold]: {report.run} ({len(report.steps)} checkpoints, steps {report.steps[0]}..{report.steps[-1]}), mode {report.mode}"
+        f"[bold]farcast {report.command}[/bold]: {report.run} "
+        f"({len(report.steps)} checkpoints, steps {report.steps[0]}..{report.steps[-1]}), mode {report.mode}"
     )
-    console.print(f"forecast of step {targets} from steps {report.context['first_step']} and {report.context['last_step']} (horizon {report.horizon})")
+    console.print(
+        f"forecast of step {targets} from steps {report.context['first_step']} and {report.context['last_step']} (horizon {report.horizon})"
+    )
     backtest = report.backtest
     if backtest is not None:
         plan = backtest.plan
@@ -44,7 +54,9 @@ def render(report: Report, console: Console) -> None:
             saved = ", ".join(f"{NAMES[m]} {v:+.2f} (loss {evaluation['losses'][m]:.4g})" for m, v in evaluation["steps_saved"].items())
             console.print(f"steps saved in the backtest, by --eval-cmd: {saved}")
     if report.written_loss is not None:
-        console.print(f"loss of the written checkpoint: {report.written_loss:.4g}; of the last checkpoint: {report.last_checkpoint_loss:.4g}")
+        console.print(
+            f"loss of the written checkpoint: {report.written_loss:.4g}; of the last checkpoint: {report.last_checkpoint_loss:.4g}"
+        )
     console.print(f"[bold]{report.verdict}[/bold]")
     if report.written is not None:
         console.print(f"[bold]{report.written.why}[/bold]")

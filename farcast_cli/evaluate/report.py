@@ -14,7 +14,12 @@ from farcast_cli.forecast.candidates import BASELINES, METHODS
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "farcast_report.json"
-NAMES = {"forecast": "the forecast", "last": "keeping the last checkpoint", "line": "a straight line", "lawa": "averaging the last checkpoints"}
+NAMES = {
+    "forecast": "the forecast",
+    "last": "keeping the last checkpoint",
+    "line": "a straight line",
+    "lawa": "averaging the last checkpoints",
+}
 
 
 @dataclass(frozen=True)
@@ -120,9 +125,15 @@ def verdict(backtest: Backtest | None, unavailable: str | None) -> dict:
     """The headline fields: does the forecast beat keeping the last checkpoint, a straight line, an average?"""
     if backtest is None:
         return {
-            "skill_vs_last": None, "skill_vs_line": None, "skill_vs_lawa": None,
-            "beats_last": None, "beats_line": None, "beats_lawa": None, "best": None,
-            "verdict": f"UNVERIFIED: no backtest was possible ({unavailable}). Nothing shows this forecast beats keeping the last checkpoint.",
+            "skill_vs_last": None,
+            "skill_vs_line": None,
+            "skill_vs_lawa": None,
+            "beats_last": None,
+            "beats_line": None,
+            "beats_lawa": None,
+            "best": None,
+            "verdict": f"UNVERIFIED: no backtest was possible ({unavailable}). "
+            "Nothing shows this forecast beats keeping the last checkpoint.",
         }
     overall = backtest.overall
     skills = {b: getattr(overall, f"skill_vs_{b}") for b in BASELINES}
@@ -130,13 +141,17 @@ def verdict(backtest: Backtest | None, unavailable: str | None) -> dict:
     target = backtest.plan.target_step
     if not beats["last"]:
         s = skills["last"] or 0.0
-        words = (f"The forecast does NOT beat keeping the last checkpoint: in the backtest its error at step {target:g} was "
-                 f"{_percent(s)} {'higher' if s < 0 else 'no lower'}. Keeping your last checkpoint is the better estimate.")
+        words = (
+            f"The forecast does NOT beat keeping the last checkpoint: in the backtest its error at step {target:g} was "
+            f"{_percent(s)} {'higher' if s < 0 else 'no lower'}. Keeping your last checkpoint is the better estimate."
+        )
     else:
         parts = [f"The forecast beats keeping the last checkpoint by {_percent(skills['last'])}"]
         for baseline in ("line", "lawa"):
             s = skills[baseline] or 0.0
-            parts.append(f"{NAMES[baseline]} by {_percent(s)}" if beats[baseline] else f"but NOT {NAMES[baseline]} (error {_percent(s)} higher)")
+            parts.append(
+                f"{NAMES[baseline]} by {_percent(s)}" if beats[baseline] else f"but NOT {NAMES[baseline]} (error {_percent(s)} higher)"
+            )
         words = ", ".join(parts) + " (backtest MAE)."
     result: dict = {f"skill_vs_{b}": s for b, s in skills.items()}
     result.update({f"beats_{b}": v for b, v in beats.items()})
@@ -146,5 +161,3 @@ def verdict(backtest: Backtest | None, unavailable: str | None) -> dict:
 
 def _percent(skill: float) -> str:
     return f"{abs(skill) * 100:.1f}%"
-
-

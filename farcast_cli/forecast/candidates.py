@@ -4,8 +4,8 @@ the straight line through the last two, and the average of the last few (LAWA)."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -43,7 +43,12 @@ class Combination:
 def candidate_inputs(run: Run, end: int) -> dict[str, list[Checkpoint]]:
     """The checkpoints each candidate combines, forecasting from checkpoint number `end`."""
     first, previous, last = run.checkpoints[0], run.checkpoints[end - 1], run.checkpoints[end]
-    return {"forecast": [first, last], "last": [last], "line": [previous, last], "lawa": run.checkpoints[max(0, end - LAWA_WINDOW + 1) : end + 1]}
+    return {
+        "forecast": [first, last],
+        "last": [last],
+        "line": [previous, last],
+        "lawa": run.checkpoints[max(0, end - LAWA_WINDOW + 1) : end + 1],
+    }
 
 
 def line_slopes(previous_step: float, last_step: float, target_steps: Sequence[float]) -> list[float]:
@@ -67,6 +72,8 @@ def candidates(run: Run, forecaster: Forecaster) -> dict[str, Combination]:
     }
     labels = {"forecast": "farcast", "last": "keep last", "line": "straight line", "lawa": f"average of the last {len(window)}"}
     return {
-        method: Combination(labels[method], tuple(inputs[method]), maps[method], targets, forecaster.per_tensor if method == "forecast" else {})
+        method: Combination(
+            labels[method], tuple(inputs[method]), maps[method], targets, forecaster.per_tensor if method == "forecast" else {}
+        )
         for method in METHODS
     }

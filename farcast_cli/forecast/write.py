@@ -8,19 +8,29 @@ writes it at its offsets into the shared output files, and finish_forecast adds 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 import torch
 from safetensors import safe_open
 
 from farcast_cli import __version__
-from farcast_cli.io.output import copy_aux_files, write_index
-from farcast_cli.io.engine import ChunkJob, EngineSettings, Scratch, Source, chunk_jobs, first_non_finite, raise_for_non_finite_input, stream, to_host
 from farcast_cli.errors import InputError, InternalError
 from farcast_cli.forecast.candidates import Combination
-from farcast_cli.io.run import SINGLE_FILE, Checkpoint
+from farcast_cli.io.engine import (
+    ChunkJob,
+    EngineSettings,
+    Scratch,
+    Source,
+    chunk_jobs,
+    first_non_finite,
+    raise_for_non_finite_input,
+    stream,
+    to_host,
+)
+from farcast_cli.io.output import copy_aux_files, write_index
 from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
+from farcast_cli.io.run import SINGLE_FILE, Checkpoint
 from farcast_cli.io.writer import SafetensorsWriter
 
 RAW_CHUNK_BYTES_PER_ELEMENT = 4
@@ -39,7 +49,9 @@ def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
     return TensorInfo(info.name, dtype, info.shape, 0, info.numel * ITEM_SIZES[dtype])
 
 
-def forecast_jobs(inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int, only: Collection[str] | None = None) -> list[ChunkJob]:
+def forecast_jobs(
+    inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int, only: Collection[str] | None = None
+) -> list[ChunkJob]:
     """One shard's tensors (or those of them in `only`) in file order: forecast chunks read every
     input, others copy the last's bytes."""
     file = last.files[shard]
@@ -75,7 +87,12 @@ def split_work(last: Checkpoint, parts: int) -> list[frozenset[str]]:
 
 
 def write_tensors(
-    candidate: Combination, last: Checkpoint, folder: Path, settings: EngineSettings, dtype: str | None = None, only: Collection[str] | None = None
+    candidate: Combination,
+    last: Checkpoint,
+    folder: Path,
+    settings: EngineSettings,
+    dtype: str | None = None,
+    only: Collection[str] | None = None,
 ) -> None:
     """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
     files, or with `only`, those tensors into files that other processes write the rest of."""
@@ -111,7 +128,9 @@ def write_tensors(
 def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None) -> list[Path]:
     """The shard index and the config and tokenizer files, once every tensor is written."""
     folders = output_folders(folder, candidate.target_steps)
-    sizes = {name: info.numel * ITEM_SIZES[output_info(info, dtype).dtype] for name, info in ((n, last.tensor(n)[1]) for n in last.shard_of)}
+    sizes = {
+        name: info.numel * ITEM_SIZES[output_info(info, dtype).dtype] for name, info in ((n, last.tensor(n)[1]) for n in last.shard_of)
+    }
     for place in folders:
         write_index(place, last, sizes)
         copy_aux_files(place, last)
@@ -126,7 +145,7 @@ def check_readable_by_safetensors(folder: Path, last: Checkpoint, dtype: str | N
         path = folder / (shard_name if last.index_name else SINGLE_FILE)
         try:
             with safe_open(path, framework="pt") as handle:
-                found = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()}
+                found = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except Exception as error:
             raise InternalError(f"{path}: the safetensors library cannot read the written file ({error}); please report this") from None
         expected = {name: (output_info(info, dtype).dtype, list(info.shape)) for name, info in file.tensors.items()}
@@ -134,7 +153,9 @@ def check_readable_by_safetensors(folder: Path, last: Checkpoint, dtype: str | N
             raise InternalError(f"{path}: the safetensors library reads other tensors than were written; please report this")
 
 
-def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], candidate: Combination, index: int, out_dtype: torch.dtype, scratch: Scratch) -> torch.Tensor:
+def _forecast_chunk(
+    job: ChunkJob, data: list[torch.Tensor], candidate: Combination, index: int, out_dtype: torch.dtype, scratch: Scratch
+) -> torch.Tensor:
     count = data[0].numel()
     forecast = candidate.apply(data, index, out=scratch.get(count, data[0].dtype, data[0].device), name=job.name)
     if out_dtype != forecast.dtype:
@@ -142,7 +163,9 @@ def _forecast_chunk(job: ChunkJob, data: list[torch.Tensor], candidate: Combinat
     if first_non_finite(forecast) is not None:
         raise_for_non_finite_input(job, data)
         where = first_non_finite(forecast)
-        raise InputError(f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {job.start + where}")
+        raise InputError(
+            f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {job.start + where}"
+        )
     return to_host(forecast, scratch)
 
 

@@ -8,13 +8,14 @@ bytes read plus the compute scratch are bounded by `--max-memory`, whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -123,10 +124,8 @@ def _reader(jobs: Iterable[ChunkJob], pool: _Pool, ready: queue.Queue, stop: thr
             while buffers is None:
                 if stop.is_set():
                     return
-                try:
+                with contextlib.suppress(queue.Empty):
                     buffers = pool.free.get(timeout=0.1)
-                except queue.Empty:
-                    pass
             lengths = []
             for source, buffer in zip(job.sources, buffers):
                 begin, end = job.byte_range(source)
@@ -167,10 +166,13 @@ def stream(jobs: list[ChunkJob], settings: EngineSettings) -> Iterator[tuple[Chu
             if job.raw:
                 yield job, [buffer[:length] for buffer, length in zip(buffers, lengths)]
             else:
-                yield job, [
-                    _to_device(buffer[:length], source.info, settings, converted, slot)
-                    for slot, (buffer, length, source) in enumerate(zip(buffers, lengths, job.sources))
-                ]
+                yield (
+                    job,
+                    [
+                        _to_device(buffer[:length], source.info, settings, converted, slot)
+                        for slot, (buffer, length, source) in enumerate(zip(buffers, lengths, job.sources))
+                    ],
+                )
             pool.free.put(buffers)
     finally:
         stop.set()

@@ -6,9 +6,9 @@ import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
 from farcast_cli.errors import OutputError
 from farcast_cli.io.run import Checkpoint, Run
@@ -65,10 +65,8 @@ def _make_parents(parent: Path) -> list[Path]:
 
 def _remove_created(folders: list[Path]) -> None:
     for folder in reversed(folders):
-        try:
+        with suppress(OSError):
             folder.rmdir()
-        except OSError:
-            pass
 
 
 def _replace(temporary: Path, out_dir: Path) -> None:

@@ -120,11 +120,20 @@ def _reject_partial_weights(folder: Path) -> None:
     """Folders that hold something other than full weights get an error that says what to do."""
     names = {p.name for p in _list(folder)}
     if "adapter_model.safetensors" in names and SINGLE_FILE not in names and INDEX_FILE not in names:
-        raise InputError(f"{folder}: holds a PEFT adapter only (adapter_model.safetensors); merge it into the base model first (peft's merge_and_unload) and save full weights")
+        raise InputError(
+            f"{folder}: holds a PEFT adapter only (adapter_model.safetensors); "
+            "merge it into the base model first (peft's merge_and_unload) and save full weights"
+        )
     if any(n.startswith("global_step") for n in names) or "zero_to_fp32.py" in names:
-        raise InputError(f"{folder}: holds DeepSpeed ZeRO shards (global_step*/); convert them with the zero_to_fp32.py script DeepSpeed saved beside them, then save as safetensors")
+        raise InputError(
+            f"{folder}: holds DeepSpeed ZeRO shards (global_step*/); "
+            "convert them with the zero_to_fp32.py script DeepSpeed saved beside them, then save as safetensors"
+        )
     if any(n.endswith(".distcp") for n in names):
-        raise InputError(f"{folder}: holds an FSDP sharded state (*.distcp); convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save, then save as safetensors")
+        raise InputError(
+            f"{folder}: holds an FSDP sharded state (*.distcp); "
+            "convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save, then save as safetensors"
+        )
 
 
 def _trainer_checkpoint(folder: Path) -> Checkpoint:
@@ -137,7 +146,9 @@ def _trainer_checkpoint(folder: Path) -> Checkpoint:
         file = SafetensorsFile(folder / SINGLE_FILE)
         checkpoint = Checkpoint(step, folder, {SINGLE_FILE: file}, {name: SINGLE_FILE for name in file.tensors})
     elif "pytorch_model.bin" in names or "model.pt" in names:
-        raise InputError(f"{folder}: holds pickled weights only; farcast never loads pickles: save with safetensors (save_safetensors=True)")
+        raise InputError(
+            f"{folder}: holds pickled weights only; farcast never loads pickles: save with safetensors (save_safetensors=True)"
+        )
     else:
         raise InputError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
     checkpoint.aux_files = [folder / n for n in sorted(names) if any(fnmatch(n, pattern) for pattern in AUX_PATTERNS)]
@@ -206,7 +217,9 @@ def _file_checkpoints(folder: Path) -> list[Checkpoint]:
         if path.suffix != ".safetensors" or not path.is_file():
             continue
         if SHARD_NAME.search(path.stem):
-            raise InputError(f"{path}: looks like one shard of a sharded checkpoint; put each checkpoint in a checkpoint-<step>/ folder with its index")
+            raise InputError(
+                f"{path}: looks like one shard of a sharded checkpoint; put each checkpoint in a checkpoint-<step>/ folder with its index"
+            )
         match = LAST_NUMBER.search(path.stem)
         if match is None:
             continue
@@ -235,7 +248,9 @@ def _check_same_model(run: Run) -> None:
             if info.dtype != dtype:
                 raise InputError(f"{checkpoint.path}: tensor {name!r} is {info.dtype} but {dtype} in {run.last.path.name}")
             if info.shape != shape:
-                raise InputError(f"{checkpoint.path}: tensor {name!r} has shape {list(info.shape)} but {list(shape)} in {run.last.path.name}")
+                raise InputError(
+                    f"{checkpoint.path}: tensor {name!r} has shape {list(info.shape)} but {list(shape)} in {run.last.path.name}"
+                )
 
 
 def _describe_steps(steps: list[int]) -> str:

@@ -54,7 +54,13 @@ def fit_linear_map(pairs: Pairs, settings: FitSettings) -> tuple[LinearMap, dict
             best_loss, best, best_epoch = loss, coefficients.copy(), epoch
         elif epoch - best_epoch >= settings.patience:
             break
-    info = {"pairs": len(pairs.first), "held_out_pairs": len(held), "epochs": epoch, "best_epoch": best_epoch, "validation_l1": best_loss * problem.s_out}
+    info = {
+        "pairs": len(pairs.first),
+        "held_out_pairs": len(held),
+        "epochs": epoch,
+        "best_epoch": best_epoch,
+        "validation_l1": best_loss * problem.s_out,
+    }
     return problem.as_linear_map(best), info
 
 

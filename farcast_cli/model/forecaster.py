@@ -62,7 +62,9 @@ class Forecaster:
     def shrunk(self, alpha: float) -> Forecaster:
         """The forecast moved towards the last checkpoint: last + alpha * (forecast - last), still linear."""
         per_tensor = {name: linear.shrunk(alpha, LAST_INPUT) for name, linear in self.per_tensor.items()}
-        return replace(self, shared=self.shared.shrunk(alpha, LAST_INPUT), per_tensor=per_tensor, fit_info={**self.fit_info, "shrink": alpha})
+        return replace(
+            self, shared=self.shared.shrunk(alpha, LAST_INPUT), per_tensor=per_tensor, fit_info={**self.fit_info, "shrink": alpha}
+        )
 
     def on_history(self, history: History, first: int, last: int, output: int) -> np.ndarray:
         """The forecast of every sampled coordinate from history columns `first` and `last`."""

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from farcast_cli.errors import InputError
-from farcast_cli.io.run import Checkpoint, Run
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo
+from farcast_cli.io.run import Checkpoint, Run
 
 MERGE_GAP_BYTES = 64 * 1024
 BATCH_BYTES = 16 * 1024 * 1024
@@ -91,7 +91,10 @@ def read_sampled_values(checkpoint: Checkpoint, info: TensorInfo, indices: np.nd
         done += count
     bad = np.nonzero(~np.isfinite(values))[0]
     if len(bad):
-        raise InputError(f"{file.path}: tensor {info.name!r} holds {values[bad[0]]} at element {int(indices[bad[0]])}; refusing to forecast from non-finite weights")
+        raise InputError(
+            f"{file.path}: tensor {info.name!r} holds {values[bad[0]]} at element {int(indices[bad[0]])}; "
+            "refusing to forecast from non-finite weights"
+        )
     return values
 
 
@@ -101,8 +104,7 @@ def read_history(run: Run, size: int, seed: int) -> History:
     if not picks:
         raise InputError(f"{run.path}: no floating-point tensors to forecast")
     columns = [
-        np.concatenate([read_sampled_values(checkpoint, info, indices) for info, indices in picks])
-        for checkpoint in run.checkpoints
+        np.concatenate([read_sampled_values(checkpoint, info, indices) for info, indices in picks]) for checkpoint in run.checkpoints
     ]
     tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
     return History(np.array(run.steps, dtype=np.float64), np.stack(columns, axis=1), tensor_index, [info.name for info, _ in picks])

@@ -15,8 +15,8 @@ sampled coordinates and to whole vectors, as torch tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

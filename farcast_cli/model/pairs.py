@@ -35,7 +35,9 @@ class Pairs:
     coordinate: np.ndarray
 
     def subset(self, rows: np.ndarray) -> Pairs:
-        return Pairs(self.first[rows], self.last[rows], self.targets[rows], self.first_rate[rows], self.last_dt[rows], self.coordinate[rows])
+        return Pairs(
+            self.first[rows], self.last[rows], self.targets[rows], self.first_rate[rows], self.last_dt[rows], self.coordinate[rows]
+        )
 
 
 def interpolate(history: History, time: float) -> np.ndarray:
