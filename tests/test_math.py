@@ -114,3 +114,29 @@ def test_the_fits_gradient_matches_finite_differences():
     regulariser_active = problem._terms(coefficients, every)[-1] > 0
     assert regulariser_active.any() and not regulariser_active.all()
     assert problem.gradient(coefficients, every) == pytest.approx(numeric, rel=1e-4, abs=1e-7)
+
+
+def test_the_baselines_of_the_backtest_on_a_linear_trajectory(tmp_path, farcast):
+    """The straight line is exact on a line; the average of the last five lags it by the mean distance
+    from their steps to the target; keeping the last checkpoint lags by the whole backtest jump."""
+    trajectory = linear_trajectory(3)
+    run = run_of(tmp_path / "run", trajectory, list(range(0, 201, 20)))
+    report = json.loads(farcast("predict", run, "-H", 100, "-o", tmp_path / "out", "--json", "--quiet").stdout)
+    plan, overall = report["backtest"]["plan"], report["backtest"]["overall"]
+    slope_mae = float(np.mean(np.concatenate([(trajectory(1)[n] - trajectory(0)[n]).abs().numpy().ravel() for n in SHAPES])))
+    window = [plan["last_step"] - 20 * k for k in range(5)]
+    assert overall["line"]["mae"] == pytest.approx(0.0, abs=1e-9)
+    assert overall["last"]["mae"] == pytest.approx(slope_mae * (plan["target_step"] - plan["last_step"]), rel=1e-6)
+    assert overall["lawa"]["mae"] == pytest.approx(slope_mae * (plan["target_step"] - np.mean(window)), rel=1e-6)
+
+
+def test_a_saved_forecasters_bias_is_added(tmp_path, farcast):
+    from farcast_cli.model.forecaster import Forecaster
+    from farcast_cli.model.linear import LinearMap
+
+    trajectory = linear_trajectory(4)
+    run = run_of(tmp_path / "run", trajectory, [0, 50, 100])
+    Forecaster("self", 0, 100, [50], LinearMap.of([[0.0], [1.0]], [0.25]), {}).save(tmp_path / "f.json")
+    farcast("predict", run, "--forecaster", tmp_path / "f.json", "-o", tmp_path / "out", "--quiet")
+    forecast = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(torch.allclose(forecast[n], trajectory(100)[n] + 0.25) for n in SHAPES)

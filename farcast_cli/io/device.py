@@ -1,4 +1,4 @@
-"""Choose where tensors are computed, and how big a chunk may be."""
+"""Resolve --device (auto, cpu, cuda, cuda:N) and read --max-memory sizes."""
 
 from __future__ import annotations
 
