@@ -40,11 +40,12 @@ class Combination:
         return [checkpoint.step for checkpoint in self.inputs]
 
 
-def candidate_inputs(run: Run, end: int) -> dict[str, list[Checkpoint]]:
-    """The checkpoints each candidate combines, forecasting from checkpoint number `end`."""
-    first, previous, last = run.checkpoints[0], run.checkpoints[end - 1], run.checkpoints[end]
+def candidate_inputs(run: Run, end: int, forecast_inputs: list[int] | None = None) -> dict[str, list[Checkpoint]]:
+    """The checkpoints each candidate combines, forecasting from checkpoint number `end`; the forecast's
+    are at `forecast_inputs` (default: the first and the last)."""
+    previous, last = run.checkpoints[end - 1], run.checkpoints[end]
     return {
-        "forecast": [first, last],
+        "forecast": [run.checkpoints[i] for i in (forecast_inputs or [0, end])],
         "last": [last],
         "line": [previous, last],
         "lawa": run.checkpoints[max(0, end - LAWA_WINDOW + 1) : end + 1],
@@ -58,7 +59,8 @@ def line_slopes(previous_step: float, last_step: float, target_steps: Sequence[f
 
 def candidates(run: Run, forecaster: Forecaster) -> dict[str, Combination]:
     """Everything predict can write for this run, forecasting from the forecaster's context end."""
-    inputs = candidate_inputs(run, run.steps.index(forecaster.context_end))
+    end = run.steps.index(forecaster.context_end)
+    inputs = candidate_inputs(run, end, forecaster.input_indices(end))
     targets, outputs = tuple(forecaster.target_steps), len(forecaster.offsets)
     previous, last = inputs["line"]
     slopes = line_slopes(previous.step, last.step, targets)

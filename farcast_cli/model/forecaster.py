@@ -1,8 +1,11 @@
 """The forecaster, and every way of fitting it: on the run itself or on a reference run, with one
 shared map or one per tensor, shrunk towards the last checkpoint by a factor its own backtest picks.
 
-A Forecaster holds linear maps over two inputs, the first checkpoint and the last one (model/linear.py):
-one shared by every tensor, and one for each tensor that had enough sampled coordinates to fit its own.
+A Forecaster holds linear maps (model/linear.py) over its input checkpoints: the first checkpoint, and
+the last `anchor` checkpoints up to its context end (1: the last one alone, PAPER.md's two points);
+one map shared by every tensor, and one for each tensor that had enough sampled coordinates to fit
+its own. The fit learns y = A[0] first + A[1] mean(window) + b; spread over the window's checkpoints
+that is one map over 1 + anchor inputs, and shrinking moves it towards the last of them.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from farcast_cli import __version__
-from farcast_cli.errors import InputError, OutputError
+from farcast_cli.errors import InputError, OutputError, UsageError
 from farcast_cli.model.fit import FitSettings, fit_linear_map
 from farcast_cli.model.history import History
 from farcast_cli.model.linear import LinearMap
@@ -24,7 +27,6 @@ from farcast_cli.model.pairs import Pairs, reference_pairs, self_pairs
 
 FORMAT = "farcast-forecaster/1"
 MIN_TENSOR_SAMPLE = 64
-LAST_INPUT = 1
 SHRINK_GRID = np.linspace(0.0, 1.5, 31)
 
 
@@ -42,6 +44,7 @@ class Forecaster:
     report: dict | None = None
     version: str = __version__
     per_tensor: dict[str, LinearMap] = field(default_factory=dict)
+    anchor: int = 1
 
     @property
     def horizon(self) -> int:
@@ -55,28 +58,34 @@ class Forecaster:
     def shrink(self) -> float:
         return self.fit_info.get("shrink", 1.0)
 
+    def input_indices(self, end: int) -> list[int]:
+        """Positions of the input checkpoints among a run's, forecasting from checkpoint number `end`."""
+        if end < self.anchor:
+            raise UsageError(f"an anchor of {self.anchor} checkpoints needs {self.anchor} checkpoints after the first; there are {end}")
+        return [0, *range(end - self.anchor + 1, end + 1)]
+
     def map_for(self, name: str) -> LinearMap:
         """The tensor's own map where it was fitted per tensor, else the shared one."""
         return self.per_tensor.get(name, self.shared)
 
     def shrunk(self, alpha: float) -> Forecaster:
         """The forecast moved towards the last checkpoint: last + alpha * (forecast - last), still linear."""
-        per_tensor = {name: linear.shrunk(alpha, LAST_INPUT) for name, linear in self.per_tensor.items()}
-        return replace(
-            self, shared=self.shared.shrunk(alpha, LAST_INPUT), per_tensor=per_tensor, fit_info={**self.fit_info, "shrink": alpha}
-        )
+        last = self.anchor
+        per_tensor = {name: linear.shrunk(alpha, last) for name, linear in self.per_tensor.items()}
+        return replace(self, shared=self.shared.shrunk(alpha, last), per_tensor=per_tensor, fit_info={**self.fit_info, "shrink": alpha})
 
-    def on_history(self, history: History, first: int, last: int, output: int) -> np.ndarray:
-        """The forecast of every sampled coordinate from history columns `first` and `last`."""
+    def on_history(self, history: History, end: int, output: int) -> np.ndarray:
+        """The forecast of every sampled coordinate from history column `end` (and the columns before it)."""
         values = torch.from_numpy(history.values)
+        columns = self.input_indices(end)
         result = np.empty(values.shape[0])
         for index, name in enumerate(history.tensor_names):
             rows = torch.from_numpy(history.rows_of(index))
-            result[rows.numpy()] = self.map_for(name).apply([values[rows, first], values[rows, last]], output).numpy()
+            result[rows.numpy()] = self.map_for(name).apply([values[rows, k] for k in columns], output).numpy()
         return result
 
     def as_dict(self) -> dict:
-        """The saved form, farcast-forecaster/1: maps as weight (2 x m) and bias (m) lists."""
+        """The saved form, farcast-forecaster/1: maps as weight (1 + anchor inputs x m outputs) and bias (m) lists."""
         data = {key: value for key, value in asdict(self).items() if key not in ("shared", "per_tensor")}
         weight, bias = self.shared.as_lists()
         return {**data, "weight": weight, "bias": bias, "per_tensor": {name: linear.as_lists() for name, linear in self.per_tensor.items()}}
@@ -99,18 +108,18 @@ class Forecaster:
         if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise InputError(f"{path}: not a farcast forecaster file (expected format {FORMAT})")
         try:
-            outputs = len(data["offsets"])
-            shared = _linear_map(data.pop("weight"), data.pop("bias"), outputs)
-            per_tensor = {name: _linear_map(*pair, outputs) for name, pair in data.pop("per_tensor", {}).items()}
+            outputs, inputs = len(data["offsets"]), 1 + data.get("anchor", 1)
+            shared = _linear_map(data.pop("weight"), data.pop("bias"), inputs, outputs)
+            per_tensor = {name: _linear_map(*pair, inputs, outputs) for name, pair in data.pop("per_tensor", {}).items()}
             return cls(shared=shared, per_tensor=per_tensor, **data)
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"{path}: forecaster file is incomplete or from another version ({error})") from None
 
 
-def _linear_map(weight: list, bias: list, outputs: int) -> LinearMap:
+def _linear_map(weight: list, bias: list, inputs: int, outputs: int) -> LinearMap:
     linear = LinearMap.of(weight, bias)
-    if len(linear.weight) != 2 or any(len(row) != outputs for row in linear.weight) or linear.outputs != outputs:
-        raise ValueError(f"expected 2 x {outputs} weights and {outputs} biases")
+    if len(linear.weight) != inputs or any(len(row) != outputs for row in linear.weight) or linear.outputs != outputs:
+        raise ValueError(f"expected {inputs} x {outputs} weights and {outputs} biases")
     if not all(math.isfinite(v) for v in (*linear.bias, *(w for row in linear.weight for w in row))):
         raise ValueError("coefficients must be finite numbers")
     return linear
@@ -132,36 +141,36 @@ class SelfFit:
         return None if self.trial is None else self.trial.context_end
 
 
-def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> SelfFit:
+def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1) -> SelfFit:
     """The default mode: learn the jump from the run's own history (model/pairs.py's time rule),
     then shrink towards the last checkpoint by settings.shrink, or (None) by the factor that did best
     in a backtest on this same history (benchmarks/RESULTS.md: the most robust variant)."""
-    trial = held_out_trial(history, horizon, settings)
-    forecaster = _fit_plain(history, horizon, offsets, settings).shrunk(_shrink_factor(history, trial, settings))
+    trial = held_out_trial(history, horizon, settings, anchor)
+    forecaster = fit_plain(history, horizon, offsets, settings, anchor).shrunk(_shrink_factor(history, trial, settings))
     if trial is None:
         return SelfFit(forecaster, None, None)
     held_out = history.truncated(history.column(trial.context_end))
-    inner = held_out_trial(held_out, trial.horizon, settings) if settings.shrink is None else None
+    inner = held_out_trial(held_out, trial.horizon, settings, anchor) if settings.shrink is None else None
     return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings)))
 
 
-def fit_on_reference(history: History, context_end: int, offsets: list[int], settings: FitSettings) -> Forecaster:
+def fit_on_reference(history: History, context_end: int, offsets: list[int], settings: FitSettings, anchor: int = 1) -> Forecaster:
     """The paper's protocol: learn (w at s_0, w at E) -> w at E + H from a complete reference run.
     Shrinks only by a number given in settings.shrink: here the fit already saw the truth."""
-    pairs = reference_pairs(history, context_end, offsets)
-    forecaster = _forecaster("reference", history, context_end, offsets, pairs, settings)
+    pairs = reference_pairs(history, context_end, offsets, anchor)
+    forecaster = _forecaster("reference", history, context_end, offsets, pairs, settings, anchor)
     return forecaster.shrunk(1.0 if settings.shrink is None else settings.shrink)
 
 
-def held_out_trial(history: History, horizon: int, settings: FitSettings) -> Forecaster | None:
+def held_out_trial(history: History, horizon: int, settings: FitSettings, anchor: int = 1) -> Forecaster | None:
     """The unshrunk fit on the history up to the backtest's cut, forecasting the last checkpoint,
-    or None when no cut can be fitted."""
+    or None when no cut can be fitted (or the cut leaves too few checkpoints for the anchor)."""
     steps = list(history.steps)
     cut = choose_cut(steps, horizon / (steps[-1] - steps[0]))
-    if cut is None:
+    if cut is None or cut < anchor:
         return None
     jump = int(steps[-1] - steps[cut])
-    return _fit_plain(history.truncated(cut), jump, [jump], settings)
+    return fit_plain(history.truncated(cut), jump, [jump], settings, anchor)
 
 
 def choose_cut(steps: list[int], rho: float) -> int | None:
@@ -188,19 +197,40 @@ def _shrink_factor(history: History, trial: Forecaster | None, settings: FitSett
     if trial is None:
         return 1.0
     cut = history.column(trial.context_end)
-    forecast = trial.on_history(history, 0, cut, 0)
+    forecast = trial.on_history(history, cut, 0)
     return best_shrink(history.values[:, cut], forecast, history.values[:, -1])
 
 
-def _fit_plain(history: History, horizon: int, offsets: list[int], settings: FitSettings) -> Forecaster:
-    pairs = self_pairs(history, horizon, offsets)
-    return _forecaster("self", history, int(history.steps[-1]), offsets, pairs, settings)
+def fit_plain(history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1) -> Forecaster:
+    """The unshrunk fit on the whole history, forecasting from its last checkpoint."""
+    if len(history.steps) - 1 < anchor:
+        raise UsageError(f"--anchor {anchor} needs {anchor + 1} checkpoints; the run has {len(history.steps)}")
+    pairs = self_pairs(history, horizon, offsets, anchor)
+    return _forecaster("self", history, int(history.steps[-1]), offsets, pairs, settings, anchor)
 
 
-def _forecaster(mode: str, history: History, context_end: int, offsets: list[int], pairs: Pairs, settings: FitSettings) -> Forecaster:
+def _forecaster(
+    mode: str, history: History, context_end: int, offsets: list[int], pairs: Pairs, settings: FitSettings, anchor: int
+) -> Forecaster:
     shared, info = fit_linear_map(pairs, settings)
-    per_tensor = _fit_per_tensor(history, pairs, settings)
-    return Forecaster(mode, int(history.steps[0]), context_end, offsets, shared, asdict(settings), info, per_tensor=per_tensor)
+    per_tensor = {name: _spread(linear, anchor) for name, linear in _fit_per_tensor(history, pairs, settings).items()}
+    return Forecaster(
+        mode,
+        int(history.steps[0]),
+        context_end,
+        offsets,
+        _spread(shared, anchor),
+        asdict(settings),
+        info,
+        per_tensor=per_tensor,
+        anchor=anchor,
+    )
+
+
+def _spread(linear: LinearMap, anchor: int) -> LinearMap:
+    """The map over (first, mean of the window) as a map over (first, each checkpoint of the window)."""
+    first, mean = linear.weight
+    return LinearMap.of([first, *[[w / anchor for w in mean]] * anchor], linear.bias)
 
 
 def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings) -> dict[str, LinearMap]:

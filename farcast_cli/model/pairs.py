@@ -1,12 +1,13 @@
 """Training pairs (first, last) -> future for the two fitting modes, and the time rule that makes them.
 
 Fitting on the run itself (`self_pairs`), a forecast of H steps past the last checkpoint s_K is
-learned from the run's own history by scaling the jump to each earlier anchor t:
+learned from the run's own history by scaling the jump to each earlier checkpoint t:
 
     inputs (w at s_0, w at t)  ->  target w at t + rho * (t - s_0),   rho = H / (s_K - s_0)
 
 so that every pair jumps the same fraction of its elapsed history as the forecast will; targets
-between checkpoints are interpolated linearly. A reference run (`reference_pairs`) gives the
+between checkpoints are interpolated linearly. With `anchor` k > 1 the second input is the mean of
+the last k checkpoints up to t instead of w at t (PAPER.md: averaging damps the recent noise). A reference run (`reference_pairs`) gives the
 paper's protocol instead: (w at s_0, w at E) -> w at E + offset, the truth known for every offset.
 """
 
@@ -22,7 +23,7 @@ from farcast_cli.model.history import History
 
 @dataclass
 class Pairs:
-    """One row per (sampled coordinate, anchor time): first and last are the map's two inputs,
+    """One row per (sampled coordinate, checkpoint it starts from): first and last are the map's two inputs,
     targets its m outputs' truth; first_rate = |w_1 - w_0| / (s_1 - s_0), the run's first rate, and
     last_dt the steps between the last two outputs, for the regulariser; coordinate is the row's
     sampled coordinate, so that whole coordinates can be held out."""
@@ -63,32 +64,38 @@ def _last_gap(offsets: list[float]) -> float:
     return offsets[-1] - (offsets[-2] if len(offsets) > 1 else 0.0)
 
 
-def self_pairs(history: History, horizon: int, offsets: list[int]) -> Pairs:
-    """Pairs from the run itself: the jump from each anchor t is scaled as rho * (t - s_0)."""
+def anchor_values(history: History, k: int, anchor: int) -> np.ndarray:
+    """The map's second input at checkpoint k: the mean of the last `anchor` checkpoints up to k (1: k
+    itself), never reaching back to the first checkpoint, which is the map's other input."""
+    return history.values[:, max(1, k - anchor + 1) : k + 1].mean(axis=1) if anchor > 1 else history.values[:, k]
+
+
+def self_pairs(history: History, horizon: int, offsets: list[int], anchor: int = 1) -> Pairs:
+    """Pairs from the run itself: the jump from each checkpoint t is scaled as rho * (t - s_0)."""
     steps = history.steps
     s0, sk = steps[0], steps[-1]
     rho = horizon / (sk - s0)
     fractions = [o / horizon for o in offsets]
-    anchors = [k for k in range(1, len(steps)) if steps[k] + rho * (steps[k] - s0) <= sk + 1e-9]
-    if not anchors:
+    starts = [k for k in range(1, len(steps)) if steps[k] + rho * (steps[k] - s0) <= sk + 1e-9]
+    if not starts:
         raise UsageError(f"horizon {horizon} is too far for this run: the largest it supports is {max_self_horizon(steps)} steps")
     n = history.values.shape[0]
     rows = []
-    for k in anchors:
+    for k in starts:
         jump = rho * (steps[k] - s0)
         targets = np.stack([interpolate(history, steps[k] + f * jump) for f in fractions], axis=1)
-        rows.append((history.values[:, k], targets, np.full(n, jump * _last_gap(fractions))))
+        rows.append((anchor_values(history, k, anchor), targets, np.full(n, jump * _last_gap(fractions))))
     return Pairs(
-        first=np.tile(history.values[:, 0], len(anchors)),
+        first=np.tile(history.values[:, 0], len(starts)),
         last=np.concatenate([r[0] for r in rows]),
         targets=np.concatenate([r[1] for r in rows]),
-        first_rate=np.tile(_first_rate(history), len(anchors)),
+        first_rate=np.tile(_first_rate(history), len(starts)),
         last_dt=np.concatenate([r[2] for r in rows]),
-        coordinate=np.tile(np.arange(n), len(anchors)),
+        coordinate=np.tile(np.arange(n), len(starts)),
     )
 
 
-def reference_pairs(history: History, context_end: int, offsets: list[int]) -> Pairs:
+def reference_pairs(history: History, context_end: int, offsets: list[int], anchor: int = 1) -> Pairs:
     """Pairs from a complete reference run: (w at s_0, w at E) -> w at E + offset."""
     steps = history.steps
     if context_end not in steps:
@@ -101,7 +108,7 @@ def reference_pairs(history: History, context_end: int, offsets: list[int]) -> P
     n = history.values.shape[0]
     return Pairs(
         first=history.values[:, 0],
-        last=history.values[:, k],
+        last=anchor_values(history, k, anchor),
         targets=np.stack([interpolate(history, context_end + o) for o in offsets], axis=1),
         first_rate=_first_rate(history),
         last_dt=np.full(n, _last_gap([float(o) for o in offsets])),
