@@ -1,7 +1,8 @@
 """The `farcast` command line: parse arguments, call farcast_cli.commands, print the result, map errors to exit codes.
 
 Each option is declared once, in an OptionGroup that also builds the settings object the commands take
-(FitSettings, StreamOptions); `with_options` adds a group's options to every command that uses it.
+(FitSettings, StreamOptions, EvalOptions); `with_options` adds a group's options to every command that
+uses it. Help panels order the options from what most people need to what few do.
 """
 
 import functools
@@ -20,7 +21,8 @@ from rich.console import Console
 
 from farcast_cli import __version__, commands
 from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, sigterm_as_interrupt
-from farcast_cli.evaluate.render import render
+from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
+from farcast_cli.evaluate.render import plain_lines, render
 from farcast_cli.evaluate.report import Report
 from farcast_cli.io.device import parse_size
 from farcast_cli.model.fit import FitSettings
@@ -31,10 +33,11 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="rich",
 )
 _debug = {"on": os.environ.get("FARCAST_DEBUG", "") not in ("", "0")}
 
-FITTING, EVALUATION, STREAMING = "Fitting", "Evaluation", "Streaming and devices"
+EVALUATION, FITTING, STREAMING, OUTPUT = "Evaluation by your loss", "Fitting", "Streaming and devices", "Output"
 
 
 class Scope(str, Enum):
@@ -95,16 +98,9 @@ def _fit_settings(
             "--sample must be at least 2; --batch-size, --max-epochs, --patience and --lr positive; --lambda not negative"
         )
     return FitSettings(
-        sample=sample,
-        seed=seed,
-        lam=lam,
-        lr=lr,
-        batch_size=batch_size,
-        max_epochs=max_epochs,
-        patience=patience,
-        shrink=_shrink(shrink),
-        per_tensor=per_tensor,
-    )
+        sample=sample, seed=seed, lam=lam, lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience,
+        shrink=_shrink(shrink), per_tensor=per_tensor,
+    )  # fmt: skip
 
 
 def _shrink(text: str) -> float | None:
@@ -124,6 +120,11 @@ def _shrink(text: str) -> float | None:
 FIT_OPTIONS = OptionGroup(
     "settings",
     (
+        _option("shrink", str, "auto", help="Move the forecast towards the last checkpoint by a factor: auto (chosen by the "
+                "backtest: by your loss with --eval-cmd, else by weight error), none, or a number (0 = keep last, 1 = unshrunk).",
+                panel=FITTING),
+        _option("per_tensor", bool, FitSettings.per_tensor, "--per-tensor/--shared", help="Coefficients for each tensor with enough "
+                "sampled coordinates (the rest share one set), or one shared set for all (the paper's model).", panel=FITTING),
         _option("sample", int, FitSettings.sample, help="Weight coordinates sampled to fit the forecaster.", panel=FITTING),
         _option("seed", int, FitSettings.seed, help="Seed for sampling and fitting.", panel=FITTING),
         _option("lam", float, FitSettings.lam, "--lambda", help="Weight of the first-order-optimality regulariser.", panel=FITTING),
@@ -131,75 +132,60 @@ FIT_OPTIONS = OptionGroup(
         _option("batch_size", int, FitSettings.batch_size, help="Adam batch size.", panel=FITTING),
         _option("max_epochs", int, FitSettings.max_epochs, help="Most epochs of Adam.", panel=FITTING),
         _option("patience", int, FitSettings.patience, help="Epochs without validation gain before stopping.", panel=FITTING),
-        _option(
-            "shrink",
-            str,
-            "auto",
-            help="Move the forecast towards the last checkpoint by a factor: auto (chosen by a backtest on the run), "
-            "none, or a number (0 = keep last, 1 = unshrunk).",
-            panel=FITTING,
-        ),
-        _option(
-            "per_tensor",
-            bool,
-            FitSettings.per_tensor,
-            "--per-tensor/--shared",
-            help="Coefficients for each tensor with enough sampled "
-            "coordinates (the rest share one set), or one shared set for all (the paper's model).",
-            panel=FITTING,
-        ),
     ),
     _fit_settings,
-)
+)  # fmt: skip
 
 
-def _stream_options(
-    device: str, max_memory: str, backtest: Scope, use_mmap: bool, eval_cmd: str | None, quiet: bool
-) -> commands.StreamOptions:
-    return commands.StreamOptions(
-        device=device, max_memory=parse_size(max_memory), backtest=backtest.value, quiet=quiet, use_mmap=use_mmap, eval_cmd=eval_cmd
-    )
+def _stream_options(device: str, max_memory: str, backtest: Scope, use_mmap: bool, quiet: bool) -> commands.StreamOptions:
+    return commands.StreamOptions(device=device, max_memory=parse_size(max_memory), backtest=backtest.value, quiet=quiet, use_mmap=use_mmap)
 
 
 STREAM_OPTIONS = OptionGroup(
     "options",
     (
-        _option(
-            "eval_cmd",
-            str | None,
-            None,
-            "--eval-cmd",
-            help="A command that prints a checkpoint folder's loss, with {checkpoint} for the folder: adds steps saved to the backtest.",
-        ),
         _option("device", str, "auto", help="auto (a GPU when one is visible), cpu, cuda or cuda:N.", panel=STREAMING),
         _option("max_memory", str, "1GiB", help="Memory for tensor data, host and device (e.g. 512MB, 4GiB).", panel=STREAMING),
-        _option(
-            "backtest",
-            Scope,
-            Scope.full,
-            "--backtest",
-            help="Score the backtest on all coordinates (full) or on the fitting sample (sample, fast).",
-            panel=EVALUATION,
-        ),
-        _option(
-            "use_mmap",
-            bool,
-            False,
-            "--mmap",
-            help="Read through memory maps instead of positional reads (slow on network file systems).",
-            panel=STREAMING,
-        ),
-        _option("quiet", bool, False, "--quiet", "-q", help="No progress messages."),
+        _option("backtest", Scope, Scope.full, "--backtest", help="Score the weight backtest on all coordinates (full) or on the "
+                "fitting sample (sample, fast).", panel=STREAMING),
+        _option("use_mmap", bool, False, "--mmap", help="Read through memory maps instead of positional reads (slow on network file "
+                "systems).", panel=STREAMING),
+        _option("quiet", bool, False, "--quiet", "-q", help="No progress messages on stderr.", panel=OUTPUT),
     ),
     _stream_options,
-)
+)  # fmt: skip
+
+
+def _eval_options(eval_cmd: str | None, eval_jobs: int, eval_cache: bool) -> EvalOptions:
+    if eval_jobs < 1:
+        raise typer.BadParameter(f"{eval_jobs}: at least 1", param_hint="--eval-jobs")
+    return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd), eval_jobs, eval_cache)
+
+
+EVAL_OPTIONS = OptionGroup(
+    "evaluation",
+    (
+        _option("eval_cmd", str | None, None, "--eval-cmd", help="A command that prints a checkpoint's loss (the last number on its "
+                "stdout), with {checkpoint} for its folder: the backtest then decides by your loss."),
+        _option("eval_jobs", int, 1, "--eval-jobs", help="Evaluations to run at once.", panel=EVALUATION),
+        _option("eval_cache", bool, True, "--eval-cache/--no-eval-cache", help="Remember losses by checkpoint content, across runs "
+                "(in $FARCAST_CACHE_DIR, else ~/.cache/farcast).", panel=EVALUATION),
+    ),
+    _eval_options,
+)  # fmt: skip
 
 RunDir = Annotated[
     Path, typer.Argument(help="Folder of the run's checkpoints: checkpoint-<step>/ folders or <name><step>.safetensors files.")
 ]
-Horizon = Annotated[int | None, typer.Option("--horizon", "-H", help="Training steps to jump past the last checkpoint.")]
-Emit = Annotated[list[int] | None, typer.Option("--emit", help="Also forecast this many steps ahead (repeatable, each below the horizon).")]
-Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).")]
+Horizon = Annotated[int | None, typer.Option("--horizon", "-H", help="Training steps to jump past the last checkpoint (required unless "
+                    "--forecaster is given).")]  # fmt: skip
+Emit = Annotated[list[int] | None, typer.Option("--emit", help="Also forecast this many steps ahead (repeatable, each below the horizon).",
+                 rich_help_panel=OUTPUT)]  # fmt: skip
+Anchor = Annotated[int | None, typer.Option("--anchor", help="Average the last K checkpoints as the forecast's second input (default 1; "
+                   "with --eval-cmd, 1 and 5 are tried and your loss decides).", rich_help_panel=FITTING)]  # fmt: skip
+Force = Annotated[
+    bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).", rich_help_panel=OUTPUT)
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 
 
@@ -213,8 +199,10 @@ def _show_report(as_json: bool) -> Callable[[Report], None]:
             _stderr(f"warning: {warning}")
         if as_json:
             print(json.dumps(report.to_json(), indent=1))
+        elif sys.stdout.isatty():
+            render(report, Console(file=sys.stdout))
         else:
-            render(report, Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160))
+            print("\n".join(plain_lines(report)))
 
     return show
 
@@ -260,7 +248,14 @@ def _global(
     _debug["on"] = debug or os.environ.get("FARCAST_DEBUG", "") not in ("", "0")
 
 
-@app.command(name="inspect")
+INSPECT_EXAMPLES = """Examples:
+
+farcast inspect sample_checkpoints/digits-mlp
+
+farcast inspect runs/bert --json | jq .max_horizon"""
+
+
+@app.command(name="inspect", epilog=INSPECT_EXAMPLES)
 def inspect_command(run_dir: RunDir, as_json: AsJson = False) -> None:
     """List the checkpoints, files, tensors, parameters and bytes of a run."""
     _run(lambda: commands.inspect_run(run_dir), lambda info: _show_inspection(info, as_json))
@@ -282,65 +277,93 @@ def _show_inspection(info: dict, as_json: bool) -> None:
     print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
 
 
-@app.command()
-@with_options(FIT_OPTIONS, STREAM_OPTIONS)
+FIT_EXAMPLES = """Examples:
+
+farcast fit runs/sweep-a --context-end 1000 --horizon 4000 -o sweep.json   (a reference run: the paper's protocol)
+
+farcast predict runs/sweep-b --forecaster sweep.json -o sweep-b-at-5000   (applied to another run)"""
+
+
+@app.command(epilog=FIT_EXAMPLES)
+@with_options(EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
 def fit(
     run_dir: RunDir,
     output: Annotated[Path, typer.Option("--output", "-o", help="Forecaster file to write (JSON).")],
     horizon: Horizon = None,
     context_end: Annotated[
         int | None, typer.Option(help="Fit on a complete reference run: learn (step s_0, this step) -> this step + horizon.")
-    ] = None,
+    ] = None,  # fmt: skip
     emit: Emit = None,
+    anchor: Anchor = None,
     force: Force = False,
     as_json: AsJson = False,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
+    evaluation: EvalOptions = None,
 ) -> None:
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
     if horizon is None:
         raise typer.BadParameter("--horizon is required", param_hint="--horizon")
-    action = lambda: commands.fit(
-        run_dir, output, horizon=horizon, context_end=context_end, emit=emit or [], settings=settings, options=options, force=force
-    )  # noqa: E731
-    _run(action, _show_report(as_json))
+    given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=force)
+    _run(lambda: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation), _show_report(as_json))
 
 
-@app.command()
-@with_options(FIT_OPTIONS, STREAM_OPTIONS)
+PREDICT_EXAMPLES = """Examples:
+
+farcast predict sample_checkpoints/digits-mlp -H 300 -o forecast   (decided by weight error)
+
+farcast predict sample_checkpoints/digits-mlp -H 300 -o forecast --eval-cmd "python sample_checkpoints/eval_digits.py {checkpoint}"
+  (decided by your loss)
+
+farcast predict runs/bert -H 2000 -o bert-forecast --emit 500 --emit 1000 --json > report.json"""
+
+
+@app.command(epilog=PREDICT_EXAMPLES)
+@with_options(EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
 def predict(
     run_dir: RunDir,
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Folder to write the forecast checkpoint into (must not exist, unless --force).")
-    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the checkpoint into (must not exist, unless --force).")],
     horizon: Horizon = None,
+    fallback: Annotated[
+        bool | None,
+        typer.Option(
+            "--fallback/--no-fallback",
+            help="Write whichever candidate won the backtest (the "
+            "forecast, the last checkpoint, a straight line, an average of the last checkpoints), saying which; default: on "
+            "with --eval-cmd, off without.",
+        ),
+    ] = None,  # fmt: skip
     forecaster: Annotated[
-        Path | None, typer.Option(help="Apply a forecaster saved by `farcast fit` instead of fitting on this run.")
-    ] = None,
-    emit: Emit = None,
-    dtype: Annotated[OutputDtype | None, typer.Option(help="Store forecast tensors in this dtype instead of the input's.")] = None,
+        Path | None, typer.Option(help="Apply a forecaster saved by `farcast fit` instead of fitting on this run.", rich_help_panel=FITTING)
+    ] = None,  # fmt: skip
+    anchor: Anchor = None,
+    last_step: Annotated[
+        int | None,
+        typer.Option(
+            "--last-step", help="Forecast from this checkpoint step, ignoring the run's later checkpoints.", rich_help_panel=FITTING
+        ),
+    ] = None,  # fmt: skip
     min_skill: Annotated[
         float | None,
         typer.Option(
-            help="Exit 4 and write nothing if the backtest skill against keeping the last checkpoint is below this.",
+            help="Exit 4 and write nothing if the forecast's backtest figure is below this: "
+            "steps saved with --eval-cmd, else the weight skill against keeping the last checkpoint.",
             rich_help_panel=EVALUATION,
         ),
-    ] = None,
-    fallback: Annotated[
-        bool,
-        typer.Option(
-            "--fallback",
-            help="Write the candidate with the lowest backtest error (forecast, last checkpoint, "
-            "straight line, average of the last checkpoints), saying which.",
-        ),
-    ] = False,
+    ] = None,  # fmt: skip
+    emit: Emit = None,
+    dtype: Annotated[
+        OutputDtype | None, typer.Option(help="Store forecast tensors in this dtype instead of the input's.", rich_help_panel=OUTPUT)
+    ] = None,  # fmt: skip
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.")
-    ] = False,
+        bool,
+        typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.", rich_help_panel=OUTPUT),
+    ] = False,  # fmt: skip
     force: Force = False,
     as_json: AsJson = False,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
+    evaluation: EvalOptions = None,
 ) -> None:
     """Forecast the weights HORIZON steps past the last checkpoint and write them as a checkpoint."""
     out_dtype = None if dtype is None else dtype.value.upper()
@@ -348,7 +371,8 @@ def predict(
     if dry_run:
         _run(lambda: commands.dry_run(run_dir, output, **given), lambda plan: _show_plan(plan, as_json))
         return
-    _run(lambda: commands.predict(run_dir, output, **given, force=force, min_skill=min_skill, fallback=fallback), _show_report(as_json))
+    chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=force, min_skill=min_skill, fallback=fallback)
+    _run(lambda: commands.predict(run_dir, output, **given, **chosen), _show_report(as_json))
 
 
 def _show_plan(plan: dict, as_json: bool) -> None:

@@ -19,17 +19,18 @@ from farcast_cli.evaluate.backtest import (
     backtest_streaming,
     checkpoints_read,
 )
-from farcast_cli.evaluate.loss import run_eval_command, steps_saved
-from farcast_cli.evaluate.report import NAMES, REPORT_FILE, Backtest, Report, Written, verdict
-from farcast_cli.forecast.candidates import candidate_inputs, candidates
-from farcast_cli.forecast.write import write_forecast
+from farcast_cli.evaluate.evaluator import EvalOptions
+from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
+from farcast_cli.evaluate.report import NAMES, REPORT_FILE, Backtest, Report, Written, headline
+from farcast_cli.forecast.candidates import Combination, candidate_inputs, candidates
+from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import atomic_folder, check_output_location, write_text
 from farcast_cli.io.reader import ITEM_SIZES
-from farcast_cli.io.run import Run, find_run
+from farcast_cli.io.run import SINGLE_FILE, Run, find_run
 from farcast_cli.model.fit import FitSettings
-from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run
+from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
 from farcast_cli.model.history import History, read_history
 from farcast_cli.model.pairs import max_self_horizon
 from farcast_cli.progress import byte_progress
@@ -39,14 +40,13 @@ PREDICT_BYTES_PER_ELEMENT = (2 * 8, 4 * 8)
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """How tensors are streamed and evaluated: device, memory, backtest scope, progress, reads, loss."""
+    """How tensors are streamed: device, memory, backtest scope, progress, reads."""
 
     device: str = "auto"
     max_memory: int = 1 << 30
     backtest: str = "full"
     quiet: bool = False
     use_mmap: bool = False
-    eval_cmd: str | None = None
 
     def engine(self, input_bytes: int, scratch_bytes: int, advance=lambda n: None) -> EngineSettings:
         """Engine settings whose buffers for one pass fit in max_memory."""
@@ -95,6 +95,8 @@ def fit(
     emit: list[int] = (),
     settings: FitSettings = FitSettings(),
     options: StreamOptions = StreamOptions(),
+    evaluation: EvalOptions = EvalOptions(),
+    anchor: int | None = None,
     force: bool = False,
 ) -> Report:
     """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster."""
@@ -104,21 +106,12 @@ def fit(
     timings: dict[str, float] = {}
     with timed(timings, "find_run"):
         run = find_run(run_dir)
-    if context_end is None:
-        _require_three_checkpoints(run)
-    with timed(timings, "read_sample"):
-        history = read_history(run, settings.sample, settings.seed)
-    if context_end is None:
-        with timed(timings, "fit_and_backtest"):
-            forecaster, backtest, unavailable = _fit_and_backtest(
-                run, history, horizon, offsets, settings, options, _existing_parent(out_file)
-            )
-    else:
-        with timed(timings, "fit"):
-            forecaster = fit_on_reference(history, context_end, offsets, settings)
-        with timed(timings, "backtest"):
-            backtest, unavailable = _evaluate_on_reference(run, history, forecaster, options, _existing_parent(out_file)), None
-    report = _report("fit", run, forecaster, backtest, unavailable)
+    with _judge(evaluation, run, out_file, options) as judge:
+        if context_end is None:
+            forecaster, report = _fit_and_evaluate("fit", run, horizon, offsets, settings, options, judge, anchor, timings)
+        else:
+            forecaster, report = _fit_reference(run, context_end, offsets, settings, options, judge, anchor or 1, timings)
+        _account_evaluations(report, judge, timings)
     report.seconds = _rounded(timings)
     forecaster.report = report.to_json()
     forecaster.save(out_file)
@@ -135,59 +128,50 @@ def predict(
     emit: list[int] = (),
     settings: FitSettings = FitSettings(),
     options: StreamOptions = StreamOptions(),
+    evaluation: EvalOptions = EvalOptions(),
+    anchor: int | None = None,
+    last_step: int | None = None,
     dtype: str | None = None,
     force: bool = False,
     min_skill: float | None = None,
-    fallback: bool = False,
+    fallback: bool | None = None,
 ) -> Report:
-    """`farcast predict`: fit (unless given a forecaster), backtest, then stream the forecast checkpoint.
+    """`farcast predict`: fit (unless given a forecaster), backtest, then stream the chosen checkpoint.
 
-    With `fallback`, write whichever candidate (forecast, last checkpoint, straight line, average of
-    the last checkpoints) had the lowest backtest error instead of the forecast, and say so."""
+    The backtest decides by the user's loss when `evaluation` has an evaluator, else by weight error.
+    With `fallback` (the default when there is an evaluator) whichever candidate won the backtest is
+    written (the forecast, the last checkpoint, the straight line, the average of the last checkpoints);
+    without it, the forecast, whatever the backtest says."""
     timings: dict[str, float] = {}
     with timed(timings, "find_run"):
-        run = find_run(run_dir)
-        check_output_location(out_dir, run, force)
+        whole = find_run(run_dir)
+        check_output_location(out_dir, whole, force)
+        run = whole if last_step is None else whole.truncated(whole.steps.index(whole.at_step(last_step).step))
         resolve_device(options.device)
-    if forecaster_file is not None:
-        forecaster = _forecaster_for(run, forecaster_file, horizon)
-        saved = forecaster.report or {}
-        backtest = Backtest.from_json(saved["backtest"]) if saved.get("backtest") else None
-        unavailable = None if backtest else saved.get("backtest_unavailable", "the forecaster file holds no evaluation")
-        report = _report("predict", run, forecaster, backtest, unavailable, [f"backtest measured at fit time, by {forecaster_file}"])
-    else:
-        if horizon is None:
-            raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
-        offsets = output_offsets(horizon, emit)
-        _require_three_checkpoints(run)
-        with timed(timings, "read_sample"):
-            history = read_history(run, settings.sample, settings.seed)
-        with timed(timings, "fit_and_backtest"):
-            forecaster, backtest, unavailable = _fit_and_backtest(
-                run, history, horizon, offsets, settings, options, _existing_parent(out_dir)
-            )
-        report = _report("predict", run, forecaster, backtest, unavailable)
-    _enforce_min_skill(report, min_skill)
-    choice = "forecast"
-    if fallback and report.best not in (None, "forecast"):
-        choice = report.best
-        report.written = Written(
-            choice, f"--fallback: wrote {NAMES[choice]} instead of the forecast: it had the lowest error in the backtest."
-        )
-    candidate = candidates(run, forecaster)[choice]
-    last = run.at_step(forecaster.context_end)
-    with atomic_folder(out_dir) as folder:
-        with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * last.nbytes, options.quiet) as advance:
-            written = write_forecast(candidate, last, folder, options.engine(*PREDICT_BYTES_PER_ELEMENT, advance), dtype)
-            for checkpoint in run.checkpoints:
-                checkpoint.check_unchanged()
-        report.output = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
-        if options.eval_cmd is not None:
-            with timed(timings, "eval"):
-                report.written_loss = run_eval_command(options.eval_cmd, written[-1])
-                report.last_checkpoint_loss = run_eval_command(options.eval_cmd, last.path)
-        report.seconds = _rounded(timings)
-        write_text(folder / REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
+    with _judge(evaluation, run, out_dir, options) as judge:
+        if forecaster_file is not None:
+            forecaster = _forecaster_for(run, forecaster_file, horizon)
+            report = _saved_report(run, forecaster, forecaster_file)
+        else:
+            if horizon is None:
+                raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
+            offsets = output_offsets(horizon, emit)
+            forecaster, report = _fit_and_evaluate("predict", run, horizon, offsets, settings, options, judge, anchor, timings)
+        _enforce_min_skill(report, min_skill)
+        candidate = _choose(report, candidates(run, forecaster), judge is not None if fallback is None else fallback)
+        last = run.at_step(forecaster.context_end)
+        with atomic_folder(out_dir) as folder:
+            with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * last.nbytes, options.quiet) as advance:
+                written = write_forecast(candidate, last, folder, options.engine(*PREDICT_BYTES_PER_ELEMENT, advance), dtype)
+                for checkpoint in whole.checkpoints:
+                    checkpoint.check_unchanged()
+            report.output = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
+            if judge is not None:
+                with timed(timings, "eval_written"):
+                    _score_written(report, judge, run, candidate, written[-1], dtype)
+            _account_evaluations(report, judge, timings)
+            report.seconds = _rounded(timings)
+            write_text(folder / REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
     return report
 
 
@@ -253,28 +237,153 @@ def output_offsets(horizon: int, emit: list[int]) -> list[int]:
     return sorted(set(emit)) + [horizon]
 
 
-def _fit_and_backtest(
-    run: Run, history: History, horizon: int, offsets: list[int], settings: FitSettings, options: StreamOptions, scratch_parent: Path
-) -> tuple[Forecaster, Backtest | None, str | None]:
-    """Fit on the whole run, and score the held-out fit (model/forecaster.py, SelfFit) on the last checkpoint."""
-    fitted = fit_on_run(history, horizon, offsets, settings)
-    if fitted.scored is None:
-        return fitted.forecaster, None, f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
-    backtest = _backtest(run, history, fitted.scored, options)
-    backtest.eval = _steps_saved(run, fitted.scored, len(run.steps) - 1, options, scratch_parent)
-    return fitted.forecaster, backtest, None
+@contextmanager
+def _judge(evaluation: EvalOptions, run: Run, output: Path, options: StreamOptions) -> Iterator[CandidateScores | None]:
+    """The user's loss as a judge of candidates (None without an evaluator); scratch space beside the output."""
+    scorer = evaluation.scorer(options.quiet)
+    if scorer is None:
+        yield None
+        return
+    engine = lambda: options.engine(*PREDICT_BYTES_PER_ELEMENT)  # noqa: E731
+    scores = CandidateScores(run, scorer, _existing_parent(output), engine)
+    try:
+        yield scores
+    finally:
+        scorer.close()
+        scores.close()
 
 
-def _evaluate_on_reference(run: Run, history: History, forecaster: Forecaster, options: StreamOptions, scratch_parent: Path) -> Backtest:
-    """Score the reference forecaster on the reference run itself, where the truth at E + H is known."""
-    backtest = _backtest(run, history, forecaster, options)
-    target = forecaster.target_steps[-1]
-    if options.eval_cmd is not None:
+def _fit_and_evaluate(
+    command: str,
+    run: Run,
+    horizon: int,
+    offsets: list[int],
+    settings: FitSettings,
+    options: StreamOptions,
+    judge: CandidateScores | None,
+    anchor: int | None,
+    timings: dict[str, float],
+) -> tuple[Forecaster, Report]:
+    """Fit on the whole run; score the held-out fit (model/forecaster.py, SelfFit) in weight error, and
+    with a judge, score every candidate by the user's loss and refit with the best forecast's settings."""
+    _require_three_checkpoints(run)
+    with timed(timings, "read_sample"):
+        history = read_history(run, settings.sample, settings.seed)
+    with timed(timings, "fit_and_backtest"):
+        fitted = fit_on_run(history, horizon, offsets, settings, anchor or 1)
+        backtest = None if fitted.scored is None else _backtest(run, history, fitted.scored, options)
+    forecaster, loss, loss_unavailable = fitted.forecaster, None, None
+    if judge is not None:
+        with timed(timings, "loss_backtest"):
+            loss = loss_backtest(run, history, horizon, settings, judge, anchors=(anchor,) if anchor else ANCHORS)
+        if loss is None:
+            loss_unavailable = f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
+        elif loss.best_forecast is not None:
+            best = loss.best_forecast
+            forecaster = fit_plain(history, horizon, offsets, settings, best.anchor).shrunk(best.shrink)
+            forecaster.fit_info["chosen_by"] = "validation loss"
+    unavailable = None if backtest else f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
+    return forecaster, _report(command, run, forecaster, backtest, unavailable, loss, loss_unavailable)
+
+
+def _fit_reference(
+    run: Run,
+    context_end: int,
+    offsets: list[int],
+    settings: FitSettings,
+    options: StreamOptions,
+    judge: CandidateScores | None,
+    anchor: int,
+    timings: dict[str, float],
+) -> tuple[Forecaster, Report]:
+    """The paper's protocol on a complete reference run, scored on that run, where the truth at E + H is known."""
+    with timed(timings, "read_sample"):
+        history = read_history(run, settings.sample, settings.seed)
+    with timed(timings, "fit"):
+        forecaster = fit_on_reference(history, context_end, offsets, settings, anchor)
+    with timed(timings, "backtest"):
+        backtest = _backtest(run, history, forecaster, options)
+    loss, loss_unavailable = None, None
+    if judge is not None:
+        target = forecaster.target_steps[-1]
         if target in run.steps:
-            backtest.eval = _steps_saved(run, forecaster, run.steps.index(target), options, scratch_parent)
+            with timed(timings, "loss_backtest"):
+                loss = reference_loss_backtest(run.truncated(run.steps.index(target)), forecaster, judge)
         else:
-            backtest.eval = {"unavailable": f"step {target} is not a checkpoint of the reference run"}
-    return backtest
+            loss_unavailable = f"step {target} is not a checkpoint of the reference run"
+    return forecaster, _report("fit", run, forecaster, backtest, None, loss, loss_unavailable)
+
+
+def _saved_report(run: Run, forecaster: Forecaster, forecaster_file: Path) -> Report:
+    """The report of a forecaster saved by `farcast fit`, whose evaluation was measured at fit time."""
+    saved = forecaster.report or {}
+    backtest = Backtest.from_json(saved["backtest"]) if saved.get("backtest") else None
+    loss = LossBacktest.from_json(saved["loss"]) if saved.get("loss") else None
+    unavailable = None if backtest else saved.get("backtest_unavailable") or "the forecaster file holds no evaluation"
+    return _report(
+        "predict",
+        run,
+        forecaster,
+        backtest,
+        unavailable,
+        loss,
+        saved.get("loss_unavailable"),
+        [f"backtest measured at fit time, by {forecaster_file}"],
+    )
+
+
+def _choose(report: Report, options: dict[str, Combination], fallback: bool) -> Combination:
+    """The candidate to write, recorded in report.written: the backtest's winner with `fallback` (the last
+    checkpoint where the backtest could not test a jump this long), else the forecast."""
+    method = "forecast"
+    if fallback and report.tested is False:
+        method, why = "last", "the backtest could not test a jump this long, so --fallback keeps the last checkpoint"
+    elif fallback and report.best not in (None, "forecast"):
+        method = report.best
+        why = f"{NAMES[method]} did best in the backtest ({report.criterion}), so --fallback writes it instead of the forecast"
+    elif report.best not in (None, "forecast"):
+        why = f"the forecast, as asked, although {NAMES[report.best]} did better in the backtest ({report.criterion})"
+    else:
+        why = "the forecast, which did best in the backtest" if report.best == "forecast" else "the forecast (no backtest)"
+    chosen = options[method]
+    report.written = Written(method, _written_label(report, method), chosen.from_steps, why)
+    return chosen
+
+
+def _written_label(report: Report, method: str) -> str:
+    if method != "forecast":
+        return {
+            "last": "the last checkpoint, unchanged",
+            "line": "the straight line through the last two checkpoints",
+            "lawa": "the average of the last checkpoints",
+        }[method]
+    fit = report.forecaster
+    return f"the forecast (anchor {fit['anchor']}, shrink {fit['fit'].get('shrink', 1.0):g})"
+
+
+def _score_written(report: Report, judge: CandidateScores, run: Run, candidate: Combination, folder: Path, dtype: str | None) -> None:
+    """The loss of what was written and of the last checkpoint, from the cache where they were scored already."""
+    last = run.last
+    path = folder / SINGLE_FILE if run.layout == "files" else folder
+    kept = candidate.kept_input() if dtype is None else None
+    if kept is not None:
+        report.written_loss = judge.checkpoint(kept, "written checkpoint").result().loss
+    else:
+        key = combination_key(candidate, [judge.fingerprint(c) for c in candidate.inputs], dtype)
+        report.written_loss = judge.scorer.submit(key, path, "written checkpoint").result().loss
+    report.last_checkpoint_loss = judge.checkpoint(last, f"checkpoint {last.step}").result().loss
+
+
+def _account_evaluations(report: Report, judge: CandidateScores | None, timings: dict[str, float]) -> None:
+    if judge is None:
+        return
+    timings["eval_commands"] = judge.scorer.seconds
+    if report.loss is not None:
+        report.loss.evaluations, report.loss.cache_hits, report.loss.eval_seconds = (
+            judge.scorer.evaluations,
+            judge.scorer.cache_hits,
+            round(judge.scorer.seconds, 4),
+        )
 
 
 def _backtest(run: Run, history: History, forecaster: Forecaster, options: StreamOptions) -> Backtest:
@@ -285,16 +394,6 @@ def _backtest(run: Run, history: History, forecaster: Forecaster, options: Strea
     total = sum(run.checkpoints[i].nbytes for i in checkpoints_read(run.steps, scored))
     with byte_progress("backtest", total, options.quiet) as advance:
         return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance))
-
-
-def _steps_saved(run: Run, forecaster: Forecaster, end: int, options: StreamOptions, scratch_parent: Path) -> dict | None:
-    """With --eval-cmd: score the backtest's candidates and the true checkpoints, and add steps saved."""
-    if options.eval_cmd is None:
-        return None
-    cut = run.steps.index(forecaster.context_end)
-    truncated = run.truncated(end)
-    engine = lambda: options.engine(*PREDICT_BYTES_PER_ELEMENT)  # noqa: E731
-    return steps_saved(truncated, cut, candidates(truncated, forecaster), options.eval_cmd, scratch_parent, engine)
 
 
 def _require_three_checkpoints(run: Run) -> None:
@@ -321,12 +420,24 @@ def _shrink_note(forecaster: Forecaster) -> list[str]:
     alpha = forecaster.shrink
     if alpha == 1.0:
         return []
-    how = "chosen by a backtest on the run's history" if forecaster.settings.get("shrink") is None else "set by --shrink"
+    if forecaster.settings.get("shrink") is not None:
+        how = "set by --shrink"
+    elif forecaster.fit_info.get("chosen_by") == "validation loss":
+        how = "chosen by your loss in the backtest"
+    else:
+        how = "chosen by a backtest on the run's history (weight error)"
     return [f"the forecast is shrunk towards the last checkpoint: last + {alpha:.2f} x (2-point forecast - last), {how}"]
 
 
 def _report(
-    command: str, run: Run, forecaster: Forecaster, backtest: Backtest | None, unavailable: str | None, extra_notes: list[str] = ()
+    command: str,
+    run: Run,
+    forecaster: Forecaster,
+    backtest: Backtest | None,
+    unavailable: str | None,
+    loss: LossBacktest | None = None,
+    loss_unavailable: str | None = None,
+    extra_notes: list[str] = (),
 ) -> Report:
     weight, bias = forecaster.shared.as_lists()
     return Report(
@@ -338,12 +449,20 @@ def _report(
         context={"first_step": forecaster.first_step, "last_step": forecaster.context_end},
         horizon=forecaster.horizon,
         target_steps=forecaster.target_steps,
-        forecaster={"weight": weight, "bias": bias, "per_tensor": forecaster.as_dict()["per_tensor"], "fit": forecaster.fit_info},
+        forecaster={
+            "anchor": forecaster.anchor,
+            "weight": weight,
+            "bias": bias,
+            "per_tensor": forecaster.as_dict()["per_tensor"],
+            "fit": forecaster.fit_info,
+        },
         backtest=backtest,
         backtest_unavailable=unavailable,
+        loss=loss,
+        loss_unavailable=loss_unavailable,
         notes=_notes(run) + _shrink_note(forecaster) + list(extra_notes),
         warnings=run.warnings,
-        **verdict(backtest, unavailable),
+        **headline(backtest, unavailable, loss, forecaster.horizon),
     )
 
 
@@ -377,13 +496,16 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
 
 
 def _enforce_min_skill(report: Report, min_skill: float | None) -> None:
+    """Exit 4 below --min-skill: steps saved by the loss with an evaluator, else the weight skill."""
     if min_skill is None:
         return
-    skill = report.skill_vs_last
-    if skill is None or skill < min_skill:
+    by_loss = report.criterion == "validation loss"
+    skill = report.steps_saved if by_loss else report.skill_vs_last
+    if skill is None or skill < min_skill or report.tested is False:
+        what = "steps saved by your loss in the backtest" if by_loss else "backtest skill against keeping the last checkpoint"
         shown = "unknown" if skill is None else f"{skill:.3f}"
-        error = LowSkillError(
-            f"backtest skill against keeping the last checkpoint is {shown}, below --min-skill {min_skill}; nothing written"
-        )
+        if report.tested is False:
+            shown += " (on a jump too short to test the one asked)"
+        error = LowSkillError(f"{what} is {shown}, below --min-skill {min_skill}; nothing written")
         error.report = report
         raise error

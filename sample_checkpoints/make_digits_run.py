@@ -1,10 +1,8 @@
 """Train a small MLP on scikit-learn's bundled digits with Adam and save a Trainer-style run.
 
     python sample_checkpoints/make_digits_run.py make sample_checkpoints/digits-mlp
-    python sample_checkpoints/make_digits_run.py eval sample_checkpoints/digits-mlp/checkpoint-600
 
-`eval` prints the validation loss of any checkpoint folder (or single .safetensors file) of this
-model, so a forecast can be scored against the run's own checkpoints. Needs scikit-learn.
+Needs scikit-learn. The run's evaluator, which does not, is eval_digits.py beside this file.
 """
 
 from __future__ import annotations
@@ -14,25 +12,15 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from eval_digits import HIDDEN, build_model, validation_loss
+from safetensors.torch import save_file
 
-HIDDEN = 64
 STEPS = 600
 SAVE_EVERY = 30
 LOG_EVERY = 10
 BATCH = 32
 LR = 1e-3
 SEED = 0
-
-
-def build_model() -> torch.nn.Sequential:
-    return torch.nn.Sequential(
-        torch.nn.Linear(64, HIDDEN),
-        torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN, HIDDEN),
-        torch.nn.ReLU(),
-        torch.nn.Linear(HIDDEN, 10),
-    )
 
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,17 +33,6 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SEED))
     x, y = x[order], y[order]
     return x[:1400], y[:1400], x[1400:], y[1400:]
-
-
-def validation_loss(model: torch.nn.Module) -> float:
-    _, _, x_val, y_val = load_data()
-    with torch.no_grad():
-        return float(torch.nn.functional.cross_entropy(model(x_val), y_val))
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    return load_file(path / "model.safetensors" if path.is_dir() else path)
 
 
 def make_run(out: Path) -> None:
@@ -97,17 +74,7 @@ def _save_checkpoint(folder: Path, model: torch.nn.Module, step: int, log_histor
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
-def evaluate(path: Path) -> float:
-    model = build_model()
-    model.load_state_dict(_load_weights(path))
-    return validation_loss(model)
-
-
 if __name__ == "__main__":
-    command, target = sys.argv[1], Path(sys.argv[2])
-    if command == "make":
-        make_run(target)
-    elif command == "eval":
-        print(f"{evaluate(target):.6f}")
-    else:
-        raise SystemExit(f"usage: {sys.argv[0]} make OUT_DIR | eval CHECKPOINT")
+    if len(sys.argv) != 3 or sys.argv[1] != "make":
+        raise SystemExit(f"usage: {sys.argv[0]} make OUT_DIR")
+    make_run(Path(sys.argv[2]))

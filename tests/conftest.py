@@ -88,6 +88,14 @@ def _save_sharded(folder: Path, tensors: dict[str, torch.Tensor], shards: int) -
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+@pytest.fixture(autouse=True)
+def own_loss_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test has its own cache of losses, never the user's."""
+    folder = tmp_path_factory.mktemp("loss-cache")
+    monkeypatch.setenv("FARCAST_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return write_run(tmp_path / "run")

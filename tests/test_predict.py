@@ -66,10 +66,38 @@ def test_report_compares_with_both_baselines(run_dir, farcast, tmp_path):
     assert report["target_steps"] == [300]
 
 
-def test_table_on_stdout_names_each_tensor_and_the_verdict(run_dir, farcast, tmp_path):
+def test_the_report_in_a_batch_log_is_plain_lines_that_say_what_was_measured(run_dir, farcast, tmp_path):
     result = farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "out", *FAST)
-    for text in ("encoder.weight", "head.bias", "overall", "skill vs last", "The forecast beats keeping the last checkpoint"):
-        assert text in result.stdout
+    lines = result.stdout.splitlines()
+    for prefix in (
+        "backtest tensor encoder.weight: numel 384,",
+        "backtest tensor head.bias: ",
+        "backtest overall: ",
+        "written: the forecast",
+    ):
+        assert sum(line.startswith(prefix) for line in lines) == 1, prefix
+    verdict = next(line for line in lines if line.startswith("verdict: "))
+    assert "In weight error, the forecast beats keeping the last checkpoint" in verdict
+    assert "measures weight error, not your loss" in verdict and "--eval-cmd" in verdict
+
+
+def test_on_a_terminal_the_weight_backtest_is_a_table(run_dir, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from farcast_cli import commands
+    from farcast_cli.evaluate.render import render
+    from farcast_cli.model.fit import FitSettings
+
+    report = commands.predict(
+        run_dir, tmp_path / "out", horizon=100, settings=FitSettings(sample=2000), options=commands.StreamOptions(quiet=True)
+    )
+    text = io.StringIO()
+    render(report, Console(file=text, width=200, force_terminal=True, no_color=True))
+    table = [line for line in text.getvalue().splitlines() if "encoder.weight" in line]
+    assert len(table) == 1 and "│" in table[0] and f"{report.backtest.tensors['encoder.weight'].skill_vs_last:+.3f}" in table[0]
+    assert "skill vs last" in text.getvalue() and "verdict: In weight error" in text.getvalue()
 
 
 def test_losing_forecast_says_so_plainly(tmp_path, farcast):
@@ -88,7 +116,7 @@ def test_min_skill_exits_4_and_writes_nothing(run_dir, farcast, tmp_path):
     result = farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "out", "--min-skill", 0.999, *FAST, expect=4)
     assert "below --min-skill 0.999" in result.stderr
     assert not (tmp_path / "out").exists()
-    assert "skill vs last" in result.stdout
+    assert "skill_vs_last" in result.stdout and "verdict: " in result.stdout
 
 
 def test_plain_file_layout(tmp_path, farcast):
@@ -187,7 +215,7 @@ def test_fallback_writes_the_candidate_that_won_the_backtest(tmp_path, farcast):
     best = report["best"]
     overall = report["backtest"]["overall"]
     assert best != "forecast" and overall[best]["mae"] == min(overall[m]["mae"] for m in ("forecast", "last", "line", "lawa"))
-    assert report["written"]["method"] == best and "--fallback: wrote" in report["written"]["why"]
+    assert report["written"]["method"] == best and "so --fallback writes it instead of the forecast" in report["written"]["why"]
     checkpoint = {s: load_file(run / f"checkpoint-{s}" / "model.safetensors")["encoder.weight"] for s in (120, 140, 160, 180, 200)}
     expected = {
         "last": checkpoint[200],
@@ -203,7 +231,7 @@ def test_fallback_writes_the_candidate_that_won_the_backtest(tmp_path, farcast):
 def test_without_fallback_the_losing_forecast_is_still_written_and_labelled(tmp_path, farcast):
     run = turning_run(tmp_path / "run")
     report = json.loads(farcast("predict", run, "-H", 200, "-o", tmp_path / "out", "--json", *FAST).stdout)
-    assert report["written"] is None
+    assert report["written"]["method"] == "forecast"
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
         assert json.loads(handle.metadata()["farcast"])["method"] == "farcast"
 
@@ -211,7 +239,7 @@ def test_without_fallback_the_losing_forecast_is_still_written_and_labelled(tmp_
 def test_fallback_keeps_a_winning_forecast(run_dir, farcast, tmp_path):
     report = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--fallback", "--json", *FAST).stdout)
     assert report["beats_last"] is True and report["best"] == "forecast"
-    assert report["written"] is None
+    assert report["written"]["method"] == "forecast"
 
 
 def test_report_scores_the_average_of_the_last_checkpoints(run_dir, farcast, tmp_path):

@@ -1,49 +1,90 @@
-"""Steps saved: score checkpoints with the user's own evaluation command, and read the loss curve.
+"""Let the user's loss decide: the loss backtest, and steps saved.
 
-`--eval-cmd 'python eval.py {checkpoint}'` must print a loss (the last number on its stdout).
-In the backtest, the true run's checkpoints across the held-out jump give the loss curve; a
-candidate's loss L then maps to the first step at which the true run reached L. Steps saved is
-that step minus the cut, as a fraction of the jump: 0 is no better than keeping the last
-checkpoint, 1 is as good as training the whole jump.
+The backtest holds out the run's last checkpoints: from a cut c it forecasts the last checkpoint K
+(model/forecaster.py, `held_out_trial`). The true run's loss at c, c+1, ..., K is the curve. Every
+candidate is scored by the evaluator (evaluate/evaluator.py): the forecast at each shrink factor of a
+grid and each anchor (one fit per anchor serves the whole grid: the forecast is linear in the factor),
+the straight line, the average of the last checkpoints, and keeping the checkpoint at c. A candidate's
+loss L maps to the first step at which the curve reaches L; steps saved is that step minus c, as a
+fraction of the jump K - c: 0 is keeping the checkpoint at c, 1 the whole jump (at least: a loss below
+the curve's end counts as 1). A loss worse than at c is placed on the run's earlier checkpoints for a
+negative figure, down to -1 (one jump back): they are scored as far back as the best forecast needs,
+and a worse candidate is placed by extending the curve's trend, and marked extrapolated.
+
+The candidate with the lowest loss is chosen; the forecast only if it beats keeping the checkpoint.
+The choice is made on the same backtest that scores it, so the chosen figure is the best of all those
+tried there: optimistic, and the report says so.
 """
 
 from __future__ import annotations
 
-import re
-import shlex
-import subprocess
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from farcast_cli.errors import UsageError
-from farcast_cli.forecast.candidates import Combination
-from farcast_cli.forecast.write import write_forecast
+from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint, format_loss
+from farcast_cli.forecast.candidates import Combination, candidates
+from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.engine import EngineSettings
-from farcast_cli.io.run import Run
+from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run
+from farcast_cli.model.fit import FitSettings
+from farcast_cli.model.forecaster import Forecaster, held_out_trial
+from farcast_cli.model.history import History
 
-NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-EVAL_TIMEOUT_SECONDS = 3600
-
-
-def run_eval_command(template: str, checkpoint: Path) -> float:
-    """Run the user's command on one checkpoint folder and read the last number it prints."""
-    quoted = shlex.quote(str(checkpoint))
-    command = template.replace("{checkpoint}", quoted) if "{checkpoint}" in template else f"{template} {quoted}"
-    try:
-        done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=EVAL_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        raise UsageError(f"--eval-cmd took over {EVAL_TIMEOUT_SECONDS} s on {checkpoint}") from None
-    if done.returncode != 0:
-        last_line = (done.stderr.strip().splitlines() or ["no message"])[-1][:200]
-        raise UsageError(f"--eval-cmd failed on {checkpoint} (exit {done.returncode}): {last_line}")
-    numbers = NUMBER.findall(done.stdout)
-    if not numbers:
-        raise UsageError(f"--eval-cmd printed no number for {checkpoint}; it must print the loss")
-    return float(numbers[-1])
+SHRINK_STEP = 0.25
+SHRINK_MAX = 2.0
+SHRINK_LIMIT = 4.0
+ANCHORS = (1, 5)
 
 
-def step_reaching(curve: list[tuple[int, float]], loss: float) -> float | None:
+@dataclass(frozen=True)
+class LossPoint:
+    """One candidate scored in the loss backtest: the forecast with its anchor and shrink factor, or an alternative."""
+
+    method: str
+    anchor: int | None
+    shrink: float | None
+    loss: float
+    steps_saved: float
+    extrapolated: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.method != "forecast":
+            return {"last": "keep last", "line": "straight line", "lawa": "average of the last checkpoints"}[self.method]
+        return f"forecast (anchor {self.anchor}, shrink {self.shrink:g})"
+
+
+@dataclass
+class LossBacktest:
+    evaluator: str
+    cut_step: int
+    target_step: int
+    curve: list[tuple[int, float]]
+    points: list[LossPoint]
+    chosen: LossPoint
+    best_forecast: LossPoint | None
+    earlier: list[tuple[int, float]] = field(default_factory=list)
+    evaluations: int = 0
+    cache_hits: int = 0
+    eval_seconds: float = 0.0
+
+    def point(self, method: str) -> LossPoint:
+        return next(p for p in self.points if p.method == method)
+
+    @classmethod
+    def from_json(cls, data: dict) -> LossBacktest:
+        point = lambda d: None if d is None else LossPoint(**d)  # noqa: E731
+        pairs = lambda rows: [(int(step), float(loss)) for step, loss in rows]  # noqa: E731
+        fields = {**data, "points": [point(d) for d in data["points"]], "chosen": point(data["chosen"])}
+        fields.update(best_forecast=point(data["best_forecast"]), curve=pairs(data["curve"]), earlier=pairs(data["earlier"]))
+        return cls(**fields)
+
+
+def step_reaching(curve: Sequence[tuple[float, float]], loss: float) -> float | None:
     """The first step at which the loss curve reaches `loss` (linear between checkpoints), or None."""
     for (step_a, loss_a), (step_b, loss_b) in zip(curve, curve[1:]):
         if loss_a <= loss:
@@ -53,32 +94,183 @@ def step_reaching(curve: list[tuple[int, float]], loss: float) -> float | None:
     return float(curve[0][0]) if curve and curve[0][1] <= loss else None
 
 
-def steps_saved(
-    run: Run,
-    cut: int,
-    backtest_candidates: dict[str, Combination],
-    template: str,
-    scratch_parent: Path,
-    settings: Callable[[], EngineSettings],
-) -> dict:
-    """Loss of each backtest candidate and of the true checkpoints from the cut to the last; steps saved."""
-    curve = [(checkpoint.step, run_eval_command(template, checkpoint.path)) for checkpoint in run.checkpoints[cut:]]
+def steps_saved(curve: Sequence[tuple[float, float]], earlier: Sequence[tuple[float, float]], loss: float) -> tuple[float, bool]:
+    """Signed steps saved (module docstring), and whether it is extrapolated. `earlier` is the run's loss
+    at checkpoints before the cut, latest first; a loss worse than all of them is placed by extending the
+    line through the two earliest points of the curve, down to -1."""
     start, end = curve[0][0], curve[-1][0]
-    losses = {"last": curve[0][1]}
-    with tempfile.TemporaryDirectory(prefix=".farcast-eval-", dir=scratch_parent) as scratch:
-        for method in ("forecast", "line", "lawa"):
-            folder = Path(scratch) / method
-            folder.mkdir()
-            write_forecast(backtest_candidates[method], run.checkpoints[cut], folder, settings())
-            losses[method] = run_eval_command(template, folder)
-    saved = {}
-    for method, loss in losses.items():
+    if loss <= curve[0][1]:
         reached = step_reaching(curve, loss)
-        saved[method] = 1.0 if reached is None else (reached - start) / (end - start)
-    return {
-        "command": template,
-        "curve": curve,
-        "losses": losses,
-        "steps_saved": saved,
-        "beyond_target": [m for m, loss in losses.items() if loss < min(value for _, value in curve)],
-    }
+        return (1.0 if reached is None else (reached - start) / (end - start)), False
+    backwards = [curve[1], curve[0], *earlier] if len(curve) > 1 else [curve[0], *earlier]
+    for (later_step, later_loss), (step, value) in zip(backwards[1:], backwards[2:]):
+        if value >= loss:
+            back = later_step - (later_step - step) * (loss - later_loss) / (value - later_loss)
+            return max(-1.0, (back - start) / (end - start)), False
+    (later_step, later_loss), (step, value) = backwards[-2], backwards[-1]
+    if start - step >= end - start or value <= later_loss:
+        return -1.0, start - step < end - start
+    back = step - (step - later_step) * (loss - value) / (later_loss - value)
+    return max(-1.0, (back - start) / (end - start)), True
+
+
+class CandidateScores:
+    """Scores combinations of a run's checkpoints: a combination that is one checkpoint unchanged is
+    scored in place; any other is written to a scratch folder (no fsync, config files linked), scored,
+    and removed as soon as its evaluation ends."""
+
+    def __init__(self, run: Run, scorer: Scorer, scratch_parent: Path, engine: Callable[[], EngineSettings]) -> None:
+        self.run, self.scorer, self.engine = run, scorer, engine
+        self.scratch = Path(tempfile.mkdtemp(prefix=".farcast-eval-", dir=scratch_parent))
+        self.fingerprints: dict[Path, str] = {}
+        self.count = 0
+
+    def fingerprint(self, checkpoint: Checkpoint) -> str:
+        if checkpoint.path not in self.fingerprints:
+            self.fingerprints[checkpoint.path] = checkpoint_fingerprint(checkpoint)
+        return self.fingerprints[checkpoint.path]
+
+    def checkpoint(self, checkpoint: Checkpoint, label: str) -> Future:
+        return self.scorer.submit(self.fingerprint(checkpoint), checkpoint.path, label)
+
+    def combination(self, candidate: Combination, label: str) -> Future:
+        kept = candidate.kept_input()
+        if kept is not None:
+            return self.checkpoint(kept, label)
+        key = combination_key(candidate, [self.fingerprint(c) for c in candidate.inputs])
+        if self.scorer.known(key):
+            return self.scorer.submit(key, Path(), label)
+        self.count += 1
+        folder = self.scratch / f"candidate-{self.count}"
+        folder.mkdir()
+        last = candidate.inputs[-1]
+        write_forecast(candidate, last, folder, self.engine(), scratch=True)
+        path = folder / SINGLE_FILE if self.run.layout == "files" else folder
+        return self.scorer.submit(key, path, label, done=lambda: shutil.rmtree(folder, ignore_errors=True))
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def loss_backtest(
+    run: Run,
+    history: History,
+    horizon: int,
+    settings: FitSettings,
+    scores: CandidateScores,
+    anchors: Sequence[int] = ANCHORS,
+) -> LossBacktest | None:
+    """Score every candidate on the held-out jump by the evaluator and choose the best (module docstring).
+    None when the run is too short to hold checkpoints out."""
+    trials = {anchor: held_out_trial(history, horizon, settings, anchor) for anchor in anchors}
+    trials = {anchor: trial for anchor, trial in trials.items() if trial is not None}
+    if not trials:
+        return None
+    first = next(iter(trials.values()))
+    cut = run.steps.index(first.context_end)
+    curve = _score_curve(run, cut, scores)
+    baselines = candidates(run, first)
+    futures: dict[tuple, Future] = {("last", None, None): curve[0][1]}
+    for method in ("line", "lawa"):
+        futures[(method, None, None)] = scores.combination(baselines[method], baselines[method].method)
+    for anchor, trial in trials.items():
+        for alpha in _grid(settings.shrink):
+            futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
+    if settings.shrink is None:
+        _refine(scores, run, trials, futures)
+    return _scored(run, cut, scores, curve, futures)
+
+
+def reference_loss_backtest(run: Run, forecaster: Forecaster, scores: CandidateScores) -> LossBacktest:
+    """The reference forecaster and the alternatives, scored on the reference run up to the forecast's
+    last target, where the truth is known."""
+    cut = run.steps.index(forecaster.context_end)
+    curve = _score_curve(run, cut, scores)
+    options = candidates(run, forecaster)
+    futures: dict[tuple, Future] = {("last", None, None): curve[0][1]}
+    for method in ("line", "lawa"):
+        futures[(method, None, None)] = scores.combination(options[method], options[method].method)
+    futures[("forecast", forecaster.anchor, forecaster.shrink)] = scores.combination(options["forecast"], "reference forecast")
+    return _scored(run, cut, scores, curve, futures)
+
+
+def _score_curve(run: Run, cut: int, scores: CandidateScores) -> list[tuple[int, Future]]:
+    return [(c.step, scores.checkpoint(c, f"checkpoint {c.step}")) for c in run.checkpoints[cut:]]
+
+
+def _scored(run: Run, cut: int, scores: CandidateScores, pending: list[tuple[int, Future]], futures: dict[tuple, Future]) -> LossBacktest:
+    """Wait for every score, place each candidate on the run's loss curve, and choose."""
+    curve = [(step, future.result().loss) for step, future in pending]
+    losses = {key: future.result().loss for key, future in futures.items()}
+    forecasts = [loss for (method, _, _), loss in losses.items() if method == "forecast"]
+    earlier = _earlier_losses(run, cut, scores, curve, min(forecasts, default=losses[("last", None, None)]))
+    points = [
+        LossPoint(method, anchor, alpha, loss, *steps_saved(curve, earlier, loss)) for (method, anchor, alpha), loss in losses.items()
+    ]
+    forecasts = [p for p in points if p.method == "forecast"]
+    return LossBacktest(
+        evaluator=str(scores.scorer),
+        cut_step=run.steps[cut],
+        target_step=run.steps[-1],
+        curve=curve,
+        points=points,
+        chosen=min(points, key=_preference),
+        best_forecast=min(forecasts, key=lambda p: p.loss) if forecasts else None,
+        earlier=earlier,
+    )
+
+
+def _preference(point: LossPoint) -> tuple:
+    """Lowest loss first; on a tie, keeping the checkpoint before any forecast."""
+    return (point.loss, point.method != "last")
+
+
+def _grid(shrink: float | None) -> list[float]:
+    """The shrink factors tried: the grid from SHRINK_STEP to SHRINK_MAX, or the one --shrink gave."""
+    if shrink is not None:
+        return [shrink]
+    return [SHRINK_STEP * k for k in range(1, round(SHRINK_MAX / SHRINK_STEP) + 1)]
+
+
+def _forecast_future(scores: CandidateScores, run: Run, trial: Forecaster, anchor: int, alpha: float) -> Future:
+    combination = candidates(run, trial.shrunk(alpha))["forecast"]
+    return scores.combination(combination, f"backtest forecast, anchor {anchor}, shrink {alpha:g}")
+
+
+def _refine(scores: CandidateScores, run: Run, trials: dict[int, Forecaster], futures: dict[tuple, Future]) -> None:
+    """Around each anchor's best factor, try half a step either side; while the best is the largest
+    factor tried, go on up (to SHRINK_LIMIT), so that the grid holds the minimum."""
+    last_loss = futures[("last", None, None)].result().loss
+    for anchor, trial in trials.items():
+        while True:
+            tried = {
+                alpha: futures[("forecast", anchor, alpha)].result().loss for (m, a, alpha) in futures if m == "forecast" and a == anchor
+            }
+            best = min(tried, key=tried.get)
+            if tried[best] >= last_loss:
+                break
+            if best == max(tried) and best + SHRINK_STEP <= SHRINK_LIMIT:
+                wanted = [best + SHRINK_STEP]
+            else:
+                wanted = [a for a in (best - SHRINK_STEP / 2, best + SHRINK_STEP / 2) if 0 < a <= SHRINK_LIMIT and a not in tried]
+            if not wanted:
+                break
+            for alpha in wanted:
+                futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
+
+
+def _earlier_losses(run: Run, cut: int, scores: CandidateScores, curve: list[tuple[int, float]], worst: float) -> list[tuple[int, float]]:
+    """The run's loss at checkpoints before the cut, latest first, scored until one reaches `worst` or
+    lies a whole jump back (steps saved stops at -1 there)."""
+    start, jump = curve[0][0], curve[-1][0] - curve[0][0]
+    earlier: list[tuple[int, float]] = []
+    for checkpoint in reversed(run.checkpoints[:cut]):
+        if worst <= curve[0][1] or (earlier and (earlier[-1][1] >= worst or start - earlier[-1][0] >= jump)):
+            break
+        earlier.append((checkpoint.step, scores.checkpoint(checkpoint, f"checkpoint {checkpoint.step}").result().loss))
+    return earlier
+
+
+def describe(backtest: LossBacktest) -> str:
+    """One line per candidate, for the report and logs."""
+    return "; ".join(f"{p.label}: loss {format_loss(p.loss)}, saves {p.steps_saved:+.2f}" for p in backtest.points)

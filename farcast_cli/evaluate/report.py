@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from farcast_cli import __version__
+from farcast_cli.evaluate.evaluator import format_loss
+from farcast_cli.evaluate.loss import LossBacktest
 from farcast_cli.forecast.candidates import BASELINES, METHODS
 
 SCHEMA_VERSION = 1
@@ -64,19 +66,20 @@ class Backtest:
     plan: BacktestPlan
     tensors: dict[str, ErrorTable]
     overall: ErrorTable
-    eval: dict | None = None
 
     @classmethod
     def from_json(cls, data: dict) -> Backtest:
         tensors = {name: ErrorTable.from_json(table) for name, table in data["tensors"].items()}
-        return cls(data["scope"], BacktestPlan(**data["plan"]), tensors, ErrorTable.from_json(data["overall"]), data.get("eval"))
+        return cls(data["scope"], BacktestPlan(**data["plan"]), tensors, ErrorTable.from_json(data["overall"]))
 
 
 @dataclass(frozen=True)
 class Written:
-    """What predict wrote when it was not the forecast: the candidate and why."""
+    """What predict wrote: which candidate, from which checkpoints, and why."""
 
     method: str
+    label: str
+    from_steps: list[int]
     why: str
 
 
@@ -93,9 +96,14 @@ class Report:
     forecaster: dict
     backtest: Backtest | None
     backtest_unavailable: str | None
+    loss: LossBacktest | None
+    loss_unavailable: str | None
+    criterion: str
+    tested: bool | None
     skill_vs_last: float | None
     skill_vs_line: float | None
     skill_vs_lawa: float | None
+    steps_saved: float | None
     beats_last: bool | None
     beats_line: bool | None
     beats_lawa: bool | None
@@ -115,26 +123,54 @@ class Report:
         return asdict(self)
 
 
+TESTED_FRACTION = 0.5
+WEIGHT_CAVEAT = (
+    "This backtest measures weight error, not your loss: on the benchmark workloads a lower weight error went with a "
+    "lower validation loss on some runs and not on others (benchmarks/RESULTS.md); give --eval-cmd to decide by your loss."
+)
+
+
 def best_method(backtest: Backtest) -> str:
     """The candidate with the lowest backtest MAE; the forecast wins ties."""
     overall = backtest.overall
     return min(METHODS, key=lambda method: (getattr(overall, method).mae, method != "forecast"))
 
 
-def verdict(backtest: Backtest | None, unavailable: str | None) -> dict:
-    """The headline fields: does the forecast beat keeping the last checkpoint, a straight line, an average?"""
-    if backtest is None:
-        return {
-            "skill_vs_last": None,
-            "skill_vs_line": None,
-            "skill_vs_lawa": None,
-            "beats_last": None,
-            "beats_line": None,
-            "beats_lawa": None,
-            "best": None,
-            "verdict": f"UNVERIFIED: no backtest was possible ({unavailable}). "
-            "Nothing shows this forecast beats keeping the last checkpoint.",
-        }
+def tested(plan: BacktestPlan | None, horizon: int) -> bool | None:
+    """Whether the backtest's jump is long enough to speak for the one asked: at least TESTED_FRACTION of it."""
+    return None if plan is None else plan.target_step - plan.last_step >= TESTED_FRACTION * horizon
+
+
+def headline(backtest: Backtest | None, unavailable: str | None, loss: LossBacktest | None, horizon: int) -> dict:
+    """The headline fields, by the user's loss when there is a loss backtest, else by weight error."""
+    result: dict = {f"skill_vs_{b}": None for b in BASELINES} | {f"beats_{b}": None for b in BASELINES}
+    result.update({"criterion": "validation loss" if loss else "weight error", "steps_saved": None, "best": None})
+    if backtest is not None:
+        result.update({f"skill_vs_{b}": getattr(backtest.overall, f"skill_vs_{b}") for b in BASELINES})
+    if backtest is None and loss is None:
+        result["tested"] = None
+        result["verdict"] = (
+            f"UNVERIFIED: no backtest was possible ({unavailable}). Nothing shows this forecast beats keeping the last checkpoint."
+        )
+        return result
+    plan = backtest.plan if backtest else BacktestPlan(0, 0, loss.cut_step, loss.target_step)
+    result["tested"] = tested(plan, horizon)
+    if loss is not None:
+        result.update(_loss_verdict(loss))
+    else:
+        result.update(_weight_verdict(backtest))
+    if not result["tested"]:
+        jump = plan.target_step - plan.last_step
+        result.update({f"beats_{b}": None for b in BASELINES})
+        result["verdict"] = (
+            f"UNTESTED at this size: the history can test a jump of only {jump:g} steps (from step {plan.last_step} to "
+            f"{plan.target_step:g}), under half the {horizon} asked, so nothing shows a jump of {horizon} helps. "
+            f"On the {jump:g}-step jump: {result['verdict']}"
+        )
+    return result
+
+
+def _weight_verdict(backtest: Backtest) -> dict:
     overall = backtest.overall
     skills = {b: getattr(overall, f"skill_vs_{b}") for b in BASELINES}
     beats = {b: s is not None and s > 0 for b, s in skills.items()}
@@ -142,20 +178,49 @@ def verdict(backtest: Backtest | None, unavailable: str | None) -> dict:
     if not beats["last"]:
         s = skills["last"] or 0.0
         words = (
-            f"The forecast does NOT beat keeping the last checkpoint: in the backtest its error at step {target:g} was "
+            f"The forecast does NOT beat keeping the last checkpoint: in the backtest its weight error at step {target:g} was "
             f"{_percent(s)} {'higher' if s < 0 else 'no lower'}. Keeping your last checkpoint is the better estimate."
         )
     else:
-        parts = [f"The forecast beats keeping the last checkpoint by {_percent(skills['last'])}"]
+        parts = [f"In weight error, the forecast beats keeping the last checkpoint by {_percent(skills['last'])}"]
         for baseline in ("line", "lawa"):
             s = skills[baseline] or 0.0
             parts.append(
                 f"{NAMES[baseline]} by {_percent(s)}" if beats[baseline] else f"but NOT {NAMES[baseline]} (error {_percent(s)} higher)"
             )
         words = ", ".join(parts) + " (backtest MAE)."
-    result: dict = {f"skill_vs_{b}": s for b, s in skills.items()}
-    result.update({f"beats_{b}": v for b, v in beats.items()})
-    result.update({"best": best_method(backtest), "verdict": words})
+    return {f"beats_{b}": v for b, v in beats.items()} | {"best": best_method(backtest), "verdict": f"{words} {WEIGHT_CAVEAT}"}
+
+
+def _loss_verdict(loss: LossBacktest) -> dict:
+    forecast, chosen = loss.best_forecast, loss.chosen
+    where = f"in the backtest from step {loss.cut_step} to {loss.target_step}"
+    result: dict = {"best": chosen.method, "steps_saved": None if forecast is None else forecast.steps_saved}
+    if forecast is None:
+        result.update({f"beats_{b}": None for b in BASELINES})
+        result["verdict"] = f"By your loss, {where}, {chosen.label} did best; no forecast could be fitted at the cut."
+        return result
+    result.update({f"beats_{b}": forecast.loss < loss.point(b).loss for b in BASELINES})
+    tried = sum(p.method == "forecast" for p in loss.points)
+    figure = (
+        f"saving {forecast.steps_saved:+.2f} of the jump (loss {format_loss(forecast.loss)}, "
+        f"the best of {tried} forecasts tried there, so optimistic)"
+    )
+    if chosen.method == "forecast":
+        others = ", ".join(f"{NAMES[b]} {loss.point(b).steps_saved:+.2f}" for b in BASELINES)
+        result["verdict"] = f"By your loss, {where}, the {forecast.label} beats keeping the last checkpoint, {figure}; {others}."
+    elif chosen.method == "last":
+        result["verdict"] = (
+            f"By your loss, {where}, the forecast does NOT beat keeping the last checkpoint: its best, the {forecast.label}, "
+            f"scored {forecast.steps_saved:+.2f} of the jump (loss {format_loss(forecast.loss)} against "
+            f"{format_loss(chosen.loss)}). Keeping your last checkpoint is the better choice."
+        )
+    else:
+        result["verdict"] = (
+            f"By your loss, {where}, {NAMES[chosen.method]} did best ({chosen.steps_saved:+.2f} of the jump, loss "
+            f"{format_loss(chosen.loss)}); the best forecast, the {forecast.label}, scored {forecast.steps_saved:+.2f} "
+            f"(loss {format_loss(forecast.loss)}, the best of {tried} tried there)."
+        )
     return result
 
 

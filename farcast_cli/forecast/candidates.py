@@ -35,6 +35,12 @@ class Combination:
     def apply(self, values: Sequence[torch.Tensor], output: int, out: torch.Tensor | None = None, name: str | None = None) -> torch.Tensor:
         return self.map_for(name).apply(values, output, out)
 
+    def kept_input(self) -> Checkpoint | None:
+        """The input checkpoint that every output of every tensor equals unchanged, if there is one."""
+        maps = [self.shared, *self.per_tensor.values()]
+        kept = {linear.kept_input(j) for linear in maps for j in range(linear.outputs)}
+        return self.inputs[kept.pop()] if len(kept) == 1 and None not in kept else None
+
     @property
     def from_steps(self) -> list[int]:
         return [checkpoint.step for checkpoint in self.inputs]

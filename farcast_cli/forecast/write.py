@@ -7,6 +7,7 @@ writes it at its offsets into the shared output files, and finish_forecast adds 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection
 from pathlib import Path
@@ -28,7 +29,7 @@ from farcast_cli.io.engine import (
     stream,
     to_host,
 )
-from farcast_cli.io.output import copy_aux_files, write_index
+from farcast_cli.io.output import copy_aux_files, link_or_copy, write_index
 from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint
 from farcast_cli.io.writer import SafetensorsWriter
@@ -67,11 +68,26 @@ def forecast_jobs(
 
 
 def write_forecast(
-    candidate: Combination, last: Checkpoint, folder: Path, settings: EngineSettings, dtype: str | None = None
+    candidate: Combination, last: Checkpoint, folder: Path, settings: EngineSettings, dtype: str | None = None, scratch: bool = False
 ) -> list[Path]:
-    """Write the candidate's checkpoint(s) into `folder`, laid out like `last`; return their folders."""
-    write_tensors(candidate, last, folder, settings, dtype)
-    return finish_forecast(candidate, last, folder, dtype)
+    """Write the candidate's checkpoint(s) into `folder`, laid out like `last`; return their folders.
+
+    A `scratch` copy, written only to be scored and removed, skips fsync, and links (rather than
+    copies) the config files and any shard that holds no tensor the candidate changes."""
+    write_tensors(candidate, last, folder, settings, dtype, scratch=scratch)
+    return finish_forecast(candidate, last, folder, dtype, scratch=scratch)
+
+
+def combination_key(candidate: Combination, input_keys: list[str], dtype: str | None = None) -> str:
+    """A key for the content write_forecast writes: the inputs' content keys and the maps."""
+    recipe = {
+        "farcast": __version__,
+        "inputs": input_keys,
+        "shared": candidate.shared.as_lists(),
+        "per_tensor": {name: linear.as_lists() for name, linear in sorted(candidate.per_tensor.items())},
+        "dtype": dtype,
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def split_work(last: Checkpoint, parts: int) -> list[frozenset[str]]:
@@ -93,15 +109,20 @@ def write_tensors(
     settings: EngineSettings,
     dtype: str | None = None,
     only: Collection[str] | None = None,
+    scratch: bool = False,
 ) -> None:
     """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
     files, or with `only`, those tensors into files that other processes write the rest of."""
     folders = output_folders(folder, candidate.target_steps)
     for place in folders:
         place.mkdir(exist_ok=True)
-    scratch = Scratch(settings.chunk_elements)
+    buffers = Scratch(settings.chunk_elements)
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
+        if scratch and dtype is None and not any(info.is_forecast for info in file.tensors.values()):
+            for place in folders:
+                link_or_copy(file.path, place / out_name)
+            continue
         out_infos = {info.name: output_info(info, dtype) for info in file.tensors.values()}
         ordered = [out_infos[info.name] for info in sorted(file.tensors.values(), key=lambda t: t.begin)]
         writers: list[SafetensorsWriter] = []
@@ -116,16 +137,16 @@ def write_tensors(
                     continue
                 out_dtype = TORCH_DTYPES[out_infos[job.name].dtype]
                 for index, writer in enumerate(writers):
-                    writer.write(_forecast_chunk(job, data, candidate, index, out_dtype, scratch))
+                    writer.write(_forecast_chunk(job, data, candidate, index, out_dtype, buffers))
             for writer in writers:
-                writer.close()
+                writer.close(durable=not scratch)
         except BaseException:
             for writer in writers:
                 writer.abort()
             raise
 
 
-def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None) -> list[Path]:
+def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None, scratch: bool = False) -> list[Path]:
     """The shard index and the config and tokenizer files, once every tensor is written."""
     folders = output_folders(folder, candidate.target_steps)
     sizes = {
@@ -133,7 +154,7 @@ def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtyp
     }
     for place in folders:
         write_index(place, last, sizes)
-        copy_aux_files(place, last)
+        copy_aux_files(place, last, link=scratch)
         check_readable_by_safetensors(place, last, dtype)
     return folders
 

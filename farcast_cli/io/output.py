@@ -93,13 +93,27 @@ def write_index(folder: Path, source: Checkpoint, sizes: dict[str, int]) -> None
     write_text(folder / source.index_name, json.dumps(index, indent=2) + "\n")
 
 
-def copy_aux_files(folder: Path, source: Checkpoint) -> None:
+def copy_aux_files(folder: Path, source: Checkpoint, link: bool = False) -> None:
     """Config and tokenizer files travel with the weights; optimizer, scheduler and RNG state never do."""
     for path in source.aux_files:
+        if link:
+            link_or_copy(path, folder / path.name)
+            continue
         try:
             shutil.copyfile(path, folder / path.name)
         except OSError as error:
             raise output_failure(folder / path.name, error) from None
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        try:
+            shutil.copyfile(source, target)
+        except OSError as error:
+            raise output_failure(target, error) from None
 
 
 def write_text(path: Path, text: str) -> None:

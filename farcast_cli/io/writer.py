@@ -95,15 +95,16 @@ class SafetensorsWriter:
     def _mine(self, info: TensorInfo) -> bool:
         return self._only is None or info.name in self._only
 
-    def close(self) -> None:
-        """Flush and fsync; every tensor must have been written in full."""
+    def close(self, durable: bool = True) -> None:
+        """Flush (and fsync, when `durable`); every tensor must have been written in full."""
         self._advance_past_full_tensors()
         if self._next != len(self._layout):
             self._handle.close()
             raise ValueError(f"{self.path}: closed before tensor {self._layout[self._next].name} was complete")
         try:
             self._handle.flush()
-            os.fsync(self._handle.fileno())
+            if durable:
+                os.fsync(self._handle.fileno())
             self._handle.close()
         except OSError as error:
             raise output_failure(self.path, error) from None
