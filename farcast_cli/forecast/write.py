@@ -20,7 +20,7 @@ from farcast_cli.io.output import copy_aux_files, write_index
 from farcast_cli.io.engine import ChunkJob, EngineSettings, Source, chunk_jobs, stream
 from farcast_cli.errors import InputError
 from farcast_cli.io.run import Checkpoint
-from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
+from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 from farcast_cli.io.writer import SafetensorsWriter
 
 SINGLE_OUTPUT_FILE = "model.safetensors"
@@ -108,7 +108,7 @@ def output_folders(folder: Path, target_steps: tuple[int, ...]) -> list[Path]:
 def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
     if dtype is None or not info.is_forecast:
         return info
-    return TensorInfo(info.name, dtype, info.shape, 0, info.numel * ITEM_SIZES[dtype])
+    return TensorInfo(info.name, dtype, info.shape, 0, tensor_nbytes(dtype, info.shape))
 
 
 def forecast_jobs(inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int, only: Collection[str] | None = None) -> list[ChunkJob]:
@@ -183,7 +183,7 @@ def write_tensors(
 def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None) -> list[Path]:
     """The shard index and the config and tokenizer files, once every tensor is written."""
     folders = output_folders(folder, candidate.target_steps)
-    sizes = {name: info.numel * ITEM_SIZES[output_info(info, dtype).dtype] for name, info in ((n, last.tensor(n)[1]) for n in last.shard_of)}
+    sizes = {name: output_info(last.tensor(name)[1], dtype).nbytes for name in last.shard_of}
     for place in folders:
         write_index(place, last, sizes)
         copy_aux_files(place, last)

@@ -14,7 +14,7 @@ from typing import Collection
 import torch
 
 from farcast_cli.errors import OutputError
-from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
+from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 
 
 def _header_bytes(tensors: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, list[TensorInfo]]:
@@ -22,7 +22,7 @@ def _header_bytes(tensors: list[TensorInfo], metadata: dict[str, str]) -> tuple[
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     laid_out, position = [], 0
     for info in tensors:
-        size = info.numel * ITEM_SIZES[info.dtype]
+        size = tensor_nbytes(info.dtype, info.shape)
         header[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [position, position + size]}
         laid_out.append(TensorInfo(info.name, info.dtype, info.shape, position, position + size))
         position += size
