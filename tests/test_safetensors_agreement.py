@@ -23,8 +23,15 @@ from farcast_cli.io.writer import SafetensorsWriter, reference_order
 
 STEPS = (0, 10, 20)
 DTYPE_NAMES = {**SAFETENSORS_NAMES, torch.float8_e8m0fnu: "F8_E8M0", torch.float8_e4m3fnuz: "F8_E4M3FNUZ"}
-W = '"w": {"dtype": "F32", "shape": [96], "data_offsets": [0, 384]}'
 W_BYTES = 384
+
+
+def entry(name: str, dtype: str, shape: list[int] | str, begin: int, end: int) -> str:
+    """One header entry as JSON text; `name` and `dtype` go in as written, escapes included."""
+    return '"%s": {"dtype": "%s", "shape": %s, "data_offsets": [%d, %d]}' % (name, dtype, shape, begin, end)
+
+
+W = entry("w", "F32", [96], 0, W_BYTES)
 
 
 def w_bytes(step: int) -> bytes:
@@ -106,29 +113,31 @@ def break_one_checkpoint(run: Path, header: str, tail: bytes = b"") -> Path:
     return write_header(run / "checkpoint-10" / "model.safetensors", header, w_bytes(10) + tail)
 
 
-U8_AFTER_W = '"dtype": "U8", "shape": [1], "data_offsets": [384, 385]'
-
+B = entry("b", "U8", [1], 384, 385)
 LONE_SURROGATES = {
-    "tensor name": ('{%s, "b\\ud800": {%s}}' % (W, U8_AFTER_W), "tensor name 'b\\ud800' is not valid Unicode"),
-    "low half alone": ('{%s, "\\udc00b": {%s}}' % (W, U8_AFTER_W), "tensor name '\\udc00b' is not valid Unicode"),
-    "metadata key": ('{"__metadata__": {"\\udfff": "x"}, %s}' % W, "__metadata__ key '\\udfff' is not valid Unicode"),
-    "metadata value": ('{"__metadata__": {"source": "a\\ud83d"}, %s}' % W, "__metadata__ value of key 'source' is not valid Unicode"),
-    "dtype": ('{%s, "b": {"dtype": "U8\\udc00", "shape": [1], "data_offsets": [384, 385]}}' % W, "tensor 'b': field 'dtype' is not valid Unicode"),
-    "unknown field": ('{"w": {"dtype": "F32", "shape": [96], "data_offsets": [0, 384], "note": ["\\ud800"]}, "b": {%s}}' % U8_AFTER_W,
-                      "tensor 'w': field 'note' is not valid Unicode"),
+    "tensor name": ("{%s, %s}" % (W, entry("b\\ud800", "U8", [1], 384, 385)), "tensor name 'b\\ud800' is not valid Unicode"),
+    "low half alone": ("{%s, %s}" % (W, entry("\\udc00b", "U8", [1], 384, 385)), "tensor name '\\udc00b' is not valid Unicode"),
+    "metadata key": ('{"__metadata__": {"\\udfff": "x"}, %s, %s}' % (W, B), "__metadata__ key '\\udfff' is not valid Unicode"),
+    "metadata value": (
+        '{"__metadata__": {"source": "a\\ud83d"}, %s, %s}' % (W, B),
+        "__metadata__ value of key 'source' is not valid Unicode",
+    ),
+    "dtype": ("{%s, %s}" % (W, entry("b", "U8\\udc00", [1], 384, 385)), "tensor 'b': field 'dtype' is not valid Unicode"),
+    "unknown field": ("{%s, %s}" % (W[:-1] + ', "note": ["\\ud800"]}', B), "tensor 'w': field 'note' is not valid Unicode"),
 }
 
 
 @pytest.mark.parametrize("case", list(LONE_SURROGATES))
 def test_lone_surrogates_are_refused_naming_the_key(tmp_path, farcast, case):
     header, fragment = LONE_SURROGATES[case]
-    run = crafted_run(tmp_path / "run", '{%s, "b": {%s}}' % (W, U8_AFTER_W), b"\x07")
+    run = crafted_run(tmp_path / "run", "{%s, %s}" % (W, B), b"\x07")
     bad = break_one_checkpoint(run, header, b"\x07")
     assert_refused_everywhere(farcast, run, bad, tmp_path / "out", fragment)
 
 
 def test_a_surrogate_pair_is_one_character_and_goes_through(tmp_path, farcast):
-    run = crafted_run(tmp_path / "run", '{"__metadata__": {"note": "\\ud83d\\ude00"}, %s, "b\\ud83d\\ude00": {%s}}' % (W, U8_AFTER_W), b"\x07")
+    header = '{"__metadata__": {"note": "\\ud83d\\ude00"}, %s, %s}' % (W, entry("b\\ud83d\\ude00", "U8", [1], 384, 385))
+    run = crafted_run(tmp_path / "run", header, b"\x07")
     assert library_reads(run / "checkpoint-20" / "model.safetensors")
     assert predict(farcast, run, tmp_path / "out").exit_code == 0
     written = tmp_path / "out" / "model.safetensors"
@@ -171,7 +180,7 @@ def quantised_header() -> tuple[str, bytes]:
     """"w" and then the quantised tensors, in name order after it (not the reference order)."""
     entries, tail, position = [W], b"", W_BYTES
     for name, (dtype, shape, data) in sorted(QUANTISED.items()):
-        entries.append('"%s": {"dtype": "%s", "shape": %s, "data_offsets": [%d, %d]}' % (name, dtype, shape, position, position + len(data)))
+        entries.append(entry(name, dtype, shape, position, position + len(data)))
         tail, position = tail + data, position + len(data)
     return "{" + ", ".join(entries) + "}", tail
 
@@ -191,11 +200,12 @@ def test_new_and_sub_byte_dtypes_are_listed_and_copied_byte_for_byte(tmp_path, f
 
 @pytest.mark.parametrize(
     "dtype, shape, nbytes",
-    [("F4", [2, 3], 3), ("F4", [7], 4), ("F4", [], 0), ("F4", [0], 0), ("F6_E3M2", [4], 3), ("F6_E2M3", [3], 3), ("F6_E2M3", [2, 2], 3), ("F8_E8M0", [5], 5)],
+    [("F4", [2, 3], 3), ("F4", [7], 4), ("F4", [], 0), ("F4", [0], 0)]
+    + [("F6_E3M2", [4], 3), ("F6_E2M3", [3], 3), ("F6_E2M3", [2, 2], 3), ("F8_E8M0", [5], 5)],
 )
 def test_sub_byte_sizes_follow_the_library(tmp_path, dtype, shape, nbytes):
     """Bits over 8; a bit count that is not a multiple of 8 is refused, as the library refuses it."""
-    path = write_header(tmp_path / "x.safetensors", '{"t": {"dtype": "%s", "shape": %s, "data_offsets": [0, %d]}}' % (dtype, shape, nbytes), bytes(nbytes))
+    path = write_header(tmp_path / "x.safetensors", "{%s}" % entry("t", dtype, shape, 0, nbytes), bytes(nbytes))
     bits = DTYPE_BITS[dtype] * torch.Size(shape).numel()
     assert library_reads(path) == (bits % 8 == 0)
     if bits % 8 == 0:
@@ -206,7 +216,11 @@ def test_sub_byte_sizes_follow_the_library(tmp_path, dtype, shape, nbytes):
 
 
 DUPLICATES = {
-    "field in an entry": ('{"w": {"dtype": "F32", "shape": [96], "shape": [96], "data_offsets": [0, 384]}}', "tensor 'w': field 'shape' appears twice", False),
+    "field in an entry": (
+        '{"w": {"dtype": "F32", "shape": [96], "shape": [96], "data_offsets": [0, 384]}}',
+        "tensor 'w': field 'shape' appears twice",
+        False,
+    ),
     "__metadata__": ('{"__metadata__": {}, "__metadata__": {}, %s}' % W, "__metadata__ appears twice in the header", False),
     "metadata key": ('{"__metadata__": {"a": "1", "a": "2"}, %s}' % W, "duplicate __metadata__ key 'a'", True),
     "tensor name": ('{%s, %s}' % (W, W), "duplicate tensor name 'w'", True),
@@ -229,11 +243,11 @@ def test_duplicates_name_what_is_duplicated(tmp_path, farcast, case):
 ENTRY_WITH = '{"w": {"dtype": "F32", "shape": [96], "data_offsets": [0, 384], "extra": %s}}'
 REFUSED_BY_BOTH = {
     "-0 offset": ('{"w": {"dtype": "F32", "shape": [96], "data_offsets": [-0, 384]}}', "data_offsets [-0.0, 384]"),
-    "-0 in a shape": ('{%s, "e": {"dtype": "F32", "shape": [-0], "data_offsets": [384, 384]}}' % W, "shape [-0.0]"),
+    "-0 in a shape": ("{%s, %s}" % (W, entry("e", "F32", "[-0]", 384, 384)), "shape [-0.0]"),
     "nested 128 levels": (ENTRY_WITH % ("[" * 126 + "]" * 126), "nests more than 127 levels"),
     "nested 200 levels": (ENTRY_WITH % ("[" * 198 + "]" * 198), "nests more than 127 levels"),
-    "a dimension of 2**64": ('{%s, "e": {"dtype": "F32", "shape": [18446744073709551616, 0], "data_offsets": [384, 384]}}' % W, "is not a list"),
-    "overflow before a 0": ('{%s, "e": {"dtype": "F32", "shape": [4294967296, 4294967296, 0], "data_offsets": [384, 384]}}' % W, "overflows"),
+    "a dimension of 2**64": ("{%s, %s}" % (W, entry("e", "F32", [2**64, 0], 384, 384)), "is not a list"),
+    "overflow before a 0": ("{%s, %s}" % (W, entry("e", "F32", [2**32, 2**32, 0], 384, 384)), "overflows"),
     "1e999 in an unknown field": (ENTRY_WITH % "1e999", "out of range"),
     "a double that serde_json overflows": (ENTRY_WITH % "1.7976931348623158e308", "out of range"),
     "a 400-digit integer": (ENTRY_WITH % ("9" * 400), "out of range"),
@@ -259,7 +273,7 @@ READ_BY_BOTH = {
     "dtype as a one-key map": '{"w": {"dtype": {"F32": null}, "shape": [96], "data_offsets": [0, 384]}}',
     "entry as a list": '{"w": ["F32", [96], [0, 384]]}',
     "__metadata__ null": '{"__metadata__": null, %s}' % W,
-    "the largest u64 dimension beside a 0": '{%s, "e": {"dtype": "F32", "shape": [18446744073709551615, 0], "data_offsets": [384, 384]}}' % W,
+    "the largest u64 dimension beside a 0": "{%s, %s}" % (W, entry("e", "F32", [2**64 - 1, 0], 384, 384)),
 }
 
 
@@ -364,7 +378,11 @@ def save_in_order(path: Path, tensors: dict[str, torch.Tensor], order: list[str]
     data, position = b"", 0
     for name in order:
         chunk = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": DTYPE_NAMES[tensors[name].dtype], "shape": list(tensors[name].shape), "data_offsets": [position, position + len(chunk)]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[tensors[name].dtype],
+            "shape": list(tensors[name].shape),
+            "data_offsets": [position, position + len(chunk)],
+        }
         data, position = data + chunk, position + len(chunk)
     encoded = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
@@ -385,7 +403,8 @@ def test_outputs_with_non_ascii_names_and_mixed_dtypes_load_in_transformers(tmp_
 def test_writers_sharing_a_file_lay_it_out_as_one_writer_does(tmp_path):
     """Fed in an order that is not the reference order, two writers each writing half the tensors at
     their offsets produce the same file as one writer: the layout is a function of the tensors only."""
-    infos = [TensorInfo("a", "BOOL", (3,), 0, 3), TensorInfo("b", "F64", (2,), 0, 16), TensorInfo("c", "F4", (4,), 0, 2), TensorInfo("d", "I32", (1,), 0, 4)]
+    infos = [TensorInfo("a", "BOOL", (3,), 0, 3), TensorInfo("b", "F64", (2,), 0, 16), TensorInfo("c", "F4", (4,), 0, 2)]
+    infos.append(TensorInfo("d", "I32", (1,), 0, 4))
     payload = {info.name: bytes(range(10 + info.nbytes))[10:] for info in infos}
     one = tmp_path / "one.safetensors"
     writer = SafetensorsWriter(one, infos, {"format": "pt"})

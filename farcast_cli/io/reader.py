@@ -327,7 +327,9 @@ def _decode_header(raw: bytes, path: Path) -> dict:
     except UnicodeDecodeError as error:
         raise InputError(f"{path}: header is not valid UTF-8 (byte {error.start})") from None
     try:
-        header = json.loads(text, object_pairs_hook=_json_object, parse_constant=_reject_constant, parse_int=_json_int, parse_float=_json_float)
+        header = json.loads(
+            text, object_pairs_hook=_json_object, parse_constant=_reject_constant, parse_int=_json_int, parse_float=_json_float
+        )
     except _NumberOutOfRange as error:
         raise InputError(f"{path}: header holds the number {str(error)[:40]} which is out of range for a 64-bit float") from None
     except RecursionError:

@@ -98,7 +98,7 @@ class SafetensorsWriter:
         self._advance_past_full_tensors()
 
     def _advance_past_full_tensors(self) -> None:
-        while self._next < len(self._sequence) and (self._written == self._sequence[self._next].nbytes or not self._mine(self._sequence[self._next])):
+        while self._next < len(self._sequence) and self._nothing_left_to_write(self._sequence[self._next]):
             self._next += 1
             self._written = 0
         if self._next < len(self._sequence) and self._written == 0:
@@ -111,8 +111,8 @@ class SafetensorsWriter:
         except OSError as error:
             raise output_failure(self.path, error) from None
 
-    def _mine(self, info: TensorInfo) -> bool:
-        return self._only is None or info.name in self._only
+    def _nothing_left_to_write(self, info: TensorInfo) -> bool:
+        return self._written == info.nbytes or not (self._only is None or info.name in self._only)
 
     def close(self) -> None:
         """Flush and fsync; every tensor must have been written in full."""
