@@ -112,6 +112,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
+        """Bytes per element, for whole-byte dtypes: F4 and F6 elements are copied as raw bytes only."""
         return ITEM_SIZES[self.dtype]
 
     @property

@@ -77,7 +77,7 @@ class SafetensorsWriter:
         self._advance_past_full_tensors()
 
     def write(self, chunk: torch.Tensor) -> None:
-        """Append the next chunk; its dtype must be the current tensor's."""
+        """Write the next chunk of the current tensor; its dtype must be the tensor's."""
         info = self._sequence[self._next]
         if chunk.dtype != TORCH_DTYPES[info.dtype]:
             raise ValueError(f"chunk of {chunk.dtype} for tensor {info.name} of {info.dtype}")
