@@ -23,11 +23,10 @@ from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
 from farcast_cli.evaluate.report import NAMES, REPORT_FILE, Backtest, Report, Written, headline
 from farcast_cli.forecast.candidates import Combination, candidate_inputs, candidates
-from farcast_cli.forecast.write import combination_key, write_forecast
+from farcast_cli.forecast.write import combination_key, output_info, write_forecast
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import atomic_folder, check_output_location, write_text
-from farcast_cli.io.reader import ITEM_SIZES
 from farcast_cli.io.run import SINGLE_FILE, Run, find_run
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
@@ -198,7 +197,7 @@ def dry_run(
         _require_three_checkpoints(run)
     first, last = run.checkpoints[0], run.at_step(context_end)
     infos = run.tensor_infos()
-    out_bytes = sum(i.numel * ITEM_SIZES[dtype] if dtype and i.is_forecast else i.nbytes for i in infos)
+    out_bytes = sum(output_info(info, dtype).nbytes for info in infos)
     engine = options.engine(*PREDICT_BYTES_PER_ELEMENT)
     plan: dict = {
         "run": str(run.path),

@@ -30,6 +30,9 @@ def entry(dtype: str = "F32", shape: list = (4,), offsets: list = (0, 16)) -> di
     return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
 
 
+ENTRY = json.dumps(entry()).encode()
+
+
 def assert_clean_failure(result, out: Path, code: int, *fragments: str) -> None:
     assert result.exit_code == code, (result.exit_code, result.stderr)
     lines = result.stderr.strip().splitlines()
@@ -54,9 +57,34 @@ HEADER_CASES = {
     "header over 100 MB": (b"{}", b"", 200_000_000, "exceeds the 100 MB limit"),
     "not JSON": (b"{not json}", VALID_DATA, None, "not valid JSON"),
     "not UTF-8": (b'{"\xff\xfe": 1}', VALID_DATA, None, "not valid UTF-8"),
-    "not starting with brace": (b' {"a": 1}', VALID_DATA, None, "does not start with '{'"),
-    "JSON array": (b"[1, 2]", VALID_DATA, None, "does not start with '{'"),
-    "duplicate names": (b'{"w": ' + json.dumps(entry()).encode() + b', "w": ' + json.dumps(entry()).encode() + b"}", VALID_DATA, None, "duplicate tensor name 'w'"),
+    "JSON array": (b"[1, 2]", VALID_DATA, None, "header is not a JSON object"),
+    "whitespace JSON does not allow": (b'\x0c{"a": %s}' % ENTRY, VALID_DATA, None, "not valid JSON"),
+    "duplicate names": (b'{"w": %s, "w": %s}' % (ENTRY, ENTRY), VALID_DATA, None, "duplicate tensor name 'w'"),
+    "duplicate entry field": (
+        b'{"w": {"dtype": "F32", "dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}',
+        VALID_DATA,
+        None,
+        "tensor 'w': field 'dtype' appears twice",
+    ),
+    "duplicate metadata key": (b'{"__metadata__": {"a": "1", "a": "2"}, "w": %s}' % ENTRY, VALID_DATA, None, "__metadata__ key 'a'"),
+    "two __metadata__": (b'{"__metadata__": {}, "__metadata__": {}, "w": %s}' % ENTRY, VALID_DATA, None, "__metadata__ appears twice"),
+    "lone surrogate in a name": (b'{"w\\ud800": %s}' % ENTRY, VALID_DATA, None, "tensor name 'w\\ud800' is not valid Unicode"),
+    "lone surrogate in metadata": (
+        b'{"__metadata__": {"a": "\\udc00"}, "w": %s}' % ENTRY,
+        VALID_DATA,
+        None,
+        "__metadata__ value of key 'a' is not valid Unicode",
+    ),
+    "-0 offset": (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [-0, 16]}}', VALID_DATA, None, "data_offsets [-0.0, 16]"),
+    "nested 128 deep": ({"a": {**entry(), "extra": json.loads("[" * 126 + "]" * 126)}}, VALID_DATA, None, "nests more than 127 levels"),
+    "number out of range": (
+        b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "x": 1e999}}',
+        VALID_DATA,
+        None,
+        "number 1e999 which is out of range",
+    ),
+    "64-bit overflow": ({"a": entry("F32", [2**40, 2**40, 0], [0, 0]), "b": entry()}, VALID_DATA, None, "overflows a 64-bit element count"),
+    "half a byte": ({"a": entry("F4", [31], [0, 16])}, VALID_DATA, None, "shape [31] of F4 is 124 bits, not a whole number of bytes"),
     "overlap": ({"a": entry("F32", [2], [0, 8]), "b": entry("F32", [2], [4, 12])}, VALID_DATA, None, "tensor 'b' overlaps"),
     "gap": ({"a": entry("F32", [1], [0, 4]), "b": entry("F32", [2], [8, 16])}, VALID_DATA, None, "gap of 4 bytes before tensor 'b'"),
     "past the end": ({"a": entry("F32", [6], [0, 24])}, VALID_DATA, None, "data runs to byte"),
@@ -96,7 +124,13 @@ def test_index_naming_a_missing_shard(tmp_path, farcast):
     run = write_run(tmp_path / "run", shards=2)
     (run / "checkpoint-100" / "model-00002-of-00002.safetensors").unlink()
     out = tmp_path / "out"
-    assert_clean_failure(predict(farcast, run, out), out, 3, "checkpoint-100/model.safetensors.index.json", "names shard model-00002-of-00002.safetensors which does not exist")
+    assert_clean_failure(
+        predict(farcast, run, out),
+        out,
+        3,
+        "checkpoint-100/model.safetensors.index.json",
+        "names shard model-00002-of-00002.safetensors which does not exist",
+    )
 
 
 def test_tensor_in_two_shards(tmp_path, farcast):

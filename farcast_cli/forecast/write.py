@@ -30,7 +30,7 @@ from farcast_cli.io.engine import (
     to_host,
 )
 from farcast_cli.io.output import copy_aux_files, link_or_copy, write_index
-from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
+from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint
 from farcast_cli.io.writer import SafetensorsWriter
 
@@ -47,7 +47,7 @@ def output_folders(folder: Path, target_steps: tuple[int, ...]) -> list[Path]:
 def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
     if dtype is None or not info.is_forecast:
         return info
-    return TensorInfo(info.name, dtype, info.shape, 0, info.numel * ITEM_SIZES[dtype])
+    return TensorInfo(info.name, dtype, info.shape, 0, tensor_nbytes(dtype, info.shape))
 
 
 def forecast_jobs(
@@ -149,9 +149,7 @@ def write_tensors(
 def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None, scratch: bool = False) -> list[Path]:
     """The shard index and the config and tokenizer files, once every tensor is written."""
     folders = output_folders(folder, candidate.target_steps)
-    sizes = {
-        name: info.numel * ITEM_SIZES[output_info(info, dtype).dtype] for name, info in ((n, last.tensor(n)[1]) for n in last.shard_of)
-    }
+    sizes = {name: output_info(last.tensor(name)[1], dtype).nbytes for name in last.shard_of}
     for place in folders:
         write_index(place, last, sizes)
         copy_aux_files(place, last, link=scratch)

@@ -1,6 +1,9 @@
 """A streaming safetensors writer: the header first, then each tensor's bytes chunk by chunk.
 
-Unlike `safetensors.torch.save_file` it never needs a whole tensor (let alone a model) in memory.
+Unlike `safetensors.torch.save_file` it never needs a whole tensor (let alone a model) in memory. The
+data section is laid out as that reference writer lays it out (by dtype, larger alignment first, then
+by name, after a header padded to a multiple of 8), so every tensor starts at a multiple of its
+element size and a file saved by `save_file` comes out in the same order it went in.
 """
 
 from __future__ import annotations
@@ -8,23 +11,31 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 import torch
 
 from farcast_cli.errors import OutputError
-from farcast_cli.io.reader import ITEM_SIZES, TORCH_DTYPES, TensorInfo
+from farcast_cli.io.reader import REFERENCE_DTYPE_RANK, TORCH_DTYPES, TensorInfo, tensor_nbytes
 
 
-def _header_bytes(tensors: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, list[TensorInfo]]:
-    """The padded header and the tensors with offsets relative to the data section."""
+def reference_order(tensors: list[TensorInfo]) -> list[TensorInfo]:
+    """The order of the reference writer (safetensors' `prepare`): dtype from the last of its `Dtype`
+    enum to the first (so larger alignment first), then name (Rust compares UTF-8 bytes, which order
+    like Python's code points)."""
+    return sorted(tensors, key=lambda info: (-REFERENCE_DTYPE_RANK[info.dtype], info.name))
+
+
+def _header_bytes(tensors: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, dict[str, TensorInfo]]:
+    """The padded header and each tensor with offsets relative to the data section, in reference
+    order: a pure function of the tensors' names, dtypes and shapes and of the metadata."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    laid_out, position = [], 0
-    for info in tensors:
-        size = info.numel * ITEM_SIZES[info.dtype]
+    laid_out, position = {}, 0
+    for info in reference_order(tensors):
+        size = tensor_nbytes(info.dtype, info.shape)
         header[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [position, position + size]}
-        laid_out.append(TensorInfo(info.name, info.dtype, info.shape, position, position + size))
+        laid_out[info.name] = TensorInfo(info.name, info.dtype, info.shape, position, position + size)
         position += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
@@ -38,40 +49,43 @@ def output_failure(path: Path, error: OSError) -> OutputError:
 
 
 class SafetensorsWriter:
-    """Writes one file, tensor by tensor in the given order, each tensor in one or more chunks.
+    """Writes one file: takes the tensors in the given order (that of the reads feeding it), each in
+    one or more chunks, and puts each at its offset in the reference layout; it seeks only where the
+    two orders differ.
 
-    With `only`, it writes just those tensors, each at its offset, into a file that other writers
-    (other processes) fill with the rest: every writer writes the same header and sets the same
-    size, so the work on one file divides by tensor. Without it, the file must not exist yet."""
+    With `only`, it writes just those tensors into a file that other writers (other processes) fill
+    with the rest: every writer writes the same header and sets the same size, so the work on one file
+    divides by tensor. Without it, the file must not exist yet."""
 
     def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], only: Collection[str] | None = None) -> None:
         self.path = Path(path)
-        header, self._layout = _header_bytes(tensors, metadata)
+        header, layout = _header_bytes(tensors, metadata)
+        self._sequence = [layout[info.name] for info in tensors]
         self._data_start = len(header)
         self._only = None if only is None else frozenset(only)
         self._next = 0
         self._written = 0
         try:
             if self._only is None:
-                self._handle = open(self.path, "xb")
+                self._handle = open(self.path, "xb")  # noqa: SIM115 (held open until close or abort)
             else:
-                self._handle = open(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644), "wb")
-                os.ftruncate(self._handle.fileno(), len(header) + sum(info.nbytes for info in self._layout))
+                self._handle = open(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644), "wb")  # noqa: SIM115
+                os.ftruncate(self._handle.fileno(), len(header) + sum(info.nbytes for info in self._sequence))
             self._handle.write(header)
         except OSError as error:
             raise output_failure(self.path, error) from None
         self._advance_past_full_tensors()
 
     def write(self, chunk: torch.Tensor) -> None:
-        """Append the next chunk; its dtype must be the current tensor's."""
-        info = self._layout[self._next]
+        """Write the next chunk of the current tensor; its dtype must be the tensor's."""
+        info = self._sequence[self._next]
         if chunk.dtype != TORCH_DTYPES[info.dtype]:
             raise ValueError(f"chunk of {chunk.dtype} for tensor {info.name} of {info.dtype}")
         data = chunk.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         self._write_raw(memoryview(data), info)
 
     def write_bytes(self, data: bytes | bytearray | memoryview) -> None:
-        self._write_raw(memoryview(data), self._layout[self._next])
+        self._write_raw(memoryview(data), self._sequence[self._next])
 
     def _write_raw(self, data: memoryview, info: TensorInfo) -> None:
         if self._written + len(data) > info.nbytes:
@@ -84,23 +98,28 @@ class SafetensorsWriter:
         self._advance_past_full_tensors()
 
     def _advance_past_full_tensors(self) -> None:
-        moved = False
-        while self._next < len(self._layout) and (self._written == self._layout[self._next].nbytes or not self._mine(self._layout[self._next])):
+        while self._next < len(self._sequence) and self._nothing_left_to_write(self._sequence[self._next]):
             self._next += 1
             self._written = 0
-            moved = True
-        if moved and self._only is not None and self._next < len(self._layout):
-            self._handle.seek(self._data_start + self._layout[self._next].begin)
+        if self._next < len(self._sequence) and self._written == 0:
+            self._move_to(self._data_start + self._sequence[self._next].begin)
 
-    def _mine(self, info: TensorInfo) -> bool:
-        return self._only is None or info.name in self._only
+    def _move_to(self, position: int) -> None:
+        try:
+            if self._handle.tell() != position:
+                self._handle.seek(position)
+        except OSError as error:
+            raise output_failure(self.path, error) from None
+
+    def _nothing_left_to_write(self, info: TensorInfo) -> bool:
+        return self._written == info.nbytes or not (self._only is None or info.name in self._only)
 
     def close(self, durable: bool = True) -> None:
         """Flush (and fsync, when `durable`); every tensor must have been written in full."""
         self._advance_past_full_tensors()
-        if self._next != len(self._layout):
+        if self._next != len(self._sequence):
             self._handle.close()
-            raise ValueError(f"{self.path}: closed before tensor {self._layout[self._next].name} was complete")
+            raise ValueError(f"{self.path}: closed before tensor {self._sequence[self._next].name} was complete")
         try:
             self._handle.flush()
             if durable:
@@ -111,4 +130,3 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._handle.close()
-
