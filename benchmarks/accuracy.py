@@ -38,6 +38,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from farcast_cli import commands  # noqa: E402
+from farcast_cli.evaluate.evaluator import EvalOptions  # noqa: E402
 from farcast_cli.evaluate.loss import step_reaching  # noqa: E402
 from farcast_cli.model.fit import FitSettings, fit_linear_map  # noqa: E402
 from farcast_cli.model.forecaster import Forecaster, fit_on_run  # noqa: E402
@@ -67,6 +69,8 @@ DEFAULT_METHODS = (
     "shared+shrink",
     "lr-time",
     "per-tensor+shrink",
+    "farcast",
+    "farcast+loss",
 )
 ORACLES = ("oracle-shared", "oracle-per-tensor", "oracle-loss", "oracle-loss-per-tensor")
 METHODS = DEFAULT_METHODS + ORACLES
@@ -108,6 +112,17 @@ class Run:
         model.load_state_dict(state)
         model.eval()
         return self.workload.validation_loss(model)
+
+    def folder_loss(self, checkpoint: Path) -> float:
+        """The validation loss of a checkpoint folder: farcast's evaluator in this harness, in-process."""
+        model = self.workload.build()
+        model.load_state_dict(load_file(Path(checkpoint) / "model.safetensors"))
+        model.eval()
+        return self.workload.validation_loss(model)
+
+    def folder_vector(self, folder: Path) -> np.ndarray:
+        state = load_file(folder / "model.safetensors")
+        return np.concatenate([state[n].double().reshape(-1).numpy() for n in self.names])
 
     def checkpoint_loss(self, k: int) -> float:
         if k not in self._losses:
@@ -191,13 +206,33 @@ def farcast_fit(run: Run, cut: int, horizon: int, rows: np.ndarray, settings: Fi
 
 
 def apply_forecaster(run: Run, cut: int, forecaster: Forecaster) -> np.ndarray:
-    """The forecaster applied to every weight of the run, from checkpoints 0 and `cut`."""
-    first, last = torch.from_numpy(run.vectors[0]).double(), torch.from_numpy(run.vectors[cut]).double()
+    """The forecaster applied to every weight of the run, forecasting from checkpoint `cut`."""
+    inputs = [torch.from_numpy(run.vectors[k]).double() for k in forecaster.input_indices(cut)]
     result = np.empty(run.vectors.shape[1])
     for index, name in enumerate(run.names):
         columns = torch.from_numpy(np.nonzero(run.tensor_index == index)[0])
-        result[columns.numpy()] = forecaster.map_for(name).apply([first[columns], last[columns]], 0).numpy()
+        result[columns.numpy()] = forecaster.map_for(name).apply([values[columns] for values in inputs], 0).numpy()
     return result
+
+
+def farcast_predict(run: Run, cut: int, horizon: int, by_loss: bool, costs: dict) -> np.ndarray:
+    """`farcast predict --last-step CUT -H H` as shipped, through commands.predict: by weight error, or
+    with the validation loss as its evaluator (in-process, uncached). `costs` gets the evaluations,
+    their seconds, the whole call's seconds and what was written."""
+    import tempfile
+    import time
+
+    evaluation = EvalOptions(run.folder_loss, cache=False) if by_loss else EvalOptions()
+    options = commands.StreamOptions(quiet=True, backtest="sample")
+    with tempfile.TemporaryDirectory(dir=run.run_dir.parent) as scratch:
+        started = time.perf_counter()
+        report = commands.predict(
+            run.run_dir, Path(scratch) / "out", horizon=horizon, last_step=int(run.steps[cut]), evaluation=evaluation, options=options
+        )
+        costs.update(seconds=time.perf_counter() - started, written=report.written.label)
+        if report.loss is not None:
+            costs.update(evaluations=report.loss.evaluations, eval_seconds=report.loss.eval_seconds)
+        return run.folder_vector(Path(scratch) / "out")
 
 
 def _two_point_groups(run: Run, cut: int, per_tensor: bool) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -277,6 +312,7 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, 
             if target >= len(run.steps) or run.steps[target] != cut_step + horizon:
                 continue
             last = run.vectors[cut]
+            costs: dict[str, dict] = {}
             makers = {
                 "last": lambda: last,
                 "line": lambda: last + (last - run.vectors[cut - 1]) * horizon / save_every,
@@ -289,6 +325,8 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, 
                 "shared+shrink": lambda: farcast_fit(run, cut, horizon, rows, FitSettings(per_tensor=False)),
                 "lr-time": lambda: lr_time(run, cut, horizon, rows),
                 "per-tensor+shrink": lambda: farcast_fit(run, cut, horizon, rows),
+                "farcast": lambda: farcast_predict(run, cut, horizon, False, costs.setdefault("farcast", {})),
+                "farcast+loss": lambda: farcast_predict(run, cut, horizon, True, costs.setdefault("farcast+loss", {})),
                 "oracle-shared": lambda: oracle(run, cut, target, per_tensor=False),
                 "oracle-per-tensor": lambda: oracle(run, cut, target, per_tensor=True),
                 "oracle-loss": lambda: oracle_by_loss(run, cut, target, per_tensor=False),
@@ -317,6 +355,7 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, 
                     "weight_skill": float(1 - np.abs(predicted - truth).mean() / mae_last),
                     "loss": float(loss),
                     "steps_saved": float(saved),
+                    **costs.get(method, {}),
                 }
             results.append(row)
             print(

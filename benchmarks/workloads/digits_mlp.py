@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from workloads import minibatch_cross_entropy, train_loop
 STEPS, SAVE_EVERY, BATCH = 600, 20, 32
 
 
+@lru_cache(maxsize=1)
 def _data() -> tuple[torch.Tensor, ...]:
     from sklearn.datasets import load_digits
 

@@ -47,7 +47,7 @@ class LinearMap:
         if kept is not None:
             return values[kept]
         out = torch.mul(values[0], self.weight[0][output], out=out)
-        for value, row in zip(values[1:], self.weight[1:]):
+        for value, row in zip(values[1:], self.weight[1:], strict=True):
             out.add_(value, alpha=row[output])
         return out.add_(self.bias[output]) if self.bias[output] else out
 
