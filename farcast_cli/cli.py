@@ -38,11 +38,17 @@ app = typer.Typer(
 _debug = {"on": os.environ.get("FARCAST_DEBUG", "") not in ("", "0")}
 
 EVALUATION, FITTING, STREAMING, OUTPUT = "Evaluation by your loss", "Fitting", "Streaming and devices", "Output"
+RESUMING = "Resuming training from the forecast"
 
 
 class Scope(str, Enum):
     full = "full"
     sample = "sample"
+
+
+class Schedule(str, Enum):
+    keep = "keep"
+    advance = "advance"
 
 
 class OutputDtype(str, Enum):
@@ -359,6 +365,25 @@ def predict(
         bool,
         typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.", rich_help_panel=OUTPUT),
     ] = False,  # fmt: skip
+    resumable: Annotated[
+        bool,
+        typer.Option(
+            "--resumable",
+            help="Write a checkpoint the trainer resumes from: the forecast with the "
+            "last checkpoint's optimizer, RNG and training-arguments files and its trainer_state.json advanced by the horizon; "
+            "OUT may be the run's own checkpoint-<last + horizon>. Needs --schedule.",
+            rich_help_panel=RESUMING,
+        ),
+    ] = False,  # fmt: skip
+    schedule: Annotated[
+        Schedule | None,
+        typer.Option(
+            "--schedule",
+            help="With --resumable: keep the learning-rate schedule where the run "
+            "left it, or advance it by the horizon (LambdaLR schedules, as transformers builds).",
+            rich_help_panel=RESUMING,
+        ),
+    ] = None,  # fmt: skip
     force: Force = False,
     as_json: AsJson = False,
     settings: FitSettings = None,
@@ -372,6 +397,7 @@ def predict(
         _run(lambda: commands.dry_run(run_dir, output, **given), lambda plan: _show_plan(plan, as_json))
         return
     chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=force, min_skill=min_skill, fallback=fallback)
+    chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
     _run(lambda: commands.predict(run_dir, output, **given, **chosen), _show_report(as_json))
 
 

@@ -27,6 +27,7 @@ from farcast_cli.forecast.write import combination_key, output_info, write_forec
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import atomic_folder, check_output_location, write_text
+from farcast_cli.io.resume import check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
 from farcast_cli.io.run import SINGLE_FILE, Run, find_run
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
@@ -134,18 +135,25 @@ def predict(
     force: bool = False,
     min_skill: float | None = None,
     fallback: bool | None = None,
+    resumable: bool = False,
+    schedule: str | None = None,
 ) -> Report:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the chosen checkpoint.
 
     The backtest decides by the user's loss when `evaluation` has an evaluator, else by weight error.
     With `fallback` (the default when there is an evaluator) whichever candidate won the backtest is
     written (the forecast, the last checkpoint, the straight line, the average of the last checkpoints);
-    without it, the forecast, whatever the backtest says."""
+    without it, the forecast, whatever the backtest says. A `resumable` output is a checkpoint the
+    trainer resumes from, with its state advanced by the horizon and the LR `schedule` kept or advanced
+    (io/resume.py); it may be the run's own checkpoint-<last + horizon>."""
     timings: dict[str, float] = {}
     with timed(timings, "find_run"):
         whole = find_run(run_dir)
-        check_output_location(out_dir, whole, force)
         run = whole if last_step is None else whole.truncated(whole.steps.index(whole.at_step(last_step).step))
+        if resumable:
+            _check_resumable(run, last_step, horizon, forecaster_file, emit, schedule)
+        resumable_name = resumable_folder_name(run.last, horizon or Forecaster.load(forecaster_file).horizon) if resumable else None
+        check_output_location(out_dir, whole, force, resumable_name)
         resolve_device(options.device)
     with _judge(evaluation, run, out_dir, options) as judge:
         if forecaster_file is not None:
@@ -165,6 +173,10 @@ def predict(
                 for checkpoint in whole.checkpoints:
                     checkpoint.check_unchanged()
             report.output = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
+            if resumable:
+                provenance = {"method": report.written.method, "from_steps": report.written.from_steps}
+                report.resume = write_trainer_state(last, folder, forecaster.horizon, schedule, provenance)
+                check_still_newest(whole, last)
             if judge is not None:
                 with timed(timings, "eval_written"):
                     _score_written(report, judge, run, candidate, written[-1], dtype)
@@ -225,6 +237,16 @@ def dry_run(
         else:
             plan["reads"]["backtest"] = {"sampled coordinates only": True, "bytes": 0}
     return plan
+
+
+def _check_resumable(
+    run: Run, last_step: int | None, horizon: int | None, forecaster_file: Path | None, emit: list[int], schedule: str | None
+) -> None:
+    if last_step is not None or emit:
+        raise UsageError("--resumable writes one checkpoint past the run's newest: it takes neither --last-step nor --emit")
+    if horizon is None and forecaster_file is None:
+        raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
+    check_resumable(run, schedule)
 
 
 def output_offsets(horizon: int, emit: list[int]) -> list[int]:

@@ -78,6 +78,8 @@ def _tail(report: Report) -> list[str]:
         lines.append(
             f"written loss: {format_loss(report.written_loss)}; last checkpoint's loss: {format_loss(report.last_checkpoint_loss)}"
         )
+    if report.resume is not None:
+        lines += [f"resume: {advice}" for advice in report.resume.advice]
     lines += [f"note: {note}" for note in report.notes]
     lines += [f"wrote: {path}" for path in report.output]
     return lines

@@ -13,6 +13,7 @@ from farcast_cli import __version__
 from farcast_cli.evaluate.evaluator import format_loss
 from farcast_cli.evaluate.loss import LossBacktest
 from farcast_cli.forecast.candidates import BASELINES, METHODS
+from farcast_cli.io.resume import Resume
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "farcast_report.json"
@@ -114,6 +115,7 @@ class Report:
     written: Written | None = None
     written_loss: float | None = None
     last_checkpoint_loss: float | None = None
+    resume: Resume | None = None
     output: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION

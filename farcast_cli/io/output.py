@@ -15,8 +15,10 @@ from farcast_cli.io.run import Checkpoint, Run
 from farcast_cli.io.writer import output_failure
 
 
-def check_output_location(out_dir: Path, run: Run, force: bool) -> None:
-    """Refuse an output that would overwrite, hide inside or swallow any of the run's checkpoints."""
+def check_output_location(out_dir: Path, run: Run, force: bool, resumable_name: str | None = None) -> None:
+    """Refuse an output that would overwrite, hide inside or swallow any of the run's checkpoints. Inside
+    the run, only a resumable forecast may go, named `resumable_name` (checkpoint-<its step>), as the
+    trainer expects; an earlier forecast of farcast's there is replaced only with --force."""
     out = out_dir.resolve()
     run_root = run.path.resolve()
     for checkpoint in run.checkpoints:
@@ -25,8 +27,9 @@ def check_output_location(out_dir: Path, run: Run, force: bool) -> None:
             raise OutputError(f"{out_dir}: is inside checkpoint {checkpoint.path}; choose an output outside the run's checkpoints")
         if out in place.parents:
             raise OutputError(f"{out_dir}: contains the input checkpoint {checkpoint.path}; refusing to write over the run")
-    if out.parent == run_root and (out.name.startswith("checkpoint-") or out.suffix == ".safetensors"):
-        raise OutputError(f"{out_dir}: would look like a checkpoint of the run itself; choose another name")
+    if out.parent == run_root and (out.name.startswith("checkpoint-") or out.suffix == ".safetensors") and out.name != resumable_name:
+        hint = f" (a resumable forecast goes in {run_root / resumable_name})" if resumable_name else "; choose another name"
+        raise OutputError(f"{out_dir}: would look like a checkpoint of the run itself{hint}")
     if out_dir.exists() and not force:
         raise OutputError(f"{out_dir}: already exists; choose a new folder or pass --force to replace it")
     if out_dir.exists() and not out_dir.is_dir():

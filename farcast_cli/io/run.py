@@ -1,4 +1,12 @@
-"""Find a training run's checkpoints on disk and check that they describe the same model."""
+"""Find a training run's checkpoints on disk and check that they describe the same model.
+
+A run's time axis is its training steps. Two things farcast itself leaves in a run are read here:
+checkpoints farcast wrote (the `farcast` entry in their safetensors metadata), which are forecasts
+and never history; and jumps made by farcast inside a training loop (integrations/), after which the
+weights saved at global step s stand for step s + the horizons jumped before s. Jumps are recorded in
+each later checkpoint's trainer_state.json (log_history entries {"step": s, "farcast_jump": H}) and
+in the run folder's farcast_jumps.json.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,9 @@ SHARD_NAME = re.compile(r"-\d+-of-\d+$")
 LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TRAINER_STATE = "trainer_state.json"
+JUMPS_FILE = "farcast_jumps.json"
+PROVENANCE_KEY = "farcast"
 AUX_PATTERNS = (
     "config.json",
     "generation_config.json",
@@ -33,9 +44,19 @@ AUX_PATTERNS = (
 )
 
 
+@dataclass(frozen=True)
+class Jump:
+    """A jump farcast made inside a training loop: after saving global step `at_step`, the weights were
+    replaced by a forecast `horizon` steps ahead."""
+
+    at_step: int
+    horizon: int
+
+
 @dataclass
 class Checkpoint:
-    """One saved step: one safetensors file, or several shards with an index."""
+    """One saved step: one safetensors file, or several shards with an index. `step` is the step on the
+    run's time axis; `saved_step` the number it was saved under (they differ after in-loop jumps)."""
 
     step: int
     path: Path
@@ -43,6 +64,17 @@ class Checkpoint:
     shard_of: dict[str, str]
     index_name: str | None = None
     aux_files: list[Path] = field(default_factory=list)
+    saved_step: int | None = None
+    jumps: tuple[Jump, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.saved_step is None:
+            self.saved_step = self.step
+
+    @property
+    def is_forecast(self) -> bool:
+        """Written by farcast: its safetensors metadata names it so."""
+        return any(PROVENANCE_KEY in file.metadata for file in self.files.values())
 
     def tensor(self, name: str) -> tuple[SafetensorsFile, TensorInfo]:
         file = self.files[self.shard_of[name]]
@@ -63,6 +95,8 @@ class Run:
     layout: str
     checkpoints: list[Checkpoint]
     warnings: list[str] = field(default_factory=list)
+    forecasts: list[Checkpoint] = field(default_factory=list)
+    jumps: tuple[Jump, ...] = ()
 
     @property
     def steps(self) -> list[int]:
@@ -83,7 +117,7 @@ class Run:
         raise InputError(f"{self.path}: no checkpoint at step {step} (steps found: {_describe_steps(self.steps)})")
 
     def truncated(self, last_index: int) -> Run:
-        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings)
+        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps)
 
 
 def find_run(path: Path) -> Run:
@@ -100,6 +134,10 @@ def find_run(path: Path) -> Run:
         run = Run(path, "trainer", sorted((_trainer_checkpoint(p) for p in folders), key=lambda c: c.step), warnings)
     else:
         run = Run(path, "files", _file_checkpoints(path), warnings)
+    _set_time_axis(run)
+    run.forecasts = [c for c in run.checkpoints if c.is_forecast]
+    run.checkpoints = [c for c in run.checkpoints if not c.is_forecast]
+    run.warnings += [f"{c.path}: a forecast farcast wrote; not used as history" for c in run.forecasts]
     if not run.checkpoints:
         raise InputError(f"{path}: no checkpoints found (expected checkpoint-<step>/ folders or <name><step>.safetensors files)")
     run.warnings += [f"{c.path / name}: stray shard, not named by the index; ignored" for c in run.checkpoints for name in stray_shards(c)]
@@ -152,7 +190,7 @@ def _trainer_checkpoint(folder: Path) -> Checkpoint:
     else:
         raise InputError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
     checkpoint.aux_files = [folder / n for n in sorted(names) if any(fnmatch(n, pattern) for pattern in AUX_PATTERNS)]
-    _check_trainer_state(folder, step)
+    checkpoint.jumps = _check_trainer_state(folder, step)
     return checkpoint
 
 
@@ -165,14 +203,44 @@ def _read_json(path: Path) -> object:
         raise InputError(f"{path}: cannot read: {error.strerror}") from None
 
 
-def _check_trainer_state(folder: Path, step: int) -> None:
-    state_path = folder / "trainer_state.json"
+def _check_trainer_state(folder: Path, step: int) -> tuple[Jump, ...] | None:
+    """Check the trainer's step against the folder's; return the farcast jumps its log records (None
+    without a trainer_state.json)."""
+    state_path = folder / TRAINER_STATE
     if not state_path.exists():
-        return
+        return None
     state = _read_json(state_path)
     recorded = state.get("global_step") if isinstance(state, dict) else None
     if recorded is not None and recorded != step:
         raise InputError(f"{state_path}: global_step is {recorded} but the folder name says step {step}")
+    log = state.get("log_history") if isinstance(state, dict) else None
+    entries = [e for e in log if isinstance(e, dict) and "farcast_jump" in e] if isinstance(log, list) else []
+    try:
+        return tuple(Jump(int(e["step"]), int(e["farcast_jump"])) for e in entries)
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{state_path}: a farcast_jump entry of log_history needs an integer step and farcast_jump") from None
+
+
+def read_jumps(run_dir: Path) -> tuple[Jump, ...]:
+    """The jumps recorded in the run folder's farcast_jumps.json (none without one)."""
+    path = Path(run_dir) / JUMPS_FILE
+    if not path.exists():
+        return ()
+    data = _read_json(path)
+    try:
+        return tuple(Jump(int(j["at_step"]), int(j["horizon"])) for j in data["jumps"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f'{path}: expected {{"jumps": [{{"at_step": S, "horizon": H}}, ...]}}') from None
+
+
+def _set_time_axis(run: Run) -> None:
+    """Steps on the run's time axis: the saved step plus every horizon jumped before it, by the
+    checkpoint's own trainer state where it has one, else by the run's farcast_jumps.json."""
+    run.jumps = read_jumps(run.path)
+    for checkpoint in run.checkpoints:
+        jumps = run.jumps if checkpoint.jumps is None else checkpoint.jumps
+        checkpoint.step = checkpoint.saved_step + sum(j.horizon for j in jumps if j.at_step < checkpoint.saved_step)
+    run.checkpoints.sort(key=lambda c: c.step)
 
 
 def _sharded_checkpoint(folder: Path, step: int) -> Checkpoint:

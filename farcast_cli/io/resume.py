@@ -1,0 +1,168 @@
+"""A forecast the trainer resumes from: the trainer's own state beside the forecast weights.
+
+A Hugging Face Trainer resumes from a checkpoint folder holding the weights, trainer_state.json and,
+to keep its optimizer and learning-rate schedule, optimizer.pt and scheduler.pt (both, or it silently
+restarts both). farcast copies the last checkpoint's optimizer, scaler, RNG and training-arguments
+files as opaque bytes (it never unpickles them), and writes trainer_state.json with global_step and
+epoch advanced by the horizon and a log entry marking the jump. The learning-rate schedule is the
+user's explicit choice: `keep` copies scheduler.pt as it is (the schedule resumes where the run left
+it), `advance` moves a LambdaLR schedule (every schedule transformers' get_scheduler builds) on by
+the horizon, reading and writing scheduler.pt only with torch's weights-only loader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+
+from farcast_cli.errors import InputError, OutputError, UsageError
+from farcast_cli.io.output import write_text
+from farcast_cli.io.run import TRAINER_FOLDER, TRAINER_STATE, Checkpoint, Run
+from farcast_cli.io.writer import output_failure
+
+COPIED_AS_BYTES = ("optimizer.pt", "scaler.pt", "training_args.bin", "rng_state*.pth")
+SCHEDULER = "scheduler.pt"
+SCHEDULES = ("keep", "advance")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What the trainer will do when it resumes from the output; the report carries it."""
+
+    schedule: str
+    global_step: int
+    epoch: float | None
+    copied: list[str]
+    missing: list[str]
+    next_learning_rate: float | None
+    skipped_batches: int
+    advice: list[str]
+
+
+def resumable_folder_name(last: Checkpoint, horizon: int) -> str:
+    return f"checkpoint-{last.saved_step + horizon}"
+
+
+def check_resumable(run: Run, schedule: str | None) -> None:
+    """Refuse a resumable output where the trainer could not resume from it, before any work."""
+    if schedule not in SCHEDULES:
+        raise UsageError(
+            "--resumable needs --schedule keep or --schedule advance: farcast does not choose what the learning-rate schedule does"
+        )
+    if run.layout != "trainer":
+        raise UsageError(f"{run.path}: --resumable writes a Trainer checkpoint folder; this run holds plain safetensors files")
+    if not (run.last.path / TRAINER_STATE).exists():
+        raise InputError(f"{run.last.path / TRAINER_STATE}: missing; a trainer resumes only from a checkpoint that has one")
+
+
+def write_trainer_state(last: Checkpoint, folder: Path, horizon: int, schedule: str, provenance: dict) -> Resume:
+    """The trainer's files for `folder`, a forecast `horizon` steps past `last` (module docstring)."""
+    copied = [path.name for path in sorted(last.path.iterdir()) if any(fnmatch(path.name, p) for p in COPIED_AS_BYTES)]
+    for name in copied:
+        _copy(last.path / name, folder / name)
+    missing = [name for name in ("optimizer.pt", SCHEDULER) if not (last.path / name).exists()]
+    next_lr = None
+    if (last.path / SCHEDULER).exists():
+        scheduler = _load_scheduler(last.path / SCHEDULER, required=schedule == "advance")
+        next_lr = _last_learning_rate(scheduler)
+        if schedule == "advance":
+            _save_scheduler(_advanced(scheduler, horizon, last.path / SCHEDULER), folder / SCHEDULER)
+        else:
+            _copy(last.path / SCHEDULER, folder / SCHEDULER)
+        copied.append(SCHEDULER)
+    state = json.loads((last.path / TRAINER_STATE).read_text(encoding="utf-8"))
+    step = last.saved_step + horizon
+    epoch = state.get("epoch")
+    if isinstance(epoch, (int, float)) and last.saved_step > 0:
+        state["epoch"] = epoch = epoch * step / last.saved_step
+    state["global_step"] = step
+    state.setdefault("log_history", []).append({"step": step, "farcast": {**provenance, "horizon": horizon, "schedule": schedule}})
+    write_text(folder / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+    return Resume(schedule, step, epoch, copied, missing, next_lr, horizon, _advice(last, horizon, schedule, missing, next_lr))
+
+
+def check_still_newest(run: Run, last: Checkpoint) -> None:
+    """Publish only while `last` is still the run's newest checkpoint: a checkpoint-<N> folder past it that
+    was not there as a forecast when the run was read means training went on meanwhile."""
+    forecasts = {checkpoint.path for checkpoint in run.forecasts}
+    for folder in sorted(run.path.iterdir()):
+        match = TRAINER_FOLDER.match(folder.name)
+        if match and int(match.group(1)) > last.saved_step and folder not in forecasts:
+            raise OutputError(
+                f"{folder}: appeared while farcast was working (the run went on past {last.path.name}); nothing published: run it again"
+            )
+
+
+def _advice(last: Checkpoint, horizon: int, schedule: str, missing: list[str], next_lr: float | None) -> list[str]:
+    step = last.saved_step + horizon
+    lines = [
+        f"the trainer resumes at global step {step}: it skips {horizon} more batches of its data order than resuming from step "
+        f"{last.saved_step} would (TrainingArguments(ignore_data_skip=True) skips none and starts the current epoch's data afresh)",
+    ]
+    rate = "unknown" if next_lr is None else f"{next_lr:.6g}"
+    if schedule == "keep":
+        lines.append(
+            f"--schedule keep: the learning-rate schedule resumes where the run left it at step {last.saved_step}; next rate {rate}"
+        )
+    else:
+        lines.append(
+            f"--schedule advance: the schedule is moved on {horizon} steps, to step {step}; the first resumed step still uses the "
+            f"stored rate {rate}, then the schedule's rate at step {step + 1}"
+        )
+    if missing:
+        lines.append(f"{' and '.join(missing)} missing in {last.path.name}: a Trainer then restarts both the optimizer and the schedule")
+    return lines
+
+
+def _copy(source: Path, target: Path) -> None:
+    try:
+        shutil.copyfile(source, target)
+    except OSError as error:
+        raise output_failure(target, error) from None
+
+
+def _load_scheduler(path: Path, required: bool) -> dict | None:
+    """scheduler.pt through torch's weights-only loader, which refuses anything but plain data."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if not required:
+            return None
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: torch's weights-only loader refuses it ({reason}); use --schedule keep") from None
+    return state if isinstance(state, dict) else None
+
+
+def _last_learning_rate(state: dict | None) -> float | None:
+    rates = (state or {}).get("_last_lr")
+    return float(rates[0]) if isinstance(rates, list) and rates and isinstance(rates[0], (int, float)) else None
+
+
+def _advanced(state: dict | None, horizon: int, path: Path) -> dict:
+    """A LambdaLR state moved on by `horizon` steps: its rate is base_lr x lambda(last_epoch), so moving
+    the counter moves the schedule; other schedulers compute each rate from the last and cannot be moved so."""
+    if not isinstance(state, dict) or not {"lr_lambdas", "last_epoch", "base_lrs"} <= state.keys():
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise InputError(
+            f"{path}: --schedule advance moves LambdaLR schedules (what transformers' get_scheduler builds); this one holds {found}; "
+            "use --schedule keep"
+        )
+    advanced = dict(state)
+    advanced["last_epoch"] = state["last_epoch"] + horizon
+    if isinstance(state.get("_step_count"), int):
+        advanced["_step_count"] = state["_step_count"] + horizon
+    return advanced
+
+
+def _save_scheduler(state: dict, path: Path) -> None:
+    import torch
+
+    try:
+        torch.save(state, path)
+    except OSError as error:
+        raise output_failure(path, error) from None
