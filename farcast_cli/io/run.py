@@ -233,6 +233,15 @@ def read_jumps(run_dir: Path) -> tuple[Jump, ...]:
         raise InputError(f'{path}: expected {{"jumps": [{{"at_step": S, "horizon": H}}, ...]}}') from None
 
 
+def record_jump(run_dir: Path, jump: Jump) -> None:
+    """Add a jump to the run folder's farcast_jumps.json, replacing the file whole."""
+    path = Path(run_dir) / JUMPS_FILE
+    jumps = [*read_jumps(run_dir), jump]
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps({"jumps": [{"at_step": j.at_step, "horizon": j.horizon} for j in jumps]}, indent=1) + "\n")
+    temporary.replace(path)
+
+
 def _set_time_axis(run: Run) -> None:
     """Steps on the run's time axis: the saved step plus every horizon jumped before it, by the
     checkpoint's own trainer state where it has one, else by the run's farcast_jumps.json."""
