@@ -2,7 +2,12 @@
 a checkpoint every --save-steps and resuming from the newest one in --run (a forecast farcast wrote there
 with --resumable included). Built from a config: nothing is downloaded.
 
-    python examples/trainer/train.py --run runs/gpt2 --max-steps 200 --save-steps 20
+    python examples/trainer/train.py --run runs/gpt2 --stop-at 200          # train (or resume) up to step 200
+    python examples/trainer/train.py --run runs/gpt2 --stop-at 400 --farcast-every 100   # farcast in-process
+
+The learning rate decays linearly over --total-steps whatever step a job stops at, so that a job
+that resumes continues the same schedule. With --farcast-every, FarcastCallback farcasts inside the
+loop (`farcast_cli.integrations`).
 """
 
 from __future__ import annotations
@@ -39,8 +44,20 @@ def build_model():
     return GPT2LMHeadModel(config)
 
 
+def stop_at(step: int):
+    """A callback that ends training at global step `step`, the schedule still planned for max_steps."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                control.should_training_stop = control.should_save = True
+
+    return StopAt()
+
+
 def trainer(run: Path, max_steps: int, save_steps: int, seed: int = 0, callbacks: list | None = None, schedule: str = "linear"):
-    """A Trainer for the model: linear decay of the learning rate over max_steps, a checkpoint every save_steps."""
+    """A Trainer for the model: the learning rate decays over max_steps, a checkpoint every save_steps."""
     from transformers import Trainer, TrainingArguments
 
     arguments = TrainingArguments(
@@ -52,18 +69,26 @@ def trainer(run: Path, max_steps: int, save_steps: int, seed: int = 0, callbacks
 
 
 def resume_or_start(run: Path) -> bool:
-    return any(path.name.startswith("checkpoint-") for path in run.glob("checkpoint-*")) if run.exists() else False
+    """Resume (from the newest checkpoint-<step> folder, as Trainer picks it) when the run has one."""
+    return run.exists() and any(run.glob("checkpoint-*"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--max-steps", type=int, required=True)
-    parser.add_argument("--save-steps", type=int, default=20)
+    parser.add_argument("--stop-at", type=int, required=True, help="global step to stop at")
+    parser.add_argument("--total-steps", type=int, default=1000, help="steps the learning-rate schedule is planned for")
+    parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--farcast-every", type=int, help="farcast in-process every this many steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    trainer(args.run, args.max_steps, args.save_steps, args.seed).train(resume_from_checkpoint=resume_or_start(args.run))
+    callbacks = [stop_at(args.stop_at)]
+    if args.farcast_every:
+        from farcast_cli.integrations import FarcastCallback
+
+        callbacks.append(FarcastCallback(every=args.farcast_every, jump=0.5))
+    trainer(args.run, args.total_steps, args.save_steps, args.seed, callbacks).train(resume_from_checkpoint=resume_or_start(args.run))
 
 
 if __name__ == "__main__":
