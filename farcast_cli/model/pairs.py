@@ -20,6 +20,10 @@ import numpy as np
 from farcast_cli.errors import UsageError
 from farcast_cli.model.history import History
 
+MAX_STARTS = 16
+"""At most this many checkpoints (spread evenly, the latest kept) start pairs: the fit's cost grows with
+the pairs, and consecutive checkpoints of a long run add little that their neighbours do not."""
+
 
 @dataclass
 class Pairs:
@@ -79,6 +83,8 @@ def self_pairs(history: History, horizon: int, offsets: list[int], anchor: int =
     starts = [k for k in range(1, len(steps)) if steps[k] + rho * (steps[k] - s0) <= sk + 1e-9]
     if not starts:
         raise UsageError(f"horizon {horizon} is too far for this run: the largest it supports is {max_self_horizon(steps)} steps")
+    if len(starts) > MAX_STARTS:
+        starts = [starts[i] for i in sorted(set(np.linspace(0, len(starts) - 1, MAX_STARTS).round().astype(int)))]
     n = history.values.shape[0]
     rows = []
     for k in starts:

@@ -1,0 +1,225 @@
+"""Does farcasting inside the training loop save training? Steps and wall time to the plain run's losses.
+
+    python benchmarks/loop.py --workload digits-mlp-adam --seeds 3          # about 10 minutes on 2 cores
+    python benchmarks/loop.py --workload tiny-lm-adamw --schedule linear --seeds 2
+
+Each variant trains the same model from the same seed and data order (benchmarks/workloads/loops.py),
+saving a checkpoint every few steps, and every `every` real steps farcasts `jump` times the elapsed
+steps through farcast's Python API (commands.predict, as `farcast predict` and the integrations do):
+
+- plain: no farcasting.
+- inproc: the Farcaster / FarcastCallback way (issue 15): a forecast that beats keeping the last
+  checkpoint in the weight backtest is copied into the model; data order and LR schedule go on as before;
+  later checkpoints are read at their forecast-time step.
+- inproc-loss: the same, gated by the loss on half of the validation set (the other half is what this
+  benchmark reports, so the gate never sees it).
+- resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
+  ungated: the forecast replaces the weights, the step counter moves on by the horizon, the next horizon
+  batches of the data order are skipped (as a resumed Trainer skips them), the LR schedule kept or
+  advanced by the horizon.
+- graft-keep / graft-advance: the control for resume-*: the same skips and schedule at the same points,
+  with the last checkpoint's weights kept: what resume-* gains over graft-* is the forecast's, not the
+  schedule's or the data order's.
+
+For each variant: real optimizer steps to reach the plain run's validation loss at 40%, 60%, 80% and 100%
+of its steps (the first checkpoint at or below it); speed-up = plain steps / variant steps, its mean over
+the targets (a target never reached counts as reached at the last step: an upper bound); and the same in
+wall time (training plus farcast, not the benchmark's own evaluations or saves). Mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from workloads.loops import SAVE_EVERY, STEPS, parts
+
+from farcast_cli import commands
+from farcast_cli.evaluate.evaluator import EvalOptions
+from farcast_cli.integrations.loop import load_into
+from farcast_cli.io.run import Jump, record_jump
+
+TARGETS = (0.4, 0.6, 0.8, 1.0)
+VARIANTS = ("plain", "inproc", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance")
+
+
+@dataclass
+class Trace:
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    jumps: list[tuple[int, int, bool]] = field(default_factory=list)
+    farcast_seconds: float = 0.0
+
+
+def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: float, work: Path) -> Trace:
+    """One training run of `variant` (module docstring), the measured loss at every checkpoint."""
+    torch.manual_seed(seed)
+    p = parts(name, seed, schedule)
+    run = work / f"{name}-{variant}-{seed}"
+    shutil.rmtree(run, ignore_errors=True)
+    total, save_every = STEPS[name], SAVE_EVERY[name]
+    trace, elapsed, label, batch = Trace(), 0.0, 0, 0
+    _save(run, p.model, label)
+    for real in range(1, total + 1):
+        started = time.perf_counter()
+        loss = p.batch_loss(batch)
+        p.optimizer.zero_grad()
+        loss.backward()
+        p.optimizer.step()
+        if p.scheduler is not None:
+            p.scheduler.step()
+        batch, label = batch + 1, label + 1
+        elapsed += time.perf_counter() - started
+        if real % save_every:
+            continue
+        _save(run, p.model, label)
+        trace.steps.append(real), trace.losses.append(p.measure(p.model)), trace.seconds.append(elapsed)
+        if variant != "plain" and real % every == 0 and real < total:
+            started = time.perf_counter()
+            outcome = _farcast(run, p, variant, jump, label, work)
+            trace.farcast_seconds += time.perf_counter() - started
+            elapsed += time.perf_counter() - started
+            if outcome is not None:
+                horizon, applied = outcome
+                trace.jumps.append((real, horizon, applied))
+                if applied and variant.startswith(("resume", "graft")):
+                    label, batch = label + horizon, batch + horizon
+                    _advance(p, horizon, variant)
+    shutil.rmtree(run, ignore_errors=True)
+    return trace
+
+
+def _farcast(run: Path, p, variant: str, jump: float, label: int, work: Path) -> tuple[int, bool] | None:
+    """Forecast from the run; apply it by the variant's rule. None when the run is too short yet."""
+    from farcast_cli.io.run import find_run
+
+    found = find_run(run)
+    if len(found.checkpoints) < 3:
+        return None
+    horizon = max(1, round(jump * (found.last.step - found.steps[0])))
+    if variant.startswith("graft"):
+        return horizon, True
+    evaluation = EvalOptions(lambda folder: _folder_loss(p, folder), cache=False) if variant == "inproc-loss" else EvalOptions()
+    out = work / "forecast"
+    report = commands.predict(
+        run,
+        out,
+        horizon=horizon,
+        evaluation=evaluation,
+        fallback=False,
+        force=True,
+        options=commands.StreamOptions(quiet=True, backtest="sample"),
+    )
+    applied = bool(report.beats_last) if variant.startswith("inproc") else True
+    if applied:
+        load_into(p.model, out)
+        if variant.startswith("inproc"):
+            record_jump(run, Jump(label, horizon))
+    shutil.rmtree(out, ignore_errors=True)
+    return horizon, applied
+
+
+def _folder_loss(p, folder: Path) -> float:
+    """The gate's loss of a checkpoint folder, computed on a copy of the model so training is untouched."""
+    import copy
+
+    model = copy.deepcopy(p.model)
+    load_into(model, folder)
+    return p.gate(model)
+
+
+def _advance(p, horizon: int, variant: str) -> None:
+    if variant.endswith("advance") and p.scheduler is not None:
+        for _ in range(horizon):
+            p.scheduler.step()
+
+
+def _save(run: Path, model: torch.nn.Module, label: int) -> None:
+    folder = run / f"checkpoint-{label}"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {name: value.detach().to("cpu", copy=True).contiguous() for name, value in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def reach(trace: Trace, loss: float) -> tuple[float, float] | None:
+    """Real steps and seconds at the first checkpoint at or below `loss`."""
+    for step, value, seconds in zip(trace.steps, trace.losses, trace.seconds):
+        if value <= loss:
+            return step, seconds
+    return None
+
+
+def speedups(plain: Trace, other: Trace) -> tuple[float, float]:
+    """Mean over the targets of plain's steps (and seconds) over the variant's, to plain's loss at each target."""
+    steps, seconds = [], []
+    for fraction in TARGETS:
+        index = int(round(fraction * len(plain.steps))) - 1
+        target = plain.losses[index]
+        mine, theirs = reach(other, target), reach(plain, target)
+        if mine is None:
+            steps.append(theirs[0] / other.steps[-1])
+            seconds.append(theirs[1] / other.seconds[-1])
+        else:
+            steps.append(theirs[0] / mine[0])
+            seconds.append(theirs[1] / mine[1])
+    return float(np.mean(steps)), float(np.mean(seconds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", required=True, choices=sorted(STEPS))
+    parser.add_argument("--schedule", choices=("constant", "linear"), default="constant")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--rhythm", action="append", help="every:jump, e.g. 200:0.5 (repeatable; default 200:0.5 and 50:0.1 scaled to the run)"
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    total = STEPS[args.workload]
+    rhythms = [tuple(float(v) for v in r.split(":")) for r in args.rhythm] if args.rhythm else [(total // 5, 0.5), (total // 20, 0.1)]
+    variants = [v for v in args.variants.split(",") if v == "plain" or args.schedule == "linear" or not v.endswith("advance")]
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="farcast-loop-") as scratch:
+        work = Path(scratch)
+        for seed in range(args.seeds):
+            plain = train(args.workload, "plain", seed, args.schedule, 1, 0.0, work)
+            for every, jump in rhythms:
+                for variant in variants[1:] if variants[0] == "plain" else variants:
+                    trace = train(args.workload, variant, seed, args.schedule, int(every), jump, work)
+                    by_steps, by_time = speedups(plain, trace)
+                    key = f"{variant} every {int(every)} jump {jump:g}"
+                    results.setdefault(key, []).append(
+                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "jumps": trace.jumps,
+                         "farcast_seconds": trace.farcast_seconds, "final_loss": trace.losses[-1], "plain_final_loss": plain.losses[-1]}
+                    )  # fmt: skip
+                    made = sum(applied for _, _, applied in trace.jumps)
+                    final = f"final loss {trace.losses[-1]:.4f} (plain {plain.losses[-1]:.4f})"
+                    print(f"seed {seed} {key}: x{by_steps:.2f} steps, x{by_time:.2f} time, {made}/{len(trace.jumps)} jumps, "
+                          f"farcast {trace.farcast_seconds:.1f} s, {final}", flush=True)  # fmt: skip
+    print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up to the plain run's losses")
+    print("(mean, and min-max over seeds)\n")
+    print("| variant | rhythm | by steps | by wall time | jumps made |\n|---|---|---|---|---|")
+    for key, rows in results.items():
+        variant, rhythm = key.split(" ", 1)
+        steps, times = [r["speedup_steps"] for r in rows], [r["speedup_time"] for r in rows]
+        made = np.mean([sum(a for _, _, a in r["jumps"]) for r in rows])
+        tried = np.mean([len(r["jumps"]) for r in rows])
+        print(f"| {variant} | {rhythm} | x{np.mean(steps):.2f} ({min(steps):.2f}-{max(steps):.2f}) | "
+              f"x{np.mean(times):.2f} ({min(times):.2f}-{max(times):.2f}) | {made:.1f} of {tried:.1f} |")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"workload": args.workload, "schedule": args.schedule, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
