@@ -11,9 +11,10 @@ the curve's end counts as 1). A loss worse than at c is placed on the run's earl
 negative figure, down to -1 (one jump back): they are scored as far back as the best forecast needs,
 and a worse candidate is placed by extending the curve's trend, and marked extrapolated.
 
-The candidate with the lowest loss is chosen; the forecast only if it beats keeping the checkpoint.
-The choice is made on the same backtest that scores it, so the chosen figure is the best of all those
-tried there: optimistic, and the report says so.
+The candidate with the lowest loss is chosen if it beats keeping the checkpoint by more than the run's
+own jitter: the typical wobble of its loss from one checkpoint to the next (`curve_noise`); else the
+checkpoint is kept. The choice is made on the same backtest that scores it, so the chosen figure is
+the best of all those tried there: optimistic, and the report says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint, format_loss
 from farcast_cli.forecast.candidates import Combination, candidates
@@ -36,7 +39,6 @@ from farcast_cli.model.history import History
 
 SHRINK_STEP = 0.25
 SHRINK_MAX = 2.0
-SHRINK_LIMIT = 4.0
 ANCHORS = (1, 5)
 
 
@@ -68,6 +70,7 @@ class LossBacktest:
     chosen: LossPoint
     best_forecast: LossPoint | None
     earlier: list[tuple[int, float]] = field(default_factory=list)
+    noise: float = 0.0
     evaluations: int = 0
     cache_hits: int = 0
     eval_seconds: float = 0.0
@@ -208,21 +211,26 @@ def _scored(run: Run, cut: int, scores: CandidateScores, pending: list[tuple[int
         LossPoint(method, anchor, alpha, loss, *steps_saved(curve, earlier, loss)) for (method, anchor, alpha), loss in losses.items()
     ]
     forecasts = [p for p in points if p.method == "forecast"]
+    noise = curve_noise([value for _, value in reversed(earlier)] + [value for _, value in curve])
     return LossBacktest(
         evaluator=str(scores.scorer),
         cut_step=run.steps[cut],
         target_step=run.steps[-1],
         curve=curve,
         points=points,
-        chosen=min(points, key=_preference),
+        chosen=_choose(points, noise),
         best_forecast=min(forecasts, key=lambda p: p.loss) if forecasts else None,
         earlier=earlier,
+        noise=noise,
     )
 
 
-def _preference(point: LossPoint) -> tuple:
-    """Lowest loss first; on a tie, keeping the checkpoint before any forecast."""
-    return (point.loss, point.method != "last")
+def _choose(points: list[LossPoint], noise: float) -> LossPoint:
+    """The candidate with the lowest loss, if it beats keeping the checkpoint by more than the run's own
+    jitter (`noise`); else keeping it: a win smaller than the loss's wobble between checkpoints is none."""
+    last = next(p for p in points if p.method == "last")
+    best = min(points, key=lambda p: (p.loss, p.method != "last"))
+    return best if best.loss < last.loss - noise else last
 
 
 def _grid(shrink: float | None) -> list[float]:
@@ -238,25 +246,28 @@ def _forecast_future(scores: CandidateScores, run: Run, trial: Forecaster, ancho
 
 
 def _refine(scores: CandidateScores, run: Run, trials: dict[int, Forecaster], futures: dict[tuple, Future]) -> None:
-    """Around each anchor's best factor, try half a step either side; while the best is the largest
-    factor tried, go on up (to SHRINK_LIMIT), so that the grid holds the minimum."""
+    """Around each anchor's best factor on the grid, try half a step either side (within the grid)."""
     last_loss = futures[("last", None, None)].result().loss
     for anchor, trial in trials.items():
-        while True:
-            tried = {
-                alpha: futures[("forecast", anchor, alpha)].result().loss for (m, a, alpha) in futures if m == "forecast" and a == anchor
-            }
-            best = min(tried, key=tried.get)
-            if tried[best] >= last_loss:
-                break
-            if best == max(tried) and best + SHRINK_STEP <= SHRINK_LIMIT:
-                wanted = [best + SHRINK_STEP]
-            else:
-                wanted = [a for a in (best - SHRINK_STEP / 2, best + SHRINK_STEP / 2) if 0 < a <= SHRINK_LIMIT and a not in tried]
-            if not wanted:
-                break
-            for alpha in wanted:
+        tried = {
+            alpha: futures[("forecast", a, alpha)].result().loss
+            for (method, a, alpha) in list(futures)
+            if method == "forecast" and a == anchor
+        }
+        best = min(tried, key=tried.get)
+        if tried[best] >= last_loss:
+            continue
+        for alpha in (best - SHRINK_STEP / 2, best + SHRINK_STEP / 2):
+            if 0 < alpha <= SHRINK_MAX:
                 futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
+
+
+def curve_noise(losses: Sequence[float]) -> float:
+    """The jitter of the run's loss from checkpoint to checkpoint, as a standard deviation: for a smooth
+    trend plus independent noise, a second difference has variance 6 sigma^2 (the median of their sizes,
+    robust to a turn in the trend). 0 with fewer than three points."""
+    second = [abs(a - 2 * b + c) for a, b, c in zip(losses, losses[1:], losses[2:])]
+    return 0.0 if not second else float(np.median(second) / 0.6745 / np.sqrt(6))
 
 
 def _earlier_losses(run: Run, cut: int, scores: CandidateScores, curve: list[tuple[int, float]], worst: float) -> list[tuple[int, float]]:

@@ -202,8 +202,10 @@ def _loss_verdict(loss: LossBacktest) -> dict:
         result.update({f"beats_{b}": None for b in BASELINES})
         result["verdict"] = f"By your loss, {where}, {chosen.label} did best; no forecast could be fitted at the cut."
         return result
-    result.update({f"beats_{b}": forecast.loss < loss.point(b).loss for b in BASELINES})
+    result["beats_last"] = forecast.loss < loss.point("last").loss - loss.noise
+    result.update({f"beats_{b}": forecast.loss < loss.point(b).loss for b in ("line", "lawa")})
     tried = sum(p.method == "forecast" for p in loss.points)
+    jitter = f"the run's own jitter of {format_loss(loss.noise)} from checkpoint to checkpoint"
     figure = (
         f"saving {forecast.steps_saved:+.2f} of the jump (loss {format_loss(forecast.loss)}, "
         f"the best of {tried} forecasts tried there, so optimistic)"
@@ -212,10 +214,11 @@ def _loss_verdict(loss: LossBacktest) -> dict:
         others = ", ".join(f"{NAMES[b]} {loss.point(b).steps_saved:+.2f}" for b in BASELINES)
         result["verdict"] = f"By your loss, {where}, the {forecast.label} beats keeping the last checkpoint, {figure}; {others}."
     elif chosen.method == "last":
+        margin = f", a margin within {jitter}" if forecast.loss < chosen.loss else ""
         result["verdict"] = (
             f"By your loss, {where}, the forecast does NOT beat keeping the last checkpoint: its best, the {forecast.label}, "
             f"scored {forecast.steps_saved:+.2f} of the jump (loss {format_loss(forecast.loss)} against "
-            f"{format_loss(chosen.loss)}). Keeping your last checkpoint is the better choice."
+            f"{format_loss(chosen.loss)}{margin}). Keeping your last checkpoint is the better choice."
         )
     else:
         result["verdict"] = (
