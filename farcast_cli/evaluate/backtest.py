@@ -23,6 +23,7 @@ from farcast_cli.model.pairs import interpolate
 
 INPUT_BYTES_PER_ELEMENT = 8 * 8
 SCRATCH_BYTES_PER_ELEMENT = 6 * 8
+SUM_BLOCK = 1 << 14
 
 
 def plan_of(candidates: Mapping[str, Combination]) -> BacktestPlan:
@@ -37,6 +38,15 @@ def checkpoints_read(steps: list[int], candidates: Mapping[str, Combination]) ->
     return sorted(inputs.union(truth))
 
 
+def blockwise_sum(values: torch.Tensor) -> float:
+    """The sum of a 1-d tensor, the same whatever the number of threads (torchrun starts each rank
+    with one; a plain process uses every core): rows of SUM_BLOCK elements are each summed by one
+    thread, then the row sums in float64, in order."""
+    whole = values.numel() // SUM_BLOCK * SUM_BLOCK
+    rows = float(values[:whole].view(-1, SUM_BLOCK).sum(dim=1).sum(dtype=torch.float64)) if whole else 0.0
+    return rows + float(values[whole:].sum())
+
+
 def skill(error: float, baseline_error: float) -> float | None:
     return None if baseline_error == 0 else 1.0 - error / baseline_error
 
@@ -49,8 +59,8 @@ class _Sums:
     def add(self, truth: torch.Tensor, predictions: dict[str, torch.Tensor], work: torch.Tensor | None = None) -> None:
         for method, predicted in predictions.items():
             error = torch.sub(predicted, truth, out=work)
-            self.values[method][0] += float(error.abs_().sum())
-            self.values[method][1] += float(torch.dot(error, error))
+            self.values[method][0] += blockwise_sum(error.abs_())
+            self.values[method][1] += blockwise_sum(error.square_())
         self.count += truth.numel()
 
     def finite(self) -> bool:
