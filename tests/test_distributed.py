@@ -7,10 +7,27 @@ themselves with torchrun's environment, as srun does, to see every rank's exit c
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import trajectories, write_run
 
+from farcast_cli.distributed import balanced_shares
 from farcast_cli.evaluate.backtest import SUM_BLOCK, blockwise_sum
+from farcast_cli.evaluate.report import REPORT_FILE
+from farcast_cli.io.run import find_run
+from farcast_cli.model.history import sample_coordinates
+
+BIG = 10_000_000
 
 
 @pytest.mark.parametrize("count", [SUM_BLOCK * 40 + 17, SUM_BLOCK - 1])
@@ -27,3 +44,213 @@ def test_error_sums_do_not_depend_on_the_number_of_threads(count):
         torch.set_num_threads(previous)
     assert sums[0] == sums[1] == sums[2]
     assert sums[0] == pytest.approx(float(values.double().sum()), rel=1e-6)
+
+
+def launched(*args: object, ranks: int, timeout: str = "30") -> subprocess.Popen:
+    """`torchrun --standalone --nproc-per-node RANKS -m farcast_cli ARGS`."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "farcast_cli"]
+    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rank_env(timeout))
+
+
+def ranks_started_by_hand(*args: object, ranks: int, timeout: str = "30") -> list[subprocess.Popen]:
+    """The ranks started with torchrun's environment, as `srun` does without torchrun: each exit code is seen."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    world = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "farcast_cli", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**rank_env(timeout), **world, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        )
+        for rank in range(ranks)
+    ]
+
+
+def rank_env(timeout: str) -> dict[str, str]:
+    return {**os.environ, "FARCAST_DIST_TIMEOUT": timeout, "OMP_NUM_THREADS": "1"}
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=240)
+    return process.returncode, stdout, stderr
+
+
+def farcast_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("farcast: ")]
+
+
+def assert_no_farcast_traceback(stderr: str) -> None:
+    frames = [line for line in stderr.splitlines() if line.strip().startswith("File ")]
+    assert not [frame for frame in frames if "farcast_cli" in frame], stderr
+
+
+def exit_codes_listed(stderr: str) -> set[int]:
+    """The workers' exit codes in torchrun's failure summary."""
+    return {int(code) for code in re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)}
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != REPORT_FILE}
+
+
+def figures(report: dict) -> dict:
+    """The report without what differs between two runs: seconds and output paths."""
+    return {key: value for key, value in report.items() if key not in ("seconds", "output")}
+
+
+def assert_nothing_left(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.farcast-*"))
+
+
+QUICK = ["--max-epochs", "30"]
+RUNS = {
+    "2 ranks, 2 shards of bf16 and int tensors, --emit, full backtest": (2, {"shards": 2, "dtype": torch.bfloat16}, ["--emit", 20]),
+    "3 ranks, one file of f32 and int tensors to bf16, sample backtest": (3, {}, ["--backtest", "sample", "--dtype", "bf16"]),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNS))
+def test_predict_under_torchrun_writes_what_one_process_writes(tmp_path, farcast, case):
+    ranks, layout, options = RUNS[case]
+    run = write_run(tmp_path / "run", **layout)
+    farcast("predict", run, "-H", 60, "-o", tmp_path / "one", *QUICK, *options, "--quiet")
+
+    code, stdout, stderr = finish(launched("predict", run, "-H", 60, "-o", tmp_path / "all", *QUICK, *options, "--json", ranks=ranks))
+    assert code == 0, stderr
+    assert farcast_lines(stderr) == []
+    assert files_of(tmp_path / "all") == files_of(tmp_path / "one")
+    written = json.loads((tmp_path / "all" / REPORT_FILE).read_text())
+    assert figures(written) == figures(json.loads((tmp_path / "one" / REPORT_FILE).read_text()))
+    assert json.loads(stdout) == written | {"output": written["output"]}
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".")]) == 0
+
+
+def test_fit_then_predict_with_the_forecaster_under_torchrun(tmp_path, farcast):
+    run = write_run(tmp_path / "run", layout="files")
+    farcast("fit", run, "-H", 60, "-o", tmp_path / "one.json", *QUICK, "--quiet")
+    farcast("predict", run, "--forecaster", tmp_path / "one.json", "-o", tmp_path / "one", "--quiet")
+
+    code, _, stderr = finish(launched("fit", run, "-H", 60, "-o", tmp_path / "all.json", *QUICK, "--quiet", ranks=2))
+    assert code == 0, stderr
+    fitted = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "all.json")]
+    assert [f | {"report": figures(f["report"])} for f in fitted[1:]] == [fitted[0] | {"report": figures(fitted[0]["report"])}]
+
+    code, _, stderr = finish(launched("predict", run, "--forecaster", tmp_path / "all.json", "-o", tmp_path / "all", "--quiet", ranks=3))
+    assert code == 0, stderr
+    assert files_of(tmp_path / "all") == files_of(tmp_path / "one")
+    assert list(files_of(tmp_path / "all")) == ["model.safetensors"]
+
+
+def test_a_nan_in_one_ranks_share_fails_every_rank_with_one_line(tmp_path, farcast):
+    steps = list(range(0, 201, 20))
+    weights = trajectories(steps)
+    weights[100]["head.weight"][1, 2] = float("nan")
+    run = write_run(tmp_path / "run", steps=steps, weights=weights)
+    alone = farcast("predict", run, "-H", 60, "-o", tmp_path / "one", expect=3)
+    picks = [info.name for info, _ in sample_coordinates(find_run(run).tensor_infos(), 8192, 0)]
+    shares = balanced_shares([len(indices) for _, indices in sample_coordinates(find_run(run).tensor_infos(), 8192, 0)], 2)
+    reader = next(rank for rank, share in enumerate(shares) if picks.index("head.weight") in share)
+
+    results = [finish(p) for p in ranks_started_by_hand("predict", run, "-H", 60, "-o", tmp_path / "out", *QUICK, ranks=2)]
+    assert [code for code, _, _ in results] == [3, 3]
+    assert farcast_lines(results[0][2]) == [alone.stderr.strip().replace("farcast: error: ", f"farcast: error: [rank {reader}] ")]
+    assert [stderr for _, _, stderr in results[1:]] == [""]
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_an_existing_output_is_one_error_line_and_stays_untouched(run_dir, tmp_path, farcast):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    alone = farcast("predict", run_dir, "-H", 60, "-o", out, expect=5)
+
+    code, stdout, stderr = finish(launched("predict", run_dir, "-H", 60, "-o", out, "--json", ranks=3))
+    assert code != 0
+    assert farcast_lines(stderr) == [alone.stderr.strip()]
+    assert exit_codes_listed(stderr) == {5}
+    assert stdout == ""
+    assert_no_farcast_traceback(stderr)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert (out / "mine.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory) -> Path:
+    """Two 40 MB tensors over three checkpoints: writing them in the smallest chunks takes seconds."""
+    steps = [0, 10, 20]
+    base = torch.randn(BIG, generator=torch.Generator().manual_seed(0))
+    weights = {s: {"a": base * (1 + s / 100), "b": base.flip(0) * (1 - s / 100)} for s in steps}
+    return write_run(tmp_path_factory.mktemp("big") / "run", steps=steps, weights=weights, extras=False)
+
+
+SLOW_WRITE = ["-H", 5, "--max-memory", "16KB", "--sample", "500", "--max-epochs", "3", "--backtest", "sample"]
+
+
+def wait_for_writing(out: Path, processes: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(f".{out.name}.farcast-tmp-*/*.safetensors")):
+        assert all(p.poll() is None for p in processes), "finished before writing"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.2)
+
+
+def worker_of(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker with this RANK."""
+    for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_rank_0_killed_mid_write_leaves_nothing(big_run, tmp_path):
+    """The temporary folder is rank 0's, but rank 0 is gone: the others remove it."""
+    out = tmp_path / "out"
+    launcher = launched("predict", big_run, "-o", out, *SLOW_WRITE, ranks=2)
+    wait_for_writing(out, [launcher])
+    os.kill(worker_of(launcher, 0), signal.SIGKILL)
+    code, _, stderr = finish(launcher)
+    assert code != 0
+    assert_nothing_left(out)
+    assert_no_farcast_traceback(stderr)
+    assert len(farcast_lines(stderr)) <= 1, stderr
+    assert -9 in exit_codes_listed(stderr)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_and_leaves_nothing(big_run, tmp_path):
+    out = tmp_path / "out"
+    launcher = launched("predict", big_run, "-o", out, *SLOW_WRITE, ranks=2)
+    wait_for_writing(out, [launcher])
+    launcher.send_signal(signal.SIGTERM)
+    code, _, stderr = finish(launcher)
+    assert code != 0
+    assert_nothing_left(out)
+    assert_no_farcast_traceback(stderr)
+    assert farcast_lines(stderr) in ([], ["farcast: error: interrupted by SIGTERM; temporary files removed"]), stderr
+
+
+def test_a_hung_rank_fails_the_others_after_the_timeout(big_run, tmp_path):
+    """No launcher to stop the others here (srun without torchrun): FARCAST_DIST_TIMEOUT bounds the wait."""
+    out = tmp_path / "out"
+    ranks = ranks_started_by_hand("predict", big_run, "-o", out, *SLOW_WRITE, ranks=2, timeout="3")
+    try:
+        wait_for_writing(out, ranks)
+        ranks[1].send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        code, _, stderr = finish(ranks[0])
+        waited = time.monotonic() - started
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert code == 6
+    assert farcast_lines(stderr) == [
+        "farcast: error: [rank 0] lost contact with the other ranks (no answer within FARCAST_DIST_TIMEOUT=3 s): "
+        "another rank failed, was killed or hangs"
+    ]
+    assert waited < 30
+    assert_nothing_left(out)
