@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -218,7 +219,20 @@ def _fail(error: FarcastError, speaks: bool = True) -> None:
     if speaks or isinstance(error, LostContact):
         for line in error.lines():
             _stderr(f"error: {line}")
+    _tell_launcher(error.lines())
     raise typer.Exit(error.exit_code) from None
+
+
+def _tell_launcher(lines: list[str]) -> None:
+    """Under torchrun, the error for its failure summary (TORCHELASTIC_ERROR_FILE), in place of a pointer
+    to its docs: every rank's exit code and why, in the launcher's log."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    message = "farcast: error: " + " | ".join(lines)
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps(record))
 
 
 def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Callable[[], World] | None = None) -> None:
@@ -227,10 +241,6 @@ def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Call
     under torchrun each process runs it alone and RANK 0 shows it."""
     world = None
     speaks = launched_rank() == 0
-    if join is not None and launched_size() > 1:
-        # The launcher SIGTERMs the ranks still running once one has failed: past the command, that
-        # must not cut short the error line or the exit code of a rank already on its way out.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         with sigterm_as_interrupt():
             world = join() if join is not None else ONE_PROCESS
@@ -243,12 +253,15 @@ def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Call
     except KeyboardInterrupt:
         if speaks:
             _stderr("interrupted by SIGINT; temporary files removed")
+        _tell_launcher(["interrupted by SIGINT; temporary files removed"])
         raise typer.Exit(EXIT_SIGINT) from None
     except Exception as error:
         if _debug["on"]:
             raise
         where = "" if speaks else f"[rank {launched_rank()}] "
-        _stderr(f"internal error: {where}{type(error).__name__}: {error} (rerun with --debug for the traceback)")
+        message = f"internal error: {where}{type(error).__name__}: {error} (rerun with --debug for the traceback)"
+        _stderr(message)
+        _tell_launcher([message])
         raise typer.Exit(EXIT_INTERNAL) from None
     finally:
         if world is not None:
@@ -428,7 +441,11 @@ def _show_plan(plan: dict, as_json: bool) -> None:
 
 
 def main() -> None:
-    """Under torchrun, ranks other than 0 keep usage errors and help to themselves: rank 0 prints them."""
+    """Under torchrun, ranks other than 0 keep usage errors and help to themselves: rank 0 prints them.
+    torchrun SIGTERMs the ranks still running once one has exited non-zero: outside the command itself
+    (where SIGTERM interrupts it and cleans up), that must not cut short a rank's error line or exit code."""
+    if launched_size() > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if launched_rank() == 0:
         app()
         return

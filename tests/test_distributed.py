@@ -21,11 +21,27 @@ import pytest
 import torch
 from conftest import trajectories, write_run
 
-from farcast_cli.distributed import balanced_shares
-from farcast_cli.evaluate.backtest import SUM_BLOCK, blockwise_sum
+from farcast_cli.distributed import (
+    ONE_PROCESS,
+    SHARED_WRITE_FILE_SYSTEMS,
+    Failure,
+    RanksFailed,
+    World,
+    balanced_shares,
+    collective_timeout,
+    file_system_type,
+    join_world,
+    shared_file_writes,
+)
+from farcast_cli.errors import UsageError
+from farcast_cli.evaluate.backtest import SUM_BLOCK, blockwise_sum, checkpoints_read, scored_tensors, streamed_bytes
 from farcast_cli.evaluate.report import REPORT_FILE
+from farcast_cli.forecast.candidates import candidates
+from farcast_cli.forecast.write import split_files
 from farcast_cli.io.run import find_run
+from farcast_cli.model.forecaster import Forecaster
 from farcast_cli.model.history import sample_coordinates
+from farcast_cli.model.linear import LinearMap
 
 BIG = 10_000_000
 
@@ -46,10 +62,74 @@ def test_error_sums_do_not_depend_on_the_number_of_threads(count):
     assert sums[0] == pytest.approx(float(values.double().sum()), rel=1e-6)
 
 
-def launched(*args: object, ranks: int, timeout: str = "30") -> subprocess.Popen:
+def test_one_failure_line_when_ranks_agree_and_one_per_rank_where_they_disagree():
+    agree = RanksFailed([Failure(rank, 5, "out: already exists") for rank in range(3)], attempted=3)
+    assert agree.lines() == ["out: already exists"] and agree.exit_code == 5
+    one = RanksFailed([Failure(2, 3, "f: tensor 'x' holds nan")], attempted=3)
+    assert one.lines() == ["[rank 2] f: tensor 'x' holds nan"] and one.exit_code == 3
+    two = RanksFailed([Failure(0, 5, "disk full"), Failure(1, 3, "nan"), Failure(3, 3, "nan")], attempted=4)
+    assert two.lines() == ["[rank 0] disk full", "[ranks 1, 3] nan"] and two.exit_code == 5
+    assert RanksFailed([Failure(0, 2, "--anchor 5 needs 6 checkpoints")], attempted=1).lines() == ["--anchor 5 needs 6 checkpoints"]
+
+
+class TwoNodes(World):
+    size, nodes = 2, 2
+
+
+def test_shared_output_files_only_where_the_file_system_takes_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("FARCAST_WRITE_SPLIT", raising=False)
+    assert shared_file_writes(ONE_PROCESS, tmp_path)
+    assert file_system_type(tmp_path) not in SHARED_WRITE_FILE_SYSTEMS
+    assert not shared_file_writes(TwoNodes(), tmp_path / "not" / "yet")
+    assert file_system_type(Path("/proc/self")) == "proc"
+    monkeypatch.setenv("FARCAST_WRITE_SPLIT", "tensors")
+    assert shared_file_writes(TwoNodes(), tmp_path)
+    monkeypatch.setenv("FARCAST_WRITE_SPLIT", "files")
+    assert not shared_file_writes(ONE_PROCESS, tmp_path)
+    monkeypatch.setenv("FARCAST_WRITE_SPLIT", "shards")
+    with pytest.raises(UsageError, match="FARCAST_WRITE_SPLIT"):
+        shared_file_writes(ONE_PROCESS, tmp_path)
+
+
+def test_whole_files_to_each_rank(tmp_path):
+    last = find_run(write_run(tmp_path / "run", shards=3)).last
+    shares = split_files(last, 2)
+    assert sorted(name for share in shares for name in share) == sorted(last.shard_of)
+    for share in shares:
+        assert {last.shard_of[name] for name in share}.isdisjoint({last.shard_of[name] for name in set(last.shard_of) - share})
+
+
+def test_the_busiest_rank_streams_about_its_share_of_the_backtest(tmp_path):
+    run = find_run(write_run(tmp_path / "run", shards=2))
+    forecaster = Forecaster("self", 0, 160, [40], LinearMap.of([[0.5], [0.5]], [0.0]), {})
+    scored = candidates(run, forecaster)
+    whole = streamed_bytes(run, scored)
+    largest = max(info.nbytes for info in scored_tensors(run)) * len(checkpoints_read(run.steps, scored))
+    for size in (2, 3):
+        worlds = [type("Rank", (World,), {"rank": rank, "size": size})() for rank in range(size)]
+        shares = [streamed_bytes(run, scored, world) for world in worlds]
+        assert sum(shares) == whole
+        assert max(shares) <= whole / size + largest
+
+
+def test_the_environment_torchrun_sets_is_checked(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert join_world("cpu") is ONE_PROCESS
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(UsageError, match="MASTER_ADDR"):
+        join_world("cpu")
+    monkeypatch.setenv("FARCAST_DIST_TIMEOUT", "soon")
+    with pytest.raises(UsageError, match="FARCAST_DIST_TIMEOUT"):
+        collective_timeout()
+
+
+def launched(*args: object, ranks: int, timeout: str = "30", env: dict[str, str] | None = None) -> subprocess.Popen:
     """`torchrun --standalone --nproc-per-node RANKS -m farcast_cli ARGS`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "farcast_cli"]
-    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rank_env(timeout))
+    environment = {**rank_env(timeout), **(env or {})}
+    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
 
 
 def ranks_started_by_hand(*args: object, ranks: int, timeout: str = "30") -> list[subprocess.Popen]:
@@ -110,7 +190,11 @@ def assert_nothing_left(out: Path) -> None:
 QUICK = ["--max-epochs", "30"]
 RUNS = {
     "2 ranks, 2 shards of bf16 and int tensors, --emit, full backtest": (2, {"shards": 2, "dtype": torch.bfloat16}, ["--emit", 20]),
-    "3 ranks, one file of f32 and int tensors to bf16, sample backtest": (3, {}, ["--backtest", "sample", "--dtype", "bf16"]),
+    "3 ranks, a file of f32 and int tensors a step, to bf16, sample backtest": (
+        3,
+        {"layout": "files"},
+        ["--backtest", "sample", "--dtype", "bf16"],
+    ),
 }
 
 
@@ -131,7 +215,8 @@ def test_predict_under_torchrun_writes_what_one_process_writes(tmp_path, farcast
 
 
 def test_fit_then_predict_with_the_forecaster_under_torchrun(tmp_path, farcast):
-    run = write_run(tmp_path / "run", layout="files")
+    """The predict step writes whole files per rank (FARCAST_WRITE_SPLIT=files, as on NFS across nodes)."""
+    run = write_run(tmp_path / "run", shards=3)
     farcast("fit", run, "-H", 60, "-o", tmp_path / "one.json", *QUICK, "--quiet")
     farcast("predict", run, "--forecaster", tmp_path / "one.json", "-o", tmp_path / "one", "--quiet")
 
@@ -140,10 +225,11 @@ def test_fit_then_predict_with_the_forecaster_under_torchrun(tmp_path, farcast):
     fitted = [json.loads((tmp_path / name).read_text()) for name in ("one.json", "all.json")]
     assert [f | {"report": figures(f["report"])} for f in fitted[1:]] == [fitted[0] | {"report": figures(fitted[0]["report"])}]
 
-    code, _, stderr = finish(launched("predict", run, "--forecaster", tmp_path / "all.json", "-o", tmp_path / "all", "--quiet", ranks=3))
+    by_files = {"FARCAST_WRITE_SPLIT": "files"}
+    code, _, stderr = finish(launched("predict", run, "--forecaster", tmp_path / "all.json", "-o", tmp_path / "all", ranks=3, env=by_files))
     assert code == 0, stderr
     assert files_of(tmp_path / "all") == files_of(tmp_path / "one")
-    assert list(files_of(tmp_path / "all")) == ["model.safetensors"]
+    assert len([name for name in files_of(tmp_path / "all") if name.endswith(".safetensors")]) == 3
 
 
 def test_a_nan_in_one_ranks_share_fails_every_rank_with_one_line(tmp_path, farcast):
@@ -173,6 +259,7 @@ def test_an_existing_output_is_one_error_line_and_stays_untouched(run_dir, tmp_p
     assert code != 0
     assert farcast_lines(stderr) == [alone.stderr.strip()]
     assert exit_codes_listed(stderr) == {5}
+    assert f"traceback : {alone.stderr.strip()}" in stderr
     assert stdout == ""
     assert_no_farcast_traceback(stderr)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
