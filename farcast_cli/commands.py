@@ -207,10 +207,11 @@ def _for_rank(options: StreamOptions, world: World) -> StreamOptions:
 
 def _write_share(last: Checkpoint, out_dir: Path, world: World) -> frozenset[str] | None:
     """The tensors this rank writes (None: all of them, one process): shares of every file where the
-    output's file system takes writes to one file from several nodes, else whole files."""
+    output's file system takes writes to one file from several nodes, else whole files; rank 0 decides,
+    so that the shares agree even where nodes mount the output differently."""
     if world.size == 1:
         return None
-    split = split_work if shared_file_writes(world, out_dir) else split_files
+    split = split_work if world.on_main(lambda: shared_file_writes(world, out_dir)) else split_files
     return split(last, world.size)[world.rank]
 
 
