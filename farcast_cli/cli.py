@@ -5,11 +5,14 @@ Each option is declared once, in an OptionGroup that also builds the settings ob
 uses it. Help panels order the options from what most people need to what few do.
 """
 
+import contextlib
 import functools
 import inspect
 import json
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -20,7 +23,8 @@ import typer
 from rich.console import Console
 
 from farcast_cli import __version__, commands
-from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, sigterm_as_interrupt
+from farcast_cli.distributed import ONE_PROCESS, World, join_world, launched_rank, launched_size
+from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, sigterm_as_interrupt
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.render import plain_lines, render
 from farcast_cli.evaluate.report import Report
@@ -86,7 +90,7 @@ def with_options(*groups: OptionGroup) -> Callable[[Callable], Callable]:
                 for group in groups:
                     values[group.param] = group.build(**{option.name: values.pop(option.name) for option in group.options})
             except FarcastError as error:
-                _fail(error)
+                _fail(error, launched_rank() == 0)
             return command(**values)
 
         wrapper.__signature__ = signature.replace(parameters=own + added)
@@ -213,31 +217,63 @@ def _show_report(as_json: bool) -> Callable[[Report], None]:
     return show
 
 
-def _fail(error: FarcastError) -> None:
+def _fail(error: FarcastError, speaks: bool = True) -> None:
+    """Exit with the error's code, printing it where this process speaks for all (rank 0 under
+    torchrun; a rank that lost contact with the others speaks for itself)."""
     if _debug["on"]:
         raise error
-    _stderr(f"error: {error}")
+    if speaks or isinstance(error, LostContact):
+        for line in error.lines():
+            _stderr(f"error: {line}")
+    _tell_launcher(error.lines())
     raise typer.Exit(error.exit_code) from None
 
 
-def _run(action: Callable[[], Any], show: Callable[[Any], None]) -> None:
-    """Run one command; every failure becomes a one-line message and its documented exit code."""
+def _tell_launcher(lines: list[str]) -> None:
+    """Under torchrun, the error for its failure summary (TORCHELASTIC_ERROR_FILE), in place of a pointer
+    to its docs: every rank's exit code and why, in the launcher's log."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    message = "farcast: error: " + " | ".join(lines)
+    record = {"message": {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps(record))
+
+
+def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Callable[[], World] | None = None) -> None:
+    """Run one command; every failure becomes a one-line message and its documented exit code. With
+    `join`, the command runs on every rank torchrun started, and rank 0 alone shows its outcome; without,
+    under torchrun each process runs it alone and RANK 0 shows it."""
+    world = None
+    speaks = launched_rank() == 0
     try:
         with sigterm_as_interrupt():
-            result = action()
+            world = join() if join is not None else ONE_PROCESS
+            speaks = world.is_main if join is not None else speaks
+            result = action(world)
     except FarcastError as error:
-        if error.report is not None:
+        if error.report is not None and speaks:
             show(error.report)
-        _fail(error)
+        _fail(error, speaks)
     except KeyboardInterrupt:
-        _stderr("interrupted by SIGINT; temporary files removed")
+        if speaks:
+            _stderr("interrupted by SIGINT; temporary files removed")
+        _tell_launcher(["interrupted by SIGINT; temporary files removed"])
         raise typer.Exit(EXIT_SIGINT) from None
     except Exception as error:
         if _debug["on"]:
             raise
-        _stderr(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)")
+        where = "" if speaks else f"[rank {launched_rank()}] "
+        message = f"internal error: {where}{type(error).__name__}: {error} (rerun with --debug for the traceback)"
+        _stderr(message)
+        _tell_launcher([message])
         raise typer.Exit(EXIT_INTERNAL) from None
-    show(result)
+    finally:
+        if world is not None:
+            world.close()
+    if speaks:
+        show(result)
 
 
 def _version(value: bool) -> None:
@@ -264,7 +300,7 @@ farcast inspect runs/bert --json | jq .max_horizon"""
 @app.command(name="inspect", epilog=INSPECT_EXAMPLES)
 def inspect_command(run_dir: RunDir, as_json: AsJson = False) -> None:
     """List the checkpoints, files, tensors, parameters and bytes of a run."""
-    _run(lambda: commands.inspect_run(run_dir), lambda info: _show_inspection(info, as_json))
+    _run(lambda world: commands.inspect_run(run_dir), lambda info: _show_inspection(info, as_json))
 
 
 def _show_inspection(info: dict, as_json: bool) -> None:
@@ -311,7 +347,11 @@ def fit(
     if horizon is None:
         raise typer.BadParameter("--horizon is required", param_hint="--horizon")
     given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=force)
-    _run(lambda: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation), _show_report(as_json))
+    _run(
+        lambda world: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation, world=world),
+        _show_report(as_json),
+        join=lambda: join_world(options.device),
+    )
 
 
 PREDICT_EXAMPLES = """Examples:
@@ -394,11 +434,15 @@ def predict(
     out_dtype = None if dtype is None else dtype.value.upper()
     given = dict(horizon=horizon, forecaster_file=forecaster, emit=emit or [], settings=settings, options=options, dtype=out_dtype)
     if dry_run:
-        _run(lambda: commands.dry_run(run_dir, output, **given), lambda plan: _show_plan(plan, as_json))
+        _run(lambda world: commands.dry_run(run_dir, output, **given), lambda plan: _show_plan(plan, as_json))
         return
     chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=force, min_skill=min_skill, fallback=fallback)
     chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
-    _run(lambda: commands.predict(run_dir, output, **given, **chosen), _show_report(as_json))
+    _run(
+        lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
+        _show_report(as_json),
+        join=lambda: join_world(options.device),
+    )
 
 
 def _show_plan(plan: dict, as_json: bool) -> None:
@@ -423,4 +467,17 @@ def _show_plan(plan: dict, as_json: bool) -> None:
 
 
 def main() -> None:
-    app()
+    """Under torchrun, ranks other than 0 keep usage errors and help to themselves: rank 0 prints them.
+    torchrun SIGTERMs the ranks still running once one has exited non-zero: outside the command itself
+    (where SIGTERM interrupts it and cleans up), that must not cut short a rank's error line or exit code."""
+    if launched_size() > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if launched_rank() == 0:
+        app()
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        try:
+            code = app(standalone_mode=False)
+        except Exception as error:
+            code = getattr(error, "exit_code", EXIT_INTERNAL)
+    sys.exit(code if isinstance(code, int) else 0)

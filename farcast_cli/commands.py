@@ -8,27 +8,28 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from farcast_cli.distributed import ONE_PROCESS, World, shared_file_writes
 from farcast_cli.errors import InputError, LowSkillError, UsageError
 from farcast_cli.evaluate.backtest import (
     INPUT_BYTES_PER_ELEMENT,
     SCRATCH_BYTES_PER_ELEMENT,
     backtest_sample,
     backtest_streaming,
-    checkpoints_read,
+    streamed_bytes,
 )
 from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
 from farcast_cli.evaluate.report import NAMES, REPORT_FILE, Backtest, Report, Written, headline
 from farcast_cli.forecast.candidates import Combination, candidate_inputs, candidates
-from farcast_cli.forecast.write import combination_key, output_info, write_forecast
+from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
-from farcast_cli.io.output import atomic_folder, check_output_location, write_text
+from farcast_cli.io.output import build_folder, check_output_location, write_text
 from farcast_cli.io.resume import check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
-from farcast_cli.io.run import SINGLE_FILE, Run, find_run
+from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run, find_run
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
 from farcast_cli.model.history import History, read_history
@@ -98,23 +99,27 @@ def fit(
     evaluation: EvalOptions = EvalOptions(),
     anchor: int | None = None,
     force: bool = False,
+    world: World = ONE_PROCESS,
 ) -> Report:
-    """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster."""
+    """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster.
+    Under torchrun (`world`) the ranks share the reads; rank 0 fits, runs any eval commands and saves."""
     if out_file.exists() and not force:
         raise UsageError(f"{out_file}: already exists; choose a new name or pass --force")
     offsets = output_offsets(horizon, emit)
+    options = _for_rank(options, world)
+    judged = evaluation.evaluator is not None
     timings: dict[str, float] = {}
     with timed(timings, "find_run"):
-        run = find_run(run_dir)
-    with _judge(evaluation, run, out_file, options) as judge:
+        run = world.together(lambda: find_run(run_dir))
+    with _judge(evaluation, run, out_file, options, world) as judge:
         if context_end is None:
-            forecaster, report = _fit_and_evaluate("fit", run, horizon, offsets, settings, options, judge, anchor, timings)
+            forecaster, report = _fit_and_evaluate("fit", run, horizon, offsets, settings, options, judge, anchor, timings, world, judged)
         else:
-            forecaster, report = _fit_reference(run, context_end, offsets, settings, options, judge, anchor or 1, timings)
+            forecaster, report = _fit_reference(run, context_end, offsets, settings, options, judge, anchor or 1, timings, world, judged)
         _account_evaluations(report, judge, timings)
     report.seconds = _rounded(timings)
     forecaster.report = report.to_json()
-    forecaster.save(out_file)
+    world.on_main(lambda: forecaster.save(out_file))
     report.output = [str(out_file)]
     return report
 
@@ -137,6 +142,7 @@ def predict(
     fallback: bool | None = None,
     resumable: bool = False,
     schedule: str | None = None,
+    world: World = ONE_PROCESS,
 ) -> Report:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the chosen checkpoint.
 
@@ -145,33 +151,42 @@ def predict(
     written (the forecast, the last checkpoint, the straight line, the average of the last checkpoints);
     without it, the forecast, whatever the backtest says. A `resumable` output is a checkpoint the
     trainer resumes from, with its state advanced by the horizon and the LR `schedule` kept or advanced
-    (io/resume.py); it may be the run's own checkpoint-<last + horizon>."""
+    (io/resume.py); it may be the run's own checkpoint-<last + horizon>. Under torchrun (`world`) every
+    streaming pass divides its tensors among the ranks; rank 0 fits, runs any eval commands and publishes."""
     timings: dict[str, float] = {}
+    options = _for_rank(options, world)
+    judged = evaluation.evaluator is not None
     with timed(timings, "find_run"):
-        whole = find_run(run_dir)
-        run = whole if last_step is None else whole.truncated(whole.steps.index(whole.at_step(last_step).step))
         if resumable:
-            _check_resumable(run, last_step, horizon, forecaster_file, emit, schedule)
-        resumable_name = resumable_folder_name(run.last, horizon or Forecaster.load(forecaster_file).horizon) if resumable else None
-        check_output_location(out_dir, whole, force, resumable_name)
-        resolve_device(options.device)
-    with _judge(evaluation, run, out_dir, options) as judge:
+            _check_resumable(last_step, horizon, forecaster_file, emit, schedule)
+        resumable_horizon = (horizon or Forecaster.load(forecaster_file).horizon) if resumable else None
+        whole, run = world.together(lambda: _open_run(run_dir, out_dir, force, last_step, options, resumable_horizon, schedule))
+    with _judge(evaluation, run, out_dir, options, world) as judge:
         if forecaster_file is not None:
-            forecaster = _forecaster_for(run, forecaster_file, horizon)
+            forecaster = world.together(lambda: _forecaster_for(run, forecaster_file, horizon))
             report = _saved_report(run, forecaster, forecaster_file)
         else:
             if horizon is None:
                 raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
             offsets = output_offsets(horizon, emit)
-            forecaster, report = _fit_and_evaluate("predict", run, horizon, offsets, settings, options, judge, anchor, timings)
+            forecaster, report = _fit_and_evaluate(
+                "predict", run, horizon, offsets, settings, options, judge, anchor, timings, world, judged
+            )
         _enforce_min_skill(report, min_skill)
-        candidate = _choose(report, candidates(run, forecaster), judge is not None if fallback is None else fallback)
+        candidate = _choose(report, candidates(run, forecaster), judged if fallback is None else fallback)
         last = run.at_step(forecaster.context_end)
-        with atomic_folder(out_dir) as folder:
-            with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * last.nbytes, options.quiet) as advance:
-                written = write_forecast(candidate, last, folder, options.engine(*PREDICT_BYTES_PER_ELEMENT, advance), dtype)
+        share = _write_share(last, out_dir, world)
+
+        def write(folder: Path) -> None:
+            share_bytes = last.nbytes if share is None else sum(last.tensor(name)[1].nbytes for name in share)
+            with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * share_bytes, options.quiet) as advance:
+                write_tensors(candidate, last, folder, options.engine(*PREDICT_BYTES_PER_ELEMENT, advance), dtype, only=share)
                 for checkpoint in whole.checkpoints:
                     checkpoint.check_unchanged()
+
+        def finish(folder: Path) -> Report:
+            with timed(timings, "write_forecast"):
+                written = finish_forecast(candidate, last, folder, dtype)
             report.output = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
             if resumable:
                 provenance = {"method": report.written.method, "from_steps": report.written.from_steps}
@@ -183,7 +198,45 @@ def predict(
             _account_evaluations(report, judge, timings)
             report.seconds = _rounded(timings)
             write_text(folder / REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
-    return report
+            return report
+
+        return build_folder(out_dir, write, finish, world)
+
+
+def _open_run(
+    run_dir: Path,
+    out_dir: Path,
+    force: bool,
+    last_step: int | None,
+    options: StreamOptions,
+    resumable_horizon: int | None,
+    schedule: str | None,
+) -> tuple[Run, Run]:
+    """The run, and the run up to --last-step; checks the output's place (a resumable forecast's place is
+    the run's checkpoint-<last + horizon>) and the device first."""
+    whole = find_run(run_dir)
+    run = whole if last_step is None else whole.truncated(whole.steps.index(whole.at_step(last_step).step))
+    if resumable_horizon is not None:
+        check_resumable(run, schedule)
+    resumable_name = None if resumable_horizon is None else resumable_folder_name(run.last, resumable_horizon)
+    check_output_location(out_dir, whole, force, resumable_name)
+    resolve_device(options.device)
+    return whole, run
+
+
+def _for_rank(options: StreamOptions, world: World) -> StreamOptions:
+    """Under torchrun: this rank's own GPU for auto/cuda, and progress from rank 0 only."""
+    return replace(options, device=world.device(options.device), quiet=options.quiet or not world.is_main)
+
+
+def _write_share(last: Checkpoint, out_dir: Path, world: World) -> frozenset[str] | None:
+    """The tensors this rank writes (None: all of them, one process): shares of every file where the
+    output's file system takes writes to one file from several nodes, else whole files; rank 0 decides,
+    so that the shares agree even where nodes mount the output differently."""
+    if world.size == 1:
+        return None
+    split = split_work if world.on_main(lambda: shared_file_writes(world, out_dir)) else split_files
+    return split(last, world.size)[world.rank]
 
 
 def dry_run(
@@ -240,13 +293,12 @@ def dry_run(
 
 
 def _check_resumable(
-    run: Run, last_step: int | None, horizon: int | None, forecaster_file: Path | None, emit: list[int], schedule: str | None
+    last_step: int | None, horizon: int | None, forecaster_file: Path | None, emit: list[int], schedule: str | None
 ) -> None:
     if last_step is not None or emit:
         raise UsageError("--resumable writes one checkpoint past the run's newest: it takes neither --last-step nor --emit")
     if horizon is None and forecaster_file is None:
         raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
-    check_resumable(run, schedule)
 
 
 def output_offsets(horizon: int, emit: list[int]) -> list[int]:
@@ -259,9 +311,10 @@ def output_offsets(horizon: int, emit: list[int]) -> list[int]:
 
 
 @contextmanager
-def _judge(evaluation: EvalOptions, run: Run, output: Path, options: StreamOptions) -> Iterator[CandidateScores | None]:
-    """The user's loss as a judge of candidates (None without an evaluator); scratch space beside the output."""
-    scorer = evaluation.scorer(options.quiet)
+def _judge(evaluation: EvalOptions, run: Run, output: Path, options: StreamOptions, world: World) -> Iterator[CandidateScores | None]:
+    """The user's loss as a judge of candidates (None without an evaluator, and on ranks other than 0);
+    scratch space beside the output."""
+    scorer = evaluation.scorer(options.quiet) if world.is_main else None
     if scorer is None:
         yield None
         return
@@ -284,27 +337,48 @@ def _fit_and_evaluate(
     judge: CandidateScores | None,
     anchor: int | None,
     timings: dict[str, float],
+    world: World = ONE_PROCESS,
+    judged: bool = False,
 ) -> tuple[Forecaster, Report]:
     """Fit on the whole run; score the held-out fit (model/forecaster.py, SelfFit) in weight error, and
-    with a judge, score every candidate by the user's loss and refit with the best forecast's settings."""
+    when `judged`, score every candidate by the user's loss (on rank 0, with the judge) and refit with
+    the best forecast's settings."""
     _require_three_checkpoints(run)
     with timed(timings, "read_sample"):
-        history = read_history(run, settings.sample, settings.seed)
+        history = read_history(run, settings.sample, settings.seed, world)
     with timed(timings, "fit_and_backtest"):
-        fitted = fit_on_run(history, horizon, offsets, settings, anchor or 1)
-        backtest = None if fitted.scored is None else _backtest(run, history, fitted.scored, options)
+        fitted = world.on_main(lambda: fit_on_run(history, horizon, offsets, settings, anchor or 1))
+        backtest = None if fitted.scored is None else _backtest(run, history, fitted.scored, options, world)
     forecaster, loss, loss_unavailable = fitted.forecaster, None, None
-    if judge is not None:
+    if judged:
         with timed(timings, "loss_backtest"):
-            loss = loss_backtest(run, history, horizon, settings, judge, anchors=(anchor,) if anchor else ANCHORS)
-        if loss is None:
-            loss_unavailable = f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
-        elif loss.best_forecast is not None:
-            best = loss.best_forecast
-            forecaster = fit_plain(history, horizon, offsets, settings, best.anchor).shrunk(best.shrink)
-            forecaster.fit_info["chosen_by"] = "validation loss"
+            forecaster, loss, loss_unavailable = world.on_main(
+                lambda: _decided_by_loss(run, history, horizon, offsets, settings, judge, anchor, forecaster), patient=True
+            )
     unavailable = None if backtest else f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
     return forecaster, _report(command, run, forecaster, backtest, unavailable, loss, loss_unavailable)
+
+
+def _decided_by_loss(
+    run: Run,
+    history: History,
+    horizon: int,
+    offsets: list[int],
+    settings: FitSettings,
+    judge: CandidateScores,
+    anchor: int | None,
+    forecaster: Forecaster,
+) -> tuple[Forecaster, LossBacktest | None, str | None]:
+    """The loss backtest, the forecaster refitted with the settings of its best forecast, and why
+    there is no loss backtest (or None)."""
+    loss = loss_backtest(run, history, horizon, settings, judge, anchors=(anchor,) if anchor else ANCHORS)
+    if loss is None:
+        return forecaster, None, f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
+    if loss.best_forecast is not None:
+        best = loss.best_forecast
+        forecaster = fit_plain(history, horizon, offsets, settings, best.anchor).shrunk(best.shrink)
+        forecaster.fit_info["chosen_by"] = "validation loss"
+    return forecaster, loss, None
 
 
 def _fit_reference(
@@ -316,20 +390,24 @@ def _fit_reference(
     judge: CandidateScores | None,
     anchor: int,
     timings: dict[str, float],
+    world: World = ONE_PROCESS,
+    judged: bool = False,
 ) -> tuple[Forecaster, Report]:
     """The paper's protocol on a complete reference run, scored on that run, where the truth at E + H is known."""
     with timed(timings, "read_sample"):
-        history = read_history(run, settings.sample, settings.seed)
+        history = read_history(run, settings.sample, settings.seed, world)
     with timed(timings, "fit"):
-        forecaster = fit_on_reference(history, context_end, offsets, settings, anchor)
+        forecaster = world.on_main(lambda: fit_on_reference(history, context_end, offsets, settings, anchor))
     with timed(timings, "backtest"):
-        backtest = _backtest(run, history, forecaster, options)
+        backtest = _backtest(run, history, forecaster, options, world)
     loss, loss_unavailable = None, None
-    if judge is not None:
+    if judged:
         target = forecaster.target_steps[-1]
         if target in run.steps:
             with timed(timings, "loss_backtest"):
-                loss = reference_loss_backtest(run.truncated(run.steps.index(target)), forecaster, judge)
+                loss = world.on_main(
+                    lambda: reference_loss_backtest(run.truncated(run.steps.index(target)), forecaster, judge), patient=True
+                )
         else:
             loss_unavailable = f"step {target} is not a checkpoint of the reference run"
     return forecaster, _report("fit", run, forecaster, backtest, None, loss, loss_unavailable)
@@ -407,14 +485,13 @@ def _account_evaluations(report: Report, judge: CandidateScores | None, timings:
         )
 
 
-def _backtest(run: Run, history: History, forecaster: Forecaster, options: StreamOptions) -> Backtest:
+def _backtest(run: Run, history: History, forecaster: Forecaster, options: StreamOptions, world: World = ONE_PROCESS) -> Backtest:
     """The forecaster and the alternatives, from its context end to its last target, in weight error."""
     scored = candidates(run, forecaster)
     if options.backtest == "sample":
         return backtest_sample(history, scored)
-    total = sum(run.checkpoints[i].nbytes for i in checkpoints_read(run.steps, scored))
-    with byte_progress("backtest", total, options.quiet) as advance:
-        return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance))
+    with byte_progress("backtest", streamed_bytes(run, scored, world), options.quiet) as advance:
+        return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance), world)
 
 
 def _require_three_checkpoints(run: Run) -> None:

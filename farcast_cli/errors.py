@@ -11,6 +11,7 @@ EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_LOW_SKILL = 4
 EXIT_OUTPUT = 5
+EXIT_LOST_RANK = 6
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -23,6 +24,10 @@ class FarcastError(Exception):
 
     exit_code = EXIT_INTERNAL
     report: dict | None = None
+
+    def lines(self) -> list[str]:
+        """The error as printed after `farcast: error: `, one line each."""
+        return [str(self)]
 
 
 class InternalError(FarcastError):
@@ -49,6 +54,16 @@ class OutputError(FarcastError):
 
 class LowSkillError(FarcastError):
     exit_code = EXIT_LOW_SKILL
+
+
+class LostContact(FarcastError):
+    """Under torchrun: this rank cannot reach the others (one died, hangs or never joined), so it
+    alone knows, and prints it with its rank."""
+
+    exit_code = EXIT_LOST_RANK
+
+    def __init__(self, rank: int, problem: str) -> None:
+        super().__init__(f"[rank {rank}] {problem}")
 
 
 class Interrupted(FarcastError):

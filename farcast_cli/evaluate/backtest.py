@@ -14,15 +14,18 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from farcast_cli.distributed import ONE_PROCESS, World
 from farcast_cli.evaluate.report import Backtest, BacktestPlan, ErrorTable, MethodError
 from farcast_cli.forecast.candidates import BASELINES, METHODS, Combination
 from farcast_cli.io.engine import EngineSettings, Scratch, Source, chunk_jobs, raise_for_non_finite_input, stream
+from farcast_cli.io.reader import TensorInfo
 from farcast_cli.io.run import Run
 from farcast_cli.model.history import History
 from farcast_cli.model.pairs import interpolate
 
 INPUT_BYTES_PER_ELEMENT = 8 * 8
 SCRATCH_BYTES_PER_ELEMENT = 6 * 8
+SUM_BLOCK = 1 << 14
 
 
 def plan_of(candidates: Mapping[str, Combination]) -> BacktestPlan:
@@ -37,6 +40,15 @@ def checkpoints_read(steps: list[int], candidates: Mapping[str, Combination]) ->
     return sorted(inputs.union(truth))
 
 
+def blockwise_sum(values: torch.Tensor) -> float:
+    """The sum of a 1-d tensor, the same whatever the number of threads (torchrun starts each rank
+    with one; a plain process uses every core): rows of SUM_BLOCK elements are each summed by one
+    thread, then the row sums in float64, in order."""
+    whole = values.numel() // SUM_BLOCK * SUM_BLOCK
+    rows = float(values[:whole].view(-1, SUM_BLOCK).sum(dim=1).sum(dtype=torch.float64)) if whole else 0.0
+    return rows + float(values[whole:].sum())
+
+
 def skill(error: float, baseline_error: float) -> float | None:
     return None if baseline_error == 0 else 1.0 - error / baseline_error
 
@@ -49,8 +61,8 @@ class _Sums:
     def add(self, truth: torch.Tensor, predictions: dict[str, torch.Tensor], work: torch.Tensor | None = None) -> None:
         for method, predicted in predictions.items():
             error = torch.sub(predicted, truth, out=work)
-            self.values[method][0] += float(error.abs_().sum())
-            self.values[method][1] += float(torch.dot(error, error))
+            self.values[method][0] += blockwise_sum(error.abs_())
+            self.values[method][1] += blockwise_sum(error.square_())
         self.count += truth.numel()
 
     def finite(self) -> bool:
@@ -98,30 +110,52 @@ def _truth(values: dict[int, torch.Tensor], steps: list[int], parts: list[tuple[
     return torch.mul(values[steps[i]], a, out=out).add_(values[steps[j]], alpha=b)
 
 
-def backtest_streaming(run: Run, candidates: Mapping[str, Combination], settings: EngineSettings) -> Backtest:
-    """Evaluate over every coordinate of every float tensor, chunk by chunk."""
+def backtest_streaming(run: Run, candidates: Mapping[str, Combination], settings: EngineSettings, world: World = ONE_PROCESS) -> Backtest:
+    """Evaluate over every coordinate of every float tensor, chunk by chunk; under torchrun each rank
+    sums its share of the tensors, and the sums are merged in the tensors' order, as one process does."""
+    infos = scored_tensors(run)
+
+    def share(mine: list[int]) -> dict[int, _Sums]:
+        sums = _tensor_sums(run, candidates, settings, [infos[i] for i in mine])
+        return {i: sums[infos[i].name] for i in mine}
+
+    sums = world.divided([info.nbytes for info in infos], share)
+    return _backtest("all coordinates", candidates, {info.name: tensor_sums for info, tensor_sums in zip(infos, sums)})
+
+
+def scored_tensors(run: Run) -> list[TensorInfo]:
+    """The tensors the full backtest reads, in the run's order."""
+    return [info for info in run.tensor_infos() if info.is_forecast and info.numel > 0]
+
+
+def streamed_bytes(run: Run, candidates: Mapping[str, Combination], world: World = ONE_PROCESS) -> int:
+    """Bytes the full backtest reads on this rank."""
+    infos = scored_tensors(run)
+    return len(checkpoints_read(run.steps, candidates)) * sum(infos[i].nbytes for i in world.share([info.nbytes for info in infos]))
+
+
+def _tensor_sums(run: Run, candidates: Mapping[str, Combination], settings: EngineSettings, infos: list[TensorInfo]) -> dict[str, _Sums]:
     steps = run.steps
     truth_parts = _truth_weights(steps, candidates["forecast"].target_steps[-1])
     needed = checkpoints_read(steps, candidates)
     jobs = [
         job
-        for info in run.tensor_infos()
-        if info.is_forecast and info.numel > 0
+        for info in infos
         for job in chunk_jobs(
             info.name, info.numel, settings.chunk_elements, tuple(Source(*run.checkpoints[i].tensor(info.name)) for i in needed)
         )
     ]
     scratch = Scratch(settings.chunk_elements)
-    per_tensor: dict[str, _Sums] = {}
+    per_tensor: dict[str, _Sums] = {info.name: _Sums() for info in infos}
     for job, data in stream(jobs, settings):
         values = {steps[i]: value for i, value in zip(needed, data)}
         count, like = data[0].numel(), data[0]
         truth = _truth(values, steps, truth_parts, scratch.get(count, like.dtype, like.device, slot=4))
-        sums = per_tensor.setdefault(job.name, _Sums())
+        sums = per_tensor[job.name]
         sums.add(truth, _predictions(candidates, values, scratch, job.name), scratch.get(count, like.dtype, like.device, slot=5))
         if not sums.finite():
             raise_for_non_finite_input(job, data)
-    return _backtest("all coordinates", candidates, per_tensor)
+    return per_tensor
 
 
 def backtest_sample(history: History, candidates: Mapping[str, Combination]) -> Backtest:

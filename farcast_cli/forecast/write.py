@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Set
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from farcast_cli import __version__
+from farcast_cli.distributed import balanced_shares
 from farcast_cli.errors import InputError, InternalError
 from farcast_cli.forecast.candidates import Combination
 from farcast_cli.io.engine import (
@@ -32,7 +33,7 @@ from farcast_cli.io.engine import (
 from farcast_cli.io.output import copy_aux_files, link_or_copy, write_index
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint
-from farcast_cli.io.writer import SafetensorsWriter
+from farcast_cli.io.writer import SafetensorsWriter, output_failure
 
 RAW_CHUNK_BYTES_PER_ELEMENT = 4
 
@@ -94,12 +95,17 @@ def split_work(last: Checkpoint, parts: int) -> list[frozenset[str]]:
     """The checkpoint's tensors divided among `parts` processes with about equal bytes each (the
     largest tensor first, to the lightest part), the same on every process: each gives its share to
     write_tensors, then one calls finish_forecast once all are done."""
-    loads, shares = [0] * parts, [set() for _ in range(parts)]
-    for name in sorted(last.shard_of, key=lambda n: (-last.tensor(n)[1].nbytes, n)):
-        lightest = loads.index(min(loads))
-        shares[lightest].add(name)
-        loads[lightest] += last.tensor(name)[1].nbytes
-    return [frozenset(share) for share in shares]
+    names = sorted(last.shard_of)
+    shares = balanced_shares([last.tensor(name)[1].nbytes for name in names], parts)
+    return [frozenset(names[i] for i in share) for share in shares]
+
+
+def split_files(last: Checkpoint, parts: int) -> list[frozenset[str]]:
+    """Like split_work, but whole files to each process, so that no two write into one file (for file
+    systems that cannot take writes to one file from several nodes); a single file goes to one."""
+    shards = sorted(last.files)
+    shares = balanced_shares([last.files[shard].size for shard in shards], parts)
+    return [frozenset(name for i in share for name in last.files[shards[i]].tensors) for share in shares]
 
 
 def write_tensors(
@@ -108,17 +114,23 @@ def write_tensors(
     folder: Path,
     settings: EngineSettings,
     dtype: str | None = None,
-    only: Collection[str] | None = None,
+    only: Set[str] | None = None,
     scratch: bool = False,
 ) -> None:
     """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
-    files, or with `only`, those tensors into files that other processes write the rest of."""
+    files, or with `only`, those tensors into files that other processes write the rest of (files
+    holding none of them are left to the others)."""
     folders = output_folders(folder, candidate.target_steps)
     for place in folders:
-        place.mkdir(exist_ok=True)
+        try:
+            place.mkdir(exist_ok=True)
+        except OSError as error:
+            raise output_failure(place, error) from None
     buffers = Scratch(settings.chunk_elements)
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
+        if only is not None and file.tensors and only.isdisjoint(file.tensors):
+            continue
         if scratch and dtype is None and not any(info.is_forecast for info in file.tensors.values()):
             for place in folders:
                 link_or_copy(file.path, place / out_name)

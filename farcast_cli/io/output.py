@@ -6,13 +6,17 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
+from farcast_cli.distributed import ONE_PROCESS, World
 from farcast_cli.errors import OutputError
 from farcast_cli.io.run import Checkpoint, Run
 from farcast_cli.io.writer import output_failure
+
+T = TypeVar("T")
 
 
 def check_output_location(out_dir: Path, run: Run, force: bool, resumable_name: str | None = None) -> None:
@@ -53,6 +57,41 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(temporary, ignore_errors=True)
         _remove_created(created)
         raise
+
+
+def build_folder(out_dir: Path, write: Callable[[Path], None], finish: Callable[[Path], T], world: World = ONE_PROCESS) -> T:
+    """Build out_dir atomically: write(folder) on every rank, then finish(folder) on rank 0, then one
+    rename. Rank 0 makes the temporary folder and tells the others its name. Once the
+    all-ranks-succeeded check has passed, the folder is rank 0's alone, to finish and rename or to
+    remove; until then a rank that fails in any way (lost contact: rank 0 may be dead; a signal)
+    removes it too, so that a killed rank 0 leaves nothing either."""
+    if world.size == 1:
+        with atomic_folder(out_dir) as folder:
+            write(folder)
+            return finish(folder)
+    with ExitStack() as main_stack:
+        folder = world.on_main(lambda: main_stack.enter_context(atomic_folder(out_dir)))
+        removes = [not world.is_main]
+        try:
+            world.together(lambda: write(_shared(folder)), passed=removes.clear)
+        except BaseException:
+            if removes:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+        def finish_and_rename() -> T:
+            result = finish(folder)
+            main_stack.close()
+            return result
+
+        return world.on_main(finish_and_rename, patient=True)
+
+
+def _shared(folder: Path) -> Path:
+    """The temporary folder rank 0 made, which every rank must see."""
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: rank 0's temporary output folder is not visible here; write to a file system every node shares")
+    return folder
 
 
 def _make_parents(parent: Path) -> list[Path]:

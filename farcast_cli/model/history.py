@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from farcast_cli.distributed import ONE_PROCESS, World
 from farcast_cli.errors import InputError
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo
 from farcast_cli.io.run import Checkpoint, Run
@@ -98,13 +99,22 @@ def read_sampled_values(checkpoint: Checkpoint, info: TensorInfo, indices: np.nd
     return values
 
 
-def read_history(run: Run, size: int, seed: int) -> History:
-    """The sampled coordinates' values at every checkpoint of the run."""
+def read_history(run: Run, size: int, seed: int, world: World = ONE_PROCESS) -> History:
+    """The sampled coordinates' values at every checkpoint of the run; under torchrun each rank reads
+    its share of the sampled tensors and every rank gets the whole sample."""
     picks = sample_coordinates(run.tensor_infos(), size, seed)
     if not picks:
         raise InputError(f"{run.path}: no floating-point tensors to forecast")
-    columns = [
-        np.concatenate([read_sampled_values(checkpoint, info, indices) for info, indices in picks]) for checkpoint in run.checkpoints
-    ]
+    rows = world.divided([len(indices) for _, indices in picks], lambda mine: _read_rows(run, [(i, picks[i]) for i in mine]))
     tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
-    return History(np.array(run.steps, dtype=np.float64), np.stack(columns, axis=1), tensor_index, [info.name for info, _ in picks])
+    return History(np.array(run.steps, dtype=np.float64), np.concatenate(rows), tensor_index, [info.name for info, _ in picks])
+
+
+def _read_rows(run: Run, picks: list[tuple[int, tuple[TensorInfo, np.ndarray]]]) -> dict[int, np.ndarray]:
+    """Each pick's values, one row per sampled coordinate and one column per checkpoint, read
+    checkpoint by checkpoint."""
+    columns: dict[int, list[np.ndarray]] = {index: [] for index, _ in picks}
+    for checkpoint in run.checkpoints:
+        for index, (info, indices) in picks:
+            columns[index].append(read_sampled_values(checkpoint, info, indices))
+    return {index: np.stack(values, axis=1) for index, values in columns.items()}
