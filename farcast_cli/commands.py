@@ -23,7 +23,7 @@ from farcast_cli.evaluate.backtest import (
 from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
 from farcast_cli.evaluate.report import NAMES, REPORT_FILE, Backtest, Report, Written, headline
-from farcast_cli.forecast.candidates import Combination, candidate_inputs, candidates
+from farcast_cli.forecast.candidates import Combination, candidate_inputs, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
@@ -560,8 +560,17 @@ def _report(
         loss_unavailable=loss_unavailable,
         notes=_notes(run) + _shrink_note(forecaster) + list(extra_notes),
         warnings=run.warnings,
-        **headline(backtest, unavailable, loss, forecaster.horizon),
+        **headline(backtest, unavailable, loss, forecaster.horizon, _line_tested(run, forecaster, backtest)),
     )
+
+
+def _line_tested(run: Run, forecaster: Forecaster, backtest: Backtest | None) -> bool:
+    """Whether the weight backtest's straight line extrapolated as far as the one the forecast would write."""
+    if backtest is None or forecaster.mode == "reference":
+        return True
+    plan, steps = backtest.plan, run.steps
+    end = steps.index(forecaster.context_end)
+    return line_tested(plan.line_from_step, plan.last_step, plan.target_step, forecaster.horizon, steps[end] - steps[end - 1])
 
 
 def _forecaster_for(run: Run, forecaster_file: Path, horizon: int | None) -> Forecaster:

@@ -81,23 +81,39 @@ def test_the_loss_chooses_the_forecast_and_its_settings(run_dir, farcast, tmp_pa
     assert not list(tmp_path.glob(".farcast-*"))
 
 
-def test_a_forecast_that_loses_by_the_loss_is_not_written_unless_forced(tmp_path, farcast):
-    """Weights that rise, turn back at step 100 and fall; the loss is the distance to where they end (the
-    step-200 weights): the rise the forecast learned leads away from it."""
+def turning_run(root: Path) -> tuple[Path, dict]:
+    """Weights that rise, turn back at step 100 and fall."""
     steps = list(range(0, 201, 20))
     base = torch.randn(24, 16, generator=torch.Generator().manual_seed(3))
     weights = {s: {"encoder.weight": base * (1 + s / 100 - (s / 100) ** 2 / 2)} for s in steps}
-    run = write_run(tmp_path / "run", steps=steps, weights=weights, extras=False)
+    return write_run(root, steps=steps, weights=weights, extras=False), weights
+
+
+def test_a_forecast_that_loses_by_the_loss_is_not_written_unless_forced(tmp_path, farcast):
+    """The loss is the distance to where the weights end (step 200): the rise the forecast learned leads
+    away from it. The straight line through the last two does best in the backtest, but over 3 spacings
+    of 20 steps where the 100 asked are 5: it is not written either, and the last checkpoint is kept."""
+    run, weights = turning_run(tmp_path / "run")
     command = distance_command(tmp_path, weights[200])
     report = predict_json(farcast, run, "-H", 100, "-o", tmp_path / "out", "--eval-cmd", command)
-    assert report["best"] == report["loss"]["chosen"]["method"] == "line" and report["beats_line"] is False
-    assert "a straight line did best" in report["verdict"]
-    assert report["written"]["method"] == "line" and report["written"]["from_steps"] == [180, 200]
-    line = weights[200]["encoder.weight"] + (weights[200]["encoder.weight"] - weights[180]["encoder.weight"]) * 100 / 20
-    assert torch.allclose(load_file(tmp_path / "out" / "model.safetensors")["encoder.weight"], line, atol=1e-5)
+    loss = report["loss"]
+    assert min(loss["points"], key=lambda p: p["loss"])["method"] == "line" and loss["line_tested"] is False
+    assert report["best"] == loss["chosen"]["method"] == "last" and report["beats_last"] is False
+    assert "does NOT beat keeping the last checkpoint" in report["verdict"]
+    assert report["written"]["method"] == "last" and report["written"]["from_steps"] == [200]
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["encoder.weight"], weights[200]["encoder.weight"])
     forced = predict_json(farcast, run, "-H", 100, "-o", tmp_path / "forced", "--eval-cmd", command, "--no-fallback")
-    assert forced["written"]["method"] == "forecast" and "although a straight line did better" in forced["written"]["why"]
+    assert forced["written"]["method"] == "forecast" and "although keeping the last checkpoint did better" in forced["written"]["why"]
     assert forced["loss"]["evaluations"] == 1 and forced["loss"]["cache_hits"] > 10
+
+
+def test_a_straight_line_tested_as_far_as_asked_is_written_when_it_wins(tmp_path, farcast):
+    run, weights = turning_run(tmp_path / "run")
+    report = predict_json(farcast, run, "-H", 40, "-o", tmp_path / "out", "--eval-cmd", distance_command(tmp_path, weights[200]))
+    assert report["loss"]["line_tested"] is True and report["best"] == "line" and "a straight line did best" in report["verdict"]
+    assert report["written"]["method"] == "line" and report["written"]["from_steps"] == [180, 200]
+    line = weights[200]["encoder.weight"] + (weights[200]["encoder.weight"] - weights[180]["encoder.weight"]) * 40 / 20
+    assert torch.allclose(load_file(tmp_path / "out" / "model.safetensors")["encoder.weight"], line, atol=1e-5)
 
 
 def test_the_grid_spans_zero_to_two_and_refines_around_the_best(tmp_path, farcast):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint, format_loss
-from farcast_cli.forecast.candidates import Combination, candidates
+from farcast_cli.forecast.candidates import Combination, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.engine import EngineSettings
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run
@@ -71,6 +71,7 @@ class LossBacktest:
     best_forecast: LossPoint | None
     earlier: list[tuple[int, float]] = field(default_factory=list)
     noise: float = 0.0
+    line_tested: bool = True
     evaluations: int = 0
     cache_hits: int = 0
     eval_seconds: float = 0.0
@@ -181,7 +182,9 @@ def loss_backtest(
             futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
     if settings.shrink is None:
         _refine(scores, run, trials, futures)
-    return _scored(run, cut, scores, curve, futures)
+    steps = run.steps
+    tested = line_tested(steps[cut - 1], steps[cut], steps[-1], horizon, steps[-1] - steps[-2])
+    return _scored(run, cut, scores, curve, futures, tested)
 
 
 def reference_loss_backtest(run: Run, forecaster: Forecaster, scores: CandidateScores) -> LossBacktest:
@@ -201,7 +204,9 @@ def _score_curve(run: Run, cut: int, scores: CandidateScores) -> list[tuple[int,
     return [(c.step, scores.checkpoint(c, f"checkpoint {c.step}")) for c in run.checkpoints[cut:]]
 
 
-def _scored(run: Run, cut: int, scores: CandidateScores, pending: list[tuple[int, Future]], futures: dict[tuple, Future]) -> LossBacktest:
+def _scored(
+    run: Run, cut: int, scores: CandidateScores, pending: list[tuple[int, Future]], futures: dict[tuple, Future], line_ok: bool = True
+) -> LossBacktest:
     """Wait for every score, place each candidate on the run's loss curve, and choose."""
     curve = [(step, future.result().loss) for step, future in pending]
     losses = {key: future.result().loss for key, future in futures.items()}
@@ -218,18 +223,20 @@ def _scored(run: Run, cut: int, scores: CandidateScores, pending: list[tuple[int
         target_step=run.steps[-1],
         curve=curve,
         points=points,
-        chosen=_choose(points, noise),
+        chosen=_choose(points, noise, line_ok),
         best_forecast=min(forecasts, key=lambda p: p.loss) if forecasts else None,
         earlier=earlier,
         noise=noise,
+        line_tested=line_ok,
     )
 
 
-def _choose(points: list[LossPoint], noise: float) -> LossPoint:
+def _choose(points: list[LossPoint], noise: float, line_tested: bool = True) -> LossPoint:
     """The candidate with the lowest loss, if it beats keeping the checkpoint by more than the run's own
-    jitter (`noise`); else keeping it: a win smaller than the loss's wobble between checkpoints is none."""
+    jitter (`noise`); else keeping it: a win smaller than the loss's wobble between checkpoints is none.
+    The straight line competes only where the backtest extrapolated it as far as the jump asks."""
     last = next(p for p in points if p.method == "last")
-    best = min(points, key=lambda p: (p.loss, p.method != "last"))
+    best = min((p for p in points if line_tested or p.method != "line"), key=lambda p: (p.loss, p.method != "last"))
     return best if best.loss < last.loss - noise else last
 
 

@@ -132,10 +132,12 @@ WEIGHT_CAVEAT = (
 )
 
 
-def best_method(backtest: Backtest) -> str:
-    """The candidate with the lowest backtest MAE; the forecast wins ties."""
+def best_method(backtest: Backtest, line_tested: bool = True) -> str:
+    """The candidate with the lowest backtest MAE (the forecast wins ties), the straight line only where
+    the backtest extrapolated it as far as the jump asked for (forecast/candidates.py, line_tested)."""
     overall = backtest.overall
-    return min(METHODS, key=lambda method: (getattr(overall, method).mae, method != "forecast"))
+    methods = [m for m in METHODS if line_tested or m != "line"]
+    return min(methods, key=lambda method: (getattr(overall, method).mae, method != "forecast"))
 
 
 def tested(plan: BacktestPlan | None, horizon: int) -> bool | None:
@@ -143,7 +145,7 @@ def tested(plan: BacktestPlan | None, horizon: int) -> bool | None:
     return None if plan is None else plan.target_step - plan.last_step >= TESTED_FRACTION * horizon
 
 
-def headline(backtest: Backtest | None, unavailable: str | None, loss: LossBacktest | None, horizon: int) -> dict:
+def headline(backtest: Backtest | None, unavailable: str | None, loss: LossBacktest | None, horizon: int, line_tested: bool = True) -> dict:
     """The headline fields, by the user's loss when there is a loss backtest, else by weight error."""
     result: dict = {f"skill_vs_{b}": None for b in BASELINES} | {f"beats_{b}": None for b in BASELINES}
     result.update({"criterion": "validation loss" if loss else "weight error", "steps_saved": None, "best": None})
@@ -160,7 +162,7 @@ def headline(backtest: Backtest | None, unavailable: str | None, loss: LossBackt
     if loss is not None:
         result.update(_loss_verdict(loss))
     else:
-        result.update(_weight_verdict(backtest))
+        result.update(_weight_verdict(backtest, line_tested))
     if not result["tested"]:
         jump = plan.target_step - plan.last_step
         result.update({f"beats_{b}": None for b in BASELINES})
@@ -172,7 +174,7 @@ def headline(backtest: Backtest | None, unavailable: str | None, loss: LossBackt
     return result
 
 
-def _weight_verdict(backtest: Backtest) -> dict:
+def _weight_verdict(backtest: Backtest, line_tested: bool) -> dict:
     overall = backtest.overall
     skills = {b: getattr(overall, f"skill_vs_{b}") for b in BASELINES}
     beats = {b: s is not None and s > 0 for b, s in skills.items()}
@@ -191,7 +193,7 @@ def _weight_verdict(backtest: Backtest) -> dict:
                 f"{NAMES[baseline]} by {_percent(s)}" if beats[baseline] else f"but NOT {NAMES[baseline]} (error {_percent(s)} higher)"
             )
         words = ", ".join(parts) + " (backtest MAE)."
-    return {f"beats_{b}": v for b, v in beats.items()} | {"best": best_method(backtest), "verdict": f"{words} {WEIGHT_CAVEAT}"}
+    return {f"beats_{b}": v for b, v in beats.items()} | {"best": best_method(backtest, line_tested), "verdict": f"{words} {WEIGHT_CAVEAT}"}
 
 
 def _loss_verdict(loss: LossBacktest) -> dict:

@@ -63,6 +63,13 @@ def line_slopes(previous_step: float, last_step: float, target_steps: Sequence[f
     return [(target - last_step) / (last_step - previous_step) for target in target_steps]
 
 
+def line_tested(previous: float, last: float, target: float, horizon: float, spacing: float) -> bool:
+    """Whether a backtest's straight line (previous, last -> target) extrapolated at least as many
+    checkpoint spacings as the line asked for (`horizon` past the run's last `spacing`): the line's
+    error grows with its extrapolation, so a win on a shorter one says nothing for a longer one."""
+    return (target - last) / (last - previous) >= horizon / spacing - 1e-9
+
+
 def candidates(run: Run, forecaster: Forecaster) -> dict[str, Combination]:
     """Everything predict can write for this run, forecasting from the forecaster's context end."""
     end = run.steps.index(forecaster.context_end)
