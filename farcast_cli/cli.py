@@ -298,25 +298,49 @@ farcast inspect runs/bert --json | jq .max_horizon"""
 
 
 @app.command(name="inspect", epilog=INSPECT_EXAMPLES)
-def inspect_command(run_dir: RunDir, as_json: AsJson = False) -> None:
-    """List the checkpoints, files, tensors, parameters and bytes of a run."""
-    _run(lambda world: commands.inspect_run(run_dir), lambda info: _show_inspection(info, as_json))
+def inspect_command(
+    run_dir: RunDir,
+    every: Annotated[bool, typer.Option("--all", help="List every checkpoint, not a summary of their steps.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """List the checkpoints, tensors, parameters and bytes of a run, and what an output copies and leaves out."""
+    _run(lambda world: commands.inspect_run(run_dir), lambda info: _show_inspection(info, as_json, every))
 
 
-def _show_inspection(info: dict, as_json: bool) -> None:
+def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
     for warning in info["warnings"]:
         _stderr(f"warning: {warning}")
     if as_json:
         print(json.dumps(info, indent=1))
         return
     print(f"run: {info['run']} ({info['layout']} layout)")
-    print(f"checkpoints: {len(info['steps'])} at steps {', '.join(map(str, info['steps']))}")
-    for checkpoint in info["checkpoints"]:
-        print(f"  step {checkpoint['step']}: {checkpoint['path']} ({len(checkpoint['files'])} file(s), {checkpoint['bytes']:,} bytes)")
-    print(f"tensors: {info['tensors']} ({info['forecast_tensors']} forecast, the rest copied), dtypes {', '.join(info['dtypes'])}")
+    print(f"checkpoints: {info['steps_summary']}" + ("" if every else " (--all lists them)"))
+    for checkpoint in info["checkpoints"] if every else []:
+        saved = "" if checkpoint["saved_step"] == checkpoint["step"] else f", saved as step {checkpoint['saved_step']}"
+        print(
+            f"  step {checkpoint['step']}{saved}: {checkpoint['path']} ({len(checkpoint['files'])} file(s), {checkpoint['bytes']:,} bytes)"
+        )
+    for forecast in info["forecasts"]:
+        print(f"forecast farcast wrote (not history): {forecast['path']}")
+    for jump in info["jumps"]:
+        print(f"jump farcast made in the training loop: at step {jump['at_step']}, {jump['horizon']} steps ahead")
+    copied = info["tensors"] - info["forecast_tensors"]
+    kinds = (
+        f"all {info['tensors']} forecast"
+        if not copied
+        else f"{info['forecast_tensors']} forecast, {copied} copied unchanged ({', '.join(info['copied_dtypes'])})"
+    )
+    print(f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}")
     print(f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)")
     print(f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all")
+    _show_files(info)
     print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
+
+
+def _show_files(info: dict) -> None:
+    print(f"copied into outputs: {', '.join(info['copied_files']) or 'nothing beside the weights'}")
+    for left in info["left_out_files"]:
+        print(f"left out of outputs: {left['name']}: {left['why']}")
 
 
 FIT_EXAMPLES = """Examples:
@@ -460,6 +484,7 @@ def _show_plan(plan: dict, as_json: bool) -> None:
         print(f"read for the backtest: {backtest.get('unavailable', 'only the sampled coordinates')}")
     print(f"read for the forecast: checkpoints {reads['forecast']['checkpoints']}, {reads['forecast']['bytes']:,} bytes")
     print(f"write: {writes['folder']}: step(s) {writes['checkpoints']}, {writes['bytes']:,} bytes")
+    _show_files(plan)
     print(
         f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
         f"scratch {memory['scratch_bytes']:,} bytes, within --max-memory {memory['max_memory']:,}"

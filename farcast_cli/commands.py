@@ -29,7 +29,7 @@ from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import build_folder, check_output_location, write_text
 from farcast_cli.io.resume import check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
-from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run, find_run
+from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run, describe_steps, find_run, output_files
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
 from farcast_cli.model.history import History, read_history
@@ -70,13 +70,23 @@ def inspect_run(run_dir: Path) -> dict:
     infos = run.tensor_infos()
     forecast = [i for i in infos if i.is_forecast]
     steps = run.steps
+    copied, left_out = output_files(run.last)
     return {
         "run": str(run.path),
         "layout": run.layout,
         "steps": steps,
-        "checkpoints": [{"step": c.step, "path": str(c.path), "files": sorted(c.files), "bytes": c.nbytes} for c in run.checkpoints],
+        "steps_summary": describe_steps(steps),
+        "checkpoints": [
+            {"step": c.step, "saved_step": c.saved_step, "path": str(c.path), "files": sorted(c.files), "bytes": c.nbytes}
+            for c in run.checkpoints
+        ],
+        "forecasts": [{"saved_step": c.saved_step, "path": str(c.path)} for c in run.forecasts],
+        "jumps": [{"at_step": j.at_step, "horizon": j.horizon} for j in run.jumps],
+        "copied_files": copied,
+        "left_out_files": [{"name": name, "why": why} for name, why in left_out],
         "tensors": len(infos),
         "forecast_tensors": len(forecast),
+        "copied_dtypes": sorted({i.dtype for i in infos if not i.is_forecast}),
         "parameters": sum(i.numel for i in infos),
         "forecast_parameters": sum(i.numel for i in forecast),
         "dtypes": sorted({i.dtype for i in infos}),
@@ -270,6 +280,8 @@ def dry_run(
         "device": str(engine.device),
         "reads": {"forecast": {"checkpoints": [first.step, last.step], "bytes": first.nbytes + last.nbytes}},
         "writes": {"folder": str(out_dir), "checkpoints": [context_end + o for o in offsets], "bytes": out_bytes * len(offsets)},
+        "copied_files": output_files(last)[0],
+        "left_out_files": [{"name": name, "why": why} for name, why in output_files(last)[1]],
         "memory": {
             "max_memory": options.max_memory,
             "chunk_elements": engine.chunk_elements,

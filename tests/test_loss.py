@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, trajectories, write_run
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from farcast_cli import commands
@@ -102,6 +103,9 @@ def test_a_forecast_that_loses_by_the_loss_is_not_written_unless_forced(tmp_path
     assert "does NOT beat keeping the last checkpoint" in report["verdict"]
     assert report["written"]["method"] == "last" and report["written"]["from_steps"] == [200]
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["encoder.weight"], weights[200]["encoder.weight"])
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
+        entry = json.loads(handle.metadata()["farcast"])
+    assert entry == {"version": entry["version"], "method": "keep last", "from_steps": [200], "stands_for_step": 300, "copy_of_step": 200}
     forced = predict_json(farcast, run, "-H", 100, "-o", tmp_path / "forced", "--eval-cmd", command, "--no-fallback")
     assert forced["written"]["method"] == "forecast" and "although keeping the last checkpoint did better" in forced["written"]["why"]
     assert forced["loss"]["evaluations"] == 1 and forced["loss"]["cache_hits"] > 10

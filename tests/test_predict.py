@@ -33,7 +33,7 @@ def test_forecast_checkpoint_matches_the_last_checkpoint_layout(run_dir, farcast
     with safe_open(out / "model.safetensors", "pt") as handle:
         metadata = handle.metadata()
     assert metadata["format"] == "pt"
-    assert json.loads(metadata["farcast"])["forecast_step"] == 300
+    assert json.loads(metadata["farcast"])["forecast_step"] == 300 and "stands_for_step" not in json.loads(metadata["farcast"])
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "farcast_report.json", "model.safetensors", "tokenizer.json"]
     assert "wrote" in result.stdout
 
@@ -196,7 +196,7 @@ def test_python_module_entry_point(run_dir):
 
     result = subprocess.run([sys.executable, "-m", "farcast_cli", "inspect", str(run_dir)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "checkpoints: 11 at steps 0, 20" in result.stdout
+    assert "checkpoints: 11 checkpoints, steps 0..200 every 20 (--all lists them)" in result.stdout
     assert "parameters: 523 (508 forecast)" in result.stdout
 
 
@@ -225,7 +225,9 @@ def test_fallback_writes_the_candidate_that_won_the_backtest(tmp_path, farcast):
     labels = {"last": "keep last", "line": "straight line", "lawa": "average of the last 5"}
     assert torch.allclose(read_checkpoint(tmp_path / "out")["encoder.weight"], expected[best], atol=1e-5)
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
-        assert json.loads(handle.metadata()["farcast"])["method"] == labels[best]
+        entry = json.loads(handle.metadata()["farcast"])
+    assert entry["method"] == labels[best] and entry["stands_for_step"] == 400 and "forecast_step" not in entry
+    assert report["written"]["label"] != "the forecast" and report["written"]["from_steps"] == entry["from_steps"]
 
 
 def test_without_fallback_the_losing_forecast_is_still_written_and_labelled(tmp_path, farcast):

@@ -201,4 +201,15 @@ def _forecast_chunk(
 
 
 def _provenance(candidate: Combination, target: int) -> str:
-    return json.dumps({"version": __version__, "method": candidate.method, "forecast_step": target, "from_steps": candidate.from_steps})
+    """The `farcast` metadata entry: what the file is, truthfully. The forecast is a forecast of step
+    `target`; an alternative written instead (by --fallback) is named for what it is, and stands in
+    for step `target` without claiming to forecast it."""
+    entry = {"version": __version__, "method": candidate.method, "from_steps": candidate.from_steps}
+    kept = candidate.kept_input()
+    if candidate.method == "farcast":
+        entry["forecast_step"] = target
+    else:
+        entry["stands_for_step"] = target
+    if kept is not None:
+        entry["copy_of_step"] = kept.step
+    return json.dumps(entry)

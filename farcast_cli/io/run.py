@@ -120,6 +120,41 @@ class Run:
         return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps)
 
 
+TRAINING_STATE_REASON = "the trainer's pickled state, which farcast never loads (copied as bytes only into a --resumable output)"
+LEFT_OUT = {
+    "optimizer.pt": TRAINING_STATE_REASON,
+    "scheduler.pt": TRAINING_STATE_REASON,
+    "scaler.pt": TRAINING_STATE_REASON,
+    "rng_state*.pth": TRAINING_STATE_REASON,
+    "training_args.bin": TRAINING_STATE_REASON,
+    TRAINER_STATE: "the trainer's state at the last step, not the forecast's (written anew, advanced, into a --resumable output)",
+}
+
+
+def output_files(checkpoint: Checkpoint) -> tuple[list[str], list[tuple[str, str]]]:
+    """The files beside the weights that an output copies (config, tokenizer), and those it leaves out, with why."""
+    if checkpoint.path.is_file():
+        return [], []
+    weights = set(checkpoint.files) | ({checkpoint.index_name} if checkpoint.index_name else set())
+    copied = sorted(path.name for path in checkpoint.aux_files)
+    left_out = []
+    for path in sorted(checkpoint.path.iterdir()):
+        if path.name in weights or path.name in copied or path.is_dir():
+            continue
+        reason = next(
+            (why for pattern, why in LEFT_OUT.items() if fnmatch(path.name, pattern)), "not a model or tokenizer file farcast knows"
+        )
+        left_out.append((path.name, reason))
+    return copied, left_out
+
+
+def describe_steps(steps: list[int]) -> str:
+    """'20 checkpoints, steps 30..600 every 30', or with the smallest and largest spacing when it varies."""
+    gaps = sorted({b - a for a, b in zip(steps, steps[1:])})
+    every = f" every {gaps[0]}" if len(gaps) == 1 else f", {gaps[0]} to {gaps[-1]} apart"
+    return f"{len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}" + (every if gaps else "")
+
+
 def find_run(path: Path) -> Run:
     """Discover a run in the Trainer layout or as step-numbered safetensors files."""
     path = Path(path)

@@ -23,7 +23,7 @@ from farcast_cli.model.pairs import Pairs
 
 @dataclass(frozen=True)
 class FitSettings:
-    sample: int = 8192
+    sample: int = 20000
     seed: int = 0
     lam: float = 1e-5
     lr: float = 1e-2
