@@ -26,6 +26,7 @@ from farcast_cli import __version__, commands
 from farcast_cli.distributed import ONE_PROCESS, World, join_world, launched_rank, launched_size
 from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, sigterm_as_interrupt
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
+from farcast_cli.evaluate.plot import check_plot_target, write_plot
 from farcast_cli.evaluate.render import plain_lines, render
 from farcast_cli.evaluate.report import Report
 from farcast_cli.io.device import parse_size
@@ -197,14 +198,21 @@ Force = Annotated[
     bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).", rich_help_panel=OUTPUT)
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+Plot = Annotated[Path | None, typer.Option("--plot", help="Also draw the report into this PNG or SVG file (needs the plot extra: "
+                 "matplotlib).", rich_help_panel=OUTPUT)]  # fmt: skip
 
 
 def _stderr(message: str) -> None:
     print(f"farcast: {message}".replace("\n", " "), file=sys.stderr, flush=True)
 
 
-def _show_report(as_json: bool) -> Callable[[Report], None]:
+def _show_report(as_json: bool, plot: Path | None = None) -> Callable[[Report], None]:
     def show(report: Report) -> None:
+        if plot is not None and report.output:
+            try:
+                write_plot(report, plot)
+            except FarcastError as error:
+                _fail(error)
         for warning in report.warnings:
             _stderr(f"warning: {warning}")
         if as_json:
@@ -215,6 +223,14 @@ def _show_report(as_json: bool) -> Callable[[Report], None]:
             print("\n".join(plain_lines(report)))
 
     return show
+
+
+def _check_plot(plot: Path | None) -> None:
+    if plot is not None:
+        try:
+            check_plot_target(plot)
+        except FarcastError as error:
+            _fail(error)
 
 
 def _fail(error: FarcastError, speaks: bool = True) -> None:
@@ -363,17 +379,19 @@ def fit(
     anchor: Anchor = None,
     force: Force = False,
     as_json: AsJson = False,
+    plot: Plot = None,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
     evaluation: EvalOptions = None,
 ) -> None:
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
+    _check_plot(plot)
     if horizon is None:
         raise typer.BadParameter("--horizon is required", param_hint="--horizon")
     given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=force)
     _run(
         lambda world: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation, world=world),
-        _show_report(as_json),
+        _show_report(as_json, plot),
         join=lambda: join_world(options.device),
     )
 
@@ -450,11 +468,13 @@ def predict(
     ] = None,  # fmt: skip
     force: Force = False,
     as_json: AsJson = False,
+    plot: Plot = None,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
     evaluation: EvalOptions = None,
 ) -> None:
     """Forecast the weights HORIZON steps past the last checkpoint and write them as a checkpoint."""
+    _check_plot(plot)
     out_dtype = None if dtype is None else dtype.value.upper()
     given = dict(horizon=horizon, forecaster_file=forecaster, emit=emit or [], settings=settings, options=options, dtype=out_dtype)
     if dry_run:
@@ -464,7 +484,7 @@ def predict(
     chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
     _run(
         lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
-        _show_report(as_json),
+        _show_report(as_json, plot),
         join=lambda: join_world(options.device),
     )
 

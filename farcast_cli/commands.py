@@ -23,6 +23,7 @@ from farcast_cli.evaluate.backtest import (
 from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
 from farcast_cli.evaluate.report import NAMES, REPORT_FILE, Backtest, Report, Written, headline
+from farcast_cli.evaluate.trajectories import sampled_trajectories
 from farcast_cli.forecast.candidates import Combination, candidate_inputs, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
 from farcast_cli.io.device import resolve_device
@@ -368,7 +369,9 @@ def _fit_and_evaluate(
                 lambda: _decided_by_loss(run, history, horizon, offsets, settings, judge, anchor, forecaster), patient=True
             )
     unavailable = None if backtest else f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
-    return forecaster, _report(command, run, forecaster, backtest, unavailable, loss, loss_unavailable)
+    report = _report(command, run, forecaster, backtest, unavailable, loss, loss_unavailable)
+    report.trajectories = sampled_trajectories(history, {i.name: i.numel for i in run.tensor_infos()}, fitted.scored, forecaster)
+    return forecaster, report
 
 
 def _decided_by_loss(

@@ -47,3 +47,48 @@ def test_inspect_and_dry_run_say_what_an_output_copies_and_leaves_out(run_dir, f
     assert plan["copied_files"] == ["config.json", "tokenizer.json"]
     assert {left["name"] for left in plan["left_out_files"]} == {"optimizer.pt", "scheduler.pt", "trainer_state.json"}
     assert "left out of outputs: scheduler.pt" in farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--dry-run").stdout
+
+
+def test_plot_png_and_svg_draw_the_reports_own_numbers(run_dir, farcast, tmp_path):
+    from xml.etree import ElementTree
+
+    from farcast_cli.evaluate.plot import plot_data
+    from farcast_cli.evaluate.report import Report
+
+    report = json.loads(
+        farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--plot", tmp_path / "p.png", "--json", "--quiet").stdout
+    )
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out2", "--plot", tmp_path / "p.svg", "--quiet")
+    assert ElementTree.parse(tmp_path / "p.svg").getroot().tag.endswith("svg")
+    assert len(report["trajectories"]) == 9 and {t["tensor"] for t in report["trajectories"]} == {
+        "encoder.weight",
+        "head.weight",
+        "encoder.bias",
+    }
+    saved = json.loads((tmp_path / "out" / "farcast_report.json").read_text())
+    data = plot_data(Report.from_json(saved))
+    assert data["trajectories"] == saved["trajectories"]
+    assert data["skills"] == {name: table["skill_vs_last"] for name, table in saved["backtest"]["tensors"].items()}
+    first = saved["trajectories"][0]
+    assert first["values"][-1] != first["forecast"]["values"][0] and first["backtest"]["target_step"] == 200
+    assert Report.from_json(saved).to_json() == saved
+
+
+def test_plot_refuses_a_file_it_cannot_draw_before_any_work(run_dir, farcast, tmp_path):
+    result = farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--plot", tmp_path / "p.jpg", expect=2)
+    assert "--plot" in result.stderr and ".png or .svg" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_matplotlib_is_imported_only_for_a_plot(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom farcast_cli.cli import main\n"
+        f"sys.argv = ['farcast', 'predict', {str(run_dir)!r}, '-H', '100', '-o', {str(tmp_path / 'out')!r}, '--quiet']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print('matplotlib' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -116,6 +116,7 @@ class Report:
     written_loss: float | None = None
     last_checkpoint_loss: float | None = None
     resume: Resume | None = None
+    trajectories: list[dict] = field(default_factory=list)
     output: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -123,6 +124,16 @@ class Report:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Report:
+        """The report back from its JSON (a farcast_report.json, --json, a forecaster file's report)."""
+        fields = dict(data)
+        fields["backtest"] = Backtest.from_json(data["backtest"]) if data.get("backtest") else None
+        fields["loss"] = LossBacktest.from_json(data["loss"]) if data.get("loss") else None
+        fields["written"] = Written(**data["written"]) if data.get("written") else None
+        fields["resume"] = Resume(**data["resume"]) if data.get("resume") else None
+        return cls(**fields)
 
 
 TESTED_FRACTION = 0.5

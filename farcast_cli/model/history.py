@@ -18,12 +18,14 @@ BATCH_BYTES = 16 * 1024 * 1024
 
 @dataclass
 class History:
-    """values[i, k] is sampled coordinate i at steps[k]."""
+    """values[i, k] is sampled coordinate i at steps[k]; it is element indices[i] of tensor
+    tensor_names[tensor_index[i]]."""
 
     steps: np.ndarray
     values: np.ndarray
     tensor_index: np.ndarray
     tensor_names: list[str]
+    indices: np.ndarray | None = None
 
     def column(self, step: float) -> int:
         """The column of a checkpoint step."""
@@ -33,7 +35,7 @@ class History:
         return np.nonzero(self.tensor_index == tensor)[0]
 
     def truncated(self, last_index: int) -> History:
-        return History(self.steps[: last_index + 1], self.values[:, : last_index + 1], self.tensor_index, self.tensor_names)
+        return History(self.steps[: last_index + 1], self.values[:, : last_index + 1], self.tensor_index, self.tensor_names, self.indices)
 
 
 def sample_coordinates(infos: list[TensorInfo], size: int, seed: int) -> list[tuple[TensorInfo, np.ndarray]]:
@@ -107,7 +109,8 @@ def read_history(run: Run, size: int, seed: int, world: World = ONE_PROCESS) -> 
         raise InputError(f"{run.path}: no floating-point tensors to forecast")
     rows = world.divided([len(indices) for _, indices in picks], lambda mine: _read_rows(run, [(i, picks[i]) for i in mine]))
     tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
-    return History(np.array(run.steps, dtype=np.float64), np.concatenate(rows), tensor_index, [info.name for info, _ in picks])
+    names, indices = [info.name for info, _ in picks], np.concatenate([indices for _, indices in picks])
+    return History(np.array(run.steps, dtype=np.float64), np.concatenate(rows), tensor_index, names, indices)
 
 
 def _read_rows(run: Run, picks: list[tuple[int, tuple[TensorInfo, np.ndarray]]]) -> dict[int, np.ndarray]:
