@@ -185,6 +185,33 @@ EVAL_OPTIONS = OptionGroup(
     _eval_options,
 )  # fmt: skip
 
+
+@dataclass(frozen=True)
+class Writing:
+    """How a command's result is written and shown: replace an existing output, JSON on stdout, a plot."""
+
+    force: bool
+    as_json: bool
+    plot: Path | None
+
+
+def _writing(force: bool, as_json: bool, plot: Path | None) -> Writing:
+    if plot is not None:
+        check_plot_target(plot)
+    return Writing(force, as_json, plot)
+
+
+WRITING_OPTIONS = OptionGroup(
+    "writing",
+    (
+        _option("as_json", bool, False, "--json", help="Print the report as JSON on stdout."),
+        _option("force", bool, False, "--force", help="Replace an existing output (only once the new one is complete).", panel=OUTPUT),
+        _option("plot", Path | None, None, "--plot", help="Also draw the report into this PNG or SVG file (needs the plot extra: "
+                "matplotlib).", panel=OUTPUT),
+    ),
+    _writing,
+)  # fmt: skip
+
 RunDir = Annotated[
     Path, typer.Argument(help="Folder of the run's checkpoints: checkpoint-<step>/ folders or <name><step>.safetensors files.")
 ]
@@ -194,28 +221,23 @@ Emit = Annotated[list[int] | None, typer.Option("--emit", help="Also forecast th
                  rich_help_panel=OUTPUT)]  # fmt: skip
 Anchor = Annotated[int | None, typer.Option("--anchor", help="Average the last K checkpoints as the forecast's second input (default 1; "
                    "with --eval-cmd, 1 and 5 are tried and your loss decides).", rich_help_panel=FITTING)]  # fmt: skip
-Force = Annotated[
-    bool, typer.Option("--force", help="Replace an existing output (only once the new one is complete).", rich_help_panel=OUTPUT)
-]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
-Plot = Annotated[Path | None, typer.Option("--plot", help="Also draw the report into this PNG or SVG file (needs the plot extra: "
-                 "matplotlib).", rich_help_panel=OUTPUT)]  # fmt: skip
 
 
 def _stderr(message: str) -> None:
     print(f"farcast: {message}".replace("\n", " "), file=sys.stderr, flush=True)
 
 
-def _show_report(as_json: bool, plot: Path | None = None) -> Callable[[Report], None]:
+def _show_report(writing: Writing) -> Callable[[Report], None]:
     def show(report: Report) -> None:
-        if plot is not None and report.output:
+        if writing.plot is not None and report.output:
             try:
-                write_plot(report, plot)
+                write_plot(report, writing.plot)
             except FarcastError as error:
                 _fail(error)
         for warning in report.warnings:
             _stderr(f"warning: {warning}")
-        if as_json:
+        if writing.as_json:
             print(json.dumps(report.to_json(), indent=1))
         elif sys.stdout.isatty():
             render(report, Console(file=sys.stdout))
@@ -223,14 +245,6 @@ def _show_report(as_json: bool, plot: Path | None = None) -> Callable[[Report], 
             print("\n".join(plain_lines(report)))
 
     return show
-
-
-def _check_plot(plot: Path | None) -> None:
-    if plot is not None:
-        try:
-            check_plot_target(plot)
-        except FarcastError as error:
-            _fail(error)
 
 
 def _fail(error: FarcastError, speaks: bool = True) -> None:
@@ -367,7 +381,7 @@ farcast predict runs/sweep-b --forecaster sweep.json -o sweep-b-at-5000   (appli
 
 
 @app.command(epilog=FIT_EXAMPLES)
-@with_options(EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
+@with_options(WRITING_OPTIONS, EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
 def fit(
     run_dir: RunDir,
     output: Annotated[Path, typer.Option("--output", "-o", help="Forecaster file to write (JSON).")],
@@ -377,21 +391,18 @@ def fit(
     ] = None,  # fmt: skip
     emit: Emit = None,
     anchor: Anchor = None,
-    force: Force = False,
-    as_json: AsJson = False,
-    plot: Plot = None,
+    writing: Writing = None,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
     evaluation: EvalOptions = None,
 ) -> None:
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
-    _check_plot(plot)
     if horizon is None:
         raise typer.BadParameter("--horizon is required", param_hint="--horizon")
-    given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=force)
+    given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force)
     _run(
         lambda world: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation, world=world),
-        _show_report(as_json, plot),
+        _show_report(writing),
         join=lambda: join_world(options.device),
     )
 
@@ -407,7 +418,7 @@ farcast predict runs/bert -H 2000 -o bert-forecast --emit 500 --emit 1000 --json
 
 
 @app.command(epilog=PREDICT_EXAMPLES)
-@with_options(EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
+@with_options(WRITING_OPTIONS, EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
 def predict(
     run_dir: RunDir,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the checkpoint into (must not exist, unless --force).")],
@@ -466,25 +477,22 @@ def predict(
             rich_help_panel=RESUMING,
         ),
     ] = None,  # fmt: skip
-    force: Force = False,
-    as_json: AsJson = False,
-    plot: Plot = None,
+    writing: Writing = None,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
     evaluation: EvalOptions = None,
 ) -> None:
     """Forecast the weights HORIZON steps past the last checkpoint and write them as a checkpoint."""
-    _check_plot(plot)
     out_dtype = None if dtype is None else dtype.value.upper()
     given = dict(horizon=horizon, forecaster_file=forecaster, emit=emit or [], settings=settings, options=options, dtype=out_dtype)
     if dry_run:
-        _run(lambda world: commands.dry_run(run_dir, output, **given), lambda plan: _show_plan(plan, as_json))
+        _run(lambda world: commands.dry_run(run_dir, output, **given), lambda plan: _show_plan(plan, writing.as_json))
         return
-    chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=force, min_skill=min_skill, fallback=fallback)
+    chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=writing.force, min_skill=min_skill, fallback=fallback)
     chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
     _run(
         lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
-        _show_report(as_json, plot),
+        _show_report(writing),
         join=lambda: join_world(options.device),
     )
 

@@ -172,11 +172,7 @@ def loss_backtest(
         return None
     first = next(iter(trials.values()))
     cut = run.steps.index(first.context_end)
-    curve = _score_curve(run, cut, scores)
-    baselines = candidates(run, first)
-    futures: dict[tuple, Future] = {("last", None, None): curve[0][1]}
-    for method in ("line", "lawa"):
-        futures[(method, None, None)] = scores.combination(baselines[method], baselines[method].method)
+    curve, futures = _curve_and_alternatives(run, first, scores)
     for anchor, trial in trials.items():
         for alpha in _grid(settings.shrink):
             futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
@@ -190,18 +186,25 @@ def loss_backtest(
 def reference_loss_backtest(run: Run, forecaster: Forecaster, scores: CandidateScores) -> LossBacktest:
     """The reference forecaster and the alternatives, scored on the reference run up to the forecast's
     last target, where the truth is known."""
+    curve, futures = _curve_and_alternatives(run, forecaster, scores)
+    futures[("forecast", forecaster.anchor, forecaster.shrink)] = scores.combination(
+        candidates(run, forecaster)["forecast"], "reference forecast"
+    )
+    return _scored(run, run.steps.index(forecaster.context_end), scores, curve, futures)
+
+
+def _curve_and_alternatives(
+    run: Run, forecaster: Forecaster, scores: CandidateScores
+) -> tuple[list[tuple[int, Future]], dict[tuple, Future]]:
+    """The run's loss from the forecaster's context end on, and the alternatives' (keeping the checkpoint
+    at the context end is the curve's first point)."""
     cut = run.steps.index(forecaster.context_end)
-    curve = _score_curve(run, cut, scores)
+    curve = [(c.step, scores.checkpoint(c, f"checkpoint {c.step}")) for c in run.checkpoints[cut:]]
     options = candidates(run, forecaster)
     futures: dict[tuple, Future] = {("last", None, None): curve[0][1]}
     for method in ("line", "lawa"):
         futures[(method, None, None)] = scores.combination(options[method], options[method].method)
-    futures[("forecast", forecaster.anchor, forecaster.shrink)] = scores.combination(options["forecast"], "reference forecast")
-    return _scored(run, cut, scores, curve, futures)
-
-
-def _score_curve(run: Run, cut: int, scores: CandidateScores) -> list[tuple[int, Future]]:
-    return [(c.step, scores.checkpoint(c, f"checkpoint {c.step}")) for c in run.checkpoints[cut:]]
+    return curve, futures
 
 
 def _scored(
