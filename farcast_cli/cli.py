@@ -9,6 +9,7 @@ import contextlib
 import functools
 import inspect
 import json
+import math
 import os
 import signal
 import sys
@@ -24,7 +25,7 @@ from rich.console import Console
 
 from farcast_cli import __version__, commands
 from farcast_cli.distributed import ONE_PROCESS, World, join_world, launched_rank, launched_size
-from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, sigterm_as_interrupt
+from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, UsageError, sigterm_as_interrupt
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
 from farcast_cli.evaluate.render import plain_lines, render
@@ -104,9 +105,10 @@ def with_options(*groups: OptionGroup) -> Callable[[Callable], Callable]:
 def _fit_settings(
     sample: int, seed: int, lam: float, lr: float, batch_size: int, max_epochs: int, patience: int, shrink: str, per_tensor: bool
 ) -> FitSettings:
-    if sample < 2 or batch_size < 1 or max_epochs < 1 or patience < 1 or lr <= 0 or lam < 0:
-        raise typer.BadParameter(
-            "--sample must be at least 2; --batch-size, --max-epochs, --patience and --lr positive; --lambda not negative"
+    if sample < 2 or batch_size < 1 or max_epochs < 1 or patience < 1 or not 0 < lr < math.inf or not 0 <= lam < math.inf or seed < 0:
+        raise UsageError(
+            "--sample must be at least 2; --batch-size, --max-epochs, --patience and --lr positive and finite; "
+            "--lambda finite and not negative; --seed not negative"
         )
     return FitSettings(
         sample=sample, seed=seed, lam=lam, lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience,
@@ -122,9 +124,9 @@ def _shrink(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: expected auto, none or a number", param_hint="--shrink") from None
+        raise UsageError(f"--shrink {text!r}: expected auto, none or a number") from None
     if not 0.0 <= value <= 10.0:
-        raise typer.BadParameter(f"{text!r}: expected a factor between 0 and 10", param_hint="--shrink")
+        raise UsageError(f"--shrink {text!r}: expected a factor between 0 and 10")
     return value
 
 
@@ -169,7 +171,7 @@ STREAM_OPTIONS = OptionGroup(
 
 def _eval_options(eval_cmd: str | None, eval_jobs: int, eval_cache: bool) -> EvalOptions:
     if eval_jobs < 1:
-        raise typer.BadParameter(f"{eval_jobs}: at least 1", param_hint="--eval-jobs")
+        raise UsageError(f"--eval-jobs {eval_jobs}: at least 1")
     return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd), eval_jobs, eval_cache)
 
 
@@ -230,11 +232,6 @@ def _stderr(message: str) -> None:
 
 def _show_report(writing: Writing) -> Callable[[Report], None]:
     def show(report: Report) -> None:
-        if writing.plot is not None and report.output:
-            try:
-                write_plot(report, writing.plot)
-            except FarcastError as error:
-                _fail(error)
         for warning in report.warnings:
             _stderr(f"warning: {warning}")
         if writing.as_json:
@@ -243,6 +240,11 @@ def _show_report(writing: Writing) -> Callable[[Report], None]:
             render(report, Console(file=sys.stdout))
         else:
             print("\n".join(plain_lines(report)))
+        if writing.plot is not None and report.output:
+            try:
+                write_plot(report, writing.plot)
+            except Exception as error:
+                _stderr(f"warning: --plot {writing.plot}: not drawn ({type(error).__name__}: {error}); the output is written")
 
     return show
 
@@ -398,7 +400,7 @@ def fit(
 ) -> None:
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
     if horizon is None:
-        raise typer.BadParameter("--horizon is required", param_hint="--horizon")
+        _fail(UsageError("--horizon is required: how many steps past the run's newest checkpoint to forecast"))
     given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force)
     _run(
         lambda world: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation, world=world),
@@ -486,7 +488,7 @@ def predict(
     out_dtype = None if dtype is None else dtype.value.upper()
     given = dict(horizon=horizon, forecaster_file=forecaster, emit=emit or [], settings=settings, options=options, dtype=out_dtype)
     if dry_run:
-        _run(lambda world: commands.dry_run(run_dir, output, **given), lambda plan: _show_plan(plan, writing.as_json))
+        _run(lambda world: commands.dry_run(run_dir, output, **given, anchor=anchor), lambda plan: _show_plan(plan, writing.as_json))
         return
     chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=writing.force, min_skill=min_skill, fallback=fallback)
     chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)

@@ -28,7 +28,7 @@ from farcast_cli.forecast.candidates import Combination, candidate_inputs, candi
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
-from farcast_cli.io.output import build_folder, check_output_location, write_text
+from farcast_cli.io.output import build_folder, check_file_location, check_output_location, write_text
 from farcast_cli.io.resume import check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run, describe_steps, find_run, output_files
 from farcast_cli.model.fit import FitSettings
@@ -37,7 +37,11 @@ from farcast_cli.model.history import History, read_history
 from farcast_cli.model.pairs import max_self_horizon
 from farcast_cli.progress import byte_progress
 
-PREDICT_BYTES_PER_ELEMENT = (2 * 8, 4 * 8)
+
+def predict_bytes(inputs: int) -> tuple[int, int]:
+    """Read-buffer and scratch bytes per element when writing a combination of `inputs` checkpoints
+    (float64 at most), for the engine's chunk plan."""
+    return inputs * 8, 4 * 8
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,10 @@ def fit(
     options = _for_rank(options, world)
     judged = evaluation.evaluator is not None
     timings: dict[str, float] = {}
+    _check_anchor(anchor)
     with timed(timings, "find_run"):
         run = world.together(lambda: find_run(run_dir))
+        check_file_location(out_file, run)
     with _judge(evaluation, run, out_file, options, world) as judge:
         if context_end is None:
             forecaster, report = _fit_and_evaluate("fit", run, horizon, offsets, settings, options, judge, anchor, timings, world, judged)
@@ -168,9 +174,10 @@ def predict(
     options = _for_rank(options, world)
     judged = evaluation.evaluator is not None
     with timed(timings, "find_run"):
+        _check_anchor(anchor)
         if resumable:
             _check_resumable(last_step, horizon, forecaster_file, emit, schedule)
-        resumable_horizon = (horizon or Forecaster.load(forecaster_file).horizon) if resumable else None
+        resumable_horizon = (horizon if horizon is not None else Forecaster.load(forecaster_file).horizon) if resumable else None
         whole, run = world.together(lambda: _open_run(run_dir, out_dir, force, last_step, options, resumable_horizon, schedule))
     with _judge(evaluation, run, out_dir, options, world) as judge:
         if forecaster_file is not None:
@@ -186,12 +193,14 @@ def predict(
         _enforce_min_skill(report, min_skill)
         candidate = _choose(report, candidates(run, forecaster), judged if fallback is None else fallback)
         last = run.at_step(forecaster.context_end)
+        if resumable:
+            _check_resumable_choice(report, run, last)
         share = _write_share(last, out_dir, world)
 
         def write(folder: Path) -> None:
             share_bytes = last.nbytes if share is None else sum(last.tensor(name)[1].nbytes for name in share)
             with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * share_bytes, options.quiet) as advance:
-                write_tensors(candidate, last, folder, options.engine(*PREDICT_BYTES_PER_ELEMENT, advance), dtype, only=share)
+                write_tensors(candidate, last, folder, options.engine(*predict_bytes(len(candidate.inputs)), advance), dtype, only=share)
                 for checkpoint in whole.checkpoints:
                     checkpoint.check_unchanged()
 
@@ -202,13 +211,14 @@ def predict(
             if resumable:
                 provenance = {"method": report.written.method, "from_steps": report.written.from_steps}
                 report.resume = write_trainer_state(last, folder, forecaster.horizon, schedule, provenance)
-                check_still_newest(whole, last)
             if judge is not None:
                 with timed(timings, "eval_written"):
                     _score_written(report, judge, run, candidate, written[-1], dtype)
             _account_evaluations(report, judge, timings)
             report.seconds = _rounded(timings)
             write_text(folder / REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
+            if resumable:
+                check_still_newest(whole, last)
             return report
 
         return build_folder(out_dir, write, finish, world)
@@ -260,6 +270,7 @@ def dry_run(
     settings: FitSettings = FitSettings(),
     options: StreamOptions = StreamOptions(),
     dtype: str | None = None,
+    anchor: int | None = None,
 ) -> dict:
     """What `predict` would read and write, and its memory plan, without reading any tensor data."""
     run = find_run(run_dir)
@@ -274,7 +285,8 @@ def dry_run(
     first, last = run.checkpoints[0], run.at_step(context_end)
     infos = run.tensor_infos()
     out_bytes = sum(output_info(info, dtype).nbytes for info in infos)
-    engine = options.engine(*PREDICT_BYTES_PER_ELEMENT)
+    read_bytes, scratch_bytes = predict_bytes(1 + (anchor or 1))
+    engine = options.engine(read_bytes, scratch_bytes)
     plan: dict = {
         "run": str(run.path),
         "steps": run.steps,
@@ -286,8 +298,8 @@ def dry_run(
         "memory": {
             "max_memory": options.max_memory,
             "chunk_elements": engine.chunk_elements,
-            "read_buffers_bytes": (engine.depth + 1) * PREDICT_BYTES_PER_ELEMENT[0] * engine.chunk_elements,
-            "scratch_bytes": PREDICT_BYTES_PER_ELEMENT[1] * engine.chunk_elements,
+            "read_buffers_bytes": (engine.depth + 1) * read_bytes * engine.chunk_elements,
+            "scratch_bytes": scratch_bytes * engine.chunk_elements,
         },
     }
     if fits:
@@ -305,9 +317,32 @@ def dry_run(
     return plan
 
 
+def _check_resumable_choice(report: Report, run: Run, last: Checkpoint) -> None:
+    """A resumable output moves the trainer H steps on: only a forecast from the run's newest checkpoint
+    is worth that (the last checkpoint written unchanged would only skip H batches)."""
+    if last.path != run.last.path:
+        raise UsageError(
+            f"--resumable continues the run from its newest checkpoint, {run.last.path.name}; this forecaster starts at step {last.step}"
+        )
+    if report.written.method != "forecast":
+        error = LowSkillError(
+            f"the backtest chose {NAMES[report.written.method]} over the forecast: a resumable output of it would only move the "
+            "trainer on without changing the weights; nothing written (--no-fallback writes the forecast)"
+        )
+        error.report = report
+        raise error
+
+
+def _check_anchor(anchor: int | None) -> None:
+    if anchor is not None and anchor < 1:
+        raise UsageError(f"--anchor {anchor}: the number of checkpoints averaged must be at least 1")
+
+
 def _check_resumable(
     last_step: int | None, horizon: int | None, forecaster_file: Path | None, emit: list[int], schedule: str | None
 ) -> None:
+    if horizon is not None and horizon <= 0:
+        raise UsageError(f"--horizon must be a positive number of steps, not {horizon}")
     if last_step is not None or emit:
         raise UsageError("--resumable writes one checkpoint past the run's newest: it takes neither --last-step nor --emit")
     if horizon is None and forecaster_file is None:
@@ -331,7 +366,7 @@ def _judge(evaluation: EvalOptions, run: Run, output: Path, options: StreamOptio
     if scorer is None:
         yield None
         return
-    engine = lambda: options.engine(*PREDICT_BYTES_PER_ELEMENT)  # noqa: E731
+    engine = lambda: options.engine(*predict_bytes(1 + max(ANCHORS)))  # noqa: E731
     scores = CandidateScores(run, scorer, _existing_parent(output), engine)
     try:
         yield scores

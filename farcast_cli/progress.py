@@ -13,7 +13,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from farcast_cli.io.engine import Advance
 
-PLAIN_EVERY_SECONDS = float(os.environ.get("FARCAST_PROGRESS_SECONDS", "5"))
+
+def _seconds(text: str, default: float = 5.0) -> float:
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        return default
+
+
+PLAIN_EVERY_SECONDS = _seconds(os.environ.get("FARCAST_PROGRESS_SECONDS", "5"))
 
 
 @contextmanager

@@ -314,6 +314,11 @@ def test_bad_option_values_are_usage_errors(run_dir, farcast, tmp_path):
         (("--max-memory", "lots"), "cannot read size 'lots'"),
         (("--device", "tpu"), "--device 'tpu'"),
         (("--emit", 500), "--emit 500"),
+        (("--max-memory", "inf"), "cannot read size 'inf'"),
+        (("--anchor", 0), "--anchor 0"),
+        (("--lr", "nan"), "--lr positive and finite"),
+        (("--shrink", "lots"), "--shrink 'lots'"),
+        (("--eval-jobs", 0), "--eval-jobs 0"),
     ]:
         out = tmp_path / "out"
         assert_clean_failure(predict(farcast, run_dir, out, *args), out, 2, problem)

@@ -175,7 +175,10 @@ def test_a_jump_the_history_cannot_test_is_not_called_a_win(tmp_path, farcast):
     assert "too short to test the one asked" in result.stderr
 
 
-@pytest.mark.parametrize("command, problem", [("false", "failed on"), ("true {checkpoint}", "printed no number")])
+@pytest.mark.parametrize(
+    "command, problem",
+    [("false", "failed on"), ("true {checkpoint}", "printed no number"), ("echo {checkpoint} loss nan", "a loss must be a finite number")],
+)
 def test_a_broken_eval_command_is_reported(run_dir, farcast, tmp_path, command, problem):
     result = farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--eval-cmd", command, *FAST, expect=2)
     assert problem in result.stderr and result.stderr.count("\n") == 1

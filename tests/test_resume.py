@@ -113,6 +113,7 @@ def test_a_pickle_the_weights_only_loader_refuses_is_never_loaded(run, farcast, 
         (["--resumable"], 2, "--resumable needs --schedule keep or --schedule advance"),
         (["--resumable", "--schedule", "keep", "--emit", "5"], 2, "takes neither --last-step nor --emit"),
         (["--schedule", "keep"], 5, "would look like a checkpoint of the run itself"),
+        (["--resumable", "--schedule", "keep", "--eval-cmd", "echo {checkpoint} loss 1"], 4, "would only move the trainer on"),
     ],
 )
 def test_resumable_outputs_are_refused_where_the_trainer_could_not_use_them(run, farcast, args, code, problem):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -28,7 +29,7 @@ from pathlib import Path
 from farcast_cli.errors import UsageError
 from farcast_cli.io.run import Checkpoint
 
-NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+NUMBER = re.compile(r"[-+]?(?:nan|inf(?:inity)?|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", re.IGNORECASE)
 EVAL_TIMEOUT_SECONDS = 24 * 3600
 FINGERPRINT_PAGES = 16
 PAGE_BYTES = 4096
@@ -63,13 +64,17 @@ class EvalCommand:
         numbers = NUMBER.findall(done.stdout)
         if not numbers:
             raise UsageError(f"--eval-cmd printed no number for {checkpoint}; it must print the loss as the last number on its stdout")
-        return float(numbers[-1])
+        loss = float(numbers[-1])
+        if not math.isfinite(loss):
+            raise UsageError(f"--eval-cmd printed {numbers[-1]} as the loss of {checkpoint}; a loss must be a finite number")
+        return loss
 
 
 def checkpoint_fingerprint(checkpoint: Checkpoint) -> str:
-    """A key for a checkpoint's content: each file's name, size and header, and FINGERPRINT_PAGES pages
-    of its data spread evenly, read with a few small reads. Copies of a checkpoint share it; a
-    checkpoint rewritten with other weights does not (training changes every page)."""
+    """A key for a checkpoint's content: each file's name, size, modification time and header, and
+    FINGERPRINT_PAGES pages of its data spread evenly, read with a few small reads. The time tells apart
+    checkpoints whose sampled pages agree (a run with frozen layers); a copy that keeps the time
+    (cp -p, rsync -t) shares the key."""
     digest = hashlib.sha256()
     for name, file in sorted(checkpoint.files.items()):
         data_bytes = file.size - file.data_start
@@ -77,7 +82,7 @@ def checkpoint_fingerprint(checkpoint: Checkpoint) -> str:
         starts = sorted({file.data_start + int(spacing * k) for k in range(FINGERPRINT_PAGES)})
         ranges = [(file.data_start - file.header_size, file.data_start)]
         ranges += [(max(file.data_start, start), min(file.size, start + PAGE_BYTES)) for start in starts if data_bytes > 0]
-        digest.update(f"{name}\0{file.size}\0".encode())
+        digest.update(f"{name}\0{file.size}\0{file.mtime_ns}\0".encode())
         for chunk in file.read_ranges(ranges):
             digest.update(chunk)
     return digest.hexdigest()

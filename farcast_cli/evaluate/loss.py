@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint, format_loss
+from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint
 from farcast_cli.forecast.candidates import Combination, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.engine import EngineSettings
@@ -290,8 +290,3 @@ def _earlier_losses(run: Run, cut: int, scores: CandidateScores, curve: list[tup
             break
         earlier.append((checkpoint.step, scores.checkpoint(checkpoint, f"checkpoint {checkpoint.step}").result().loss))
     return earlier
-
-
-def describe(backtest: LossBacktest) -> str:
-    """One line per candidate, for the report and logs."""
-    return "; ".join(f"{p.label}: loss {format_loss(p.loss)}, saves {p.steps_saved:+.2f}" for p in backtest.points)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from farcast_cli.errors import UsageError
+from farcast_cli.errors import OutputError, UsageError
 from farcast_cli.evaluate.report import Report
 
 SUFFIXES = (".png", ".svg")
@@ -72,7 +72,7 @@ def write_plot(report: Report, path: Path) -> None:
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise UsageError(f"--plot {path}: cannot write: {error.strerror or error}") from None
+        raise OutputError(f"--plot {path}: cannot write: {error.strerror or error}") from None
     finally:
         plt.close(figure)
 

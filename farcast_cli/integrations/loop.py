@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from farcast_cli import commands
-from farcast_cli.errors import UsageError
+from farcast_cli.errors import FarcastError, UsageError
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.report import Report
 from farcast_cli.io.run import Jump, find_run, record_jump
@@ -40,7 +40,7 @@ class JumpResult:
     applied: bool
     why: str
     seconds: float
-    report: Report
+    report: Report | None
 
 
 class Farcaster:
@@ -89,6 +89,7 @@ class Farcaster:
         started = time.perf_counter()
         horizon = max(1, round(self.jump * (run.last.step - run.steps[0])))
         out = self.run_dir / SCRATCH / f"forecast-{step}"
+        report = None
         try:
             report = commands.predict(
                 self.run_dir, out, horizon=horizon, settings=self.settings, options=self.options, evaluation=self.evaluation,
@@ -99,6 +100,8 @@ class Farcaster:
                 load_into(model, out)
                 self._advance(lr_scheduler, horizon)
                 record_jump(self.run_dir, Jump(step, horizon))
+        except FarcastError as error:
+            applied, why = False, f"farcast failed, training goes on: {error}"
         finally:
             shutil.rmtree(out, ignore_errors=True)
         result = JumpResult(step, horizon, applied, why, time.perf_counter() - started, report)
@@ -126,14 +129,15 @@ def load_into(model: torch.nn.Module, folder: Path) -> None:
     one tensor at a time (onto the model's device, in its dtype)."""
     state = model.state_dict(keep_vars=True)
     files = sorted(Path(folder).glob("*.safetensors"))
-    unknown = []
-    with torch.no_grad():
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    if name not in state:
-                        unknown.append(name)
-                        continue
-                    state[name].copy_(handle.get_tensor(name))
+    names = {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            names[file] = list(handle.keys())  # noqa: SIM118 (safe_open is not iterable)
+    unknown = [name for found in names.values() for name in found if name not in state]
     if unknown:
         raise UsageError(f"{folder}: tensors {unknown[:3]} are not in the model being trained; is this its run?")
+    with torch.no_grad():
+        for file, found in names.items():
+            with safe_open(file, framework="pt", device="cpu") as handle:
+                for name in found:
+                    state[name].copy_(handle.get_tensor(name))

@@ -35,6 +35,6 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise UsageError(f"cannot read size {text!r}; try 512MB or 2GiB") from None
-    if unit not in units or value <= 0:
+    if unit not in units or not 0 < value < float("inf"):
         raise UsageError(f"cannot read size {text!r}; try 512MB or 2GiB")
     return int(value * units[unit])

@@ -40,6 +40,15 @@ def check_output_location(out_dir: Path, run: Run, force: bool, resumable_name: 
         raise OutputError(f"{out_dir}: exists and is not a folder")
 
 
+def check_file_location(out_file: Path, run: Run) -> None:
+    """A forecaster file goes anywhere but into a checkpoint of the run."""
+    out = out_file.resolve()
+    for checkpoint in run.checkpoints + run.forecasts:
+        place = checkpoint.path.resolve()
+        if out == place or place in out.parents:
+            raise OutputError(f"{out_file}: is inside checkpoint {checkpoint.path}; write the forecaster outside the run's checkpoints")
+
+
 @contextmanager
 def atomic_folder(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces out_dir, on any failure it is removed."""

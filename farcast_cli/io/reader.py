@@ -150,6 +150,10 @@ class SafetensorsFile:
     def size(self) -> int:
         return self._stat_key[0]
 
+    @property
+    def mtime_ns(self) -> int:
+        return self._stat_key[1]
+
     def check_unchanged(self) -> None:
         """Fail if the file changed since its header was read (a writer still at work)."""
         try:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from farcast_cli.errors import InputError, OutputError, UsageError
 from farcast_cli.io.output import write_text
-from farcast_cli.io.run import TRAINER_FOLDER, TRAINER_STATE, Checkpoint, Run
+from farcast_cli.io.run import TRAINER_FOLDER, TRAINER_STATE, TRAINING_STATE_FILES, Checkpoint, Run, read_json
 from farcast_cli.io.writer import output_failure
 
-COPIED_AS_BYTES = ("optimizer.pt", "scaler.pt", "training_args.bin", "rng_state*.pth")
 SCHEDULER = "scheduler.pt"
+COPIED_AS_BYTES = tuple(name for name in TRAINING_STATE_FILES if name != SCHEDULER)
 SCHEDULES = ("keep", "advance")
 
 
@@ -73,7 +73,9 @@ def write_trainer_state(last: Checkpoint, folder: Path, horizon: int, schedule: 
         else:
             _copy(last.path / SCHEDULER, folder / SCHEDULER)
         copied.append(SCHEDULER)
-    state = json.loads((last.path / TRAINER_STATE).read_text(encoding="utf-8"))
+    state = read_json(last.path / TRAINER_STATE)
+    if not isinstance(state, dict) or not isinstance(state.get("log_history", []), list):
+        raise InputError(f"{last.path / TRAINER_STATE}: not a trainer state (a JSON object with a log_history list)")
     step = last.saved_step + horizon
     epoch = state.get("epoch")
     if isinstance(epoch, (int, float)) and last.saved_step > 0:

@@ -114,19 +114,16 @@ class Run:
         for checkpoint in self.checkpoints:
             if checkpoint.step == step:
                 return checkpoint
-        raise InputError(f"{self.path}: no checkpoint at step {step} (steps found: {_describe_steps(self.steps)})")
+        raise InputError(f"{self.path}: no checkpoint at step {step} (found {describe_steps(self.steps)})")
 
     def truncated(self, last_index: int) -> Run:
         return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps)
 
 
 TRAINING_STATE_REASON = "the trainer's pickled state, which farcast never loads (copied as bytes only into a --resumable output)"
+TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin")
 LEFT_OUT = {
-    "optimizer.pt": TRAINING_STATE_REASON,
-    "scheduler.pt": TRAINING_STATE_REASON,
-    "scaler.pt": TRAINING_STATE_REASON,
-    "rng_state*.pth": TRAINING_STATE_REASON,
-    "training_args.bin": TRAINING_STATE_REASON,
+    **dict.fromkeys(TRAINING_STATE_FILES, TRAINING_STATE_REASON),
     TRAINER_STATE: "the trainer's state at the last step, not the forecast's (written anew, advanced, into a --resumable output)",
 }
 
@@ -229,7 +226,7 @@ def _trainer_checkpoint(folder: Path) -> Checkpoint:
     return checkpoint
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
@@ -244,7 +241,7 @@ def _check_trainer_state(folder: Path, step: int) -> tuple[Jump, ...] | None:
     state_path = folder / TRAINER_STATE
     if not state_path.exists():
         return None
-    state = _read_json(state_path)
+    state = read_json(state_path)
     recorded = state.get("global_step") if isinstance(state, dict) else None
     if recorded is not None and recorded != step:
         raise InputError(f"{state_path}: global_step is {recorded} but the folder name says step {step}")
@@ -261,7 +258,7 @@ def read_jumps(run_dir: Path) -> tuple[Jump, ...]:
     path = Path(run_dir) / JUMPS_FILE
     if not path.exists():
         return ()
-    data = _read_json(path)
+    data = read_json(path)
     try:
         return tuple(Jump(int(j["at_step"]), int(j["horizon"])) for j in data["jumps"])
     except (KeyError, TypeError, ValueError):
@@ -285,11 +282,18 @@ def _set_time_axis(run: Run) -> None:
         jumps = run.jumps if checkpoint.jumps is None else checkpoint.jumps
         checkpoint.step = checkpoint.saved_step + sum(j.horizon for j in jumps if j.at_step < checkpoint.saved_step)
     run.checkpoints.sort(key=lambda c: c.step)
+    real = [c for c in run.checkpoints if not c.is_forecast]
+    for earlier, later in zip(real, real[1:]):
+        if earlier.step == later.step:
+            raise InputError(
+                f"{later.path}: stands for step {later.step}, as {earlier.path.name} does, after farcast's jumps; "
+                "is it left over from an earlier attempt of this run?"
+            )
 
 
 def _sharded_checkpoint(folder: Path, step: int) -> Checkpoint:
     index_path = folder / INDEX_FILE
-    index = _read_json(index_path)
+    index = read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(f"{index_path}: no weight_map of tensor names to shard files")
@@ -363,7 +367,3 @@ def _check_same_model(run: Run) -> None:
                 raise InputError(
                     f"{checkpoint.path}: tensor {name!r} has shape {list(info.shape)} but {list(shape)} in {run.last.path.name}"
                 )
-
-
-def _describe_steps(steps: list[int]) -> str:
-    return ", ".join(map(str, steps)) if len(steps) <= 8 else f"{steps[0]}, {steps[1]}, ..., {steps[-1]} ({len(steps)} in all)"

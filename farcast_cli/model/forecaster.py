@@ -136,10 +136,6 @@ class SelfFit:
     trial: Forecaster | None
     scored: Forecaster | None
 
-    @property
-    def cut(self) -> int | None:
-        return None if self.trial is None else self.trial.context_end
-
 
 def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1) -> SelfFit:
     """The default mode: learn the jump from the run's own history (model/pairs.py's time rule),
