@@ -59,8 +59,8 @@ def test_plot_png_and_svg_draw_the_reports_own_numbers(run_dir, farcast, tmp_pat
         farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--plot", tmp_path / "p.png", "--json", "--quiet").stdout
     )
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out2", "--plot", tmp_path / "p.svg", "--quiet")
-    assert ElementTree.parse(tmp_path / "p.svg").getroot().tag.endswith("svg")
+    farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out2", "--plot", tmp_path / "plots" / "p.svg", "--quiet")
+    assert ElementTree.parse(tmp_path / "plots" / "p.svg").getroot().tag.endswith("svg")
     assert len(report["trajectories"]) == 9 and {t["tensor"] for t in report["trajectories"]} == {
         "encoder.weight",
         "head.weight",

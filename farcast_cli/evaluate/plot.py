@@ -51,7 +51,7 @@ def plot_data(report: Report) -> dict:
 
 
 def write_plot(report: Report, path: Path) -> None:
-    """Draw the report into `path` (replaced whole, never left half written)."""
+    """Draw the report into `path` (missing folders made; replaced whole, never left half written)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,6 +68,7 @@ def write_plot(report: Report, path: Path) -> None:
     figure.tight_layout()
     temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(temporary, format=path.suffix.lower().lstrip("."), dpi=100)
         os.replace(temporary, path)
     except OSError as error:
