@@ -11,7 +11,9 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
 - inproc: the Farcaster / FarcastCallback way (issue 15): a forecast that beats keeping the last
   checkpoint in the weight backtest is copied into the model; data order and LR schedule go on as before;
   later checkpoints are read at their forecast-time step.
-- inproc-loss: the same, gated by the loss on half of the validation set (the other half is what this
+- inproc-unshrunk: inproc with `--shrink none` (the forecast as fitted, not moved towards the last
+  checkpoint by the weight backtest's factor).
+- inproc-loss: the inproc way, gated by the loss on half of the validation set (the other half is what this
   benchmark reports, so the gate never sees it).
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
   ungated: the forecast replaces the weights, the step counter moves on by the horizon, the next horizon
@@ -46,9 +48,10 @@ from farcast_cli import commands
 from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.integrations.loop import load_into
 from farcast_cli.io.run import Jump, record_jump
+from farcast_cli.model.fit import FitSettings
 
 TARGETS = (0.4, 0.6, 0.8, 1.0)
-VARIANTS = ("plain", "inproc", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance")
+VARIANTS = ("plain", "inproc", "inproc-unshrunk", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance")
 
 
 @dataclass
@@ -117,6 +120,7 @@ def _farcast(run: Path, p, variant: str, jump: float, label: int, work: Path) ->
         evaluation=evaluation,
         fallback=False,
         force=True,
+        settings=FitSettings(shrink=1.0) if variant == "inproc-unshrunk" else FitSettings(),
         options=commands.StreamOptions(quiet=True, backtest="sample"),
     )
     applied = bool(report.beats_last) if variant.startswith("inproc") else True
@@ -148,6 +152,12 @@ def _save(run: Path, model: torch.nn.Module, label: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: value.detach().to("cpu", copy=True).contiguous() for name, value in model.state_dict().items()}
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _on_a_save(every: float, save_every: int) -> int:
+    """`every` as a multiple of the save interval: farcast runs right after a save, so an `every` off the
+    saves would only try on their common multiples."""
+    return max(save_every, int(round(every / save_every)) * save_every)
 
 
 def reach(trace: Trace, loss: float) -> tuple[float, float] | None:
@@ -188,6 +198,7 @@ def main() -> None:
     torch.set_num_threads(1)
     total = STEPS[args.workload]
     rhythms = [tuple(float(v) for v in r.split(":")) for r in args.rhythm] if args.rhythm else [(total // 5, 0.5), (total // 20, 0.1)]
+    rhythms = [(_on_a_save(every, SAVE_EVERY[args.workload]), jump) for every, jump in rhythms]
     variants = [v for v in args.variants.split(",") if v == "plain" or args.schedule == "linear" or not v.endswith("advance")]
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="farcast-loop-") as scratch:

@@ -236,13 +236,18 @@ def _open_run(
     """The run, and the run up to --last-step; checks the output's place (a resumable forecast's place is
     the run's checkpoint-<last + horizon>) and the device first."""
     whole = find_run(run_dir)
-    run = whole if last_step is None else whole.truncated(whole.steps.index(whole.at_step(last_step).step))
+    run = _up_to(whole, last_step)
     if resumable_horizon is not None:
         check_resumable(run, schedule)
     resumable_name = None if resumable_horizon is None else resumable_folder_name(run.last, resumable_horizon)
     check_output_location(out_dir, whole, force, resumable_name)
     resolve_device(options.device)
     return whole, run
+
+
+def _up_to(whole: Run, last_step: int | None) -> Run:
+    """The run as it stood at --last-step (its checkpoints up to that step)."""
+    return whole if last_step is None else whole.truncated(whole.steps.index(whole.at_step(last_step).step))
 
 
 def _for_rank(options: StreamOptions, world: World) -> StreamOptions:
@@ -271,9 +276,12 @@ def dry_run(
     options: StreamOptions = StreamOptions(),
     dtype: str | None = None,
     anchor: int | None = None,
+    last_step: int | None = None,
 ) -> dict:
     """What `predict` would read and write, and its memory plan, without reading any tensor data."""
-    run = find_run(run_dir)
+    _check_anchor(anchor)
+    whole = find_run(run_dir)
+    run = _up_to(whole, last_step)
     if forecaster_file is not None:
         forecaster = _forecaster_for(run, forecaster_file, horizon)
         offsets, context_end, fits = forecaster.offsets, forecaster.context_end, False

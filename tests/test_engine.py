@@ -96,6 +96,8 @@ def test_dry_run_reports_the_plan_and_writes_nothing(run_dir, farcast, tmp_path)
     assert not (tmp_path / "out").exists()
     text = farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--dry-run").stdout
     assert "read for the forecast: checkpoints [0, 200]" in text and "memory: chunks of" in text
+    earlier = json.loads(farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--dry-run", "--json", "--last-step", 120).stdout)
+    assert earlier["reads"]["forecast"]["checkpoints"] == [0, 120] and earlier["writes"]["checkpoints"] == [220]
 
 
 def test_a_missing_gpu_is_a_usage_error(run_dir, farcast, tmp_path):
