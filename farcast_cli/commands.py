@@ -175,6 +175,7 @@ def predict(
     judged = evaluation.evaluator is not None
     with timed(timings, "find_run"):
         _check_anchor(anchor)
+        _check_saved_forecaster_options(forecaster_file, emit, anchor, settings)
         if resumable:
             _check_resumable(last_step, horizon, forecaster_file, emit, schedule)
         resumable_horizon = (horizon if horizon is not None else Forecaster.load(forecaster_file).horizon) if resumable else None
@@ -339,6 +340,14 @@ def _check_resumable_choice(report: Report, run: Run, last: Checkpoint) -> None:
         )
         error.report = report
         raise error
+
+
+def _check_saved_forecaster_options(forecaster_file: Path | None, emit: list[int], anchor: int | None, settings: FitSettings) -> None:
+    """A saved forecaster fixed its steps, anchor and shrink when it was fitted: options that would change
+    them are refused rather than ignored."""
+    given = [name for name, value in (("--emit", emit), ("--anchor", anchor), ("--shrink", settings.shrink)) if value not in (None, [], ())]
+    if forecaster_file is not None and given:
+        raise UsageError(f"{forecaster_file}: a saved forecaster keeps the {', '.join(given)} it was fitted with; give them to farcast fit")
 
 
 def _check_anchor(anchor: int | None) -> None:

@@ -51,6 +51,8 @@ def test_fit_on_the_run_itself_then_predict_with_the_saved_forecaster(run_dir, f
     farcast("predict", run_dir, "--forecaster", forecaster_file, "-o", tmp_path / "a", "--quiet")
     farcast("predict", run_dir, "--horizon", 100, "-o", tmp_path / "b", *FAST)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    ignored = farcast("predict", run_dir, "--forecaster", forecaster_file, "-o", tmp_path / "c", "--shrink", 0, "--anchor", 2, expect=2)
+    assert "keeps the --anchor, --shrink it was fitted with" in ignored.stderr and not (tmp_path / "c").exists()
 
 
 def test_forecaster_must_fit_the_run(tmp_path, farcast):
