@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,9 @@ def test_the_scripts_farcast_in_process(tmp_path, script, first_checkpoint):
     assert done.returncode == 0, done.stderr
     found = find_run(run)
     assert found.last.saved_step == 60 and [j.at_step for j in found.jumps] == sorted({j.at_step for j in found.jumps})
+    decided = re.findall(r"farcast at step (\d+): (made|skipped) a jump", done.stderr)
+    assert [int(step) for step, _ in decided] == [30, 60], done.stderr
+    assert [j.at_step for j in found.jumps] == [int(step) for step, what in decided if what == "made"]
     for jump in found.jumps:
         assert jump.at_step in (30, 60)
         before = sum(j.horizon for j in found.jumps if j.at_step < jump.at_step)

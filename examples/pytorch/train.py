@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def main() -> None:
         from farcast_cli.integrations import Farcaster
 
         farcaster = Farcaster(args.run, every=args.farcast_every, jump=0.5)
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("farcast").setLevel(logging.INFO)
     batches = torch.Generator().manual_seed(step)
     while step < args.stop_at:
         rows = torch.randint(len(x), (64,), generator=batches)

@@ -13,6 +13,7 @@ loop (`farcast_cli.integrations`).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -88,6 +89,8 @@ def main() -> None:
         from farcast_cli.integrations import FarcastCallback
 
         callbacks.append(FarcastCallback(every=args.farcast_every, jump=0.5))
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("farcast").setLevel(logging.INFO)
     trainer(args.run, args.total_steps, args.save_steps, args.seed, callbacks).train(resume_from_checkpoint=resume_or_start(args.run))
 
 

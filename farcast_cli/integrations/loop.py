@@ -106,7 +106,8 @@ class Farcaster:
             shutil.rmtree(out, ignore_errors=True)
         result = JumpResult(step, horizon, applied, why, time.perf_counter() - started, report)
         self.history.append(result)
-        log.info("farcast at step %d: %s a jump of %d steps (%s)", step, "made" if applied else "skipped", horizon, why)
+        level = logging.WARNING if report is None else logging.INFO
+        log.log(level, "farcast at step %d: %s a jump of %d steps (%s)", step, "made" if applied else "skipped", horizon, why)
         return result
 
     def _verdict(self, report: Report) -> tuple[bool, str]:
