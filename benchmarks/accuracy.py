@@ -30,6 +30,7 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -300,69 +301,85 @@ def lr_time(run: Run, cut: int, horizon: int, rows: np.ndarray) -> np.ndarray:
     return apply_forecaster(run, cut, fit_on_run(h, jump, [jump], FitSettings(per_tensor=False)).forecaster)
 
 
-def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, methods: tuple[str, ...] = DEFAULT_METHODS) -> list[dict]:
-    rows_all = np.arange(run.vectors.shape[1])
-    rows = rows_all if len(rows_all) <= SAMPLE else np.sort(rng.choice(rows_all, SAMPLE, replace=False))
-    results = []
+def sampled_rows(run: Run, rng: np.random.Generator) -> np.ndarray:
+    """The weight coordinates the harness's own fits read: all, or SAMPLE of them."""
+    rows = np.arange(run.vectors.shape[1])
+    return rows if len(rows) <= SAMPLE else np.sort(rng.choice(rows, SAMPLE, replace=False))
+
+
+def settings_of(run: Run, nominal: int, save_every: int) -> Iterator[tuple[float, int, float, int, int, int]]:
+    """(cut fraction, cut step, jump, horizon, cut index, target index) for each cut and jump the run holds."""
     for fraction in CUTS:
         cut_step = round(fraction * nominal / save_every) * save_every
         for jump in JUMPS:
             horizon = round(jump * cut_step / save_every) * save_every
             cut, target = run.index(cut_step), run.index(cut_step + horizon)
-            if target >= len(run.steps) or run.steps[target] != cut_step + horizon:
-                continue
-            last = run.vectors[cut]
-            costs: dict[str, dict] = {}
-            makers = {
-                "last": lambda: last,
-                "line": lambda: last + (last - run.vectors[cut - 1]) * horizon / save_every,
-                "lawa": lambda: run.vectors[max(0, cut - 4) : cut + 1].mean(axis=0),
-                "full-window": lambda: full_window(run, cut, horizon, rows),
-                "2-point": lambda: two_point(run, cut, horizon, rows),
-                "per-tensor": lambda: per_tensor(run, cut, horizon, rows),
-                "recent-anchor": lambda: two_point(run, cut, horizon, rows, first_of=midpoint_anchor),
-                "smoothed": lambda: two_point(run, cut, horizon, rows, last_of=smoothed_last),
-                "shared+shrink": lambda: farcast_fit(run, cut, horizon, rows, FitSettings(per_tensor=False)),
-                "lr-time": lambda: lr_time(run, cut, horizon, rows),
-                "per-tensor+shrink": lambda: farcast_fit(run, cut, horizon, rows),
-                "farcast": lambda: farcast_predict(run, cut, horizon, False, costs.setdefault("farcast", {})),
-                "farcast+loss": lambda: farcast_predict(run, cut, horizon, True, costs.setdefault("farcast+loss", {})),
-                "oracle-shared": lambda: oracle(run, cut, target, per_tensor=False),
-                "oracle-per-tensor": lambda: oracle(run, cut, target, per_tensor=True),
-                "oracle-loss": lambda: oracle_by_loss(run, cut, target, per_tensor=False),
-                "oracle-loss-per-tensor": lambda: oracle_by_loss(run, cut, target, per_tensor=True),
+            if target < len(run.steps) and run.steps[target] == cut_step + horizon:
+                yield fraction, cut_step, jump, horizon, cut, target
+
+
+def steps_saved(run: Run, cut: int, target: int, loss: float) -> float:
+    """Where the true run reaches `loss`, as a fraction of the jump cut -> target (1 when it never does;
+    negative, from the run's earlier checkpoints, when the loss is worse than the cut's)."""
+    curve = [(run.steps[k], run.checkpoint_loss(k)) for k in range(cut, target + 1)]
+    horizon = run.steps[target] - run.steps[cut]
+    if loss > curve[0][1]:
+        return -_steps_back(run, cut, loss) / horizon
+    reached = step_reaching(curve, loss)
+    return 1.0 if reached is None else (reached - run.steps[cut]) / horizon
+
+
+def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, methods: tuple[str, ...] = DEFAULT_METHODS) -> list[dict]:
+    rows = sampled_rows(run, rng)
+    results = []
+    for fraction, cut_step, jump, horizon, cut, target in settings_of(run, nominal, save_every):
+        last = run.vectors[cut]
+        costs: dict[str, dict] = {}
+        makers = {
+            "last": lambda: last,
+            "line": lambda: last + (last - run.vectors[cut - 1]) * horizon / save_every,
+            "lawa": lambda: run.vectors[max(0, cut - 4) : cut + 1].mean(axis=0),
+            "full-window": lambda: full_window(run, cut, horizon, rows),
+            "2-point": lambda: two_point(run, cut, horizon, rows),
+            "per-tensor": lambda: per_tensor(run, cut, horizon, rows),
+            "recent-anchor": lambda: two_point(run, cut, horizon, rows, first_of=midpoint_anchor),
+            "smoothed": lambda: two_point(run, cut, horizon, rows, last_of=smoothed_last),
+            "shared+shrink": lambda: farcast_fit(run, cut, horizon, rows, FitSettings(per_tensor=False)),
+            "lr-time": lambda: lr_time(run, cut, horizon, rows),
+            "per-tensor+shrink": lambda: farcast_fit(run, cut, horizon, rows),
+            "farcast": lambda: farcast_predict(run, cut, horizon, False, costs.setdefault("farcast", {})),
+            "farcast+loss": lambda: farcast_predict(run, cut, horizon, True, costs.setdefault("farcast+loss", {})),
+            "oracle-shared": lambda: oracle(run, cut, target, per_tensor=False),
+            "oracle-per-tensor": lambda: oracle(run, cut, target, per_tensor=True),
+            "oracle-loss": lambda: oracle_by_loss(run, cut, target, per_tensor=False),
+            "oracle-loss-per-tensor": lambda: oracle_by_loss(run, cut, target, per_tensor=True),
+        }
+        predictions = {m: makers[m]() for m in METHODS if m in methods or m == "last"}
+        truth = run.vectors[target]
+        row = {
+            "cut": fraction,
+            "cut_step": cut_step,
+            "jump": jump,
+            "target_step": cut_step + horizon,
+            "loss_last": run.checkpoint_loss(cut),
+            "loss_target": run.checkpoint_loss(target),
+            "methods": {},
+        }
+        mae_last = np.abs(last - truth).mean()
+        for method, predicted in predictions.items():
+            loss = run.loss(predicted)
+            row["methods"][method] = {
+                "weight_skill": float(1 - np.abs(predicted - truth).mean() / mae_last),
+                "loss": float(loss),
+                "steps_saved": float(steps_saved(run, cut, target, loss)),
+                **costs.get(method, {}),
             }
-            predictions = {m: makers[m]() for m in METHODS if m in methods or m == "last"}
-            truth = run.vectors[target]
-            curve = [(run.steps[k], run.checkpoint_loss(k)) for k in range(cut, target + 1)]
-            row = {
-                "cut": fraction,
-                "cut_step": cut_step,
-                "jump": jump,
-                "target_step": cut_step + horizon,
-                "loss_last": curve[0][1],
-                "loss_target": curve[-1][1],
-                "methods": {},
-            }
-            mae_last = np.abs(last - truth).mean()
-            for method, predicted in predictions.items():
-                loss = run.loss(predicted)
-                reached = step_reaching(curve, loss)
-                saved = 1.0 if reached is None else (reached - cut_step) / horizon
-                if loss > curve[0][1]:
-                    saved = -_steps_back(run, cut, loss) / horizon
-                row["methods"][method] = {
-                    "weight_skill": float(1 - np.abs(predicted - truth).mean() / mae_last),
-                    "loss": float(loss),
-                    "steps_saved": float(saved),
-                    **costs.get(method, {}),
-                }
-            results.append(row)
-            print(
-                f"  cut {fraction:.2f} (step {cut_step}), jump {jump}x to {cut_step + horizon}: "
-                + ", ".join(f"{m} {v['steps_saved']:+.2f}" for m, v in row["methods"].items()),
-                flush=True,
-            )
+        results.append(row)
+        print(
+            f"  cut {fraction:.2f} (step {cut_step}), jump {jump}x to {cut_step + horizon}: "
+            + ", ".join(f"{m} {v['steps_saved']:+.2f}" for m, v in row["methods"].items()),
+            flush=True,
+        )
     return results
 
 

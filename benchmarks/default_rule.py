@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accuracy import CUTS, GPU_ONLY, JUMPS, SAMPLE, WORKLOADS, Run, _steps_back, apply_forecaster, history, load_workload
+from accuracy import GPU_ONLY, WORKLOADS, Run, apply_forecaster, history, load_workload, sampled_rows, settings_of, steps_saved
 
-from farcast_cli.evaluate.loss import step_reaching
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import SHRINK_GRID, fit_plain, held_out_trial
 from farcast_cli.model.history import History
@@ -56,27 +55,13 @@ def forecasts(run: Run, cut: int, horizon: int, rows: np.ndarray) -> tuple[dict[
 
 
 def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator) -> list[dict]:
-    rows_all = np.arange(run.vectors.shape[1])
-    rows = rows_all if len(rows_all) <= SAMPLE else np.sort(rng.choice(rows_all, SAMPLE, replace=False))
+    rows = sampled_rows(run, rng)
     results = []
-    for fraction in CUTS:
-        cut_step = round(fraction * nominal / save_every) * save_every
-        for jump in JUMPS:
-            horizon = round(jump * cut_step / save_every) * save_every
-            cut, target = run.index(cut_step), run.index(cut_step + horizon)
-            if target >= len(run.steps) or run.steps[target] != cut_step + horizon:
-                continue
-            curve = [(run.steps[k], run.checkpoint_loss(k)) for k in range(cut, target + 1)]
-            made, factors = forecasts(run, cut, horizon, rows)
-            saved = {}
-            for rule, vector in made.items():
-                loss = run.loss(vector)
-                reached = step_reaching(curve, loss)
-                saved[rule] = 1.0 if reached is None else (reached - cut_step) / horizon
-                if loss > curve[0][1]:
-                    saved[rule] = -_steps_back(run, cut, loss) / horizon
-            results.append({"cut": fraction, "jump": jump, "steps_saved": saved, "factors": factors})
-            print(f"  cut {fraction:.2f}, jump {jump}x: " + ", ".join(f"{r} {v:+.2f}" for r, v in saved.items()), flush=True)
+    for fraction, _, jump, horizon, cut, target in settings_of(run, nominal, save_every):
+        made, factors = forecasts(run, cut, horizon, rows)
+        saved = {rule: steps_saved(run, cut, target, run.loss(vector)) for rule, vector in made.items()}
+        results.append({"cut": fraction, "jump": jump, "steps_saved": saved, "factors": factors})
+        print(f"  cut {fraction:.2f}, jump {jump}x: " + ", ".join(f"{r} {v:+.2f}" for r, v in saved.items()), flush=True)
     return results
 
 
