@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,25 @@ def test_batch_logs_get_plain_lines(run_dir, farcast, tmp_path, heading_loss):
         "written: ",
     ):
         assert sum(line.startswith(prefix) for line in lines) == 1, prefix
+
+
+def test_a_failing_evaluation_ends_the_others_still_running(run_dir, farcast, tmp_path):
+    """With two at once, the first evaluation hangs and the second fails: farcast stops at once, and the
+    hanging command (and what it started) is ended, not left behind."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    command = (
+        f"if mkdir {marks}/first 2>/dev/null; then sleep 120 & echo $! > {marks}/sleeping; wait; echo 1; "
+        f"else while [ ! -s {marks}/sleeping ]; do sleep 0.1; done; exit 3; fi # {{checkpoint}}"
+    )
+    started = time.monotonic()
+    result = farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--eval-cmd", command, "--eval-jobs", 2, *FAST, expect=2)
+    assert "failed on" in result.stderr and time.monotonic() - started < 60
+    sleeping = int((marks / "sleeping").read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{sleeping}").exists() or "Z" in Path(f"/proc/{sleeping}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the hanging eval command's sleep (pid {sleeping}) is still running")
+    assert not (tmp_path / "out").exists()

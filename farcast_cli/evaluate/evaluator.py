@@ -10,12 +10,14 @@ checkpoint is never scored twice, within a run of farcast or across runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -47,6 +49,8 @@ class EvalCommand:
     def __init__(self, template: str) -> None:
         self.template = template
         self.cache_key = f"command:{template}"
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
 
     def __str__(self) -> str:
         return self.template
@@ -54,10 +58,7 @@ class EvalCommand:
     def __call__(self, checkpoint: Path) -> float:
         quoted = shlex.quote(str(checkpoint))
         command = self.template.replace("{checkpoint}", quoted) if "{checkpoint}" in self.template else f"{self.template} {quoted}"
-        try:
-            done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=EVAL_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            raise UsageError(f"--eval-cmd took over {EVAL_TIMEOUT_SECONDS} s on {checkpoint}") from None
+        done = self._run(command, checkpoint)
         if done.returncode != 0:
             last_line = (done.stderr.strip().splitlines() or ["no message"])[-1][:200]
             raise UsageError(f"--eval-cmd failed on {checkpoint} (exit {done.returncode}): {last_line}")
@@ -68,6 +69,33 @@ class EvalCommand:
         if not math.isfinite(loss):
             raise UsageError(f"--eval-cmd printed {numbers[-1]} as the loss of {checkpoint}; a loss must be a finite number")
         return loss
+
+    def _run(self, command: str, checkpoint: Path) -> subprocess.CompletedProcess:
+        """The command in its own process group, so that a timeout or `stop` ends everything it started."""
+        process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        with self.lock:
+            self.running.add(process)
+        try:
+            stdout, stderr = process.communicate(timeout=EVAL_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            process.communicate()
+            raise UsageError(f"--eval-cmd took over {EVAL_TIMEOUT_SECONDS} s on {checkpoint}") from None
+        finally:
+            with self.lock:
+                self.running.discard(process)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    def stop(self) -> None:
+        """End the commands still running (farcast is stopping: an error elsewhere, or an interrupt)."""
+        with self.lock:
+            for process in self.running:
+                _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def checkpoint_fingerprint(checkpoint: Checkpoint) -> str:
@@ -209,4 +237,10 @@ class Scorer:
         return Score(loss, seconds, False)
 
     def close(self) -> None:
+        """Cancel what has not started and end what is still running: after a success nothing is."""
+        for future in self.futures.values():
+            future.cancel()
+        stop = getattr(self.evaluator, "stop", None)
+        if stop is not None:
+            stop()
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +211,7 @@ def _scored(
     run: Run, cut: int, scores: CandidateScores, pending: list[tuple[int, Future]], futures: dict[tuple, Future], line_ok: bool = True
 ) -> LossBacktest:
     """Wait for every score, place each candidate on the run's loss curve, and choose."""
+    settle([future for _, future in pending] + list(futures.values()))
     curve = [(step, future.result().loss) for step, future in pending]
     losses = {key: future.result().loss for key, future in futures.items()}
     forecasts = [loss for (method, _, _), loss in losses.items() if method == "forecast"]
@@ -257,6 +258,7 @@ def _forecast_future(scores: CandidateScores, run: Run, trial: Forecaster, ancho
 
 def _refine(scores: CandidateScores, run: Run, trials: dict[int, Forecaster], futures: dict[tuple, Future]) -> None:
     """Around each anchor's best factor on the grid, try half a step either side (within the grid)."""
+    settle(futures.values())
     last_loss = futures[("last", None, None)].result().loss
     for anchor, trial in trials.items():
         tried = {
@@ -270,6 +272,15 @@ def _refine(scores: CandidateScores, run: Run, trials: dict[int, Forecaster], fu
         for alpha in (best - SHRINK_STEP / 2, best + SHRINK_STEP / 2):
             if 0 < alpha <= SHRINK_MAX:
                 futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
+
+
+def settle(futures: Iterable[Future]) -> None:
+    """Wait for every score, but raise the first failure as soon as it happens: a broken eval command
+    must not wait for the others still running."""
+    done, _ = wait(list(futures), return_when=FIRST_EXCEPTION)
+    for future in done:
+        if not future.cancelled() and future.exception() is not None:
+            raise future.exception()
 
 
 def curve_noise(losses: Sequence[float]) -> float:
