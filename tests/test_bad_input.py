@@ -272,6 +272,7 @@ def test_output_that_exists_is_kept_without_force_and_replaced_with_it(run_dir, 
     assert (out / "precious.txt").read_text() == "mine"
     assert predict(farcast, run_dir, out, "--force").exit_code == 0
     assert (out / "model.safetensors").exists() and not (out / "precious.txt").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "the replaced folder is gone, nothing left beside it"
 
 
 @pytest.mark.parametrize("where", ["checkpoint-200", "checkpoint-200/sub", ".", "checkpoint-999"])
