@@ -22,7 +22,7 @@ from farcast_cli.evaluate.backtest import (
 )
 from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
-from farcast_cli.evaluate.report import NAMES, REPORT_FILE, Backtest, Report, Written, headline
+from farcast_cli.evaluate.report import NAMES, REPORT_FILE, WRITTEN_NAMES, Backtest, Report, Written, headline
 from farcast_cli.evaluate.trajectories import sampled_trajectories
 from farcast_cli.forecast.candidates import Combination, candidate_inputs, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
@@ -518,11 +518,7 @@ def _choose(report: Report, options: dict[str, Combination], fallback: bool) -> 
 
 def _written_label(report: Report, method: str) -> str:
     if method != "forecast":
-        return {
-            "last": "the last checkpoint, unchanged",
-            "line": "the straight line through the last two checkpoints",
-            "lawa": "the average of the last checkpoints",
-        }[method]
+        return WRITTEN_NAMES[method]
     fit = report.forecaster
     return f"the forecast (anchor {fit['anchor']}, shrink {fit['fit'].get('shrink', 1.0):g})"
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint
-from farcast_cli.forecast.candidates import Combination, candidates, line_tested
+from farcast_cli.forecast.candidates import LABELS, Combination, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.engine import EngineSettings
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run
@@ -56,7 +56,7 @@ class LossPoint:
     @property
     def label(self) -> str:
         if self.method != "forecast":
-            return {"last": "keep last", "line": "straight line", "lawa": "average of the last checkpoints"}[self.method]
+            return LABELS[self.method]
         return f"forecast (anchor {self.anchor}, shrink {self.shrink:g})"
 
 

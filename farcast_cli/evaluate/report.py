@@ -23,6 +23,11 @@ NAMES = {
     "line": "a straight line",
     "lawa": "averaging the last checkpoints",
 }
+WRITTEN_NAMES = {
+    "last": "the last checkpoint, unchanged",
+    "line": "the straight line through the last two checkpoints",
+    "lawa": "the average of the last checkpoints",
+}
 
 
 @dataclass(frozen=True)

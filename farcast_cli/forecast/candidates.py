@@ -14,6 +14,7 @@ from farcast_cli.model.forecaster import Forecaster
 from farcast_cli.model.linear import LinearMap
 
 METHODS = ("forecast", "last", "line", "lawa")
+LABELS = {"forecast": "forecast", "last": "keep last", "line": "straight line", "lawa": "average of the last checkpoints"}
 BASELINES = METHODS[1:]
 LAWA_WINDOW = 5
 
@@ -85,7 +86,7 @@ def candidates(run: Run, forecaster: Forecaster) -> dict[str, Combination]:
         "line": LinearMap.of([[-s for s in slopes], [1.0 + s for s in slopes]], zero),
         "lawa": LinearMap.of([[1.0 / len(window)] * outputs] * len(window), zero),
     }
-    labels = {"forecast": "farcast", "last": "keep last", "line": "straight line", "lawa": f"average of the last {len(window)}"}
+    labels = {**LABELS, "forecast": "farcast", "lawa": f"average of the last {len(window)}"}
     return {
         method: Combination(
             labels[method], tuple(inputs[method]), maps[method], targets, forecaster.per_tensor if method == "forecast" else {}
