@@ -13,6 +13,7 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   later checkpoints are read at their forecast-time step.
 - inproc-unshrunk: inproc with `--shrink none` (the forecast as fitted, not moved towards the last
   checkpoint by the weight backtest's factor).
+- inproc-ungated, inproc-unshrunk-ungated: the same two, every forecast applied (`gate=False`).
 - inproc-loss: the inproc way, gated by the loss on half of the validation set (the other half is what this
   benchmark reports, so the gate never sees it).
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
@@ -51,7 +52,10 @@ from farcast_cli.io.run import Jump, record_jump
 from farcast_cli.model.fit import FitSettings
 
 TARGETS = (0.4, 0.6, 0.8, 1.0)
-VARIANTS = ("plain", "inproc", "inproc-unshrunk", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance")
+VARIANTS = (
+    "plain", "inproc", "inproc-unshrunk", "inproc-ungated", "inproc-unshrunk-ungated", "inproc-loss",
+    "resume-keep", "graft-keep", "resume-advance", "graft-advance",
+)  # fmt: skip
 
 
 @dataclass
@@ -120,10 +124,10 @@ def _farcast(run: Path, p, variant: str, jump: float, label: int, work: Path) ->
         evaluation=evaluation,
         fallback=False,
         force=True,
-        settings=FitSettings(shrink=1.0) if variant == "inproc-unshrunk" else FitSettings(),
+        settings=FitSettings(shrink=1.0) if "unshrunk" in variant else FitSettings(),
         options=commands.StreamOptions(quiet=True, backtest="sample"),
     )
-    applied = bool(report.beats_last) if variant.startswith("inproc") else True
+    applied = bool(report.beats_last) if variant.startswith("inproc") and not variant.endswith("ungated") else True
     if applied:
         load_into(p.model, out)
         if variant.startswith("inproc"):

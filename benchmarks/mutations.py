@@ -1,6 +1,6 @@
 """Break the model on purpose, one mutation at a time, and check that the test suite notices.
 
-    python benchmarks/mutations.py            # about 4 minutes on 2 cores
+    python benchmarks/mutations.py            # about 10 minutes on 2 cores
 
 Each mutation edits one line of farcast_cli, runs the tests that pin the math and the model's
 selection, and is undone (from a copy of the file, so the tree's other changes stay). Prints each
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_math.py", "tests/test_fit.py", "tests/test_predict.py", "tests/test_evaluation.py"]
+TESTS = ["tests/test_math.py", "tests/test_fit.py", "tests/test_predict.py", "tests/test_loss.py"]
 MUTATIONS = [
     # (name, file, text, replacement)
     ("time rule scaled by 0.9", "farcast_cli/model/pairs.py", "rho = horizon / (sk - s0)", "rho = 0.9 * horizon / (sk - s0)"),
@@ -74,6 +74,36 @@ MUTATIONS = [
         "farcast_cli/forecast/candidates.py",
         "(target - last_step) / (last_step - previous_step)",
         "(target - previous_step) / (last_step - previous_step)",
+    ),
+    (
+        "a loss win inside the run's jitter counts",
+        "farcast_cli/evaluate/loss.py",
+        "return best if best.loss < last.loss - noise else last",
+        "return best if best.loss < last.loss else last",
+    ),
+    (
+        "the line competes however short its backtest",
+        "farcast_cli/evaluate/loss.py",
+        'if line_tested or p.method != "line"',
+        'if True or p.method != "line"',
+    ),
+    (
+        "a backtest jump of a quarter counts as tested",
+        "farcast_cli/evaluate/report.py",
+        "plan.target_step - plan.last_step >= TESTED_FRACTION * horizon",
+        "plan.target_step - plan.last_step >= 0.5 * TESTED_FRACTION * horizon",
+    ),
+    (
+        "steps saved measured from the target",
+        "farcast_cli/evaluate/loss.py",
+        "return (1.0 if reached is None else (reached - start) / (end - start)), False",
+        "return (1.0 if reached is None else (end - reached) / (end - start)), False",
+    ),
+    (
+        "line rule compares spacings one short",
+        "farcast_cli/forecast/candidates.py",
+        "return (target - last) / (last - previous) >= horizon / spacing - 1e-9",
+        "return (target - last) / (last - previous) + 1 >= horizon / spacing - 1e-9",
     ),
 ]
 
