@@ -114,7 +114,10 @@ def test_a_forecast_that_loses_by_the_loss_is_not_written_unless_forced(tmp_path
 
 def test_a_straight_line_tested_as_far_as_asked_is_written_when_it_wins(tmp_path, farcast):
     run, weights = turning_run(tmp_path / "run")
-    report = predict_json(farcast, run, "-H", 40, "-o", tmp_path / "out", "--eval-cmd", distance_command(tmp_path, weights[200]))
+    command = distance_command(tmp_path, weights[200])
+    one_short = predict_json(farcast, run, "-H", 80, "-o", tmp_path / "short", "--eval-cmd", command)
+    assert (one_short["loss"]["cut_step"], one_short["loss"]["line_tested"]) == (140, False), "3 spacings tested, 4 asked"
+    report = predict_json(farcast, run, "-H", 40, "-o", tmp_path / "out", "--eval-cmd", command)
     assert report["loss"]["line_tested"] is True and report["best"] == "line" and "a straight line did best" in report["verdict"]
     assert report["written"]["method"] == "line" and report["written"]["from_steps"] == [180, 200]
     line = weights[200]["encoder.weight"] + (weights[200]["encoder.weight"] - weights[180]["encoder.weight"]) * 40 / 20
@@ -174,6 +177,10 @@ def test_a_jump_the_history_cannot_test_is_not_called_a_win(tmp_path, farcast):
     assert report["written"]["method"] == "last"
     result = farcast("predict", run, "-H", 200, "-o", tmp_path / "other", "--min-skill", -1, *FAST, expect=4)
     assert "too short to test the one asked" in result.stderr
+    for horizon, tested in [(80, True), (100, False)]:
+        report = predict_json(farcast, run, "-H", horizon, "-o", tmp_path / f"at-{horizon}", "--fallback")
+        plan = report["backtest"]["plan"]
+        assert plan["target_step"] - plan["last_step"] == 40 and report["tested"] is tested, (horizon, report["verdict"])
 
 
 @pytest.mark.parametrize(
