@@ -24,7 +24,7 @@ from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
 from farcast_cli.evaluate.report import NAMES, REPORT_FILE, WRITTEN_NAMES, Backtest, Report, Written, headline
 from farcast_cli.evaluate.trajectories import sampled_trajectories
-from farcast_cli.forecast.candidates import Combination, candidate_inputs, candidates, line_tested
+from farcast_cli.forecast.candidates import LAWA_WINDOW, Combination, candidate_inputs, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
@@ -281,11 +281,13 @@ def dry_run(
 ) -> dict:
     """What `predict` would read and write, and its memory plan, without reading any tensor data."""
     _check_anchor(anchor)
+    _check_saved_forecaster_options(forecaster_file, list(emit), anchor, settings)
     whole = find_run(run_dir)
     run = _up_to(whole, last_step)
     if forecaster_file is not None:
         forecaster = _forecaster_for(run, forecaster_file, horizon)
         offsets, context_end, fits = forecaster.offsets, forecaster.context_end, False
+        anchor = forecaster.anchor
     else:
         if horizon is None:
             raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
@@ -294,7 +296,7 @@ def dry_run(
     first, last = run.checkpoints[0], run.at_step(context_end)
     infos = run.tensor_infos()
     out_bytes = sum(output_info(info, dtype).nbytes for info in infos)
-    read_bytes, scratch_bytes = predict_bytes(1 + (anchor or 1))
+    read_bytes, scratch_bytes = predict_bytes(max(1 + (anchor or max(ANCHORS)), LAWA_WINDOW))
     engine = options.engine(read_bytes, scratch_bytes)
     plan: dict = {
         "run": str(run.path),

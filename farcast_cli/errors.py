@@ -13,7 +13,6 @@ EXIT_LOW_SKILL = 4
 EXIT_OUTPUT = 5
 EXIT_LOST_RANK = 6
 EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 class FarcastError(Exception):
@@ -76,13 +75,16 @@ class Interrupted(FarcastError):
 
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (a batch scheduler's time limit) into an exception, so cleanup code runs."""
+    """Turn SIGTERM (a batch scheduler's time limit) and SIGHUP (the terminal closed) into an exception,
+    so that cleanup code runs: temporary folders, and eval commands running in their own sessions."""
 
     def handler(signum: int, frame: object) -> None:
-        raise Interrupted("SIGTERM", EXIT_SIGTERM)
+        name = signal.Signals(signum).name
+        raise Interrupted(name, 128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)

@@ -53,6 +53,8 @@ def test_fit_on_the_run_itself_then_predict_with_the_saved_forecaster(run_dir, f
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     ignored = farcast("predict", run_dir, "--forecaster", forecaster_file, "-o", tmp_path / "c", "--shrink", 0, "--anchor", 2, expect=2)
     assert "keeps the --anchor, --shrink it was fitted with" in ignored.stderr and not (tmp_path / "c").exists()
+    planned = farcast("predict", run_dir, "--forecaster", forecaster_file, "-o", tmp_path / "c", "--anchor", 2, "--dry-run", expect=2)
+    assert "keeps the --anchor it was fitted with" in planned.stderr
 
 
 def test_forecaster_must_fit_the_run(tmp_path, farcast):

@@ -131,3 +131,17 @@ def test_the_trainer_callback_jumps_and_later_checkpoints_carry_it(tmp_path):
     assert found["checkpoint-15"] == 15 and found["checkpoint-20"] == 20 + first and found["checkpoint-30"] == 30 + first + second
     assert second == round(0.5 * (25 + first - 5))
     assert trainer.lr_scheduler.last_epoch == 30 + first + second
+
+
+def test_a_run_farcast_cannot_read_is_a_warning_and_training_goes_on(tmp_path, caplog):
+    run = tmp_path / "run"
+    model = torch.nn.Linear(8, 1)
+    for step in (0, 5, 10):
+        save(run, model, step)
+    (run / "checkpoint-10" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken header}")
+    before = model.weight.detach().clone()
+    with caplog.at_level("INFO", logger="farcast"):
+        result = Farcaster(run, every=10, jump=0.5, settings=FAST_FIT).step(model, 10)
+    assert result is not None and not result.applied and result.why.startswith("farcast failed, training goes on")
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "checkpoint-10" in caplog.records[0].getMessage()
+    assert torch.equal(model.weight.detach(), before)

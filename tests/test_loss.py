@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from farcast_cli import commands
-from farcast_cli.evaluate.evaluator import EvalOptions
+from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.loss import step_reaching, steps_saved
 from farcast_cli.model.fit import FitSettings
 
@@ -181,6 +181,11 @@ def test_a_jump_the_history_cannot_test_is_not_called_a_win(tmp_path, farcast):
         report = predict_json(farcast, run, "-H", horizon, "-o", tmp_path / f"at-{horizon}", "--fallback")
         plan = report["backtest"]["plan"]
         assert plan["target_step"] - plan["last_step"] == 40 and report["tested"] is tested, (horizon, report["verdict"])
+
+
+def test_the_loss_is_the_last_number_printed_and_words_are_not_numbers(tmp_path):
+    assert EvalCommand("echo eval_loss 0.42 '(info, nano)' # {checkpoint}")(tmp_path) == 0.42
+    assert EvalCommand("echo step 300 loss 1.5e-2 # {checkpoint}")(tmp_path) == 0.015
 
 
 @pytest.mark.parametrize(

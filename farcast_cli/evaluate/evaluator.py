@@ -20,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -31,7 +32,8 @@ from pathlib import Path
 from farcast_cli.errors import UsageError
 from farcast_cli.io.run import Checkpoint
 
-NUMBER = re.compile(r"[-+]?(?:nan|inf(?:inity)?|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", re.IGNORECASE)
+NUMBER = re.compile(r"[-+]?(?:(?<![A-Za-z])(?:nan|inf(?:inity)?)(?![A-Za-z])|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", re.IGNORECASE)
+STOP_GRACE_SECONDS = 2.0
 EVAL_TIMEOUT_SECONDS = 24 * 3600
 FINGERPRINT_PAGES = 16
 PAGE_BYTES = 4096
@@ -50,6 +52,7 @@ class EvalCommand:
         self.template = template
         self.cache_key = f"command:{template}"
         self.running: set[subprocess.Popen] = set()
+        self.stopped = False
         self.lock = threading.Lock()
 
     def __str__(self) -> str:
@@ -58,11 +61,11 @@ class EvalCommand:
     def __call__(self, checkpoint: Path) -> float:
         quoted = shlex.quote(str(checkpoint))
         command = self.template.replace("{checkpoint}", quoted) if "{checkpoint}" in self.template else f"{self.template} {quoted}"
-        done = self._run(command, checkpoint)
-        if done.returncode != 0:
-            last_line = (done.stderr.strip().splitlines() or ["no message"])[-1][:200]
-            raise UsageError(f"--eval-cmd failed on {checkpoint} (exit {done.returncode}): {last_line}")
-        numbers = NUMBER.findall(done.stdout)
+        returncode, stdout, stderr = self._run(command, checkpoint)
+        if returncode != 0:
+            last_line = (stderr.strip().splitlines() or ["no message"])[-1][:200]
+            raise UsageError(f"--eval-cmd failed on {checkpoint} (exit {returncode}): {last_line}")
+        numbers = NUMBER.findall(stdout)
         if not numbers:
             raise UsageError(f"--eval-cmd printed no number for {checkpoint}; it must print the loss as the last number on its stdout")
         loss = float(numbers[-1])
@@ -70,32 +73,56 @@ class EvalCommand:
             raise UsageError(f"--eval-cmd printed {numbers[-1]} as the loss of {checkpoint}; a loss must be a finite number")
         return loss
 
-    def _run(self, command: str, checkpoint: Path) -> subprocess.CompletedProcess:
-        """The command in its own process group, so that a timeout or `stop` ends everything it started."""
-        process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    def start(self) -> None:
+        """Allow commands to run (again): a Scorer calls it, `stop` ends it."""
         with self.lock:
-            self.running.add(process)
-        try:
-            stdout, stderr = process.communicate(timeout=EVAL_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            _kill_group(process)
-            process.communicate()
-            raise UsageError(f"--eval-cmd took over {EVAL_TIMEOUT_SECONDS} s on {checkpoint}") from None
-        finally:
-            with self.lock:
-                self.running.discard(process)
-        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+            self.stopped = False
 
     def stop(self) -> None:
-        """End the commands still running (farcast is stopping: an error elsewhere, or an interrupt)."""
+        """End the commands still running and start no more (farcast is stopping: an error elsewhere, or
+        an interrupt): SIGTERM to each command's process group, SIGKILL to what is left after a grace."""
         with self.lock:
-            for process in self.running:
-                _kill_group(process)
+            self.stopped = True
+            running = list(self.running)
+        _end(running)
+
+    def _run(self, command: str, checkpoint: Path) -> tuple[int, str, str]:
+        """The command in its own process group, so that a timeout or `stop` ends everything it started.
+        Its output goes to files, not pipes: a process it left behind cannot keep farcast waiting."""
+        with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+            with self.lock:
+                if self.stopped:
+                    raise UsageError(f"--eval-cmd on {checkpoint}: not started, farcast is stopping")
+                process = subprocess.Popen(command, shell=True, stdout=stdout, stderr=stderr, text=True, start_new_session=True)
+                self.running.add(process)
+            try:
+                process.wait(timeout=EVAL_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                _end([process])
+                raise UsageError(f"--eval-cmd took over {EVAL_TIMEOUT_SECONDS} s on {checkpoint}") from None
+            finally:
+                with self.lock:
+                    self.running.discard(process)
+            stdout.seek(0)
+            stderr.seek(0)
+            return process.returncode, stdout.read(), stderr.read()
 
 
-def _kill_group(process: subprocess.Popen) -> None:
+def _end(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM to each process group, then SIGKILL to the groups still there after STOP_GRACE_SECONDS."""
+    for process in processes:
+        _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signum)
 
 
 def checkpoint_fingerprint(checkpoint: Checkpoint) -> str:
@@ -186,7 +213,11 @@ class Scorer:
         self.evaluator, self.jobs, self.quiet = evaluator, jobs, quiet
         self.cache = cache if getattr(evaluator, "cache_key", None) else None
         self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="farcast-eval")
+        start = getattr(evaluator, "start", None)
+        if start is not None:
+            start()
         self.futures: dict[str, Future] = {}
+        self.failure: Exception | None = None
         self.evaluations = self.cache_hits = 0
         self.seconds = 0.0
         self.lock = threading.Lock()
@@ -219,10 +250,19 @@ class Scorer:
         self.futures[key] = future
         return future
 
+    def raise_failure(self) -> None:
+        """Raise the first evaluation's failure, if one has failed: no more candidates are worth writing."""
+        if self.failure is not None:
+            raise self.failure
+
     def _evaluate(self, key: str, path: Path, label: str, done: Callable[[], None]) -> Score:
         started = time.perf_counter()
         try:
             loss = float(self.evaluator(path))
+        except Exception as error:
+            with self.lock:
+                self.failure = self.failure or error
+            raise
         finally:
             done()
         seconds = time.perf_counter() - started

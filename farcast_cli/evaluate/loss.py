@@ -138,6 +138,7 @@ class CandidateScores:
         return self.scorer.submit(self.fingerprint(checkpoint), checkpoint.path, label)
 
     def combination(self, candidate: Combination, label: str) -> Future:
+        self.scorer.raise_failure()
         kept = candidate.kept_input()
         if kept is not None:
             return self.checkpoint(kept, label)
@@ -177,7 +178,7 @@ def loss_backtest(
         for alpha in _grid(settings.shrink):
             futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
     if settings.shrink is None:
-        _refine(scores, run, trials, futures)
+        _refine(scores, run, trials, futures, [future for _, future in curve])
     steps = run.steps
     tested = line_tested(steps[cut - 1], steps[cut], steps[-1], horizon, steps[-1] - steps[-2])
     return _scored(run, cut, scores, curve, futures, tested)
@@ -256,9 +257,9 @@ def _forecast_future(scores: CandidateScores, run: Run, trial: Forecaster, ancho
     return scores.combination(combination, f"backtest forecast, anchor {anchor}, shrink {alpha:g}")
 
 
-def _refine(scores: CandidateScores, run: Run, trials: dict[int, Forecaster], futures: dict[tuple, Future]) -> None:
+def _refine(scores: CandidateScores, run: Run, trials: dict[int, Forecaster], futures: dict[tuple, Future], curve: list[Future]) -> None:
     """Around each anchor's best factor on the grid, try half a step either side (within the grid)."""
-    settle(futures.values())
+    settle([*futures.values(), *curve])
     last_loss = futures[("last", None, None)].result().loss
     for anchor, trial in trials.items():
         tried = {

@@ -82,14 +82,20 @@ class Farcaster:
         """Call after saving the checkpoint of global step `step`; returns what was done, None when not due."""
         if not self.due(step):
             return None
-        run = find_run(self.run_dir)
+        try:
+            run = find_run(self.run_dir)
+        except FarcastError as error:
+            self.last_attempt = step
+            log.warning("farcast at step %d: skipped (farcast failed, training goes on: %s)", step, error)
+            self.history.append(JumpResult(step, 0, False, f"farcast failed, training goes on: {error}", 0.0, None))
+            return self.history[-1]
         if len(run.checkpoints) < self.min_checkpoints:
             return None
         self.last_attempt = step
         started = time.perf_counter()
         horizon = max(1, round(self.jump * (run.last.step - run.steps[0])))
         out = self.run_dir / SCRATCH / f"forecast-{step}"
-        report = None
+        report, failed = None, False
         try:
             report = commands.predict(
                 self.run_dir, out, horizon=horizon, settings=self.settings, options=self.options, evaluation=self.evaluation,
@@ -101,12 +107,12 @@ class Farcaster:
                 self._advance(lr_scheduler, horizon)
                 record_jump(self.run_dir, Jump(step, horizon))
         except FarcastError as error:
-            applied, why = False, f"farcast failed, training goes on: {error}"
+            applied, why, failed = False, f"farcast failed, training goes on: {error}", True
         finally:
             shutil.rmtree(out, ignore_errors=True)
         result = JumpResult(step, horizon, applied, why, time.perf_counter() - started, report)
         self.history.append(result)
-        level = logging.WARNING if report is None else logging.INFO
+        level = logging.WARNING if failed else logging.INFO
         log.log(level, "farcast at step %d: %s a jump of %d steps (%s)", step, "made" if applied else "skipped", horizon, why)
         return result
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import shutil
@@ -126,15 +125,12 @@ def _replace(temporary: Path, out_dir: Path) -> None:
     """Swap the finished folder in. An old one is exchanged with it in one step where the system can
     (Linux, most local file systems), so that OUT never goes missing; elsewhere it moves aside first
     and goes only after the swap."""
-    old = None
-    try:
-        exchanged = out_dir.exists() and _exchange(temporary, out_dir)
-    except OSError as error:
-        raise output_failure(out_dir, error) from None
-    if exchanged:
-        shutil.rmtree(temporary, ignore_errors=True)
+    present = out_dir.exists() or out_dir.is_symlink()
+    if present and _exchange(temporary, out_dir):
+        _remove(temporary)
         return
-    if out_dir.exists():
+    old = None
+    if present:
         old = out_dir.parent / f".{out_dir.name}.farcast-old-{uuid.uuid4().hex[:8]}"
         out_dir.rename(old)
     try:
@@ -144,22 +140,27 @@ def _replace(temporary: Path, out_dir: Path) -> None:
             old.rename(out_dir)
         raise output_failure(out_dir, error) from None
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
 
 
 def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where the system or the file
-    system cannot."""
+    """Swap two paths atomically (renameat2 with RENAME_EXCHANGE); False where the system, the file
+    system or the moment cannot (the caller then moves the old one aside)."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
     at_cwd, rename_exchange = -100, 2
-    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
-        return True
-    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
-        return False
-    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(second))
+    return renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0
+
+
+def _remove(path: Path) -> None:
+    """Remove what an output replaced: a folder with its contents, or a file or link itself."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(OSError):
+            path.unlink()
 
 
 def write_index(folder: Path, source: Checkpoint, sizes: dict[str, int]) -> None:
