@@ -488,8 +488,10 @@ def predict(
     out_dtype = None if dtype is None else dtype.value.upper()
     given = dict(horizon=horizon, forecaster_file=forecaster, emit=emit or [], settings=settings, options=options, dtype=out_dtype)
     if dry_run:
-        plan = lambda world: commands.dry_run(run_dir, output, **given, anchor=anchor, last_step=last_step)  # noqa: E731
-        _run(plan, lambda plan: _show_plan(plan, writing.as_json))
+        _run(
+            lambda world: commands.predict(run_dir, output, **given, anchor=anchor, last_step=last_step, dry_run=True),
+            lambda plan: _show_plan(plan, writing.as_json),
+        )
         return
     chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=writing.force, min_skill=min_skill, fallback=fallback)
     chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)

@@ -159,9 +159,11 @@ def predict(
     fallback: bool | None = None,
     resumable: bool = False,
     schedule: str | None = None,
+    dry_run: bool = False,
     world: World = ONE_PROCESS,
-) -> Report:
+) -> Report | dict:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the chosen checkpoint.
+    With `dry_run`, only the plan: what it would read and write, and its memory (`plan`).
 
     The backtest decides by the user's loss when `evaluation` has an evaluator, else by weight error.
     With `fallback` (the default when there is an evaluator) whichever candidate won the backtest is
@@ -170,6 +172,8 @@ def predict(
     trainer resumes from, with its state advanced by the horizon and the LR `schedule` kept or advanced
     (io/resume.py); it may be the run's own checkpoint-<last + horizon>. Under torchrun (`world`) every
     streaming pass divides its tensors among the ranks; rank 0 fits, runs any eval commands and publishes."""
+    if dry_run:
+        return plan(run_dir, out_dir, horizon, forecaster_file, emit, settings, options, dtype, anchor, last_step)
     timings: dict[str, float] = {}
     options = _for_rank(options, world)
     judged = evaluation.evaluator is not None
@@ -266,18 +270,17 @@ def _write_share(last: Checkpoint, out_dir: Path, world: World) -> frozenset[str
     return split(last, world.size)[world.rank]
 
 
-def dry_run(
+def plan(
     run_dir: Path,
     out_dir: Path,
-    *,
-    horizon: int | None = None,
-    forecaster_file: Path | None = None,
-    emit: list[int] = (),
-    settings: FitSettings = FitSettings(),
-    options: StreamOptions = StreamOptions(),
-    dtype: str | None = None,
-    anchor: int | None = None,
-    last_step: int | None = None,
+    horizon: int | None,
+    forecaster_file: Path | None,
+    emit: list[int],
+    settings: FitSettings,
+    options: StreamOptions,
+    dtype: str | None,
+    anchor: int | None,
+    last_step: int | None,
 ) -> dict:
     """What `predict` would read and write, and its memory plan, without reading any tensor data."""
     _check_anchor(anchor)
