@@ -174,13 +174,7 @@ def write_index(folder: Path, source: Checkpoint, sizes: dict[str, int]) -> None
 def copy_aux_files(folder: Path, source: Checkpoint, link: bool = False) -> None:
     """Config and tokenizer files travel with the weights; optimizer, scheduler and RNG state never do."""
     for path in source.aux_files:
-        if link:
-            link_or_copy(path, folder / path.name)
-            continue
-        try:
-            shutil.copyfile(path, folder / path.name)
-        except OSError as error:
-            raise output_failure(folder / path.name, error) from None
+        (link_or_copy if link else copy_file)(path, folder / path.name)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -188,10 +182,15 @@ def link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        try:
-            shutil.copyfile(source, target)
-        except OSError as error:
-            raise output_failure(target, error) from None
+        copy_file(source, target)
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """A byte-for-byte copy; a failure is the output's, named by the target."""
+    try:
+        shutil.copyfile(source, target)
+    except OSError as error:
+        raise output_failure(target, error) from None
 
 
 def write_text(path: Path, text: str) -> None:

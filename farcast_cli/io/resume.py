@@ -13,13 +13,12 @@ the horizon, reading and writing scheduler.pt only with torch's weights-only loa
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
 from farcast_cli.errors import InputError, OutputError, UsageError
-from farcast_cli.io.output import write_text
+from farcast_cli.io.output import copy_file, write_text
 from farcast_cli.io.run import TRAINER_FOLDER, TRAINER_STATE, TRAINING_STATE_FILES, Checkpoint, Run, read_json
 from farcast_cli.io.writer import output_failure
 
@@ -62,7 +61,7 @@ def write_trainer_state(last: Checkpoint, folder: Path, horizon: int, schedule: 
     """The trainer's files for `folder`, a forecast `horizon` steps past `last` (module docstring)."""
     copied = [path.name for path in sorted(last.path.iterdir()) if any(fnmatch(path.name, p) for p in COPIED_AS_BYTES)]
     for name in copied:
-        _copy(last.path / name, folder / name)
+        copy_file(last.path / name, folder / name)
     missing = [name for name in ("optimizer.pt", SCHEDULER) if not (last.path / name).exists()]
     next_lr = None
     if (last.path / SCHEDULER).exists():
@@ -71,7 +70,7 @@ def write_trainer_state(last: Checkpoint, folder: Path, horizon: int, schedule: 
         if schedule == "advance":
             _save_scheduler(_advanced(scheduler, horizon, last.path / SCHEDULER), folder / SCHEDULER)
         else:
-            _copy(last.path / SCHEDULER, folder / SCHEDULER)
+            copy_file(last.path / SCHEDULER, folder / SCHEDULER)
         copied.append(SCHEDULER)
     state = read_json(last.path / TRAINER_STATE)
     if not isinstance(state, dict) or not isinstance(state.get("log_history", []), list):
@@ -117,13 +116,6 @@ def _advice(last: Checkpoint, horizon: int, schedule: str, missing: list[str], n
     if missing:
         lines.append(f"{' and '.join(missing)} missing in {last.path.name}: a Trainer then restarts both the optimizer and the schedule")
     return lines
-
-
-def _copy(source: Path, target: Path) -> None:
-    try:
-        shutil.copyfile(source, target)
-    except OSError as error:
-        raise output_failure(target, error) from None
 
 
 def _load_scheduler(path: Path, required: bool) -> dict | None:

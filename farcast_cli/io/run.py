@@ -166,9 +166,9 @@ def find_run(path: Path) -> Run:
         run = Run(path, "trainer", sorted((_trainer_checkpoint(p) for p in folders), key=lambda c: c.step), warnings)
     else:
         run = Run(path, "files", _file_checkpoints(path), warnings)
-    _set_time_axis(run)
     run.forecasts = [c for c in run.checkpoints if c.is_forecast]
     run.checkpoints = [c for c in run.checkpoints if not c.is_forecast]
+    _set_time_axis(run)
     run.warnings += [f"{c.path}: a forecast farcast wrote; not used as history" for c in run.forecasts]
     if not run.checkpoints:
         raise InputError(f"{path}: no checkpoints found (expected checkpoint-<step>/ folders or <name><step>.safetensors files)")
@@ -275,15 +275,15 @@ def record_jump(run_dir: Path, jump: Jump) -> None:
 
 
 def _set_time_axis(run: Run) -> None:
-    """Steps on the run's time axis: the saved step plus every horizon jumped before it, by the
-    checkpoint's own trainer state where it has one, else by the run's farcast_jumps.json."""
+    """Steps on the run's time axis for its real checkpoints (not farcast's forecasts): the saved step
+    plus every horizon jumped before it, by the checkpoint's own trainer state where it has one, else by
+    the run's farcast_jumps.json."""
     run.jumps = read_jumps(run.path)
     for checkpoint in run.checkpoints:
         jumps = run.jumps if checkpoint.jumps is None else checkpoint.jumps
         checkpoint.step = checkpoint.saved_step + sum(j.horizon for j in jumps if j.at_step < checkpoint.saved_step)
     run.checkpoints.sort(key=lambda c: c.step)
-    real = [c for c in run.checkpoints if not c.is_forecast]
-    for earlier, later in zip(real, real[1:]):
+    for earlier, later in zip(run.checkpoints, run.checkpoints[1:]):
         if earlier.step == later.step:
             raise InputError(
                 f"{later.path}: stands for step {later.step}, as {earlier.path.name} does, after farcast's jumps; "
