@@ -178,10 +178,11 @@ def predict(
     options = _for_rank(options, world)
     judged = evaluation.evaluator is not None
     with timed(timings, "find_run"):
+        _check_horizon(horizon, forecaster_file)
         _check_anchor(anchor)
         _check_saved_forecaster_options(forecaster_file, emit, anchor, settings)
         if resumable:
-            _check_resumable(last_step, horizon, forecaster_file, emit, schedule)
+            _check_resumable(last_step, emit)
         resumable_horizon = (horizon if horizon is not None else Forecaster.load(forecaster_file).horizon) if resumable else None
         whole, run = world.together(lambda: _open_run(run_dir, out_dir, force, last_step, options, resumable_horizon, schedule))
     with _judge(evaluation, run, out_dir, options, world) as judge:
@@ -189,8 +190,6 @@ def predict(
             forecaster = world.together(lambda: _forecaster_for(run, forecaster_file, horizon))
             report = _saved_report(run, forecaster, forecaster_file)
         else:
-            if horizon is None:
-                raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
             offsets = output_offsets(horizon, emit)
             forecaster, report = _fit_and_evaluate(
                 "predict", run, horizon, offsets, settings, options, judge, anchor, timings, world, judged
@@ -283,6 +282,7 @@ def plan(
     last_step: int | None,
 ) -> dict:
     """What `predict` would read and write, and its memory plan, without reading any tensor data."""
+    _check_horizon(horizon, forecaster_file)
     _check_anchor(anchor)
     _check_saved_forecaster_options(forecaster_file, list(emit), anchor, settings)
     whole = find_run(run_dir)
@@ -292,8 +292,6 @@ def plan(
         offsets, context_end, fits = forecaster.offsets, forecaster.context_end, False
         anchor = forecaster.anchor
     else:
-        if horizon is None:
-            raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
         offsets, context_end, fits = output_offsets(horizon, emit), run.steps[-1], True
         _require_three_checkpoints(run)
     first, last = run.checkpoints[0], run.at_step(context_end)
@@ -360,20 +358,20 @@ def _check_anchor(anchor: int | None) -> None:
         raise UsageError(f"--anchor {anchor}: the number of checkpoints averaged must be at least 1")
 
 
-def _check_resumable(
-    last_step: int | None, horizon: int | None, forecaster_file: Path | None, emit: list[int], schedule: str | None
-) -> None:
-    if horizon is not None and horizon <= 0:
-        raise UsageError(f"--horizon must be a positive number of steps, not {horizon}")
+def _check_resumable(last_step: int | None, emit: list[int]) -> None:
     if last_step is not None or emit:
         raise UsageError("--resumable writes one checkpoint past the run's newest: it takes neither --last-step nor --emit")
+
+
+def _check_horizon(horizon: int | None, forecaster_file: Path | None = None) -> None:
     if horizon is None and forecaster_file is None:
         raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
+    if horizon is not None and horizon <= 0:
+        raise UsageError(f"--horizon must be a positive number of steps, not {horizon}")
 
 
 def output_offsets(horizon: int, emit: list[int]) -> list[int]:
-    if horizon <= 0:
-        raise UsageError(f"--horizon must be a positive number of steps, not {horizon}")
+    _check_horizon(horizon)
     bad = [e for e in emit if not 0 < e < horizon]
     if bad:
         raise UsageError(f"--emit {bad[0]}: each emitted step must lie between 0 and the horizon {horizon}")
@@ -425,7 +423,7 @@ def _fit_and_evaluate(
             forecaster, loss, loss_unavailable = world.on_main(
                 lambda: _decided_by_loss(run, history, horizon, offsets, settings, judge, anchor, forecaster), patient=True
             )
-    unavailable = None if backtest else f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
+    unavailable = None if backtest else _too_few_to_hold_out(run)
     report = _report(command, run, forecaster, backtest, unavailable, loss, loss_unavailable)
     report.trajectories = sampled_trajectories(history, {i.name: i.numel for i in run.tensor_infos()}, fitted.scored, forecaster)
     return forecaster, report
@@ -445,7 +443,7 @@ def _decided_by_loss(
     there is no loss backtest (or None)."""
     loss = loss_backtest(run, history, horizon, settings, judge, anchors=(anchor,) if anchor else ANCHORS)
     if loss is None:
-        return forecaster, None, f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
+        return forecaster, None, _too_few_to_hold_out(run)
     if loss.best_forecast is not None:
         best = loss.best_forecast
         forecaster = fit_plain(history, horizon, offsets, settings, best.anchor).shrunk(best.shrink)
@@ -560,6 +558,10 @@ def _backtest(run: Run, history: History, forecaster: Forecaster, options: Strea
         return backtest_sample(history, scored)
     with byte_progress("backtest", streamed_bytes(run, scored, world), options.quiet) as advance:
         return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance), world)
+
+
+def _too_few_to_hold_out(run: Run) -> str:
+    return f"{len(run.steps)} checkpoints are too few to hold some out and still fit a jump of this size"
 
 
 def _require_three_checkpoints(run: Run) -> None:
