@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +203,13 @@ class Score:
     cached: bool
 
 
+def raise_first_failure(futures: Iterable[Future]) -> None:
+    """Raise the error of the first of `futures` that has failed (those not done yet are passed over)."""
+    for future in futures:
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            raise future.exception()
+
+
 class Scorer:
     """Scores checkpoints with an evaluator: `submit` returns a Future, so that several evaluations run
     at once (`jobs`) while the caller writes the next candidate; each key is evaluated at most once."""
@@ -217,7 +224,6 @@ class Scorer:
         if start is not None:
             start()
         self.futures: dict[str, Future] = {}
-        self.failure: Exception | None = None
         self.evaluations = self.cache_hits = 0
         self.seconds = 0.0
         self.lock = threading.Lock()
@@ -251,18 +257,13 @@ class Scorer:
         return future
 
     def raise_failure(self) -> None:
-        """Raise the first evaluation's failure, if one has failed: no more candidates are worth writing."""
-        if self.failure is not None:
-            raise self.failure
+        """Raise an evaluation's failure, if one has failed: no more candidates are worth writing."""
+        raise_first_failure(self.futures.values())
 
     def _evaluate(self, key: str, path: Path, label: str, done: Callable[[], None]) -> Score:
         started = time.perf_counter()
         try:
             loss = float(self.evaluator(path))
-        except Exception as error:
-            with self.lock:
-                self.failure = self.failure or error
-            raise
         finally:
             done()
         seconds = time.perf_counter() - started
@@ -277,9 +278,7 @@ class Scorer:
         return Score(loss, seconds, False)
 
     def close(self) -> None:
-        """Cancel what has not started and end what is still running: after a success nothing is."""
-        for future in self.futures.values():
-            future.cancel()
+        """End what is still running and cancel what has not started: after a success nothing is."""
         stop = getattr(self.evaluator, "stop", None)
         if stop is not None:
             stop()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint
+from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint, raise_first_failure
 from farcast_cli.forecast.candidates import LABELS, Combination, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.engine import EngineSettings
@@ -279,9 +279,7 @@ def settle(futures: Iterable[Future]) -> None:
     """Wait for every score, but raise the first failure as soon as it happens: a broken eval command
     must not wait for the others still running."""
     done, _ = wait(list(futures), return_when=FIRST_EXCEPTION)
-    for future in done:
-        if not future.cancelled() and future.exception() is not None:
-            raise future.exception()
+    raise_first_failure(done)
 
 
 def curve_noise(losses: Sequence[float]) -> float:

@@ -82,21 +82,15 @@ class Farcaster:
         """Call after saving the checkpoint of global step `step`; returns what was done, None when not due."""
         if not self.due(step):
             return None
+        started = time.perf_counter()
+        out = self.run_dir / SCRATCH / f"forecast-{step}"
+        horizon, report, failed = 0, None, False
         try:
             run = find_run(self.run_dir)
-        except FarcastError as error:
+            if len(run.checkpoints) < self.min_checkpoints:
+                return None
             self.last_attempt = step
-            log.warning("farcast at step %d: skipped (farcast failed, training goes on: %s)", step, error)
-            self.history.append(JumpResult(step, 0, False, f"farcast failed, training goes on: {error}", 0.0, None))
-            return self.history[-1]
-        if len(run.checkpoints) < self.min_checkpoints:
-            return None
-        self.last_attempt = step
-        started = time.perf_counter()
-        horizon = max(1, round(self.jump * (run.last.step - run.steps[0])))
-        out = self.run_dir / SCRATCH / f"forecast-{step}"
-        report, failed = None, False
-        try:
+            horizon = max(1, round(self.jump * (run.last.step - run.steps[0])))
             report = commands.predict(
                 self.run_dir, out, horizon=horizon, settings=self.settings, options=self.options, evaluation=self.evaluation,
                 fallback=False, force=True,
@@ -107,6 +101,7 @@ class Farcaster:
                 self._advance(lr_scheduler, horizon)
                 record_jump(self.run_dir, Jump(step, horizon))
         except FarcastError as error:
+            self.last_attempt = step
             applied, why, failed = False, f"farcast failed, training goes on: {error}", True
         finally:
             shutil.rmtree(out, ignore_errors=True)
