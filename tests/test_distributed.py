@@ -198,6 +198,7 @@ RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RUNS))
 def test_predict_under_torchrun_writes_what_one_process_writes(tmp_path, farcast, case):
     ranks, layout, options = RUNS[case]
@@ -214,6 +215,7 @@ def test_predict_under_torchrun_writes_what_one_process_writes(tmp_path, farcast
     assert len([p for p in tmp_path.iterdir() if p.name.startswith(".")]) == 0
 
 
+@pytest.mark.slow
 def test_fit_then_predict_with_the_forecaster_under_torchrun(tmp_path, farcast):
     """The predict step writes whole files per rank (FARCAST_WRITE_SPLIT=files, as on NFS across nodes)."""
     run = write_run(tmp_path / "run", shards=3)
@@ -232,6 +234,7 @@ def test_fit_then_predict_with_the_forecaster_under_torchrun(tmp_path, farcast):
     assert len([name for name in files_of(tmp_path / "all") if name.endswith(".safetensors")]) == 3
 
 
+@pytest.mark.slow
 def test_a_nan_in_one_ranks_share_fails_every_rank_with_one_line(tmp_path, farcast):
     steps = list(range(0, 201, 20))
     weights = trajectories(steps)
@@ -249,6 +252,7 @@ def test_a_nan_in_one_ranks_share_fails_every_rank_with_one_line(tmp_path, farca
     assert_nothing_left(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_an_existing_output_is_one_error_line_and_stays_untouched(run_dir, tmp_path, farcast):
     out = tmp_path / "out"
     out.mkdir()
@@ -295,6 +299,7 @@ def worker_of(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank}")
 
 
+@pytest.mark.slow
 def test_rank_0_killed_mid_write_leaves_nothing(big_run, tmp_path):
     """The temporary folder is rank 0's, but rank 0 is gone: the others remove it."""
     out = tmp_path / "out"
@@ -309,6 +314,7 @@ def test_rank_0_killed_mid_write_leaves_nothing(big_run, tmp_path):
     assert -9 in exit_codes_listed(stderr)
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_and_leaves_nothing(big_run, tmp_path):
     out = tmp_path / "out"
     launcher = launched("predict", big_run, "-o", out, *SLOW_WRITE, ranks=2)
@@ -321,6 +327,7 @@ def test_sigterm_to_torchrun_stops_every_rank_and_leaves_nothing(big_run, tmp_pa
     assert farcast_lines(stderr) in ([], ["farcast: error: interrupted by SIGTERM; temporary files removed"]), stderr
 
 
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_others_after_the_timeout(big_run, tmp_path):
     """No launcher to stop the others here (srun without torchrun): FARCAST_DIST_TIMEOUT bounds the wait."""
     out = tmp_path / "out"

@@ -108,6 +108,7 @@ def test_a_missing_gpu_is_a_usage_error(run_dir, farcast, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_progress_lines_in_batch_logs(run_dir, tmp_path, monkeypatch):
     """stderr is not a terminal under pytest: progress comes as plain lines, and none with --quiet."""
     import subprocess

@@ -46,6 +46,7 @@ def check_decisions_match_the_run(run: Path, made: dict[int, bool], horizon: int
         ).read_bytes()
 
 
+@pytest.mark.slow
 def test_the_batch_job_resumes_a_pytorch_loop_from_its_forecasts(tmp_path):
     run = tmp_path / "run"
     done = job("pytorch/train.py", run, 120, 40, 20)
@@ -57,6 +58,7 @@ def test_the_batch_job_resumes_a_pytorch_loop_from_its_forecasts(tmp_path):
     assert max(c.saved_step for c in found.checkpoints + found.forecasts) == 120
 
 
+@pytest.mark.slow
 def test_the_batch_job_with_the_trainer(tmp_path):
     pytest.importorskip("transformers")
     run = tmp_path / "run"
@@ -69,6 +71,7 @@ def test_the_batch_job_with_the_trainer(tmp_path):
     assert max(c.saved_step for c in found.checkpoints + found.forecasts) == 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, first_checkpoint", [("pytorch/train.py", 0), ("trainer/train.py", 10)])
 def test_the_scripts_farcast_in_process(tmp_path, script, first_checkpoint):
     if script.startswith("trainer"):

@@ -229,6 +229,7 @@ def test_report_lists_the_per_tensor_coefficients(run_dir, farcast, tmp_path):
     assert len(weight) == 2 and len(bias) == 1
 
 
+@pytest.mark.slow
 def test_fitting_does_not_pull_in_torch_compiler(run_dir, tmp_path):
     """torch.optim imports torch._dynamo on first use (1.3 s of start-up measured); the fit must not."""
     script = (

@@ -8,6 +8,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import pytest
 import safetensors
 import torch
 from conftest import write_run
@@ -79,6 +80,7 @@ def read_everything(data: bytes) -> None:
             assert file.metadata == (handle.metadata() or {})
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8))
 def test_random_byte_changes(changes):
@@ -88,12 +90,14 @@ def test_random_byte_changes(changes):
     read_everything(bytes(data))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.integers(0, len(VALID)), st.binary(max_size=64))
 def test_truncation_and_trailing_bytes(cut, tail):
     read_everything(VALID[:cut] + tail)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.integers(0, 2**64 - 1))
 def test_any_header_length(length):
@@ -119,6 +123,7 @@ json_whitespace = st.text(st.sampled_from(" \t\n\r\x0c\xa0"), max_size=3)
     json_whitespace,
     json_whitespace,
 )
+@pytest.mark.slow
 def test_header_field_replaced(key, field, value, lead, trail):
     """A field of an entry (or a new one, which the library ignores, or a metadata value) replaced by
     any JSON value, the header between any whitespace."""
@@ -214,6 +219,7 @@ TOKENS = [
 ]
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=800)
 @given(st.integers(0, len(json.dumps(HEADER))), st.integers(0, 6), st.sampled_from(TOKENS))
 def test_header_text_spliced(start, length, token):

@@ -48,6 +48,7 @@ def causal_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_causal_lm_loss_is_the_mean_loss_per_predicted_token(causal_checkpoint, tmp_path):
     text = tmp_path / "valid.txt"
     text.write_text("the quick brown fox jumps over the lazy dog.\n" * 3)

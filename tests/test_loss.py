@@ -64,6 +64,7 @@ def predict_json(farcast, *args: object, expect: int = 0) -> dict:
     return json.loads(farcast("predict", *args, "--json", *FAST, expect=expect).stdout)
 
 
+@pytest.mark.slow
 def test_the_loss_chooses_the_forecast_and_its_settings(run_dir, farcast, tmp_path, heading_loss):
     report = predict_json(farcast, run_dir, "-H", 100, "-o", tmp_path / "out", "--eval-cmd", heading_loss)
     loss = report["loss"]
@@ -91,6 +92,7 @@ def turning_run(root: Path) -> tuple[Path, dict]:
     return write_run(root, steps=steps, weights=weights, extras=False), weights
 
 
+@pytest.mark.slow
 def test_a_forecast_that_loses_by_the_loss_is_not_written_unless_forced(tmp_path, farcast):
     """The loss is the distance to where the weights end (step 200): the rise the forecast learned leads
     away from it. The straight line through the last two does best in the backtest, but over 3 spacings
@@ -112,6 +114,7 @@ def test_a_forecast_that_loses_by_the_loss_is_not_written_unless_forced(tmp_path
     assert forced["loss"]["evaluations"] == 1 and forced["loss"]["cache_hits"] > 10
 
 
+@pytest.mark.slow
 def test_a_straight_line_tested_as_far_as_asked_is_written_when_it_wins(tmp_path, farcast):
     run, weights = turning_run(tmp_path / "run")
     command = distance_command(tmp_path, weights[200])
@@ -124,6 +127,7 @@ def test_a_straight_line_tested_as_far_as_asked_is_written_when_it_wins(tmp_path
     assert torch.allclose(load_file(tmp_path / "out" / "model.safetensors")["encoder.weight"], line, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_grid_spans_zero_to_two_and_refines_around_the_best(tmp_path, farcast):
     """Weights on a straight line; the loss is the distance to where the line is 40 jumps further on:
     the largest factor wins, and the grid goes no further than 2 (larger factors did not carry over from
@@ -151,6 +155,7 @@ def test_a_win_within_the_runs_own_jitter_keeps_the_last_checkpoint():
     assert _choose([last, slightly], 0.0) is slightly
 
 
+@pytest.mark.slow
 def test_scores_are_cached_by_content_and_parallel_jobs_agree(run_dir, farcast, tmp_path, heading_loss):
     first = predict_json(farcast, run_dir, "-H", 100, "-o", tmp_path / "a", "--eval-cmd", heading_loss, "--eval-jobs", 2)
     second = predict_json(farcast, run_dir, "-H", 100, "-o", tmp_path / "b", "--eval-cmd", heading_loss)
@@ -161,6 +166,7 @@ def test_scores_are_cached_by_content_and_parallel_jobs_agree(run_dir, farcast, 
     assert uncached["loss"]["points"] == first["loss"]["points"] and uncached["loss"]["cache_hits"] == 0
 
 
+@pytest.mark.slow
 def test_min_skill_reads_steps_saved_with_an_eval_command(run_dir, farcast, tmp_path, heading_loss):
     result = farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--eval-cmd", heading_loss, "--min-skill", 1.5, *FAST, expect=4)
     assert "steps saved by your loss in the backtest is" in result.stderr and "below --min-skill 1.5" in result.stderr
@@ -227,6 +233,7 @@ def test_steps_saved_is_signed_and_says_when_it_is_extrapolated():
     assert steps_saved(curve, [(50, 1.1), (-100, 1.3)], 5.0) == (-1.0, False)
 
 
+@pytest.mark.slow
 def test_batch_logs_get_plain_lines(run_dir, farcast, tmp_path, heading_loss):
     result = farcast("predict", run_dir, "-H", 100, "-o", tmp_path / "out", "--eval-cmd", heading_loss, *FAST)
     lines = result.stdout.splitlines()

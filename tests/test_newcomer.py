@@ -80,6 +80,7 @@ def test_plot_refuses_a_file_it_cannot_draw_before_any_work(run_dir, farcast, tm
     assert "--plot" in result.stderr and ".png or .svg" in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_matplotlib_is_imported_only_for_a_plot(run_dir, tmp_path):
     import subprocess
     import sys

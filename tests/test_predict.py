@@ -190,6 +190,7 @@ def test_python_api_returns_the_report(run_dir, tmp_path):
     assert report["backtest"]["overall"]["numel"] == 24 * 16 + 24 + 4 * 24 + 4
 
 
+@pytest.mark.slow
 def test_python_module_entry_point(run_dir):
     import subprocess
     import sys

@@ -56,6 +56,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "farcast_report.json"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shards, parts, dtype", [(1, 2, ""), (2, 3, ""), (2, 2, "bf16")])
 def test_parts_written_by_separate_processes_equal_one_process(tmp_path, farcast, shards, parts, dtype):
     run = write_run(tmp_path / "run", shards=shards)

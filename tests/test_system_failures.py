@@ -67,6 +67,7 @@ def assert_nothing_left(out: Path) -> None:
     assert not list(out.parent.glob(f".{out.name}.farcast-*"))
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint(run_dir, tmp_path):
     prefix = without_root_override()
     path = run_dir / "checkpoint-100" / "model.safetensors"
@@ -78,6 +79,7 @@ def test_unreadable_checkpoint(run_dir, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.slow
 def test_output_folder_not_writable(run_dir, tmp_path):
     prefix = without_root_override()
     locked = tmp_path / "locked"
@@ -90,6 +92,7 @@ def test_output_folder_not_writable(run_dir, tmp_path):
     assert list(locked.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing(big_run, tmp_path):
     small = tmp_path / "small"
     small.mkdir()
@@ -111,6 +114,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
+@pytest.mark.slow
 def test_file_size_limit_while_writing(big_run, tmp_path):
     out = tmp_path / "out"
     process = farcast_process("predict", big_run, "-H", 5, "-o", out, "--sample", "500", "--max-epochs", "3", preexec_fn=_limit_file_size)
@@ -120,6 +124,7 @@ def test_file_size_limit_while_writing(big_run, tmp_path):
     assert_nothing_left(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
 def test_interrupt_removes_temporary_files(big_run, tmp_path, signum, code, name):
     out = tmp_path / "out"
@@ -132,6 +137,7 @@ def test_interrupt_removes_temporary_files(big_run, tmp_path, signum, code, name
     assert_nothing_left(out)
 
 
+@pytest.mark.slow
 def test_checkpoint_that_changes_while_read(big_run, tmp_path):
     out = tmp_path / "out"
     victim = big_run / "checkpoint-0" / "model.safetensors"
