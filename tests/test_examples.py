@@ -14,6 +14,8 @@ import pytest
 
 from farcast_cli.io.run import find_run
 
+pytestmark = pytest.mark.slow  # each test runs a training script in a fresh process
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -46,7 +48,6 @@ def check_decisions_match_the_run(run: Path, made: dict[int, bool], horizon: int
         ).read_bytes()
 
 
-@pytest.mark.slow
 def test_the_batch_job_resumes_a_pytorch_loop_from_its_forecasts(tmp_path):
     run = tmp_path / "run"
     done = job("pytorch/train.py", run, 120, 40, 20)
@@ -58,7 +59,6 @@ def test_the_batch_job_resumes_a_pytorch_loop_from_its_forecasts(tmp_path):
     assert max(c.saved_step for c in found.checkpoints + found.forecasts) == 120
 
 
-@pytest.mark.slow
 def test_the_batch_job_with_the_trainer(tmp_path):
     pytest.importorskip("transformers")
     run = tmp_path / "run"
@@ -71,7 +71,6 @@ def test_the_batch_job_with_the_trainer(tmp_path):
     assert max(c.saved_step for c in found.checkpoints + found.forecasts) == 60
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("script, first_checkpoint", [("pytorch/train.py", 0), ("trainer/train.py", 10)])
 def test_the_scripts_farcast_in_process(tmp_path, script, first_checkpoint):
     if script.startswith("trainer"):
