@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_math.py", "tests/test_fit.py", "tests/test_predict.py", "tests/test_loss.py"]
+TESTS = ["tests/test_math.py", "tests/test_fit.py", "tests/test_predict.py", "tests/test_loss.py", "tests/test_candidates.py"]
 MUTATIONS = [
     # (name, file, text, replacement)
     ("time rule scaled by 0.9", "farcast_cli/model/pairs.py", "rho = horizon / (sk - s0)", "rho = 0.9 * horizon / (sk - s0)"),
@@ -39,8 +39,8 @@ MUTATIONS = [
     (
         "line through the last checkpoint twice",
         "farcast_cli/forecast/candidates.py",
-        "previous, last = run.checkpoints[end - 1], run.checkpoints[end]",
-        "previous, last = run.checkpoints[end - 2], run.checkpoints[end]",
+        "inputs=lambda checkpoints, end: [checkpoints[end - 1], checkpoints[end]],",
+        "inputs=lambda checkpoints, end: [checkpoints[end - 2], checkpoints[end]],",
     ),
     (
         "shrink factor scaled by 0.9",
@@ -84,8 +84,8 @@ MUTATIONS = [
     (
         "the line competes however short its backtest",
         "farcast_cli/evaluate/loss.py",
-        'if line_tested or p.method != "line"',
-        'if True or p.method != "line"',
+        "if line_tested or not (p.method in CANDIDATES",
+        "if True or not (p.method in CANDIDATES",
     ),
     (
         "a backtest jump of a quarter counts as tested",
@@ -104,6 +104,18 @@ MUTATIONS = [
         "farcast_cli/forecast/candidates.py",
         "return (target - last) / (last - previous) >= horizon / spacing - 1e-9",
         "return (target - last) / (last - previous) + 1 >= horizon / spacing - 1e-9",
+    ),
+    (
+        "backtest scratch in fixed slots after four candidates",
+        "farcast_cli/evaluate/backtest.py",
+        "truth_slot, work_slot = len(candidates), len(candidates) + 1",
+        "truth_slot, work_slot = 4, 5",
+    ),
+    (
+        "the loss backtest scores only the built-in alternatives",
+        "farcast_cli/evaluate/loss.py",
+        "    for candidate in baselines():\n",
+        "    for candidate in baselines()[:3]:\n",
     ),
 ]
 

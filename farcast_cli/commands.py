@@ -15,16 +15,25 @@ from farcast_cli.distributed import ONE_PROCESS, World, shared_file_writes
 from farcast_cli.errors import InputError, LowSkillError, UsageError
 from farcast_cli.evaluate.backtest import (
     INPUT_BYTES_PER_ELEMENT,
-    SCRATCH_BYTES_PER_ELEMENT,
     backtest_sample,
     backtest_streaming,
+    scratch_bytes_per_element,
     streamed_bytes,
 )
 from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
-from farcast_cli.evaluate.report import NAMES, REPORT_FILE, WRITTEN_NAMES, Backtest, Report, Written, headline
+from farcast_cli.evaluate.report import REPORT_FILE, Backtest, Report, Written, headline, name_of
 from farcast_cli.evaluate.trajectories import sampled_trajectories
-from farcast_cli.forecast.candidates import LAWA_WINDOW, Combination, candidate_inputs, candidates, line_tested
+from farcast_cli.forecast.candidates import (
+    CANDIDATES,
+    FORECAST,
+    REFERENCE,
+    Combination,
+    baselines,
+    candidate_inputs,
+    candidates,
+    line_tested,
+)
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
@@ -297,7 +306,7 @@ def plan(
     first, last = run.checkpoints[0], run.at_step(context_end)
     infos = run.tensor_infos()
     out_bytes = sum(output_info(info, dtype).nbytes for info in infos)
-    read_bytes, scratch_bytes = predict_bytes(max(1 + (anchor or max(ANCHORS)), LAWA_WINDOW))
+    read_bytes, scratch_bytes = predict_bytes(max(1 + (anchor or max(ANCHORS)), *(c.most_inputs for c in baselines())))
     engine = options.engine(read_bytes, scratch_bytes)
     plan: dict = {
         "run": str(run.path),
@@ -336,9 +345,9 @@ def _check_resumable_choice(report: Report, run: Run, last: Checkpoint) -> None:
         raise UsageError(
             f"--resumable continues the run from its newest checkpoint, {run.last.path.name}; this forecaster starts at step {last.step}"
         )
-    if report.written.method != "forecast":
+    if report.written.method != FORECAST.key:
         error = LowSkillError(
-            f"the backtest chose {NAMES[report.written.method]} over the forecast: a resumable output of it would only move the "
+            f"the backtest chose {name_of(report.written.method)} over the forecast: a resumable output of it would only move the "
             "trainer on without changing the weights; nothing written (--no-fallback writes the forecast)"
         )
         error.report = report
@@ -504,24 +513,24 @@ def _saved_report(run: Run, forecaster: Forecaster, forecaster_file: Path) -> Re
 def _choose(report: Report, options: dict[str, Combination], fallback: bool) -> Combination:
     """The candidate to write, recorded in report.written: the backtest's winner with `fallback` (the last
     checkpoint where the backtest could not test a jump this long), else the forecast."""
-    method = "forecast"
+    method = FORECAST.key
     if fallback and report.tested is False:
-        method, why = "last", "the backtest could not test a jump this long, so --fallback keeps the last checkpoint"
-    elif fallback and report.best not in (None, "forecast"):
+        method, why = REFERENCE, "the backtest could not test a jump this long, so --fallback keeps the last checkpoint"
+    elif fallback and report.best not in (None, FORECAST.key):
         method = report.best
-        why = f"{NAMES[method]} did best in the backtest ({report.criterion}), so --fallback writes it instead of the forecast"
-    elif report.best not in (None, "forecast"):
-        why = f"the forecast, as asked, although {NAMES[report.best]} did better in the backtest ({report.criterion})"
+        why = f"{name_of(method)} did best in the backtest ({report.criterion}), so --fallback writes it instead of the forecast"
+    elif report.best not in (None, FORECAST.key):
+        why = f"the forecast, as asked, although {name_of(report.best)} did better in the backtest ({report.criterion})"
     else:
-        why = "the forecast, which did best in the backtest" if report.best == "forecast" else "the forecast (no backtest)"
+        why = "the forecast, which did best in the backtest" if report.best == FORECAST.key else "the forecast (no backtest)"
     chosen = options[method]
     report.written = Written(method, _written_label(report, method), chosen.from_steps, why)
     return chosen
 
 
 def _written_label(report: Report, method: str) -> str:
-    if method != "forecast":
-        return WRITTEN_NAMES[method]
+    if method != FORECAST.key:
+        return CANDIDATES[method].written
     fit = report.forecaster
     return f"the forecast (anchor {fit['anchor']}, shrink {fit['fit'].get('shrink', 1.0):g})"
 
@@ -557,7 +566,7 @@ def _backtest(run: Run, history: History, forecaster: Forecaster, options: Strea
     if options.backtest == "sample":
         return backtest_sample(history, scored)
     with byte_progress("backtest", streamed_bytes(run, scored, world), options.quiet) as advance:
-        return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance), world)
+        return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, scratch_bytes_per_element(), advance), world)
 
 
 def _too_few_to_hold_out(run: Run) -> str:
@@ -677,7 +686,7 @@ def _enforce_min_skill(report: Report, min_skill: float | None) -> None:
     if min_skill is None:
         return
     by_loss = report.criterion == "validation loss"
-    skill = report.steps_saved if by_loss else report.skill_vs_last
+    skill = report.steps_saved if by_loss else report.skills[REFERENCE]
     if skill is None or skill < min_skill or report.tested is False:
         what = "steps saved by your loss in the backtest" if by_loss else "backtest skill against keeping the last checkpoint"
         shown = "unknown" if skill is None else f"{skill:.3f}"

@@ -100,7 +100,7 @@ def test_the_loss_gates_the_jump_when_given(tmp_path):
     farcaster = Farcaster(run, every=30, jump=0.5, evaluator=loss, settings=FAST_FIT)
     model, results = train_with(farcaster, run, steps=30)
     jumped = results[-1]
-    assert jumped.report.criterion == "validation loss" and jumped.report.beats_last is True and jumped.applied
+    assert jumped.report.criterion == "validation loss" and jumped.report.beats["last"] is True and jumped.applied
     assert loss_of(model, x, y) == pytest.approx(jumped.report.written_loss, rel=1e-5)
     assert jumped.report.written_loss < jumped.report.last_checkpoint_loss
 

@@ -96,7 +96,7 @@ def test_on_a_terminal_the_weight_backtest_is_a_table(run_dir, tmp_path):
     text = io.StringIO()
     render(report, Console(file=text, width=200, force_terminal=True, no_color=True))
     table = [line for line in text.getvalue().splitlines() if "encoder.weight" in line]
-    assert len(table) == 1 and "│" in table[0] and f"{report.backtest.tensors['encoder.weight'].skill_vs_last:+.3f}" in table[0]
+    assert len(table) == 1 and "│" in table[0] and f"{report.backtest.tensors['encoder.weight'].skills['last']:+.3f}" in table[0]
     assert "skill vs last" in text.getvalue() and "verdict: In weight error" in text.getvalue()
 
 

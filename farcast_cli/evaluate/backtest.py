@@ -9,14 +9,14 @@ beats the baseline. Weight error is what this measures, not the user's loss (eva
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 
 from farcast_cli.distributed import ONE_PROCESS, World
 from farcast_cli.evaluate.report import Backtest, BacktestPlan, ErrorTable, MethodError
-from farcast_cli.forecast.candidates import BASELINES, METHODS, Combination
+from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, STRAIGHT_LINE, Combination
 from farcast_cli.io.engine import EngineSettings, Scratch, Source, chunk_jobs, raise_for_non_finite_input, stream
 from farcast_cli.io.reader import TensorInfo
 from farcast_cli.io.run import Run
@@ -24,19 +24,23 @@ from farcast_cli.model.history import History
 from farcast_cli.model.pairs import interpolate
 
 INPUT_BYTES_PER_ELEMENT = 8 * 8
-SCRATCH_BYTES_PER_ELEMENT = 6 * 8
 SUM_BLOCK = 1 << 14
 
 
+def scratch_bytes_per_element() -> int:
+    """A float64 scratch slot per candidate, one for the truth and one for the errors (_tensor_sums)."""
+    return (len(CANDIDATES) + 2) * 8
+
+
 def plan_of(candidates: Mapping[str, Combination]) -> BacktestPlan:
-    forecast, line = candidates["forecast"], candidates["line"]
+    forecast, line = candidates[FORECAST.key], candidates[STRAIGHT_LINE.key]
     return BacktestPlan(forecast.inputs[0].step, line.inputs[0].step, forecast.inputs[-1].step, float(forecast.target_steps[-1]))
 
 
 def checkpoints_read(steps: list[int], candidates: Mapping[str, Combination]) -> list[int]:
     """Indices of every checkpoint the full backtest reads: the candidates' inputs and the truth's."""
     inputs = {steps.index(c.step) for candidate in candidates.values() for c in candidate.inputs}
-    truth = (i for i, _ in _truth_weights(steps, candidates["forecast"].target_steps[-1]))
+    truth = (i for i, _ in _truth_weights(steps, candidates[FORECAST.key].target_steps[-1]))
     return sorted(inputs.union(truth))
 
 
@@ -54,8 +58,10 @@ def skill(error: float, baseline_error: float) -> float | None:
 
 
 class _Sums:
-    def __init__(self) -> None:
-        self.values = {method: [0.0, 0.0] for method in METHODS}
+    """Each candidate's sums of absolute and squared errors, by key, over `count` coordinates."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.values = {key: [0.0, 0.0] for key in keys}
         self.count = 0
 
     def add(self, truth: torch.Tensor, predictions: dict[str, torch.Tensor], work: torch.Tensor | None = None) -> None:
@@ -69,16 +75,17 @@ class _Sums:
         return all(math.isfinite(v) for pair in self.values.values() for v in pair)
 
     def merge(self, other: _Sums) -> None:
-        for method in METHODS:
-            self.values[method][0] += other.values[method][0]
-            self.values[method][1] += other.values[method][1]
+        for key, (absolute, squared) in other.values.items():
+            self.values[key][0] += absolute
+            self.values[key][1] += squared
         self.count += other.count
 
     def table(self) -> ErrorTable:
         n = max(self.count, 1)
-        errors = {method: MethodError(self.values[method][0] / n, math.sqrt(self.values[method][1] / n)) for method in METHODS}
-        skills = {f"skill_vs_{b}": skill(errors["forecast"].mae, errors[b].mae) for b in BASELINES}
-        return ErrorTable(numel=self.count, **errors, **skills)
+        errors = {key: MethodError(absolute / n, math.sqrt(squared / n)) for key, (absolute, squared) in self.values.items()}
+        forecast = errors[FORECAST.key].mae
+        skills = {key: skill(forecast, error.mae) for key, error in errors.items() if key != FORECAST.key}
+        return ErrorTable(self.count, errors, skills)
 
 
 def _predictions(
@@ -86,11 +93,10 @@ def _predictions(
 ) -> dict[str, torch.Tensor]:
     """Every candidate's forecast of the target (their last output) from the chunk's values by step."""
     predictions = {}
-    for slot, method in enumerate(METHODS):
-        candidate = candidates[method]
+    for slot, (key, candidate) in enumerate(candidates.items()):
         inputs = [values[c.step] for c in candidate.inputs]
         out = scratch.get(inputs[0].numel(), inputs[0].dtype, inputs[0].device, slot=slot) if scratch else None
-        predictions[method] = candidate.apply(inputs, len(candidate.target_steps) - 1, out=out, name=name)
+        predictions[key] = candidate.apply(inputs, len(candidate.target_steps) - 1, out=out, name=name)
     return predictions
 
 
@@ -136,7 +142,7 @@ def streamed_bytes(run: Run, candidates: Mapping[str, Combination], world: World
 
 def _tensor_sums(run: Run, candidates: Mapping[str, Combination], settings: EngineSettings, infos: list[TensorInfo]) -> dict[str, _Sums]:
     steps = run.steps
-    truth_parts = _truth_weights(steps, candidates["forecast"].target_steps[-1])
+    truth_parts = _truth_weights(steps, candidates[FORECAST.key].target_steps[-1])
     needed = checkpoints_read(steps, candidates)
     jobs = [
         job
@@ -146,13 +152,14 @@ def _tensor_sums(run: Run, candidates: Mapping[str, Combination], settings: Engi
         )
     ]
     scratch = Scratch(settings.chunk_elements)
-    per_tensor: dict[str, _Sums] = {info.name: _Sums() for info in infos}
+    per_tensor: dict[str, _Sums] = {info.name: _Sums(candidates) for info in infos}
+    truth_slot, work_slot = len(candidates), len(candidates) + 1
     for job, data in stream(jobs, settings):
         values = {steps[i]: value for i, value in zip(needed, data)}
         count, like = data[0].numel(), data[0]
-        truth = _truth(values, steps, truth_parts, scratch.get(count, like.dtype, like.device, slot=4))
+        truth = _truth(values, steps, truth_parts, scratch.get(count, like.dtype, like.device, slot=truth_slot))
         sums = per_tensor[job.name]
-        sums.add(truth, _predictions(candidates, values, scratch, job.name), scratch.get(count, like.dtype, like.device, slot=5))
+        sums.add(truth, _predictions(candidates, values, scratch, job.name), scratch.get(count, like.dtype, like.device, slot=work_slot))
         if not sums.finite():
             raise_for_non_finite_input(job, data)
     return per_tensor
@@ -161,18 +168,18 @@ def _tensor_sums(run: Run, candidates: Mapping[str, Combination], settings: Engi
 def backtest_sample(history: History, candidates: Mapping[str, Combination]) -> Backtest:
     """Evaluate on the sampled coordinates only: cheap, and close to the full figure for large samples."""
     columns = torch.from_numpy(history.values)
-    truth = torch.from_numpy(interpolate(history, candidates["forecast"].target_steps[-1]))
+    truth = torch.from_numpy(interpolate(history, candidates[FORECAST.key].target_steps[-1]))
     per_tensor = {}
     for index, name in enumerate(history.tensor_names):
         rows = torch.from_numpy(history.rows_of(index))
         values = {int(step): columns[rows, k] for k, step in enumerate(history.steps)}
-        sums = per_tensor[name] = _Sums()
+        sums = per_tensor[name] = _Sums(candidates)
         sums.add(truth[rows], _predictions(candidates, values, None, name))
     return _backtest(f"{columns.shape[0]} sampled coordinates", candidates, per_tensor)
 
 
 def _backtest(scope: str, candidates: Mapping[str, Combination], per_tensor: dict[str, _Sums]) -> Backtest:
-    overall = _Sums()
+    overall = _Sums(candidates)
     for sums in per_tensor.values():
         overall.merge(sums)
     return Backtest(scope, plan_of(candidates), {name: sums.table() for name, sums in per_tensor.items()}, overall.table())

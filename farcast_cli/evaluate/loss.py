@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint, raise_first_failure
-from farcast_cli.forecast.candidates import LABELS, Combination, candidates, line_tested
+from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, REFERENCE, Combination, baselines, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.engine import EngineSettings
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run
@@ -55,8 +55,8 @@ class LossPoint:
 
     @property
     def label(self) -> str:
-        if self.method != "forecast":
-            return LABELS[self.method]
+        if self.method != FORECAST.key:
+            return CANDIDATES[self.method].label if self.method in CANDIDATES else self.method
         return f"forecast (anchor {self.anchor}, shrink {self.shrink:g})"
 
 
@@ -176,7 +176,7 @@ def loss_backtest(
     curve, futures = _curve_and_alternatives(run, first, scores)
     for anchor, trial in trials.items():
         for alpha in _grid(settings.shrink):
-            futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
+            futures[(FORECAST.key, anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
     if settings.shrink is None:
         _refine(scores, run, trials, futures, [future for _, future in curve])
     steps = run.steps
@@ -188,8 +188,8 @@ def reference_loss_backtest(run: Run, forecaster: Forecaster, scores: CandidateS
     """The reference forecaster and the alternatives, scored on the reference run up to the forecast's
     last target, where the truth is known."""
     curve, futures = _curve_and_alternatives(run, forecaster, scores)
-    futures[("forecast", forecaster.anchor, forecaster.shrink)] = scores.combination(
-        candidates(run, forecaster)["forecast"], "reference forecast"
+    futures[(FORECAST.key, forecaster.anchor, forecaster.shrink)] = scores.combination(
+        candidates(run, forecaster)[FORECAST.key], "reference forecast"
     )
     return _scored(run, run.steps.index(forecaster.context_end), scores, curve, futures)
 
@@ -202,9 +202,10 @@ def _curve_and_alternatives(
     cut = run.steps.index(forecaster.context_end)
     curve = [(c.step, scores.checkpoint(c, f"checkpoint {c.step}")) for c in run.checkpoints[cut:]]
     options = candidates(run, forecaster)
-    futures: dict[tuple, Future] = {("last", None, None): curve[0][1]}
-    for method in ("line", "lawa"):
-        futures[(method, None, None)] = scores.combination(options[method], options[method].method)
+    futures: dict[tuple, Future] = {(REFERENCE, None, None): curve[0][1]}
+    for candidate in baselines():
+        if candidate.key != REFERENCE:
+            futures[(candidate.key, None, None)] = scores.combination(options[candidate.key], options[candidate.key].method)
     return curve, futures
 
 
@@ -215,12 +216,12 @@ def _scored(
     settle([future for _, future in pending] + list(futures.values()))
     curve = [(step, future.result().loss) for step, future in pending]
     losses = {key: future.result().loss for key, future in futures.items()}
-    forecasts = [loss for (method, _, _), loss in losses.items() if method == "forecast"]
-    earlier = _earlier_losses(run, cut, scores, curve, min(forecasts, default=losses[("last", None, None)]))
+    forecasts = [loss for (method, _, _), loss in losses.items() if method == FORECAST.key]
+    earlier = _earlier_losses(run, cut, scores, curve, min(forecasts, default=losses[(REFERENCE, None, None)]))
     points = [
         LossPoint(method, anchor, alpha, loss, *steps_saved(curve, earlier, loss)) for (method, anchor, alpha), loss in losses.items()
     ]
-    forecasts = [p for p in points if p.method == "forecast"]
+    forecasts = [p for p in points if p.method == FORECAST.key]
     noise = curve_noise([value for _, value in reversed(earlier)] + [value for _, value in curve])
     return LossBacktest(
         evaluator=str(scores.scorer),
@@ -240,8 +241,9 @@ def _choose(points: list[LossPoint], noise: float, line_tested: bool = True) -> 
     """The candidate with the lowest loss, if it beats keeping the checkpoint by more than the run's own
     jitter (`noise`); else keeping it: a win smaller than the loss's wobble between checkpoints is none.
     The straight line competes only where the backtest extrapolated it as far as the jump asks."""
-    last = next(p for p in points if p.method == "last")
-    best = min((p for p in points if line_tested or p.method != "line"), key=lambda p: (p.loss, p.method != "last"))
+    last = next(p for p in points if p.method == REFERENCE)
+    competing = (p for p in points if line_tested or not (p.method in CANDIDATES and CANDIDATES[p.method].extrapolates))
+    best = min(competing, key=lambda p: (p.loss, p.method != REFERENCE))
     return best if best.loss < last.loss - noise else last
 
 
@@ -253,26 +255,26 @@ def _grid(shrink: float | None) -> list[float]:
 
 
 def _forecast_future(scores: CandidateScores, run: Run, trial: Forecaster, anchor: int, alpha: float) -> Future:
-    combination = candidates(run, trial.shrunk(alpha))["forecast"]
+    combination = candidates(run, trial.shrunk(alpha))[FORECAST.key]
     return scores.combination(combination, f"backtest forecast, anchor {anchor}, shrink {alpha:g}")
 
 
 def _refine(scores: CandidateScores, run: Run, trials: dict[int, Forecaster], futures: dict[tuple, Future], curve: list[Future]) -> None:
     """Around each anchor's best factor on the grid, try half a step either side (within the grid)."""
     settle([*futures.values(), *curve])
-    last_loss = futures[("last", None, None)].result().loss
+    last_loss = futures[(REFERENCE, None, None)].result().loss
     for anchor, trial in trials.items():
         tried = {
-            alpha: futures[("forecast", a, alpha)].result().loss
+            alpha: futures[(FORECAST.key, a, alpha)].result().loss
             for (method, a, alpha) in list(futures)
-            if method == "forecast" and a == anchor
+            if method == FORECAST.key and a == anchor
         }
         best = min(tried, key=tried.get)
         if tried[best] >= last_loss:
             continue
         for alpha in (best - SHRINK_STEP / 2, best + SHRINK_STEP / 2):
             if 0 < alpha <= SHRINK_MAX:
-                futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
+                futures[(FORECAST.key, anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
 
 
 def settle(futures: Iterable[Future]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from farcast_cli.errors import OutputError, UsageError
 from farcast_cli.evaluate.report import Report
+from farcast_cli.forecast.candidates import REFERENCE
 
 SUFFIXES = (".png", ".svg")
 
@@ -30,7 +31,7 @@ def check_plot_target(path: Path) -> None:
 
 def plot_data(report: Report) -> dict:
     """The numbers the plot draws, every one taken from the report."""
-    tensors = {} if report.backtest is None else {n: t.skill_vs_last for n, t in report.backtest.tensors.items()}
+    tensors = {} if report.backtest is None else {n: t.skills[REFERENCE] for n, t in report.backtest.tensors.items()}
     candidates = []
     loss = report.loss
     if loss is not None:

@@ -9,9 +9,16 @@ from rich.table import Table
 
 from farcast_cli.evaluate.evaluator import format_loss
 from farcast_cli.evaluate.report import ErrorTable, Report
+from farcast_cli.forecast.candidates import FORECAST
 
 TENSOR_ROWS = 15
-COLUMNS = ("tensor", "numel", "MAE", "RMSE", "MAE last", "MAE line", "MAE lawa", "skill vs last", "skill vs line", "skill vs lawa")
+
+
+def columns(table: ErrorTable) -> list[str]:
+    """The weight backtest's columns: the forecast's errors, then each alternative's MAE, then the
+    forecast's skill against each (forecast/candidates.py, CANDIDATES)."""
+    alternatives = [key for key in table.errors if key != FORECAST.key]
+    return ["tensor", "numel", "MAE", "RMSE", *(f"MAE {key}" for key in alternatives), *(f"skill vs {key}" for key in table.skills)]
 
 
 def _skill(value: float | None) -> str:
@@ -19,17 +26,9 @@ def _skill(value: float | None) -> str:
 
 
 def _cells(stats: ErrorTable) -> list[str]:
-    return [
-        f"{stats.numel:,}",
-        f"{stats.forecast.mae:.3e}",
-        f"{stats.forecast.rmse:.3e}",
-        f"{stats.last.mae:.3e}",
-        f"{stats.line.mae:.3e}",
-        f"{stats.lawa.mae:.3e}",
-        _skill(stats.skill_vs_last),
-        _skill(stats.skill_vs_line),
-        _skill(stats.skill_vs_lawa),
-    ]
+    forecast = stats.errors[FORECAST.key]
+    alternatives = [f"{error.mae:.3e}" for key, error in stats.errors.items() if key != FORECAST.key]
+    return [f"{stats.numel:,}", f"{forecast.mae:.3e}", f"{forecast.rmse:.3e}", *alternatives, *map(_skill, stats.skills.values())]
 
 
 def _tensor_rows(report: Report) -> list[tuple[str, ErrorTable]]:
@@ -88,11 +87,11 @@ def _tail(report: Report) -> list[str]:
 def plain_lines(report: Report) -> list[str]:
     lines = _head(report)
     if report.backtest is not None:
-        named = ", ".join(column.lower().replace(" ", "_") for column in COLUMNS[1:])
+        named = [column.lower().replace(" ", "_") for column in columns(report.backtest.overall)[1:]]
         for name, stats in [*_tensor_rows(report), ("overall", report.backtest.overall)]:
             lines.append(
                 f"backtest {'tensor ' + name if name != 'overall' else 'overall'}: "
-                + ", ".join(f"{key} {value}" for key, value in zip(named.split(", "), _cells(stats)))
+                + ", ".join(f"{key} {value}" for key, value in zip(named, _cells(stats)))
             )
     return lines + _loss_lines(report) + _tail(report)
 
@@ -103,12 +102,13 @@ def render(report: Report, console: Console) -> None:
         console.print(escape(line))
     if report.backtest is not None:
         table = Table()
-        for column in COLUMNS:
+        names = columns(report.backtest.overall)
+        for column in names:
             table.add_column(column, justify="left" if column == "tensor" else "right")
         for name, stats in _tensor_rows(report):
             table.add_row(escape(name), *_cells(stats))
         if len(report.backtest.tensors) > TENSOR_ROWS:
-            table.add_row(f"... {len(report.backtest.tensors) - TENSOR_ROWS} more in the JSON report", *[""] * 9)
+            table.add_row(f"... {len(report.backtest.tensors) - TENSOR_ROWS} more in the JSON report", *[""] * (len(names) - 1))
         table.add_row("[bold]overall[/bold]", *_cells(report.backtest.overall))
         console.print(table)
     for line in _loss_lines(report) + _tail(report):

@@ -12,22 +12,13 @@ from dataclasses import asdict, dataclass, field
 from farcast_cli import __version__
 from farcast_cli.evaluate.evaluator import format_loss
 from farcast_cli.evaluate.loss import LossBacktest
-from farcast_cli.forecast.candidates import BASELINES, METHODS
+from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, REFERENCE, baselines
 from farcast_cli.io.resume import Resume
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "farcast_report.json"
-NAMES = {
-    "forecast": "the forecast",
-    "last": "keeping the last checkpoint",
-    "line": "a straight line",
-    "lawa": "averaging the last checkpoints",
-}
-WRITTEN_NAMES = {
-    "last": "the last checkpoint, unchanged",
-    "line": "the straight line through the last two checkpoints",
-    "lawa": "the average of the last checkpoints",
-}
+SKILL = "skill_vs_"
+BEATS = "beats_"
 
 
 @dataclass(frozen=True)
@@ -38,22 +29,23 @@ class MethodError:
 
 @dataclass(frozen=True)
 class ErrorTable:
-    """One tensor's (or all tensors') backtest errors: each candidate's, and the forecast's skill
-    against each alternative, 1 - MAE(forecast) / MAE(alternative), None where that MAE is 0."""
+    """One tensor's (or all tensors') backtest errors: each candidate's by key, and the forecast's skill
+    against each alternative, 1 - MAE(forecast) / MAE(alternative), None where that MAE is 0. In JSON,
+    flat: `numel`, then each candidate's {mae, rmse} under its key, then `skill_vs_<key>`."""
 
     numel: int
-    forecast: MethodError
-    last: MethodError
-    line: MethodError
-    lawa: MethodError
-    skill_vs_last: float | None
-    skill_vs_line: float | None
-    skill_vs_lawa: float | None
+    errors: dict[str, MethodError]
+    skills: dict[str, float | None]
+
+    def to_json(self) -> dict:
+        errors = {key: asdict(error) for key, error in self.errors.items()}
+        return {"numel": self.numel, **errors, **{SKILL + key: value for key, value in self.skills.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> ErrorTable:
-        methods = {m: MethodError(**data[m]) for m in METHODS}
-        return cls(numel=data["numel"], **methods, **{f"skill_vs_{b}": data[f"skill_vs_{b}"] for b in BASELINES})
+        errors = {key: MethodError(**value) for key, value in data.items() if isinstance(value, dict)}
+        skills = {key.removeprefix(SKILL): value for key, value in data.items() if key.startswith(SKILL)}
+        return cls(data["numel"], errors, skills)
 
 
 @dataclass(frozen=True)
@@ -72,6 +64,10 @@ class Backtest:
     plan: BacktestPlan
     tensors: dict[str, ErrorTable]
     overall: ErrorTable
+
+    def to_json(self) -> dict:
+        tensors = {name: table.to_json() for name, table in self.tensors.items()}
+        return {"scope": self.scope, "plan": asdict(self.plan), "tensors": tensors, "overall": self.overall.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> Backtest:
@@ -106,13 +102,9 @@ class Report:
     loss_unavailable: str | None
     criterion: str
     tested: bool | None
-    skill_vs_last: float | None
-    skill_vs_line: float | None
-    skill_vs_lawa: float | None
+    skills: dict[str, float | None]
     steps_saved: float | None
-    beats_last: bool | None
-    beats_line: bool | None
-    beats_lawa: bool | None
+    beats: dict[str, bool | None]
     best: str | None
     verdict: str
     notes: list[str] = field(default_factory=list)
@@ -128,12 +120,25 @@ class Report:
     farcast_version: str = __version__
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The JSON report: the fields in order, `skills` and `beats` flat as `skill_vs_<key>` and
+        `beats_<key>` for each alternative (forecast/candidates.py)."""
+        data = {}
+        for key, value in asdict(self).items():
+            if key == "skills":
+                data.update({SKILL + candidate: skill for candidate, skill in value.items()})
+            elif key == "beats":
+                data.update({BEATS + candidate: beats for candidate, beats in value.items()})
+            else:
+                data[key] = value
+        data["backtest"] = None if self.backtest is None else self.backtest.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> Report:
         """The report back from its JSON (a farcast_report.json, --json, a forecaster file's report)."""
-        fields = dict(data)
+        fields = {key: value for key, value in data.items() if not key.startswith((SKILL, BEATS))}
+        fields["skills"] = {key.removeprefix(SKILL): value for key, value in data.items() if key.startswith(SKILL)}
+        fields["beats"] = {key.removeprefix(BEATS): value for key, value in data.items() if key.startswith(BEATS)}
         fields["backtest"] = Backtest.from_json(data["backtest"]) if data.get("backtest") else None
         fields["loss"] = LossBacktest.from_json(data["loss"]) if data.get("loss") else None
         fields["written"] = Written(**data["written"]) if data.get("written") else None
@@ -149,11 +154,21 @@ WEIGHT_CAVEAT = (
 
 
 def best_method(backtest: Backtest, line_tested: bool = True) -> str:
-    """The candidate with the lowest backtest MAE (the forecast wins ties), the straight line only where
-    the backtest extrapolated it as far as the jump asked for (forecast/candidates.py, line_tested)."""
-    overall = backtest.overall
-    methods = [m for m in METHODS if line_tested or m != "line"]
-    return min(methods, key=lambda method: (getattr(overall, method).mae, method != "forecast"))
+    """The candidate with the lowest backtest MAE (the forecast wins ties), an extrapolating one (the
+    straight line) only where the backtest extrapolated it as far as the jump asked for
+    (forecast/candidates.py, line_tested)."""
+    errors = backtest.overall.errors
+    keys = [key for key in errors if line_tested or not _extrapolates(key)]
+    return min(keys, key=lambda key: (errors[key].mae, key != FORECAST.key))
+
+
+def name_of(key: str) -> str:
+    """A candidate's name in prose ("a straight line"); its key where it is not registered."""
+    return CANDIDATES[key].name if key in CANDIDATES else key
+
+
+def _extrapolates(key: str) -> bool:
+    return key in CANDIDATES and CANDIDATES[key].extrapolates
 
 
 def tested(plan: BacktestPlan | None, horizon: int) -> bool | None:
@@ -163,10 +178,11 @@ def tested(plan: BacktestPlan | None, horizon: int) -> bool | None:
 
 def headline(backtest: Backtest | None, unavailable: str | None, loss: LossBacktest | None, horizon: int, line_tested: bool = True) -> dict:
     """The headline fields, by the user's loss when there is a loss backtest, else by weight error."""
-    result: dict = {f"skill_vs_{b}": None for b in BASELINES} | {f"beats_{b}": None for b in BASELINES}
+    nothing = {candidate.key: None for candidate in baselines()}
+    result: dict = {"skills": dict(nothing), "beats": dict(nothing)}
     result.update({"criterion": "validation loss" if loss else "weight error", "steps_saved": None, "best": None})
     if backtest is not None:
-        result.update({f"skill_vs_{b}": getattr(backtest.overall, f"skill_vs_{b}") for b in BASELINES})
+        result["skills"] = dict(backtest.overall.skills)
     if backtest is None and loss is None:
         result["tested"] = None
         result["verdict"] = (
@@ -181,7 +197,7 @@ def headline(backtest: Backtest | None, unavailable: str | None, loss: LossBackt
         result.update(_weight_verdict(backtest, line_tested))
     if not result["tested"]:
         jump = plan.target_step - plan.last_step
-        result.update({f"beats_{b}": None for b in BASELINES})
+        result["beats"] = dict.fromkeys(result["beats"])
         result["verdict"] = (
             f"UNTESTED at this size: the history can test a jump of only {jump:g} steps (from step {plan.last_step} to "
             f"{plan.target_step:g}), under half the {horizon} asked, so nothing shows a jump of {horizon} helps. "
@@ -191,47 +207,44 @@ def headline(backtest: Backtest | None, unavailable: str | None, loss: LossBackt
 
 
 def _weight_verdict(backtest: Backtest, line_tested: bool) -> dict:
-    overall = backtest.overall
-    skills = {b: getattr(overall, f"skill_vs_{b}") for b in BASELINES}
-    beats = {b: s is not None and s > 0 for b, s in skills.items()}
+    skills = backtest.overall.skills
+    beats = {key: s is not None and s > 0 for key, s in skills.items()}
     target = backtest.plan.target_step
-    if not beats["last"]:
-        s = skills["last"] or 0.0
+    if not beats[REFERENCE]:
+        s = skills[REFERENCE] or 0.0
         words = (
             f"The forecast does NOT beat keeping the last checkpoint: in the backtest its weight error at step {target:g} was "
             f"{_percent(s)} {'higher' if s < 0 else 'no lower'}. Keeping your last checkpoint is the better estimate."
         )
     else:
-        parts = [f"In weight error, the forecast beats keeping the last checkpoint by {_percent(skills['last'])}"]
-        for baseline in ("line", "lawa"):
-            s = skills[baseline] or 0.0
-            parts.append(
-                f"{NAMES[baseline]} by {_percent(s)}" if beats[baseline] else f"but NOT {NAMES[baseline]} (error {_percent(s)} higher)"
-            )
+        parts = [f"In weight error, the forecast beats keeping the last checkpoint by {_percent(skills[REFERENCE])}"]
+        for key in [key for key in skills if key != REFERENCE]:
+            s = skills[key] or 0.0
+            parts.append(f"{name_of(key)} by {_percent(s)}" if beats[key] else f"but NOT {name_of(key)} (error {_percent(s)} higher)")
         words = ", ".join(parts) + " (backtest MAE)."
-    return {f"beats_{b}": v for b, v in beats.items()} | {"best": best_method(backtest, line_tested), "verdict": f"{words} {WEIGHT_CAVEAT}"}
+    return {"beats": beats, "best": best_method(backtest, line_tested), "verdict": f"{words} {WEIGHT_CAVEAT}"}
 
 
 def _loss_verdict(loss: LossBacktest) -> dict:
     forecast, chosen = loss.best_forecast, loss.chosen
     where = f"in the backtest from step {loss.cut_step} to {loss.target_step}"
     result: dict = {"best": chosen.method, "steps_saved": None if forecast is None else forecast.steps_saved}
+    alternatives = [point.method for point in loss.points if point.method != FORECAST.key]
     if forecast is None:
-        result.update({f"beats_{b}": None for b in BASELINES})
+        result["beats"] = dict.fromkeys(alternatives)
         result["verdict"] = f"By your loss, {where}, {chosen.label} did best; no forecast could be fitted at the cut."
         return result
-    result["beats_last"] = forecast.loss < loss.point("last").loss - loss.noise
-    result.update({f"beats_{b}": forecast.loss < loss.point(b).loss for b in ("line", "lawa")})
-    tried = sum(p.method == "forecast" for p in loss.points)
+    result["beats"] = {key: forecast.loss < loss.point(key).loss - (loss.noise if key == REFERENCE else 0.0) for key in alternatives}
+    tried = sum(p.method == FORECAST.key for p in loss.points)
     jitter = f"the run's own jitter of {format_loss(loss.noise)} from checkpoint to checkpoint"
     figure = (
         f"saving {forecast.steps_saved:+.2f} of the jump (loss {format_loss(forecast.loss)}, "
         f"the best of {tried} forecasts tried there, so optimistic)"
     )
-    if chosen.method == "forecast":
-        others = ", ".join(f"{NAMES[b]} {loss.point(b).steps_saved:+.2f}" for b in BASELINES)
+    if chosen.method == FORECAST.key:
+        others = ", ".join(f"{name_of(key)} {loss.point(key).steps_saved:+.2f}" for key in alternatives)
         result["verdict"] = f"By your loss, {where}, the {forecast.label} beats keeping the last checkpoint, {figure}; {others}."
-    elif chosen.method == "last":
+    elif chosen.method == REFERENCE:
         margin = f", a margin within {jitter}" if forecast.loss < chosen.loss else ""
         result["verdict"] = (
             f"By your loss, {where}, the forecast does NOT beat keeping the last checkpoint: its best, the {forecast.label}, "
@@ -240,7 +253,7 @@ def _loss_verdict(loss: LossBacktest) -> dict:
         )
     else:
         result["verdict"] = (
-            f"By your loss, {where}, {NAMES[chosen.method]} did best ({chosen.steps_saved:+.2f} of the jump, loss "
+            f"By your loss, {where}, {name_of(chosen.method)} did best ({chosen.steps_saved:+.2f} of the jump, loss "
             f"{format_loss(chosen.loss)}); the best forecast, the {forecast.label}, scored {forecast.steps_saved:+.2f} "
             f"(loss {format_loss(forecast.loss)}, the best of {tried} tried there)."
         )

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from farcast_cli import __version__
 from farcast_cli.distributed import balanced_shares
 from farcast_cli.errors import InputError, InternalError
-from farcast_cli.forecast.candidates import Combination
+from farcast_cli.forecast.candidates import FORECAST, Combination
 from farcast_cli.io.engine import (
     ChunkJob,
     EngineSettings,
@@ -206,7 +206,7 @@ def _provenance(candidate: Combination, target: int) -> str:
     for step `target` without claiming to forecast it."""
     entry = {"version": __version__, "method": candidate.method, "from_steps": candidate.from_steps}
     kept = candidate.kept_input()
-    if candidate.method == "farcast":
+    if candidate.key == FORECAST.key:
         entry["forecast_step"] = target
     else:
         entry["stands_for_step"] = target

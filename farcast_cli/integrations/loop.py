@@ -24,6 +24,7 @@ from farcast_cli import commands
 from farcast_cli.errors import FarcastError, UsageError
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.report import Report
+from farcast_cli.forecast.candidates import REFERENCE
 from farcast_cli.io.run import Jump, find_run, record_jump
 from farcast_cli.model.fit import FitSettings
 
@@ -116,7 +117,7 @@ class Farcaster:
             return True, "applied without a gate"
         if report.tested is False:
             return False, "the history cannot test a jump this long"
-        if report.beats_last:
+        if report.beats[REFERENCE]:
             return True, f"the forecast beat keeping the last checkpoint by {report.criterion}"
         return False, f"the forecast did not beat keeping the last checkpoint by {report.criterion}"
 
