@@ -39,7 +39,7 @@ from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import build_folder, check_file_location, check_output_location, write_text
 from farcast_cli.io.resume import check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
-from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run, describe_steps, find_run, output_files
+from farcast_cli.io.run import Checkpoint, Run, describe_steps, find_run, output_files
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
 from farcast_cli.model.history import History, read_history
@@ -87,7 +87,7 @@ def inspect_run(run_dir: Path) -> dict:
     copied, left_out = output_files(run.last)
     return {
         "run": str(run.path),
-        "layout": run.layout,
+        "layout": run.layout.name,
         "steps": steps,
         "steps_summary": describe_steps(steps),
         "checkpoints": [
@@ -252,7 +252,7 @@ def _open_run(
     run = _up_to(whole, last_step)
     if resumable_horizon is not None:
         check_resumable(run, schedule)
-    resumable_name = None if resumable_horizon is None else resumable_folder_name(run.last, resumable_horizon)
+    resumable_name = None if resumable_horizon is None else resumable_folder_name(run, resumable_horizon)
     check_output_location(out_dir, whole, force, resumable_name)
     resolve_device(options.device)
     return whole, run
@@ -538,7 +538,7 @@ def _written_label(report: Report, method: str) -> str:
 def _score_written(report: Report, judge: CandidateScores, run: Run, candidate: Combination, folder: Path, dtype: str | None) -> None:
     """The loss of what was written and of the last checkpoint, from the cache where they were scored already."""
     last = run.last
-    path = folder / SINGLE_FILE if run.layout == "files" else folder
+    path = run.layout.evaluated(folder)
     kept = candidate.kept_input() if dtype is None else None
     if kept is not None:
         report.written_loss = judge.checkpoint(kept, "written checkpoint").result().loss
@@ -620,7 +620,7 @@ def _report(
     return Report(
         command=command,
         run=str(run.path),
-        layout=run.layout,
+        layout=run.layout.name,
         steps=run.steps,
         mode=forecaster.mode,
         context={"first_step": forecaster.first_step, "last_step": forecaster.context_end},

@@ -32,7 +32,7 @@ from farcast_cli.evaluate.evaluator import Scorer, checkpoint_fingerprint, raise
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, REFERENCE, Combination, baselines, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.engine import EngineSettings
-from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run
+from farcast_cli.io.run import Checkpoint, Run
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, held_out_trial
 from farcast_cli.model.history import History
@@ -150,8 +150,7 @@ class CandidateScores:
         folder.mkdir()
         last = candidate.inputs[-1]
         write_forecast(candidate, last, folder, self.engine(), scratch=True)
-        path = folder / SINGLE_FILE if self.run.layout == "files" else folder
-        return self.scorer.submit(key, path, label, done=lambda: shutil.rmtree(folder, ignore_errors=True))
+        return self.scorer.submit(key, self.run.layout.evaluated(folder), label, done=lambda: shutil.rmtree(folder, ignore_errors=True))
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)

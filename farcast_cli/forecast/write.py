@@ -32,17 +32,18 @@ from farcast_cli.io.engine import (
 )
 from farcast_cli.io.output import copy_aux_files, link_or_copy, write_index
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
-from farcast_cli.io.run import SINGLE_FILE, Checkpoint
+from farcast_cli.io.run import SINGLE_FILE, TRAINER, Checkpoint
 from farcast_cli.io.writer import SafetensorsWriter, output_failure
 
 RAW_CHUNK_BYTES_PER_ELEMENT = 4
 
 
 def output_folders(folder: Path, target_steps: tuple[int, ...]) -> list[Path]:
-    """One output is the folder itself; several go to checkpoint-<step>/ folders inside it."""
+    """One output is the folder itself; several go to Trainer checkpoint folders inside it, whatever the
+    run's layout."""
     if len(target_steps) == 1:
         return [folder]
-    return [folder / f"checkpoint-{step}" for step in target_steps]
+    return [folder / TRAINER.folder_name(step) for step in target_steps]
 
 
 def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from farcast_cli.distributed import ONE_PROCESS, World
 from farcast_cli.errors import OutputError
-from farcast_cli.io.run import Checkpoint, Run
+from farcast_cli.io.run import LAYOUTS, Checkpoint, Run
 from farcast_cli.io.writer import output_failure
 
 T = TypeVar("T")
@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 def check_output_location(out_dir: Path, run: Run, force: bool, resumable_name: str | None = None) -> None:
     """Refuse an output that would overwrite, hide inside or swallow any of the run's checkpoints. Inside
-    the run, only a resumable forecast may go, named `resumable_name` (checkpoint-<its step>), as the
+    the run, only a resumable forecast may go, named `resumable_name` (the layout's name for its step), as the
     trainer expects; an earlier forecast of farcast's there is replaced only with --force."""
     out = out_dir.resolve()
     run_root = run.path.resolve()
@@ -32,7 +32,7 @@ def check_output_location(out_dir: Path, run: Run, force: bool, resumable_name: 
             raise OutputError(f"{out_dir}: is inside checkpoint {checkpoint.path}; choose an output outside the run's checkpoints")
         if out in place.parents:
             raise OutputError(f"{out_dir}: contains the input checkpoint {checkpoint.path}; refusing to write over the run")
-    if out.parent == run_root and (out.name.startswith("checkpoint-") or out.suffix == ".safetensors") and out.name != resumable_name:
+    if out.parent == run_root and any(layout.claims(out.name) for layout in LAYOUTS) and out.name != resumable_name:
         hint = f" (a resumable forecast goes in {run_root / resumable_name})" if resumable_name else "; choose another name"
         raise OutputError(f"{out_dir}: would look like a checkpoint of the run itself{hint}")
     if out_dir.exists() and not force:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from farcast_cli.errors import InputError, OutputError, UsageError
 from farcast_cli.io.output import copy_file, write_text
-from farcast_cli.io.run import TRAINER_FOLDER, TRAINER_STATE, TRAINING_STATE_FILES, Checkpoint, Run, read_json
+from farcast_cli.io.run import TRAINER_STATE, TRAINING_STATE_FILES, Checkpoint, Run, read_json
 from farcast_cli.io.writer import output_failure
 
 SCHEDULER = "scheduler.pt"
@@ -41,8 +41,9 @@ class Resume:
     advice: list[str]
 
 
-def resumable_folder_name(last: Checkpoint, horizon: int) -> str:
-    return f"checkpoint-{last.saved_step + horizon}"
+def resumable_folder_name(run: Run, horizon: int) -> str | None:
+    """The folder of the run a trainer resumes from `horizon` steps past its last checkpoint."""
+    return run.layout.resumable_name(run.last.saved_step + horizon)
 
 
 def check_resumable(run: Run, schedule: str | None) -> None:
@@ -51,8 +52,8 @@ def check_resumable(run: Run, schedule: str | None) -> None:
         raise UsageError(
             "--resumable needs --schedule keep or --schedule advance: farcast does not choose what the learning-rate schedule does"
         )
-    if run.layout != "trainer":
-        raise UsageError(f"{run.path}: --resumable writes a Trainer checkpoint folder; this run holds plain safetensors files")
+    if not run.layout.resumable:
+        raise UsageError(f"{run.path}: --resumable writes a Trainer checkpoint folder; this run holds {run.layout.description}")
     if not (run.last.path / TRAINER_STATE).exists():
         raise InputError(f"{run.last.path / TRAINER_STATE}: missing; a trainer resumes only from a checkpoint that has one")
 
@@ -86,12 +87,12 @@ def write_trainer_state(last: Checkpoint, folder: Path, horizon: int, schedule: 
 
 
 def check_still_newest(run: Run, last: Checkpoint) -> None:
-    """Publish only while `last` is still the run's newest checkpoint: a checkpoint-<N> folder past it that
+    """Publish only while `last` is still the run's newest checkpoint: a checkpoint folder past it that
     was not there as a forecast when the run was read means training went on meanwhile."""
     forecasts = {checkpoint.path for checkpoint in run.forecasts}
     for folder in sorted(run.path.iterdir()):
-        match = TRAINER_FOLDER.match(folder.name)
-        if match and int(match.group(1)) > last.saved_step and folder not in forecasts:
+        step = run.layout.step_of(folder.name)
+        if step is not None and step > last.saved_step and folder not in forecasts:
             raise OutputError(
                 f"{folder}: appeared while farcast was working (the run went on past {last.path.name}); nothing published: run it again"
             )

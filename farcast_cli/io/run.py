@@ -19,7 +19,6 @@ from pathlib import Path
 from farcast_cli.errors import InputError
 from farcast_cli.io.reader import SafetensorsFile, TensorInfo
 
-TRAINER_FOLDER = re.compile(r"^checkpoint-(\d+)$")
 SHARD_NAME = re.compile(r"-\d+-of-\d+$")
 LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 SINGLE_FILE = "model.safetensors"
@@ -89,10 +88,91 @@ class Checkpoint:
             file.check_unchanged()
 
 
+class Layout:
+    """One way a run keeps its checkpoints on disk, and everything that depends on it: how its
+    checkpoints are found (`find`), which names in a run folder are its checkpoints (`claims`, so that
+    no output is mistaken for one), where an evaluator is pointed at a checkpoint folder farcast wrote
+    (`evaluated`: the same kind of path as the run's own checkpoints), and whether a trainer resumes
+    from it (`resumable`, and the folder a resumable forecast takes). LAYOUTS lists them in the order
+    find_run tries them; adding one is a subclass here and a line there."""
+
+    name: str = ""
+    expected: str = ""
+    description: str = ""
+    resumable: bool = False
+
+    def find(self, folder: Path, entries: list[Path]) -> list[Checkpoint]:
+        """The run's checkpoints in this layout, from the folder's entries (none: not this layout)."""
+        raise NotImplementedError
+
+    def claims(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def evaluated(self, folder: Path) -> Path:
+        return folder
+
+    def step_of(self, name: str) -> int | None:
+        """The step a checkpoint folder of this name was saved at (None: not a checkpoint folder)."""
+        return None
+
+    def resumable_name(self, saved_step: int) -> str | None:
+        """The folder a trainer resumes from at `saved_step` (None where it cannot resume)."""
+        return None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TrainerFolders(Layout):
+    """Hugging Face Trainer checkpoints: checkpoint-<step>/ folders, each with model.safetensors or
+    shards and their index, the config and tokenizer files, and the trainer's state. farcast's own
+    outputs are folders like these, emitted steps as checkpoint-<step>/ folders inside the output."""
+
+    name, expected, description, resumable = "trainer", "checkpoint-<step>/ folders", "Trainer checkpoint folders", True
+    FOLDER = re.compile(r"^checkpoint-(\d+)$")
+
+    def find(self, folder: Path, entries: list[Path]) -> list[Checkpoint]:
+        folders = [p for p in entries if p.is_dir() and self.step_of(p.name) is not None]
+        return sorted((folder_checkpoint(p, self.step_of(p.name)) for p in folders), key=lambda c: c.step)
+
+    def claims(self, name: str) -> bool:
+        return name.startswith("checkpoint-")
+
+    def step_of(self, name: str) -> int | None:
+        match = self.FOLDER.match(name)
+        return None if match is None else int(match.group(1))
+
+    def folder_name(self, step: int) -> str:
+        return f"checkpoint-{step}"
+
+    def resumable_name(self, saved_step: int) -> str | None:
+        return self.folder_name(saved_step)
+
+
+class StepFiles(Layout):
+    """Plain step-numbered files: <name><step>.safetensors, one file per checkpoint. An evaluator is
+    pointed at the model.safetensors of a folder farcast wrote, as it is at the run's own files."""
+
+    name, expected, description = "files", "<name><step>.safetensors files", "plain safetensors files"
+
+    def find(self, folder: Path, entries: list[Path]) -> list[Checkpoint]:
+        return _file_checkpoints(entries)
+
+    def claims(self, name: str) -> bool:
+        return Path(name).suffix == ".safetensors"
+
+    def evaluated(self, folder: Path) -> Path:
+        return folder / SINGLE_FILE
+
+
+TRAINER = TrainerFolders()
+LAYOUTS: list[Layout] = [TRAINER, StepFiles()]
+
+
 @dataclass
 class Run:
     path: Path
-    layout: str
+    layout: Layout
     checkpoints: list[Checkpoint]
     warnings: list[str] = field(default_factory=list)
     forecasts: list[Checkpoint] = field(default_factory=list)
@@ -161,22 +241,28 @@ def find_run(path: Path) -> Run:
         raise InputError(f"{path}: is a file; give the folder that holds the run's checkpoints")
     _reject_partial_weights(path)
     warnings = [f"{p}: skipped, a checkpoint still being written" for p in sorted(path.glob("tmp-*"))]
-    folders = [p for p in _list(path) if p.is_dir() and TRAINER_FOLDER.match(p.name)]
-    if folders:
-        run = Run(path, "trainer", sorted((_trainer_checkpoint(p) for p in folders), key=lambda c: c.step), warnings)
-    else:
-        run = Run(path, "files", _file_checkpoints(path), warnings)
+    run = _first_layout_found(path, warnings)
     run.forecasts = [c for c in run.checkpoints if c.is_forecast]
     run.checkpoints = [c for c in run.checkpoints if not c.is_forecast]
     _set_time_axis(run)
     run.warnings += [f"{c.path}: a forecast farcast wrote; not used as history" for c in run.forecasts]
     if not run.checkpoints:
-        raise InputError(f"{path}: no checkpoints found (expected checkpoint-<step>/ folders or <name><step>.safetensors files)")
+        raise InputError(f"{path}: no checkpoints found (expected {' or '.join(layout.expected for layout in LAYOUTS)})")
     run.warnings += [f"{c.path / name}: stray shard, not named by the index; ignored" for c in run.checkpoints for name in stray_shards(c)]
     if len(run.checkpoints) < 2:
         raise InputError(f"{path}: only one checkpoint ({run.checkpoints[0].path.name}); farcast needs at least two")
     _check_same_model(run)
     return run
+
+
+def _first_layout_found(path: Path, warnings: list[str]) -> Run:
+    """The run in the first layout that finds checkpoints in it (the last layout's, empty, if none does)."""
+    entries = _list(path)
+    for layout in LAYOUTS:
+        checkpoints = layout.find(path, entries)
+        if checkpoints:
+            return Run(path, layout, checkpoints, warnings)
+    return Run(path, LAYOUTS[-1], [], warnings)
 
 
 def _list(path: Path) -> list[Path]:
@@ -206,8 +292,9 @@ def _reject_partial_weights(folder: Path) -> None:
         )
 
 
-def _trainer_checkpoint(folder: Path) -> Checkpoint:
-    step = int(TRAINER_FOLDER.match(folder.name).group(1))
+def folder_checkpoint(folder: Path, step: int) -> Checkpoint:
+    """A checkpoint folder at `step`: model.safetensors or shards with their index, the config and
+    tokenizer files beside them, and the trainer's state if there is one."""
     _reject_partial_weights(folder)
     names = {p.name for p in _list(folder)}
     if INDEX_FILE in names:
@@ -327,14 +414,14 @@ def stray_shards(checkpoint: Checkpoint) -> list[str]:
     return [p.name for p in _list(checkpoint.path) if p.suffix == ".safetensors" and p.name not in checkpoint.files]
 
 
-def _file_checkpoints(folder: Path) -> list[Checkpoint]:
+def _file_checkpoints(entries: list[Path]) -> list[Checkpoint]:
     by_step: dict[int, Path] = {}
-    for path in _list(folder):
+    for path in entries:
         if path.suffix != ".safetensors" or not path.is_file():
             continue
         if SHARD_NAME.search(path.stem):
             raise InputError(
-                f"{path}: looks like one shard of a sharded checkpoint; put each checkpoint in a checkpoint-<step>/ folder with its index"
+                f"{path}: looks like one shard of a sharded checkpoint; put each checkpoint in a {TRAINER.expected[:-1]} with its index"
             )
         match = LAST_NUMBER.search(path.stem)
         if match is None:
