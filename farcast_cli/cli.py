@@ -25,12 +25,13 @@ from rich.console import Console
 
 from farcast_cli import __version__, commands
 from farcast_cli.distributed import ONE_PROCESS, World, join_world, launched_rank, launched_size
-from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, UsageError, sigterm_as_interrupt
+from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, UsageError, flag_names, sigterm_as_interrupt
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
 from farcast_cli.evaluate.render import plain_lines, render
 from farcast_cli.evaluate.report import Report
 from farcast_cli.io.device import parse_size
+from farcast_cli.io.resume import SCHEDULES
 from farcast_cli.model.fit import FitSettings
 
 app = typer.Typer(
@@ -52,9 +53,7 @@ class Scope(str, Enum):
     sample = "sample"
 
 
-class Schedule(str, Enum):
-    keep = "keep"
-    advance = "advance"
+Schedule = Enum("Schedule", {name: name for name in SCHEDULES}, type=str)
 
 
 class OutputDtype(str, Enum):
@@ -170,8 +169,6 @@ STREAM_OPTIONS = OptionGroup(
 
 
 def _eval_options(eval_cmd: str | None, eval_jobs: int, eval_cache: bool) -> EvalOptions:
-    if eval_jobs < 1:
-        raise UsageError(f"--eval-jobs {eval_jobs}: at least 1")
     return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd), eval_jobs, eval_cache)
 
 
@@ -249,15 +246,39 @@ def _show_report(writing: Writing) -> Callable[[Report], None]:
     return show
 
 
+API_NAMES = {"forecaster_file": "forecaster", "jobs": "eval_jobs"}
+"""The Python API's parameters that the CLI names otherwise."""
+
+
+@functools.cache
+def _flags() -> dict[str, str]:
+    """Each parameter's flag as the commands declare it, for errors that name the parameter
+    (errors.flag_names): `name` and `name=True` its flag, `name=False` its negation."""
+    group = typer.main.get_command(app)
+    options = [*group.params, *(param for command in group.commands.values() for param in command.params)]
+    flags: dict[str, str] = {}
+    for option in options:
+        if option.param_type_name != "option":
+            continue
+        flags[option.name] = flags[f"{option.name}=True"] = max(option.opts, key=len)
+        if option.secondary_opts:
+            flags[f"{option.name}=False"] = max(option.secondary_opts, key=len)
+    for api, cli in API_NAMES.items():
+        flags[api] = flags[cli]
+    return flags
+
+
 def _fail(error: FarcastError, speaks: bool = True) -> None:
     """Exit with the error's code, printing it where this process speaks for all (rank 0 under
     torchrun; a rank that lost contact with the others speaks for itself)."""
     if _debug["on"]:
         raise error
+    with flag_names(_flags()):
+        lines = error.lines()
     if speaks or isinstance(error, LostContact):
-        for line in error.lines():
+        for line in lines:
             _stderr(f"error: {line}")
-    _tell_launcher(error.lines())
+    _tell_launcher(lines)
     raise typer.Exit(error.exit_code) from None
 
 
@@ -276,7 +297,12 @@ def _tell_launcher(lines: list[str]) -> None:
 def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Callable[[], World] | None = None) -> None:
     """Run one command; every failure becomes a one-line message and its documented exit code. With
     `join`, the command runs on every rank torchrun started, and rank 0 alone shows its outcome; without,
-    under torchrun each process runs it alone and RANK 0 shows it."""
+    under torchrun each process runs it alone and RANK 0 shows it. Errors name the flags (errors.flag_names)."""
+    with flag_names(_flags()):
+        _run_command(action, show, join)
+
+
+def _run_command(action: Callable[[World], Any], show: Callable[[Any], None], join: Callable[[], World] | None) -> None:
     world = None
     speaks = launched_rank() == 0
     try:

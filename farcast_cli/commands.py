@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from farcast_cli.distributed import ONE_PROCESS, World, shared_file_writes
-from farcast_cli.errors import InputError, LowSkillError, UsageError
+from farcast_cli.errors import InputError, LowSkillError, UsageError, parameter
 from farcast_cli.evaluate.backtest import (
     INPUT_BYTES_PER_ELEMENT,
     backtest_sample,
@@ -128,7 +128,8 @@ def fit(
     """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster.
     Under torchrun (`world`) the ranks share the reads; rank 0 fits, runs any eval commands and saves."""
     if out_file.exists() and not force:
-        raise UsageError(f"{out_file}: already exists; choose a new name or pass --force")
+        raise UsageError(f"{out_file}: already exists; choose a new name or pass {parameter('force=True')}")
+    _check_horizon(horizon)
     offsets = output_offsets(horizon, emit)
     options = _for_rank(options, world)
     judged = evaluation.evaluator is not None
@@ -343,12 +344,13 @@ def _check_resumable_choice(report: Report, run: Run, last: Checkpoint) -> None:
     is worth that (the last checkpoint written unchanged would only skip H batches)."""
     if last.path != run.last.path:
         raise UsageError(
-            f"--resumable continues the run from its newest checkpoint, {run.last.path.name}; this forecaster starts at step {last.step}"
+            f"{parameter('resumable=True')} continues the run from its newest checkpoint, {run.last.path.name}; "
+            f"this forecaster starts at step {last.step}"
         )
     if report.written.method != FORECAST.key:
         error = LowSkillError(
             f"the backtest chose {name_of(report.written.method)} over the forecast: a resumable output of it would only move the "
-            "trainer on without changing the weights; nothing written (--no-fallback writes the forecast)"
+            f"trainer on without changing the weights; nothing written ({parameter('fallback=False')} writes the forecast)"
         )
         error.report = report
         raise error
@@ -357,33 +359,38 @@ def _check_resumable_choice(report: Report, run: Run, last: Checkpoint) -> None:
 def _check_saved_forecaster_options(forecaster_file: Path | None, emit: list[int], anchor: int | None, settings: FitSettings) -> None:
     """A saved forecaster fixed its steps, anchor and shrink when it was fitted: options that would change
     them are refused rather than ignored."""
-    given = [name for name, value in (("--emit", emit), ("--anchor", anchor), ("--shrink", settings.shrink)) if value not in (None, [], ())]
+    given = [
+        parameter(name) for name, value in (("emit", emit), ("anchor", anchor), ("shrink", settings.shrink)) if value not in (None, [], ())
+    ]
     if forecaster_file is not None and given:
         raise UsageError(f"{forecaster_file}: a saved forecaster keeps the {', '.join(given)} it was fitted with; give them to farcast fit")
 
 
 def _check_anchor(anchor: int | None) -> None:
     if anchor is not None and anchor < 1:
-        raise UsageError(f"--anchor {anchor}: the number of checkpoints averaged must be at least 1")
+        raise UsageError(f"{parameter('anchor')} {anchor}: the number of checkpoints averaged must be at least 1")
 
 
 def _check_resumable(last_step: int | None, emit: list[int]) -> None:
     if last_step is not None or emit:
-        raise UsageError("--resumable writes one checkpoint past the run's newest: it takes neither --last-step nor --emit")
+        raise UsageError(
+            f"{parameter('resumable=True')} writes one checkpoint past the run's newest: "
+            f"it takes neither {parameter('last_step')} nor {parameter('emit')}"
+        )
 
 
 def _check_horizon(horizon: int | None, forecaster_file: Path | None = None) -> None:
     if horizon is None and forecaster_file is None:
-        raise UsageError("give --horizon (training steps to jump ahead) or --forecaster")
+        raise UsageError(f"give {parameter('horizon')} (training steps to jump ahead) or {parameter('forecaster_file')}")
     if horizon is not None and horizon <= 0:
-        raise UsageError(f"--horizon must be a positive number of steps, not {horizon}")
+        raise UsageError(f"{parameter('horizon')} must be a positive number of steps, not {horizon}")
 
 
 def output_offsets(horizon: int, emit: list[int]) -> list[int]:
-    _check_horizon(horizon)
+    """The steps past the context end to forecast: each emitted one, and the horizon (checked already)."""
     bad = [e for e in emit if not 0 < e < horizon]
     if bad:
-        raise UsageError(f"--emit {bad[0]}: each emitted step must lie between 0 and the horizon {horizon}")
+        raise UsageError(f"{parameter('emit')} {bad[0]}: each emitted step must lie between 0 and the horizon {horizon}")
     return sorted(set(emit)) + [horizon]
 
 
@@ -655,7 +662,10 @@ def _line_tested(run: Run, forecaster: Forecaster, backtest: Backtest | None) ->
 def _forecaster_for(run: Run, forecaster_file: Path, horizon: int | None) -> Forecaster:
     forecaster = Forecaster.load(forecaster_file)
     if horizon is not None and horizon != forecaster.horizon:
-        raise UsageError(f"--horizon {horizon} differs from the forecaster's horizon {forecaster.horizon}; refit or drop --horizon")
+        raise UsageError(
+            f"{parameter('horizon')} {horizon} differs from the forecaster's horizon {forecaster.horizon}; "
+            f"refit or drop {parameter('horizon')}"
+        )
     if run.steps[0] != forecaster.first_step:
         raise InputError(
             f"{run.path}: starts at step {run.steps[0]} but {forecaster_file} was fitted on runs starting at step {forecaster.first_step}"
@@ -692,6 +702,6 @@ def _enforce_min_skill(report: Report, min_skill: float | None) -> None:
         shown = "unknown" if skill is None else f"{skill:.3f}"
         if report.tested is False:
             shown += " (on a jump too short to test the one asked)"
-        error = LowSkillError(f"{what} is {shown}, below --min-skill {min_skill}; nothing written")
+        error = LowSkillError(f"{what} is {shown}, below {parameter('min_skill')} {min_skill}; nothing written")
         error.report = report
         raise error

@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from farcast_cli.errors import EXIT_INTERNAL, FarcastError, LostContact, UsageError
+from farcast_cli.errors import EXIT_INTERNAL, FarcastError, LostContact, UsageError, parameter
 
 TIMEOUT_VARIABLE = "FARCAST_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 1800.0
@@ -58,7 +58,9 @@ class Failure:
 def failure_of(error: Exception, rank: int) -> Failure:
     if isinstance(error, FarcastError):
         return Failure(rank, error.exit_code, str(error))
-    return Failure(rank, EXIT_INTERNAL, f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)")
+    return Failure(
+        rank, EXIT_INTERNAL, f"internal error: {type(error).__name__}: {error} (rerun with {parameter('debug')} for the traceback)"
+    )
 
 
 class RanksFailed(FarcastError):

@@ -1,9 +1,16 @@
-"""Errors a user can act on, each with its documented exit code."""
+"""Errors a user can act on, each with its documented exit code.
+
+Below the CLI, an error names what the caller passed by its parameter's name, marked with `parameter`
+("horizon must be a positive number of steps"): a Python caller reads the name they passed. The CLI
+runs each command inside `flag_names`, which prints each marked name as the flag the user typed
+("--horizon must be ..."): flag names are cli.py's alone.
+"""
 
 from __future__ import annotations
 
+import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 EXIT_INTERNAL = 1
@@ -15,6 +22,28 @@ EXIT_LOST_RANK = 6
 EXIT_SIGINT = 130
 
 
+MARKED = re.compile("\x00([^\x00]+)\x00")
+_flags: dict[str, str] = {}
+
+
+def parameter(name: str) -> str:
+    """`name`, a parameter (or `name=value`), marked inside an error message for flag_names."""
+    return f"\x00{name}\x00"
+
+
+@contextmanager
+def flag_names(flags: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, errors print each marked parameter as its flag in `flags` (the CLI's)."""
+    previous = dict(_flags)
+    _flags.clear()
+    _flags.update(flags)
+    try:
+        yield
+    finally:
+        _flags.clear()
+        _flags.update(previous)
+
+
 class FarcastError(Exception):
     """An error reported to the user as one line, with an exit code.
 
@@ -23,6 +52,9 @@ class FarcastError(Exception):
 
     exit_code = EXIT_INTERNAL
     report: dict | None = None
+
+    def __str__(self) -> str:
+        return MARKED.sub(lambda marked: _flags.get(marked[1], marked[1]), super().__str__())
 
     def lines(self) -> list[str]:
         """The error as printed after `farcast: error: `, one line each."""

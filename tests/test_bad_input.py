@@ -13,7 +13,9 @@ import torch
 from conftest import FAST, write_run
 from safetensors.torch import save_file
 
-from farcast_cli.errors import InputError
+from farcast_cli import commands
+from farcast_cli.errors import InputError, UsageError
+from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.io.reader import SafetensorsFile
 
 VALID_DATA = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
@@ -323,6 +325,27 @@ def test_bad_option_values_are_usage_errors(run_dir, farcast, tmp_path):
     ]:
         out = tmp_path / "out"
         assert_clean_failure(predict(farcast, run_dir, out, *args), out, 2, problem)
+
+
+def test_errors_name_the_parameter_from_python_and_the_flag_from_the_command_line(run_dir, farcast, tmp_path):
+    out = tmp_path / "out"
+    cases = [
+        ({"horizon": -3}, ("-H", -3), "{horizon} must be a positive number of steps, not -3"),
+        ({"horizon": 40, "anchor": 0}, ("-H", 40, "--anchor", 0), "{anchor} 0: the number of checkpoints averaged must be at least 1"),
+        ({"horizon": 40, "emit": [10], "resumable": True}, ("-H", 40, "--emit", 10, "--resumable"),
+         "{resumable} writes one checkpoint past the run's newest: it takes neither {last_step} nor {emit}"),
+        ({"horizon": 40, "options": commands.StreamOptions(device="tpu")}, ("-H", 40, "--device", "tpu"),
+         "{device} 'tpu': expected auto, cpu, cuda or cuda:N"),
+    ]  # fmt: skip
+    python = {"horizon": "horizon", "anchor": "anchor", "resumable": "resumable=True", "last_step": "last_step", "emit": "emit"}
+    flags = {"horizon": "--horizon", "anchor": "--anchor", "resumable": "--resumable", "last_step": "--last-step", "emit": "--emit"}
+    for kwargs, args, message in cases:
+        with pytest.raises(UsageError) as raised:
+            commands.predict(run_dir, out, **kwargs)
+        assert str(raised.value) == message.format(**python, device="device")
+        assert predict(farcast, run_dir, out, *args).stderr == f"farcast: error: {message.format(**flags, device='--device')}\n"
+    with pytest.raises(UsageError, match="^jobs 0: at least 1$"):
+        EvalOptions(jobs=0)
 
 
 @pytest.mark.parametrize("dtype, last_value", [(torch.float16, 60000.0), (torch.bfloat16, 3.0e38)])

@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from farcast_cli.errors import UsageError
+from farcast_cli.errors import UsageError, parameter
 from farcast_cli.io.run import Checkpoint
 
 NUMBER = re.compile(r"[-+]?(?:(?<![A-Za-z])(?:nan|inf(?:inity)?)(?![A-Za-z])|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", re.IGNORECASE)
@@ -64,13 +64,15 @@ class EvalCommand:
         returncode, stdout, stderr = self._run(command, checkpoint)
         if returncode != 0:
             last_line = (stderr.strip().splitlines() or ["no message"])[-1][:200]
-            raise UsageError(f"--eval-cmd failed on {checkpoint} (exit {returncode}): {last_line}")
+            raise UsageError(f"{parameter('eval_cmd')} failed on {checkpoint} (exit {returncode}): {last_line}")
         numbers = NUMBER.findall(stdout)
         if not numbers:
-            raise UsageError(f"--eval-cmd printed no number for {checkpoint}; it must print the loss as the last number on its stdout")
+            raise UsageError(
+                f"{parameter('eval_cmd')} printed no number for {checkpoint}; it must print the loss as the last number on its stdout"
+            )
         loss = float(numbers[-1])
         if not math.isfinite(loss):
-            raise UsageError(f"--eval-cmd printed {numbers[-1]} as the loss of {checkpoint}; a loss must be a finite number")
+            raise UsageError(f"{parameter('eval_cmd')} printed {numbers[-1]} as the loss of {checkpoint}; a loss must be a finite number")
         return loss
 
     def start(self) -> None:
@@ -92,14 +94,14 @@ class EvalCommand:
         with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
             with self.lock:
                 if self.stopped:
-                    raise UsageError(f"--eval-cmd on {checkpoint}: not started, farcast is stopping")
+                    raise UsageError(f"{parameter('eval_cmd')} on {checkpoint}: not started, farcast is stopping")
                 process = subprocess.Popen(command, shell=True, stdout=stdout, stderr=stderr, text=True, start_new_session=True)
                 self.running.add(process)
             try:
                 process.wait(timeout=EVAL_TIMEOUT_SECONDS)
             except subprocess.TimeoutExpired:
                 _end([process])
-                raise UsageError(f"--eval-cmd took over {EVAL_TIMEOUT_SECONDS} s on {checkpoint}") from None
+                raise UsageError(f"{parameter('eval_cmd')} took over {EVAL_TIMEOUT_SECONDS} s on {checkpoint}") from None
             finally:
                 with self.lock:
                     self.running.discard(process)
@@ -190,6 +192,10 @@ class EvalOptions:
     jobs: int = 1
     cache: bool = True
 
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise UsageError(f"{parameter('jobs')} {self.jobs}: at least 1")
+
     def scorer(self, quiet: bool) -> Scorer | None:
         if self.evaluator is None:
             return None
@@ -215,8 +221,6 @@ class Scorer:
     at once (`jobs`) while the caller writes the next candidate; each key is evaluated at most once."""
 
     def __init__(self, evaluator: Evaluator, jobs: int = 1, cache: ScoreCache | None = None, quiet: bool = False) -> None:
-        if jobs < 1:
-            raise UsageError(f"--eval-jobs must be at least 1, not {jobs}")
         self.evaluator, self.jobs, self.quiet = evaluator, jobs, quiet
         self.cache = cache if getattr(evaluator, "cache_key", None) else None
         self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="farcast-eval")

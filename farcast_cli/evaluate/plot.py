@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from farcast_cli.errors import OutputError, UsageError
+from farcast_cli.errors import OutputError, UsageError, parameter
 from farcast_cli.evaluate.report import Report
 from farcast_cli.forecast.candidates import REFERENCE
 
@@ -22,11 +22,11 @@ SUFFIXES = (".png", ".svg")
 def check_plot_target(path: Path) -> None:
     """Before any work: a known suffix, and matplotlib installed."""
     if path.suffix.lower() not in SUFFIXES:
-        raise UsageError(f"--plot {path}: the file must end in .png or .svg")
+        raise UsageError(f"{parameter('plot')} {path}: the file must end in .png or .svg")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'farcast-cli[plot]'") from None
+        raise UsageError(f"{parameter('plot')} needs matplotlib: pip install 'farcast-cli[plot]'") from None
 
 
 def plot_data(report: Report) -> dict:
@@ -74,7 +74,7 @@ def write_plot(report: Report, path: Path) -> None:
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        raise OutputError(f"--plot {path}: cannot write: {error.strerror or error}") from None
+        raise OutputError(f"{parameter('plot')} {path}: cannot write: {error.strerror or error}") from None
     finally:
         plt.close(figure)
 

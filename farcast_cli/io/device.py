@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from farcast_cli.errors import UsageError
+from farcast_cli.errors import UsageError, parameter
 
 
 def resolve_device(name: str) -> torch.device:
@@ -14,14 +14,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise UsageError(f"{parameter('device')} {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is visible on this machine")
+            raise UsageError(f"{parameter('device')} {name}: no CUDA GPU is visible on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+            raise UsageError(f"{parameter('device')} {name}: only {torch.cuda.device_count()} GPU(s) visible")
     elif device.type != "cpu":
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+        raise UsageError(f"{parameter('device')} {name!r}: expected auto, cpu, cuda or cuda:N")
     return device
 
 

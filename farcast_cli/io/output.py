@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from farcast_cli.distributed import ONE_PROCESS, World
-from farcast_cli.errors import OutputError
+from farcast_cli.errors import OutputError, parameter
 from farcast_cli.io.run import LAYOUTS, Checkpoint, Run
 from farcast_cli.io.writer import output_failure
 
@@ -36,7 +36,7 @@ def check_output_location(out_dir: Path, run: Run, force: bool, resumable_name: 
         hint = f" (a resumable forecast goes in {run_root / resumable_name})" if resumable_name else "; choose another name"
         raise OutputError(f"{out_dir}: would look like a checkpoint of the run itself{hint}")
     if out_dir.exists() and not force:
-        raise OutputError(f"{out_dir}: already exists; choose a new folder or pass --force to replace it")
+        raise OutputError(f"{out_dir}: already exists; choose a new folder or pass {parameter('force=True')} to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a folder")
 

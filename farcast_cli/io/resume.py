@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-from farcast_cli.errors import InputError, OutputError, UsageError
+from farcast_cli.errors import InputError, OutputError, UsageError, parameter
 from farcast_cli.io.output import copy_file, write_text
 from farcast_cli.io.run import TRAINER_STATE, TRAINING_STATE_FILES, Checkpoint, Run, read_json
 from farcast_cli.io.writer import output_failure
@@ -50,10 +50,13 @@ def check_resumable(run: Run, schedule: str | None) -> None:
     """Refuse a resumable output where the trainer could not resume from it, before any work."""
     if schedule not in SCHEDULES:
         raise UsageError(
-            "--resumable needs --schedule keep or --schedule advance: farcast does not choose what the learning-rate schedule does"
+            f"{parameter('resumable=True')} needs {parameter('schedule')} keep or {parameter('schedule')} advance: "
+            "farcast does not choose what the learning-rate schedule does"
         )
     if not run.layout.resumable:
-        raise UsageError(f"{run.path}: --resumable writes a Trainer checkpoint folder; this run holds {run.layout.description}")
+        raise UsageError(
+            f"{run.path}: {parameter('resumable=True')} writes a Trainer checkpoint folder; this run holds {run.layout.description}"
+        )
     if not (run.last.path / TRAINER_STATE).exists():
         raise InputError(f"{run.last.path / TRAINER_STATE}: missing; a trainer resumes only from a checkpoint that has one")
 
@@ -129,7 +132,7 @@ def _load_scheduler(path: Path, required: bool) -> dict | None:
         if not required:
             return None
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path}: torch's weights-only loader refuses it ({reason}); use --schedule keep") from None
+        raise InputError(f"{path}: torch's weights-only loader refuses it ({reason}); use {parameter('schedule')} keep") from None
     return state if isinstance(state, dict) else None
 
 
@@ -144,8 +147,8 @@ def _advanced(state: dict | None, horizon: int, path: Path) -> dict:
     if not isinstance(state, dict) or not {"lr_lambdas", "last_epoch", "base_lrs"} <= state.keys():
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise InputError(
-            f"{path}: --schedule advance moves LambdaLR schedules (what transformers' get_scheduler builds); this one holds {found}; "
-            "use --schedule keep"
+            f"{path}: {parameter('schedule')} advance moves LambdaLR schedules (what transformers' get_scheduler builds); "
+            f"this one holds {found}; use {parameter('schedule')} keep"
         )
     advanced = dict(state)
     advanced["last_epoch"] = state["last_epoch"] + horizon

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from farcast_cli import __version__
-from farcast_cli.errors import InputError, OutputError, UsageError
+from farcast_cli.errors import InputError, OutputError, UsageError, parameter
 from farcast_cli.model.fit import FitSettings, fit_linear_map
 from farcast_cli.model.history import History
 from farcast_cli.model.linear import LinearMap
@@ -200,7 +200,7 @@ def _shrink_factor(history: History, trial: Forecaster | None, settings: FitSett
 def fit_plain(history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1) -> Forecaster:
     """The unshrunk fit on the whole history, forecasting from its last checkpoint."""
     if len(history.steps) - 1 < anchor:
-        raise UsageError(f"--anchor {anchor} needs {anchor + 1} checkpoints; the run has {len(history.steps)}")
+        raise UsageError(f"{parameter('anchor')} {anchor} needs {anchor + 1} checkpoints; the run has {len(history.steps)}")
     pairs = self_pairs(history, horizon, offsets, anchor)
     return _forecaster("self", history, int(history.steps[-1]), offsets, pairs, settings, anchor)
 

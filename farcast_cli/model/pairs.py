@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from farcast_cli.errors import UsageError
+from farcast_cli.errors import UsageError, parameter
 from farcast_cli.model.history import History
 
 MAX_STARTS = 16
@@ -105,11 +105,13 @@ def reference_pairs(history: History, context_end: int, offsets: list[int], anch
     """Pairs from a complete reference run: (w at s_0, w at E) -> w at E + offset."""
     steps = history.steps
     if context_end not in steps:
-        raise UsageError(f"--context-end {context_end} is not a checkpoint step of the reference run")
+        raise UsageError(f"{parameter('context_end')} {context_end} is not a checkpoint step of the reference run")
     if context_end + offsets[-1] > steps[-1]:
-        raise UsageError(f"--context-end {context_end} plus horizon {offsets[-1]} is past the reference run's last step {int(steps[-1])}")
+        raise UsageError(
+            f"{parameter('context_end')} {context_end} plus horizon {offsets[-1]} is past the reference run's last step {int(steps[-1])}"
+        )
     if context_end <= steps[0]:
-        raise UsageError(f"--context-end {context_end} must come after the run's first step {int(steps[0])}")
+        raise UsageError(f"{parameter('context_end')} {context_end} must come after the run's first step {int(steps[0])}")
     k = int(np.searchsorted(steps, context_end))
     n = history.values.shape[0]
     return Pairs(
