@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from farcast_cli.distributed import ONE_PROCESS, World, shared_file_writes
@@ -38,7 +38,7 @@ from farcast_cli.forecast.write import combination_key, finish_forecast, output_
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import build_folder, check_file_location, check_output_location, write_text
-from farcast_cli.io.resume import check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
+from farcast_cli.io.resume import Resume, check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
 from farcast_cli.io.run import Checkpoint, Run, describe_steps, find_run, output_files
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
@@ -140,15 +140,14 @@ def fit(
         check_file_location(out_file, run)
     with _judge(evaluation, run, out_file, options, world) as judge:
         if context_end is None:
-            forecaster, report = _fit_and_evaluate("fit", run, horizon, offsets, settings, options, judge, anchor, timings, world, judged)
+            found = _fit_and_evaluate(run, horizon, offsets, settings, options, judge, anchor, timings, world, judged)
         else:
-            forecaster, report = _fit_reference(run, context_end, offsets, settings, options, judge, anchor or 1, timings, world, judged)
-        _account_evaluations(report, judge, timings)
-    report.seconds = _rounded(timings)
-    forecaster.report = report.to_json()
+            found = _fit_reference(run, context_end, offsets, settings, options, judge, anchor or 1, timings, world, judged)
+        counts = _count_evaluations(judge, timings)
+    forecaster = found.forecaster
+    forecaster.report = assemble("fit", run, found, counts=counts, seconds=timings).to_json()
     world.on_main(lambda: forecaster.save(out_file))
-    report.output = [str(out_file)]
-    return report
+    return assemble("fit", run, found, Outcome(output=[str(out_file)]), counts, timings)
 
 
 def predict(
@@ -197,18 +196,17 @@ def predict(
         whole, run = world.together(lambda: _open_run(run_dir, out_dir, force, last_step, options, resumable_horizon, schedule))
     with _judge(evaluation, run, out_dir, options, world) as judge:
         if forecaster_file is not None:
-            forecaster = world.together(lambda: _forecaster_for(run, forecaster_file, horizon))
-            report = _saved_report(run, forecaster, forecaster_file)
+            found = _saved_evaluation(run, world.together(lambda: _forecaster_for(run, forecaster_file, horizon)), forecaster_file)
         else:
             offsets = output_offsets(horizon, emit)
-            forecaster, report = _fit_and_evaluate(
-                "predict", run, horizon, offsets, settings, options, judge, anchor, timings, world, judged
-            )
-        _enforce_min_skill(report, min_skill)
-        candidate = _choose(report, candidates(run, forecaster), judged if fallback is None else fallback)
+            found = _fit_and_evaluate(run, horizon, offsets, settings, options, judge, anchor, timings, world, judged)
+        forecaster = found.forecaster
+        verdict = assemble("predict", run, found)
+        _enforce_min_skill(verdict, min_skill)
+        chosen, candidate = _choose(verdict, candidates(run, forecaster), judged if fallback is None else fallback)
         last = run.at_step(forecaster.context_end)
         if resumable:
-            _check_resumable_choice(report, run, last)
+            _check_resumable_choice(assemble("predict", run, found, Outcome(written=chosen)), run, last)
         share = _write_share(last, out_dir, world)
 
         def write(folder: Path) -> None:
@@ -221,15 +219,14 @@ def predict(
         def finish(folder: Path) -> Report:
             with timed(timings, "write_forecast"):
                 written = finish_forecast(candidate, last, folder, dtype)
-            report.output = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
+            outcome = Outcome(chosen, [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written])
             if resumable:
-                provenance = {"method": report.written.method, "from_steps": report.written.from_steps}
-                report.resume = write_trainer_state(last, folder, forecaster.horizon, schedule, provenance)
+                provenance = {"method": chosen.method, "from_steps": chosen.from_steps}
+                outcome = replace(outcome, resume=write_trainer_state(last, folder, forecaster.horizon, schedule, provenance))
             if judge is not None:
                 with timed(timings, "eval_written"):
-                    _score_written(report, judge, run, candidate, written[-1], dtype)
-            _account_evaluations(report, judge, timings)
-            report.seconds = _rounded(timings)
+                    outcome = replace(outcome, **_score_written(judge, run, candidate, written[-1], dtype))
+            report = assemble("predict", run, found, outcome, _count_evaluations(judge, timings), timings)
             write_text(folder / REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
             if resumable:
                 check_still_newest(whole, last)
@@ -412,7 +409,6 @@ def _judge(evaluation: EvalOptions, run: Run, output: Path, options: StreamOptio
 
 
 def _fit_and_evaluate(
-    command: str,
     run: Run,
     horizon: int,
     offsets: list[int],
@@ -423,7 +419,7 @@ def _fit_and_evaluate(
     timings: dict[str, float],
     world: World = ONE_PROCESS,
     judged: bool = False,
-) -> tuple[Forecaster, Report]:
+) -> Evaluation:
     """Fit on the whole run; score the held-out fit (model/forecaster.py, SelfFit) in weight error, and
     when `judged`, score every candidate by the user's loss (on rank 0, with the judge) and refit with
     the best forecast's settings."""
@@ -440,9 +436,8 @@ def _fit_and_evaluate(
                 lambda: _decided_by_loss(run, history, horizon, offsets, settings, judge, anchor, forecaster), patient=True
             )
     unavailable = None if backtest else _too_few_to_hold_out(run)
-    report = _report(command, run, forecaster, backtest, unavailable, loss, loss_unavailable)
-    report.trajectories = sampled_trajectories(history, {i.name: i.numel for i in run.tensor_infos()}, fitted.scored, forecaster)
-    return forecaster, report
+    trajectories = sampled_trajectories(history, {i.name: i.numel for i in run.tensor_infos()}, fitted.scored, forecaster)
+    return Evaluation(forecaster, backtest, unavailable, loss, loss_unavailable, trajectories)
 
 
 def _decided_by_loss(
@@ -478,7 +473,7 @@ def _fit_reference(
     timings: dict[str, float],
     world: World = ONE_PROCESS,
     judged: bool = False,
-) -> tuple[Forecaster, Report]:
+) -> Evaluation:
     """The paper's protocol on a complete reference run, scored on that run, where the truth at E + H is known."""
     with timed(timings, "read_sample"):
         history = read_history(run, settings.sample, settings.seed, world)
@@ -496,30 +491,22 @@ def _fit_reference(
                 )
         else:
             loss_unavailable = f"step {target} is not a checkpoint of the reference run"
-    return forecaster, _report("fit", run, forecaster, backtest, None, loss, loss_unavailable)
+    return Evaluation(forecaster, backtest, None, loss, loss_unavailable)
 
 
-def _saved_report(run: Run, forecaster: Forecaster, forecaster_file: Path) -> Report:
-    """The report of a forecaster saved by `farcast fit`, whose evaluation was measured at fit time."""
+def _saved_evaluation(run: Run, forecaster: Forecaster, forecaster_file: Path) -> Evaluation:
+    """The evaluation of a forecaster saved by `farcast fit`, measured at fit time."""
     saved = forecaster.report or {}
     backtest = Backtest.from_json(saved["backtest"]) if saved.get("backtest") else None
     loss = LossBacktest.from_json(saved["loss"]) if saved.get("loss") else None
     unavailable = None if backtest else saved.get("backtest_unavailable") or "the forecaster file holds no evaluation"
-    return _report(
-        "predict",
-        run,
-        forecaster,
-        backtest,
-        unavailable,
-        loss,
-        saved.get("loss_unavailable"),
-        [f"backtest measured at fit time, by {forecaster_file}"],
-    )
+    notes = (f"backtest measured at fit time, by {forecaster_file}",)
+    return Evaluation(forecaster, backtest, unavailable, loss, saved.get("loss_unavailable"), notes=notes)
 
 
-def _choose(report: Report, options: dict[str, Combination], fallback: bool) -> Combination:
-    """The candidate to write, recorded in report.written: the backtest's winner with `fallback` (the last
-    checkpoint where the backtest could not test a jump this long), else the forecast."""
+def _choose(report: Report, options: dict[str, Combination], fallback: bool) -> tuple[Written, Combination]:
+    """The candidate to write, and why: the backtest's winner with `fallback` (the last checkpoint where
+    the backtest could not test a jump this long), else the forecast."""
     method = FORECAST.key
     if fallback and report.tested is False:
         method, why = REFERENCE, "the backtest could not test a jump this long, so --fallback keeps the last checkpoint"
@@ -531,8 +518,7 @@ def _choose(report: Report, options: dict[str, Combination], fallback: bool) -> 
     else:
         why = "the forecast, which did best in the backtest" if report.best == FORECAST.key else "the forecast (no backtest)"
     chosen = options[method]
-    report.written = Written(method, _written_label(report, method), chosen.from_steps, why)
-    return chosen
+    return Written(method, _written_label(report, method), chosen.from_steps, why), chosen
 
 
 def _written_label(report: Report, method: str) -> str:
@@ -542,29 +528,34 @@ def _written_label(report: Report, method: str) -> str:
     return f"the forecast (anchor {fit['anchor']}, shrink {fit['fit'].get('shrink', 1.0):g})"
 
 
-def _score_written(report: Report, judge: CandidateScores, run: Run, candidate: Combination, folder: Path, dtype: str | None) -> None:
+def _score_written(judge: CandidateScores, run: Run, candidate: Combination, folder: Path, dtype: str | None) -> dict[str, float]:
     """The loss of what was written and of the last checkpoint, from the cache where they were scored already."""
     last = run.last
-    path = run.layout.evaluated(folder)
     kept = candidate.kept_input() if dtype is None else None
     if kept is not None:
-        report.written_loss = judge.checkpoint(kept, "written checkpoint").result().loss
+        written = judge.checkpoint(kept, "written checkpoint")
     else:
         key = combination_key(candidate, [judge.fingerprint(c) for c in candidate.inputs], dtype)
-        report.written_loss = judge.scorer.submit(key, path, "written checkpoint").result().loss
-    report.last_checkpoint_loss = judge.checkpoint(last, f"checkpoint {last.step}").result().loss
+        written = judge.scorer.submit(key, run.layout.evaluated(folder), "written checkpoint")
+    written_loss = written.result().loss
+    return {"written_loss": written_loss, "last_checkpoint_loss": judge.checkpoint(last, f"checkpoint {last.step}").result().loss}
 
 
-def _account_evaluations(report: Report, judge: CandidateScores | None, timings: dict[str, float]) -> None:
+@dataclass(frozen=True)
+class EvalCounts:
+    """How the evaluator was used: evaluations run, scores from the cache, seconds in eval commands."""
+
+    evaluations: int
+    cache_hits: int
+    seconds: float
+
+
+def _count_evaluations(judge: CandidateScores | None, timings: dict[str, float]) -> EvalCounts | None:
+    """The evaluator's use so far (None without one), its seconds added to the timings."""
     if judge is None:
-        return
+        return None
     timings["eval_commands"] = judge.scorer.seconds
-    if report.loss is not None:
-        report.loss.evaluations, report.loss.cache_hits, report.loss.eval_seconds = (
-            judge.scorer.evaluations,
-            judge.scorer.cache_hits,
-            round(judge.scorer.seconds, 4),
-        )
+    return EvalCounts(judge.scorer.evaluations, judge.scorer.cache_hits, round(judge.scorer.seconds, 4))
 
 
 def _backtest(run: Run, history: History, forecaster: Forecaster, options: StreamOptions, world: World = ONE_PROCESS) -> Backtest:
@@ -613,16 +604,45 @@ def _shrink_note(forecaster: Forecaster) -> list[str]:
     return [f"the forecast is shrunk towards the last checkpoint: last + {alpha:.2f} x (2-point forecast - last), {how}"]
 
 
-def _report(
+@dataclass(frozen=True)
+class Evaluation:
+    """What fitting and backtesting found: the forecaster, the weight backtest and the loss backtest
+    (each with why it is missing), the sampled weights the plot draws, and notes of its own."""
+
+    forecaster: Forecaster
+    backtest: Backtest | None
+    backtest_unavailable: str | None
+    loss: LossBacktest | None = None
+    loss_unavailable: str | None = None
+    trajectories: list[dict] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What predict wrote (or fit saved): the candidate and why, the paths, the trainer's state, and
+    with an evaluator the loss of what was written and of the last checkpoint."""
+
+    written: Written | None = None
+    output: list[str] = field(default_factory=list)
+    resume: Resume | None = None
+    written_loss: float | None = None
+    last_checkpoint_loss: float | None = None
+
+
+def assemble(
     command: str,
     run: Run,
-    forecaster: Forecaster,
-    backtest: Backtest | None,
-    unavailable: str | None,
-    loss: LossBacktest | None = None,
-    loss_unavailable: str | None = None,
-    extra_notes: list[str] = (),
+    found: Evaluation,
+    outcome: Outcome = Outcome(),
+    counts: EvalCounts | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> Report:
+    """The report, built in this one place from what the stages found: the evaluation, and once
+    something is written, the outcome, the evaluator's use and the seconds per phase."""
+    forecaster, backtest, loss = found.forecaster, found.backtest, found.loss
+    if counts is not None and loss is not None:
+        loss = replace(loss, evaluations=counts.evaluations, cache_hits=counts.cache_hits, eval_seconds=counts.seconds)
     weight, bias = forecaster.shared.as_lists()
     return Report(
         command=command,
@@ -641,12 +661,19 @@ def _report(
             "fit": forecaster.fit_info,
         },
         backtest=backtest,
-        backtest_unavailable=unavailable,
+        backtest_unavailable=found.backtest_unavailable,
         loss=loss,
-        loss_unavailable=loss_unavailable,
-        notes=_notes(run) + _shrink_note(forecaster) + list(extra_notes),
+        loss_unavailable=found.loss_unavailable,
+        notes=_notes(run) + _shrink_note(forecaster) + list(found.notes),
         warnings=run.warnings,
-        **headline(backtest, unavailable, loss, forecaster.horizon, _line_tested(run, forecaster, backtest)),
+        written=outcome.written,
+        written_loss=outcome.written_loss,
+        last_checkpoint_loss=outcome.last_checkpoint_loss,
+        resume=outcome.resume,
+        trajectories=found.trajectories,
+        output=outcome.output,
+        seconds=_rounded(seconds or {}),
+        **headline(backtest, found.backtest_unavailable, loss, forecaster.horizon, _line_tested(run, forecaster, backtest)),
     )
 
 
