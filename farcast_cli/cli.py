@@ -28,7 +28,7 @@ from farcast_cli.distributed import ONE_PROCESS, World, join_world, launched_ran
 from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, UsageError, flag_names, sigterm_as_interrupt
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
-from farcast_cli.evaluate.render import plain_lines, render
+from farcast_cli.evaluate.render import inspection_lines, plain_lines, plan_lines, render
 from farcast_cli.evaluate.report import Report
 from farcast_cli.io.device import parse_size
 from farcast_cli.io.resume import SCHEDULES
@@ -368,37 +368,7 @@ def inspect_command(
 def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
     for warning in info["warnings"]:
         _stderr(f"warning: {warning}")
-    if as_json:
-        print(json.dumps(info, indent=1))
-        return
-    print(f"run: {info['run']} ({info['layout']} layout)")
-    print(f"checkpoints: {info['steps_summary']}" + ("" if every else " (--all lists them)"))
-    for checkpoint in info["checkpoints"] if every else []:
-        saved = "" if checkpoint["saved_step"] == checkpoint["step"] else f", saved as step {checkpoint['saved_step']}"
-        print(
-            f"  step {checkpoint['step']}{saved}: {checkpoint['path']} ({len(checkpoint['files'])} file(s), {checkpoint['bytes']:,} bytes)"
-        )
-    for forecast in info["forecasts"]:
-        print(f"forecast farcast wrote (not history): {forecast['path']}")
-    for jump in info["jumps"]:
-        print(f"jump farcast made in the training loop: at step {jump['at_step']}, {jump['horizon']} steps ahead")
-    copied = info["tensors"] - info["forecast_tensors"]
-    kinds = (
-        f"all {info['tensors']} forecast"
-        if not copied
-        else f"{info['forecast_tensors']} forecast, {copied} copied unchanged ({', '.join(info['copied_dtypes'])})"
-    )
-    print(f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}")
-    print(f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)")
-    print(f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all")
-    _show_files(info)
-    print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
-
-
-def _show_files(info: dict) -> None:
-    print(f"copied into outputs: {', '.join(info['copied_files']) or 'nothing beside the weights'}")
-    for left in info["left_out_files"]:
-        print(f"left out of outputs: {left['name']}: {left['why']}")
+    print(json.dumps(info, indent=1) if as_json else "\n".join(inspection_lines(info, every)))
 
 
 FIT_EXAMPLES = """Examples:
@@ -529,25 +499,7 @@ def predict(
 
 
 def _show_plan(plan: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(plan, indent=1))
-        return
-    reads, writes, memory = plan["reads"], plan["writes"], plan["memory"]
-    print(f"dry run: {plan['run']} ({len(plan['steps'])} checkpoints), device {plan['device']}")
-    if "sample" in reads:
-        print(f"read: {reads['sample']['coordinates']:,} sampled coordinates from each of {reads['sample']['checkpoints']} checkpoints")
-    backtest = reads.get("backtest", {})
-    if "checkpoints" in backtest:
-        print(f"read for the backtest: checkpoints {backtest['checkpoints']}, {backtest['bytes']:,} bytes")
-    elif backtest:
-        print(f"read for the backtest: {backtest.get('unavailable', 'only the sampled coordinates')}")
-    print(f"read for the forecast: checkpoints {reads['forecast']['checkpoints']}, {reads['forecast']['bytes']:,} bytes")
-    print(f"write: {writes['folder']}: step(s) {writes['checkpoints']}, {writes['bytes']:,} bytes")
-    _show_files(plan)
-    print(
-        f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
-        f"scratch {memory['scratch_bytes']:,} bytes, within --max-memory {memory['max_memory']:,}"
-    )
+    print(json.dumps(plan, indent=1) if as_json else "\n".join(plan_lines(plan)))
 
 
 def main() -> None:

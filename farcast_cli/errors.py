@@ -31,6 +31,11 @@ def parameter(name: str) -> str:
     return f"\x00{name}\x00"
 
 
+def named(text: str) -> str:
+    """`text` with each marked parameter printed as flag_names says (its own name outside the CLI)."""
+    return MARKED.sub(lambda marked: _flags.get(marked[1], marked[1]), text)
+
+
 @contextmanager
 def flag_names(flags: Mapping[str, str]) -> Iterator[None]:
     """Within the block, errors print each marked parameter as its flag in `flags` (the CLI's)."""
@@ -54,7 +59,7 @@ class FarcastError(Exception):
     report: dict | None = None
 
     def __str__(self) -> str:
-        return MARKED.sub(lambda marked: _flags.get(marked[1], marked[1]), super().__str__())
+        return named(super().__str__())
 
     def lines(self) -> list[str]:
         """The error as printed after `farcast: error: `, one line each."""
