@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -45,6 +49,16 @@ class InputError(FarcastError):
     exit_code = EXIT_BAD_INPUT
 
 
+class IncompleteCheckpoint(InputError):
+    """A checkpoint file or shard that is missing or shorter than its header says: still being written,
+    or cut off when a job was killed."""
+
+
+class DamagedCheckpoint(InputError):
+    """A checkpoint that cannot be read where it is not simply the newest one still being written: it may
+    be lost data, so it stops farcast unless the caller asked to skip damaged checkpoints."""
+
+
 class OutputError(FarcastError):
     """The output cannot be written: it exists, lies inside the input, or the disk refused."""
 
@@ -73,18 +87,87 @@ class Interrupted(FarcastError):
         self.exit_code = exit_code
 
 
+class InterruptedAfterPublishing(BaseException):
+    """A signal that arrived after the output was published complete: the command did its work, so this
+    is no failure. A BaseException, so that no handler of errors takes it for one."""
+
+    def __init__(self, signal_name: str, output: Path) -> None:
+        super().__init__(f"interrupted by {signal_name} after {output} was published; it is complete")
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class _Publication:
+    """Where the command stands with its output, for the signal handler: `renaming` while the output is
+    renamed into place (a signal then waits, `pending`), `published` once it is."""
+
+    renaming: bool = False
+    pending: int | None = None
+    published: Path | None = None
+
+
+_publication = _Publication()
+
+
+def interrupted_by(signum: int) -> Interrupted:
+    return Interrupted(signal.Signals(signum).name, 128 + signum)
+
+
+def _on_signal(signum: int, frame: object = None) -> None:
+    if _publication.renaming:
+        _publication.pending = signum
+    elif _publication.published is not None:
+        raise InterruptedAfterPublishing(signal.Signals(signum).name, _publication.published)
+    else:
+        raise interrupted_by(signum)
+
+
+def exit_on_signal(signum: int, frame: object = None) -> None:
+    """The handler outside a command (start-up, with its imports, and shutdown), where there is nothing to
+    clean up: the command's line for the signal, then the process ends at once, never with a traceback."""
+    if _publication.published is not None:
+        line, code = str(InterruptedAfterPublishing(signal.Signals(signum).name, _publication.published)), 0
+    else:
+        line, code = f"error: {interrupted_by(signum)}", 128 + signum
+    with suppress(Exception):
+        sys.stdout.flush()
+    os.write(2, f"farcast: {line}\n".encode())
+    os._exit(code)
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (a batch scheduler's time limit) and SIGHUP (the terminal closed) into an exception,
-    so that cleanup code runs: temporary folders, and eval commands running in their own sessions."""
-
-    def handler(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        raise Interrupted(name, 128 + signum)
-
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGHUP)}
+def signals_as_interrupt() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM (a batch scheduler's time limit) and SIGHUP (the terminal closed) into one
+    exception, so that cleanup code runs (temporary folders, eval commands running in their own sessions)
+    and every signal ends with the same line; after the output is published, into InterruptedAfterPublishing."""
+    _publication.__init__()
+    previous = {signum: signal.signal(signum, _on_signal) for signum in INTERRUPTS}
     try:
         yield
     finally:
         for signum, handler_before in previous.items():
             signal.signal(signum, handler_before)
+
+
+@contextmanager
+def publishing(output: Path) -> Iterator[None]:
+    """The block renames the finished `output` into place: a signal waits until it is done, and then
+    counts as arriving before publication if the block failed, after it if not."""
+    _publication.renaming = True
+    try:
+        yield
+    except BaseException:
+        _publication.renaming = False
+        _take_pending()
+        raise
+    _publication.renaming = False
+    _publication.published = output
+    _take_pending()
+
+
+def _take_pending() -> None:
+    signum, _publication.pending = _publication.pending, None
+    if signum is not None:
+        _on_signal(signum)
