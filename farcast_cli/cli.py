@@ -343,7 +343,7 @@ def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Call
     world = None
     speaks = launched_rank() == 0
     try:
-        with signals_as_interrupt():
+        with signals_as_interrupt() as done:
             try:
                 world = join() if join is not None else ONE_PROCESS
                 speaks = world.is_main if join is not None else speaks
@@ -351,6 +351,7 @@ def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Call
             finally:
                 if world is not None:
                     world.close()
+            done()
             if speaks:
                 show(result)
     except InterruptedAfterPublishing as stopped:

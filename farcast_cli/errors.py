@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,16 +99,18 @@ INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
-class _Publication:
-    """Where the command stands with its output, for the signal handler: `renaming` while the output is
-    renamed into place (a signal then waits, `pending`), `published` once it is."""
+class _Command:
+    """Where the command stands, for the signal handler: `renaming` while its output is renamed into
+    place (a signal then waits, `pending`), `published` once it is, `done` once its work and cleanup are
+    (then only its outcome is printed)."""
 
     renaming: bool = False
     pending: int | None = None
     published: Path | None = None
+    done: bool = False
 
 
-_publication = _Publication()
+_command = _Command()
 
 
 def interrupted_by(signum: int) -> Interrupted:
@@ -116,19 +118,22 @@ def interrupted_by(signum: int) -> Interrupted:
 
 
 def _on_signal(signum: int, frame: object = None) -> None:
-    if _publication.renaming:
-        _publication.pending = signum
-    elif _publication.published is not None:
-        raise InterruptedAfterPublishing(signal.Signals(signum).name, _publication.published)
+    if _command.renaming:
+        _command.pending = signum
+    elif _command.done:
+        exit_on_signal(signum)
+    elif _command.published is not None:
+        raise InterruptedAfterPublishing(signal.Signals(signum).name, _command.published)
     else:
         raise interrupted_by(signum)
 
 
 def exit_on_signal(signum: int, frame: object = None) -> None:
-    """The handler outside a command (start-up, with its imports, and shutdown), where there is nothing to
-    clean up: the command's line for the signal, then the process ends at once, never with a traceback."""
-    if _publication.published is not None:
-        line, code = str(InterruptedAfterPublishing(signal.Signals(signum).name, _publication.published)), 0
+    """The handler where there is nothing left to clean up (start-up with its imports, printing the
+    outcome, shutdown): the command's line for the signal, then the process ends at once, never with a
+    traceback; with exit 0 once the output was published."""
+    if _command.published is not None:
+        line, code = str(InterruptedAfterPublishing(signal.Signals(signum).name, _command.published)), 0
     else:
         line, code = f"error: {interrupted_by(signum)}", 128 + signum
     with suppress(Exception):
@@ -138,14 +143,16 @@ def exit_on_signal(signum: int, frame: object = None) -> None:
 
 
 @contextmanager
-def signals_as_interrupt() -> Iterator[None]:
+def signals_as_interrupt() -> Iterator[Callable[[], None]]:
     """Turn SIGINT, SIGTERM (a batch scheduler's time limit) and SIGHUP (the terminal closed) into one
     exception, so that cleanup code runs (temporary folders, eval commands running in their own sessions)
-    and every signal ends with the same line; after the output is published, into InterruptedAfterPublishing."""
-    _publication.__init__()
+    and every signal ends with the same line; after the output is published, into InterruptedAfterPublishing.
+    Yields the function to call once the command's work and cleanup are done: a signal then ends the
+    process at once (exit_on_signal), so that no handler of errors while printing can swallow it."""
+    _command.__init__()
     previous = {signum: signal.signal(signum, _on_signal) for signum in INTERRUPTS}
     try:
-        yield
+        yield lambda: setattr(_command, "done", True)
     finally:
         for signum, handler_before in previous.items():
             signal.signal(signum, handler_before)
@@ -155,19 +162,19 @@ def signals_as_interrupt() -> Iterator[None]:
 def publishing(output: Path) -> Iterator[None]:
     """The block renames the finished `output` into place: a signal waits until it is done, and then
     counts as arriving before publication if the block failed, after it if not."""
-    _publication.renaming = True
+    _command.renaming = True
     try:
         yield
     except BaseException:
-        _publication.renaming = False
+        _command.renaming = False
         _take_pending()
         raise
-    _publication.renaming = False
-    _publication.published = output
+    _command.renaming = False
+    _command.published = output
     _take_pending()
 
 
 def _take_pending() -> None:
-    signum, _publication.pending = _publication.pending, None
+    signum, _command.pending = _command.pending, None
     if signum is not None:
         _on_signal(signum)

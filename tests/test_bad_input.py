@@ -339,7 +339,7 @@ def test_forecast_that_overflows_the_output_dtype_is_refused(tmp_path, farcast, 
     forecaster_file = tmp_path / "f.json"
     Forecaster("self", 0, 100, [50], LinearMap.of([[-0.5], [1.4]], [0.0]), {}).save(forecaster_file)
     out = tmp_path / "out"
-    result = farcast("predict", run, "--forecaster", forecaster_file, "-o", out, expect=3)
+    result = farcast("predict", run, "--forecaster", forecaster_file, "-o", out, "--quiet", expect=3)
     assert_clean_failure(result, out, 3, str(run / "checkpoint-100" / "model.safetensors"), "tensor 'w'", "overflows", "element 0")
 
 

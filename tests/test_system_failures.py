@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_run
+from conftest import FAST, write_run
 
 BIG = 12_000_000
 
@@ -133,8 +133,36 @@ def test_interrupt_removes_temporary_files(big_run, tmp_path, signum, code, name
     process.send_signal(signum)
     returncode, stderr = finish(process)
     assert returncode == code, stderr
-    assert stderr.strip().endswith(f"interrupted by {name}; temporary files removed")
+    assert stderr.strip().splitlines()[-1] == f"farcast: error: interrupted by {name}; temporary files removed"
+    assert "Traceback" not in stderr
     assert_nothing_left(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_prints_the_same_line(run_dir, signum):
+    process = farcast_process("inspect", run_dir)
+    time.sleep(0.5)  # importing torch
+    process.send_signal(signum)
+    returncode, stderr = finish(process)
+    assert returncode == 128 + signum
+    assert stderr.strip() == f"farcast: error: interrupted by {signal.Signals(signum).name}; temporary files removed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_output_is_published_exits_0_and_says_so(run_dir, tmp_path, signum):
+    out = tmp_path / "out"
+    process = farcast_process("predict", run_dir, "-H", 40, "-o", out, "--plot", tmp_path / "plot.png", *FAST)
+    while not out.exists():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signum)  # while the plot is drawn, after publication
+    returncode, stderr = finish(process)
+    assert returncode == 0, stderr
+    name = signal.Signals(signum).name
+    assert stderr.strip().splitlines()[-1] == f"farcast: interrupted by {name} after {out} was published; it is complete"
+    assert (out / "farcast_report.json").exists()
 
 
 @pytest.mark.slow
