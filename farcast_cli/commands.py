@@ -185,10 +185,10 @@ def predict(
         if resumable:
             _check_resumable(last_step, emit)
         resumable_horizon = (horizon if horizon is not None else Forecaster.load(forecaster_file).horizon) if resumable else None
-        opening = RunRequest(run_dir, last_step, skip_damaged, out_dir, force, resumable_horizon, schedule)
-        if dry_run:
-            return plan(opening, horizon, forecaster_file, emit, settings, options, dtype, anchor)
-        whole, run = world.together(lambda: _open_run(opening, options))
+        opened = (run_dir, out_dir, force, last_step, options, resumable_horizon, schedule, skip_damaged)
+        whole, run = world.together(lambda: _open_run(*opened))
+    if dry_run:
+        return plan(run, out_dir, horizon, forecaster_file, emit, settings, options, dtype, anchor)
     with _judge(evaluation, run, out_dir, options, world) as judge:
         if forecaster_file is not None:
             forecaster = world.together(lambda: _forecaster_for(run, forecaster_file, horizon))
@@ -233,29 +233,24 @@ def predict(
         return build_folder(out_dir, write, finish, world)
 
 
-@dataclass(frozen=True)
-class RunRequest:
-    """Which run to read (up to `last_step`, skipping damaged checkpoints or not) and where its output goes."""
-
-    run_dir: Path
-    last_step: int | None
-    skip_damaged: bool
-    out_dir: Path
-    force: bool
-    resumable_horizon: int | None
-    schedule: str | None
-
-
-def _open_run(request: RunRequest, options: StreamOptions) -> tuple[Run, Run]:
+def _open_run(
+    run_dir: Path,
+    out_dir: Path,
+    force: bool,
+    last_step: int | None,
+    options: StreamOptions,
+    resumable_horizon: int | None,
+    schedule: str | None,
+    skip_damaged: bool = False,
+) -> tuple[Run, Run]:
     """The run as read (no checkpoint after last_step), and the run up to last_step; checks the output's
-    place (a resumable forecast's place is the run's checkpoint-<last + horizon>) and the device first.
-    The real run and its dry run make the same checks."""
-    whole = find_run(request.run_dir, last_step=request.last_step, skip_damaged=request.skip_damaged)
-    run = _up_to(whole, request.last_step)
-    if request.resumable_horizon is not None:
-        check_resumable(run, request.schedule)
-    resumable_name = None if request.resumable_horizon is None else resumable_folder_name(run.last, request.resumable_horizon)
-    check_output_location(request.out_dir, whole, request.force, resumable_name)
+    place (a resumable forecast's place is the run's checkpoint-<last + horizon>) and the device first."""
+    whole = find_run(run_dir, last_step=last_step, skip_damaged=skip_damaged)
+    run = _up_to(whole, last_step)
+    if resumable_horizon is not None:
+        check_resumable(run, schedule)
+    resumable_name = None if resumable_horizon is None else resumable_folder_name(run.last, resumable_horizon)
+    check_output_location(out_dir, whole, force, resumable_name)
     resolve_device(options.device)
     return whole, run
 
@@ -281,7 +276,8 @@ def _write_share(last: Checkpoint, out_dir: Path, world: World) -> frozenset[str
 
 
 def plan(
-    request: RunRequest,
+    run: Run,
+    out_dir: Path,
     horizon: int | None,
     forecaster_file: Path | None,
     emit: list[int],
@@ -290,10 +286,8 @@ def plan(
     dtype: str | None,
     anchor: int | None,
 ) -> dict:
-    """What `predict` would read and write, and its memory plan, without reading any tensor data; it
-    refuses what the real run would refuse before reading."""
-    _, run = _open_run(request, options)
-    out_dir = request.out_dir
+    """What `predict` would read and write from the run as opened (so refusing what the real run refuses
+    before reading), and its memory plan, without reading any tensor data."""
     if forecaster_file is not None:
         forecaster = _forecaster_for(run, forecaster_file, horizon)
         offsets, context_end, fits = forecaster.offsets, forecaster.context_end, False
