@@ -189,7 +189,8 @@ def find_run(path: Path, last_step: int | None = None, skip_damaged: bool = Fals
 
 def _readable(found: list[tuple[int, Path, Callable[[Path], Checkpoint]]], skip_damaged: bool, skipped: list[dict]) -> list[Checkpoint]:
     """The checkpoints that can be read, by step. Those after the newest readable one that are incomplete
-    are left out, and so are damaged ones with `skip_damaged`, each added to `skipped` with why."""
+    are left out, and so are all others that cannot be read with `skip_damaged` (without, the first one
+    stops the run), each added to `skipped` with why."""
     results: list[tuple[Path, Checkpoint | InputError]] = []
     for _, place, read in sorted(found, key=lambda item: item[0]):
         try:
@@ -205,11 +206,11 @@ def _readable(found: list[tuple[int, Path, Callable[[Path], Checkpoint]]], skip_
         if i > newest and isinstance(got, IncompleteCheckpoint):
             why = "incomplete, the newest checkpoints (still being written when the job stopped?)"
         elif i > newest:
-            why = "damaged, after the newest complete checkpoint"
+            why = "unreadable, after the newest complete checkpoint"
         else:
-            why = "damaged, between complete checkpoints (lost data?)"
-        if why.startswith("damaged") and not skip_damaged:
-            raise DamagedCheckpoint(f"{got}; {place.name} is {why.removeprefix('damaged, ')}")
+            why = "unreadable, between complete checkpoints"
+        if why.startswith("unreadable") and not skip_damaged:
+            raise DamagedCheckpoint(f"{got}; {place.name} lies {why.removeprefix('unreadable, ')}")
         skipped.append({"path": str(place), "why": f"{why}: {got}"})
     return [got for _, got in results if isinstance(got, Checkpoint)]
 
