@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from farcast_cli import commands
 from farcast_cli.errors import OutputError, UsageError
 from farcast_cli.evaluate.evaluator import EvalOptions
-from farcast_cli.io.run import LAYOUTS, Checkpoint, Layout, find_run, folder_checkpoint
+from farcast_cli.io.run import LAYOUTS, Found, Layout, find_run, folder_checkpoint
 from farcast_cli.model.fit import FitSettings
 
 FIT = FitSettings(sample=2000, max_epochs=30)
@@ -27,9 +27,9 @@ class EpochFolders(Layout):
     name, expected, description = "epochs", "epoch_<step>/ folders", "epoch folders"
     FOLDER = re.compile(r"^epoch_(\d+)$")
 
-    def find(self, folder: Path, entries: list[Path]) -> list[Checkpoint]:
-        found = [(p, self.FOLDER.match(p.name)) for p in entries if p.is_dir()]
-        return sorted((folder_checkpoint(p, int(m.group(1))) for p, m in found if m), key=lambda c: c.step)
+    def find(self, folder: Path, entries: list[Path]) -> list[Found]:
+        steps = {p: self.FOLDER.match(p.name) for p in entries if p.is_dir()}
+        return [(int(m.group(1)), p, lambda place, step=int(m.group(1)): folder_checkpoint(place, step)) for p, m in steps.items() if m]
 
     def claims(self, name: str) -> bool:
         return self.FOLDER.match(name) is not None

@@ -10,16 +10,24 @@ from rich.table import Table
 from farcast_cli.errors import named, parameter
 from farcast_cli.evaluate.evaluator import format_loss
 from farcast_cli.evaluate.report import ErrorTable, Report
-from farcast_cli.forecast.candidates import FORECAST
+from farcast_cli.forecast.candidates import FORECAST, REFERENCE
 
 TENSOR_ROWS = 15
+NAME_WIDTH = 28  # columns are given up until tensor names have this many characters (or all they need)
 
 
-def columns(table: ErrorTable) -> list[str]:
+def column_names(table: ErrorTable) -> list[str]:
     """The weight backtest's columns: the forecast's errors, then each alternative's MAE, then the
     forecast's skill against each (forecast/candidates.py, CANDIDATES)."""
     alternatives = [key for key in table.errors if key != FORECAST.key]
     return ["tensor", "numel", "MAE", "RMSE", *(f"MAE {key}" for key in alternatives), *(f"skill vs {key}" for key in table.skills)]
+
+
+def given_up_first(table: ErrorTable) -> list[str]:
+    """The columns left out as the terminal narrows, in this order: the alternatives' MAE (the last
+    registered first) but keeping the last checkpoint's, RMSE, then the skills against them."""
+    others = [key for key in reversed(table.skills) if key != REFERENCE]
+    return [*(f"MAE {key}" for key in others), "RMSE", *(f"skill vs {key}" for key in others)]
 
 
 def _skill(value: float | None) -> str:
@@ -85,33 +93,99 @@ def _tail(report: Report) -> list[str]:
     return lines
 
 
+def _more_rows(report: Report) -> list[str]:
+    left_out = len(report.backtest.tensors) - TENSOR_ROWS
+    return [f"... {left_out} more in the JSON report"] if left_out > 0 else []
+
+
 def plain_lines(report: Report) -> list[str]:
     lines = _head(report)
     if report.backtest is not None:
-        named = [column.lower().replace(" ", "_") for column in columns(report.backtest.overall)[1:]]
+        keys = [column.lower().replace(" ", "_") for column in column_names(report.backtest.overall)[1:]]
         for name, stats in [*_tensor_rows(report), ("overall", report.backtest.overall)]:
             lines.append(
                 f"backtest {'tensor ' + name if name != 'overall' else 'overall'}: "
-                + ", ".join(f"{key} {value}" for key, value in zip(named, _cells(stats)))
+                + ", ".join(f"{key} {value}" for key, value in zip(keys, _cells(stats)))
             )
+        lines += [f"backtest tensors: {more}" for more in _more_rows(report)]
     return lines + _loss_lines(report) + _tail(report)
 
 
+def common_prefix(names: list[str]) -> str:
+    """The leading dotted parts every name shares ('transformer.h.'), never a whole name; '' for one name."""
+    if len(names) < 2:
+        return ""
+    shared = []
+    for parts in zip(*(name.split(".")[:-1] for name in names)):
+        if len(set(parts)) > 1:
+            break
+        shared.append(parts[0])
+    return "".join(f"{part}." for part in shared)
+
+
+def shorten_middle(text: str, width: int) -> str:
+    """Text of at most `width` characters, cut in the middle: a tensor name's layer and its kind both stay."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
+def _widths(columns: list[str], cells: list[list[str]], every: list[str]) -> list[int]:
+    """Each number column's narrowest width that cuts neither a number nor a word of its heading
+    (`every`: all the columns, whose order the cells follow)."""
+    return [max(max(len(row[every.index(column) - 1]) for row in cells), *(len(word) for word in column.split())) for column in columns[1:]]
+
+
+def _table(columns: list[str], widths: list[int], rows: list[tuple[str, list[str]]], every: list[str]) -> Table:
+    """The table with each column exactly as wide as given (the tensor's first): headings wrap, nothing is cut."""
+    table = Table()
+    for column, width in zip(columns, widths):
+        table.add_column(column, justify="left" if column == "tensor" else "right", no_wrap=column == "tensor", width=width)
+    for name, cells in rows:
+        table.add_row(name, *[cells[every.index(column) - 1] for column in columns[1:]])
+    return table
+
+
+def _fitted_table(report: Report, width: int) -> tuple[Table, list[str]]:
+    """The weight backtest's table within `width` characters: tensor names without their common prefix,
+    the columns of given_up_first left out until the names have NAME_WIDTH characters (or their whole
+    length), names still too long shortened in the middle, and what room is left spent on one-line
+    headings. Also the lines that say what was done."""
+    rows = _tensor_rows(report)
+    prefix = common_prefix([name for name, _ in rows])
+    names = [name[len(prefix) :] for name, _ in rows]
+    cells = [_cells(stats) for _, stats in rows] + [_cells(report.backtest.overall)]
+    longest = max(len(name) for name in [*names, "overall"])
+    every, optional = column_names(report.backtest.overall), given_up_first(report.backtest.overall)
+    columns, given_up = list(every), []
+    room = lambda: width - sum(_widths(columns, cells, every)) - 3 * len(columns) - 1  # noqa: E731 (borders and padding: 3 a column)
+    while room() < min(longest, NAME_WIDTH) and len(given_up) < len(optional):
+        given_up.append(optional[len(given_up)])
+        columns.remove(given_up[-1])
+    name_width = max(min(room(), longest), len("overall"))
+    spare = room() - name_width
+    widths = [name_width]
+    for column, narrowest in zip(columns[1:], _widths(columns, cells, every)):
+        widths.append(narrowest + max(0, min(len(column) - narrowest, spare)))
+        spare -= widths[-1] - narrowest
+    shown = [(escape(shorten_middle(name, name_width)), row) for name, row in zip(names, cells)] + [("[bold]overall[/bold]", cells[-1])]
+    notes = [f"tensor names without their common prefix {prefix!r}"] if prefix else []
+    notes += [f"left out to fit: {', '.join(given_up)}"] if given_up else []
+    return _table(columns, widths, shown, every), notes
+
+
 def render(report: Report, console: Console) -> None:
-    """The report on a terminal: the same lines, with the weight backtest as a table."""
+    """The report on a terminal: the same lines, with the weight backtest as a table that fits the width."""
     for line in _head(report):
         console.print(escape(line))
     if report.backtest is not None:
-        table = Table()
-        names = columns(report.backtest.overall)
-        for column in names:
-            table.add_column(column, justify="left" if column == "tensor" else "right")
-        for name, stats in _tensor_rows(report):
-            table.add_row(escape(name), *_cells(stats))
-        if len(report.backtest.tensors) > TENSOR_ROWS:
-            table.add_row(f"... {len(report.backtest.tensors) - TENSOR_ROWS} more in the JSON report", *[""] * (len(names) - 1))
-        table.add_row("[bold]overall[/bold]", *_cells(report.backtest.overall))
+        table, notes = _fitted_table(report, console.width)
+        for note in notes:
+            console.print(escape(f"backtest table: {note}"))
         console.print(table)
+        for more in _more_rows(report):
+            console.print(escape(more))
     for line in _loss_lines(report) + _tail(report):
         console.print(f"[bold]{escape(line)}[/bold]" if line.startswith(("verdict:", "written:")) else escape(line))
 

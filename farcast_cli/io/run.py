@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from farcast_cli.errors import InputError
+from farcast_cli.errors import DamagedCheckpoint, IncompleteCheckpoint, InputError
 from farcast_cli.io.reader import SafetensorsFile, TensorInfo
 
 SHARD_NAME = re.compile(r"-\d+-of-\d+$")
@@ -88,6 +89,10 @@ class Checkpoint:
             file.check_unchanged()
 
 
+Found = tuple[int, Path, Callable[[Path], Checkpoint]]
+"""A checkpoint a layout found: its step, its place, and how to read it."""
+
+
 class Layout:
     """One way a run keeps its checkpoints on disk, and everything that depends on it: how its
     checkpoints are found (`find`), which names in a run folder are its checkpoints (`claims`, so that
@@ -101,8 +106,9 @@ class Layout:
     description: str = ""
     resumable: bool = False
 
-    def find(self, folder: Path, entries: list[Path]) -> list[Checkpoint]:
-        """The run's checkpoints in this layout, from the folder's entries (none: not this layout)."""
+    def find(self, folder: Path, entries: list[Path]) -> list[Found]:
+        """The run's checkpoints in this layout, from the folder's entries (none: not this layout), each
+        as its step, its place and how to read it: find_run reads them, skipping incomplete ones."""
         raise NotImplementedError
 
     def claims(self, name: str) -> bool:
@@ -131,9 +137,9 @@ class TrainerFolders(Layout):
     name, expected, description, resumable = "trainer", "checkpoint-<step>/ folders", "Trainer checkpoint folders", True
     FOLDER = re.compile(r"^checkpoint-(\d+)$")
 
-    def find(self, folder: Path, entries: list[Path]) -> list[Checkpoint]:
-        folders = [p for p in entries if p.is_dir() and self.step_of(p.name) is not None]
-        return sorted((folder_checkpoint(p, self.step_of(p.name)) for p in folders), key=lambda c: c.step)
+    def find(self, folder: Path, entries: list[Path]) -> list[Found]:
+        steps = {p: self.step_of(p.name) for p in entries if p.is_dir()}
+        return [(step, p, lambda place, step=step: folder_checkpoint(place, step)) for p, step in steps.items() if step is not None]
 
     def claims(self, name: str) -> bool:
         return name.startswith("checkpoint-")
@@ -155,8 +161,8 @@ class StepFiles(Layout):
 
     name, expected, description = "files", "<name><step>.safetensors files", "plain safetensors files"
 
-    def find(self, folder: Path, entries: list[Path]) -> list[Checkpoint]:
-        return _file_checkpoints(entries)
+    def find(self, folder: Path, entries: list[Path]) -> list[Found]:
+        return _step_files(entries)
 
     def claims(self, name: str) -> bool:
         return Path(name).suffix == ".safetensors"
@@ -177,6 +183,7 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     forecasts: list[Checkpoint] = field(default_factory=list)
     jumps: tuple[Jump, ...] = ()
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def steps(self) -> list[int]:
@@ -197,7 +204,7 @@ class Run:
         raise InputError(f"{self.path}: no checkpoint at step {step} (found {describe_steps(self.steps)})")
 
     def truncated(self, last_index: int) -> Run:
-        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps)
+        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps, self.skipped)
 
 
 TRAINING_STATE_REASON = "the trainer's pickled state, which farcast never loads (copied as bytes only into a --resumable output)"
@@ -232,8 +239,13 @@ def describe_steps(steps: list[int]) -> str:
     return f"{len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}" + (every if gaps else "")
 
 
-def find_run(path: Path) -> Run:
-    """Discover a run in the Trainer layout or as step-numbered safetensors files."""
+def find_run(path: Path, last_step: int | None = None, skip_damaged: bool = False) -> Run:
+    """Discover a run in the Trainer layout or as step-numbered safetensors files.
+
+    Checkpoints saved after `last_step` are not read at all. The newest checkpoints that are incomplete
+    (a file or shard missing or cut short: still being written when a job stopped) are skipped, each
+    named in `run.skipped`; a checkpoint that cannot be read anywhere else may be lost data and stops
+    the run (DamagedCheckpoint) unless `skip_damaged`."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such folder")
@@ -241,7 +253,11 @@ def find_run(path: Path) -> Run:
         raise InputError(f"{path}: is a file; give the folder that holds the run's checkpoints")
     _reject_partial_weights(path)
     warnings = [f"{p}: skipped, a checkpoint still being written" for p in sorted(path.glob("tmp-*"))]
-    run = _first_layout_found(path, warnings)
+    layout, found = _first_layout_found(path)
+    found = [(step, place, read) for step, place, read in found if last_step is None or step <= last_step]
+    skipped: list[dict[str, str]] = []
+    run = Run(path, layout, _readable(found, skip_damaged, skipped), warnings, skipped=skipped)
+    run.warnings += [f"{s['path']}: skipped, {s['why']}" for s in skipped]
     run.forecasts = [c for c in run.checkpoints if c.is_forecast]
     run.checkpoints = [c for c in run.checkpoints if not c.is_forecast]
     _set_time_axis(run)
@@ -255,14 +271,43 @@ def find_run(path: Path) -> Run:
     return run
 
 
-def _first_layout_found(path: Path, warnings: list[str]) -> Run:
-    """The run in the first layout that finds checkpoints in it (the last layout's, empty, if none does)."""
+def _first_layout_found(path: Path) -> tuple[Layout, list[Found]]:
+    """The first layout that finds checkpoints in the run folder, and what it found (the last layout and
+    nothing if none does)."""
     entries = _list(path)
     for layout in LAYOUTS:
-        checkpoints = layout.find(path, entries)
-        if checkpoints:
-            return Run(path, layout, checkpoints, warnings)
-    return Run(path, LAYOUTS[-1], [], warnings)
+        found = layout.find(path, entries)
+        if found:
+            return layout, found
+    return LAYOUTS[-1], []
+
+
+def _readable(found: list[Found], skip_damaged: bool, skipped: list[dict]) -> list[Checkpoint]:
+    """The checkpoints that can be read, by step. Those after the newest readable one that are incomplete
+    are left out, and so are all others that cannot be read with `skip_damaged` (without, the first one
+    stops the run), each added to `skipped` with why."""
+    results: list[tuple[Path, Checkpoint | InputError]] = []
+    for _, place, read in sorted(found, key=lambda item: item[0]):
+        try:
+            results.append((place, read(place)))
+        except InputError as error:
+            results.append((place, error))
+    newest = max((i for i, (_, got) in enumerate(results) if isinstance(got, Checkpoint)), default=None)
+    if newest is None and results:
+        raise results[0][1]
+    for i, (place, got) in enumerate(results):
+        if isinstance(got, Checkpoint):
+            continue
+        if i > newest and isinstance(got, IncompleteCheckpoint):
+            why = "incomplete, the newest checkpoints (still being written when the job stopped?)"
+        elif i > newest:
+            why = "unreadable, after the newest complete checkpoint"
+        else:
+            why = "unreadable, between complete checkpoints"
+        if why.startswith("unreadable") and not skip_damaged:
+            raise DamagedCheckpoint(f"{got}; {place.name} lies {why.removeprefix('unreadable, ')}")
+        skipped.append({"path": str(place), "why": f"{why}: {got}"})
+    return [got for _, got in results if isinstance(got, Checkpoint)]
 
 
 def _list(path: Path) -> list[Path]:
@@ -307,7 +352,7 @@ def folder_checkpoint(folder: Path, step: int) -> Checkpoint:
             f"{folder}: holds pickled weights only; farcast never loads pickles: save with safetensors (save_safetensors=True)"
         )
     else:
-        raise InputError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
+        raise IncompleteCheckpoint(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
     checkpoint.aux_files = [folder / n for n in sorted(names) if any(fnmatch(n, pattern) for pattern in AUX_PATTERNS)]
     checkpoint.jumps = _check_trainer_state(folder, step)
     return checkpoint
@@ -389,7 +434,7 @@ def _sharded_checkpoint(folder: Path, step: int) -> Checkpoint:
         if "/" in shard or shard.startswith("."):
             raise InputError(f"{index_path}: shard name {shard!r} points outside the checkpoint folder")
         if not (folder / shard).is_file():
-            raise InputError(f"{index_path}: names shard {shard} which does not exist")
+            raise IncompleteCheckpoint(f"{index_path}: names shard {shard} which does not exist")
         files[shard] = SafetensorsFile(folder / shard)
     holder: dict[str, str] = {}
     for shard, file in files.items():
@@ -414,7 +459,8 @@ def stray_shards(checkpoint: Checkpoint) -> list[str]:
     return [p.name for p in _list(checkpoint.path) if p.suffix == ".safetensors" and p.name not in checkpoint.files]
 
 
-def _file_checkpoints(entries: list[Path]) -> list[Checkpoint]:
+def _step_files(entries: list[Path]) -> list[Found]:
+    """The run's step-numbered safetensors files, each with its step and how to read it."""
     by_step: dict[int, Path] = {}
     for path in entries:
         if path.suffix != ".safetensors" or not path.is_file():
@@ -430,11 +476,12 @@ def _file_checkpoints(entries: list[Path]) -> list[Checkpoint]:
         if step in by_step:
             raise InputError(f"{path}: step {step} also given by {by_step[step].name}")
         by_step[step] = path
-    checkpoints = []
-    for step, path in sorted(by_step.items()):
-        file = SafetensorsFile(path)
-        checkpoints.append(Checkpoint(step, path, {path.name: file}, {name: path.name for name in file.tensors}))
-    return checkpoints
+    return [(step, path, lambda p, step=step: _file_checkpoint(p, step)) for step, path in sorted(by_step.items())]
+
+
+def _file_checkpoint(path: Path, step: int) -> Checkpoint:
+    file = SafetensorsFile(path)
+    return Checkpoint(step, path, {path.name: file}, {name: path.name for name in file.tensors})
 
 
 def _check_same_model(run: Run) -> None:
