@@ -240,6 +240,8 @@ def loss_backtest(
             break
         futures.update(asked)
     losses = {key: future.result().loss for key, future in futures.items()}
+    if len(curve.futures) < 3 and _close_to_noise(curve, losses, tested):
+        settle([curve.at(len(curve.checkpoints) // 2)])
     if _close_to_noise(curve, losses, tested):
         curve.complete()
     return _scored(run, cut, scores, sorted(curve.futures.items()), futures, tested)
@@ -353,8 +355,8 @@ def _on_steps(alpha: float) -> float:
 
 def _close_to_noise(curve: SparseCurve, losses: dict[tuple, float], line_ok: bool) -> bool:
     """Whether the best candidate's win over keeping the checkpoint is within NOISE_CHECK times the
-    jitter seen on the points evaluated, or the jitter cannot be told from them (fewer than three):
-    then the choice waits for the whole curve."""
+    jitter seen on the points evaluated, or the jitter cannot be told from them (fewer than three:
+    then the middle of the curve is evaluated first): then the choice waits for the whole curve."""
     last = losses[("last", None, None)]
     best = min(loss for (method, _, _), loss in losses.items() if line_ok or method != "line")
     if best >= last or len(curve.futures) == len(curve.checkpoints):
