@@ -325,7 +325,7 @@ def next_shrink(tried: dict[float, float], best_found: float) -> float | None:
     vertex, lowest = _parabola_vertex([(a, tried[a]) for a in around])
     if lowest >= best_found:
         return None
-    target = _on_steps(min(SHRINK_MAX, max(0.0, vertex)))
+    target = _on_steps(min(SHRINK_MAX, max(SHRINK_STEP, vertex)))
     if target in tried:
         if abs(vertex - best) < 1e-12:
             return None
