@@ -31,7 +31,8 @@ RUN = ROOT / "sample_checkpoints" / "digits-mlp"
 
 def predict(out: Path, *extra: str, source: Path = ROOT) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
-    seconds, _, stdout = timed_farcast("predict", source / "sample_checkpoints" / "digits-mlp", "-H", 300, "-o", out, "--quiet", "--json", *extra)
+    run = source / "sample_checkpoints" / "digits-mlp"
+    seconds, _, stdout = timed_farcast("predict", run, "-H", 300, "-o", out, "--quiet", "--json", *extra)
     return seconds, json.loads(stdout)
 
 
@@ -42,7 +43,8 @@ def ways(jobs: int, baseline: Path | None) -> dict[str, tuple[Path, list[str]]]:
         "eval server": (ROOT, ["--eval-server", f"{script(ROOT)} --serve", "--eval-jobs", str(jobs)]),
     }
     if baseline is not None:
-        found = {"before (grid, eval command)": (baseline, ["--eval-cmd", f"{script(baseline)} {{checkpoint}}", "--eval-jobs", str(jobs)]), **found}
+        before = ["--eval-cmd", f"{script(baseline)} {{checkpoint}}", "--eval-jobs", str(jobs)]
+        found = {"before (grid, eval command)": (baseline, before), **found}
     return found
 
 
@@ -58,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--baseline-src", type=Path, help="a checkout of the farcast to compare with (its farcast_cli/ and sample_checkpoints/)")
+    parser.add_argument("--baseline-src", type=Path, help="a checkout of an earlier farcast (farcast_cli/, sample_checkpoints/)")
     args = parser.parse_args()
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="farcast-overhead-") as scratch:
@@ -101,7 +103,8 @@ def main() -> None:
     reference = "before (grid, eval command)" if args.baseline_src else "eval command"
     print(f"\nmedian of {args.repeats}, wall time against {reference}:")
     for name in rows:
-        print(f"  {name}: {median(name, 'wall'):.1f} s ({median(name, 'wall') / median(reference, 'wall'):.2f}x), {median(name, 'evaluations')} evaluations")
+        wall = median(name, "wall")
+        print(f"  {name}: {wall:.1f} s ({wall / median(reference, 'wall'):.2f}x), {median(name, 'evaluations')} evaluations")
 
 
 if __name__ == "__main__":
