@@ -165,3 +165,33 @@ def test_the_shrink_search_finds_the_grids_optimum(surface):
     found = min((a for a in tried if a > 0), key=tried.get)
     assert found == best_on_grid or loss(found) <= loss(best_on_grid) + 1e-12
     assert len(tried) - 1 <= 7 < len(GRID)
+
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+
+
+@pytest.mark.slow
+def test_the_sample_eval_server_answers_as_its_eval_command(tmp_path):
+    checkpoints = [SAMPLE / "digits-mlp" / f"checkpoint-{step}" for step in (30, 600)]
+    served = subprocess.run(
+        [sys.executable, SAMPLE / "eval_digits.py", "--serve"], input="".join(f"{c}\n" for c in checkpoints), capture_output=True, text=True
+    )
+    one_shot = [subprocess.run([sys.executable, SAMPLE / "eval_digits.py", c], capture_output=True, text=True).stdout for c in checkpoints]
+    assert served.stdout.split() == [line.strip() for line in one_shot] and len(set(one_shot)) == 2
+
+
+@pytest.mark.slow
+def test_readmes_main_command_decides_with_at_most_twelve_evaluations(tmp_path, farcast):
+    """README's main command (the sample run, its eval server): the choice the full grid made before the
+    search (anchor 1, shrink 0.875) with 12 evaluations instead of 31."""
+    server = f"{sys.executable} {SAMPLE / 'eval_digits.py'} --serve"
+    os.environ["FARCAST_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        out = tmp_path / "out"
+        result = farcast("predict", SAMPLE / "digits-mlp", "-H", 300, "-o", out, "--json", "--eval-server", server, "--eval-jobs", 2)
+    finally:
+        del os.environ["FARCAST_CACHE_DIR"]
+    report = json.loads(result.stdout)
+    chosen = report["loss"]["chosen"]
+    assert (chosen["method"], chosen["anchor"], chosen["shrink"]) == ("forecast", 1, 0.875)
+    assert report["loss"]["evaluations"] <= 12 and report["steps_saved"] == pytest.approx(0.288, abs=0.02)
