@@ -195,3 +195,16 @@ def test_readmes_main_command_decides_with_at_most_twelve_evaluations(tmp_path, 
     chosen = report["loss"]["chosen"]
     assert (chosen["method"], chosen["anchor"], chosen["shrink"]) == ("forecast", 1, 0.875)
     assert report["loss"]["evaluations"] <= 12 and report["steps_saved"] == pytest.approx(0.288, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--eval-cmd", "true", "--eval-server", "true"], "--eval-cmd and --eval-server: give one of them"),
+        (["--eval-server", "true", "--eval-timeout", 0], "--eval-timeout 0: must be above 0 seconds"),
+    ],
+)
+def test_eval_server_options_are_checked_before_anything_runs(tmp_path, farcast, options, message):
+    run = write_run(tmp_path / "run")
+    result = farcast("predict", run, "-H", 100, "-o", tmp_path / "out", *options, *FAST, expect=2)
+    assert message in result.stderr and not (tmp_path / "out").exists()
