@@ -235,10 +235,13 @@ def loss_backtest(
     while True:
         settle([*curve.futures.values(), *futures.values()])
         asked = _next_shrinks(scores, run, trials, futures) if settings.shrink is None else {}
-        placing = [curve.place(loss) for loss in _losses_to_place(futures, tested)]
-        if not asked and not any(placing):
+        points = curve.known()
+        placing = {index for loss in _losses_to_place(futures, tested) if (index := curve.needed(points, loss)) is not None}
+        if not asked and not placing:
             break
         futures.update(asked)
+        for index in placing:
+            curve.at(index)
     losses = {key: future.result().loss for key, future in futures.items()}
     if len(curve.futures) < 3 and _close_to_noise(curve, losses, tested):
         settle([curve.at(len(curve.checkpoints) // 2)])
@@ -248,8 +251,8 @@ def loss_backtest(
 
 
 class SparseCurve:
-    """The run's loss from the cut to the target, evaluated only where asked: `at` one checkpoint,
-    `place` the next checkpoint needed to place a loss between two neighbouring checkpoints."""
+    """The run's loss from the cut to the target, evaluated only where asked: `at` one checkpoint;
+    `needed`, the next checkpoint to evaluate to place a loss between two neighbouring checkpoints."""
 
     def __init__(self, run: Run, cut: int, scores: CandidateScores) -> None:
         self.checkpoints, self.scores = run.checkpoints[cut:], scores
@@ -264,11 +267,11 @@ class SparseCurve:
     def known(self) -> list[tuple[int, float]]:
         return sorted((index, future.result().loss) for index, future in self.futures.items())
 
-    def place(self, loss: float) -> Future | None:
-        """Ask for the checkpoint between the two evaluated ones that bracket `loss` (the first at or
-        below it and the one before), where the curve's line between them crosses it; None when they
+    @staticmethod
+    def needed(points: list[tuple[int, float]], loss: float) -> int | None:
+        """Of the checkpoints between the two evaluated `points` that bracket `loss` (the first at or
+        below it and the one before), the one where the line between them crosses it; None when they
         are neighbours, or the loss lies outside the curve (worse than at the cut, better than at its end)."""
-        points = self.known()
         below = next((k for k, (_, value) in enumerate(points) if value <= loss), None)
         if below is None or below == 0:
             return None
@@ -276,7 +279,7 @@ class SparseCurve:
         if lower - upper <= 1:
             return None
         crossing = upper + (lower - upper) * (upper_loss - loss) / (upper_loss - lower_loss)
-        return self.at(min(lower - 1, max(upper + 1, round(crossing))))
+        return min(lower - 1, max(upper + 1, round(crossing)))
 
     def complete(self) -> None:
         for index in range(len(self.checkpoints)):
