@@ -49,7 +49,9 @@ def ways(jobs: int, baseline: Path | None) -> dict[str, tuple[Path, list[str]]]:
 
 
 def run_from(source: Path) -> None:
-    """Run farcast (and its eval scripts) from `source`: its package comes first on the path."""
+    """Run farcast (and its eval scripts) from `source`: its package comes first on the path (`python -m`
+    puts the working directory first, so it moves there too)."""
+    os.chdir(source)
     if source == ROOT:
         os.environ.pop("PYTHONPATH", None)
     else:
@@ -60,7 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--baseline-src", type=Path, help="a checkout of an earlier farcast (farcast_cli/, sample_checkpoints/)")
+    parser.add_argument(
+        "--baseline-src", type=lambda text: Path(text).resolve(), help="an earlier farcast (farcast_cli/, sample_checkpoints/)"
+    )
     args = parser.parse_args()
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="farcast-overhead-") as scratch:

@@ -54,27 +54,29 @@ def validation_text(path: Path, characters: int) -> Path:
 
 
 def predict(run: Path, out: Path, horizon: int, extra: list[str], source: Path | None) -> tuple[float, dict]:
+    """farcast predict as a process, from `source` when given (first on the path; `python -m` puts the
+    working directory first, so it runs there)."""
     shutil.rmtree(out, ignore_errors=True)
-    if source is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
+    if source is not None:
         os.environ["PYTHONPATH"] = str(source)
+        os.chdir(source)
     try:
         seconds, _, stdout = timed_farcast("predict", run, "-H", horizon, "-o", out, "--quiet", "--json", *extra)
     finally:
         os.environ.pop("PYTHONPATH", None)
+        os.chdir(ROOT)
     return seconds, json.loads(stdout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-hf-serve"))
+    parser.add_argument("--work", type=lambda text: Path(text).resolve(), default=Path("/var/tmp/farcast-hf-serve"))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--save-steps", type=int, default=20)
     parser.add_argument("--horizon", type=int, default=100)
     parser.add_argument("--characters", type=int, default=8000, help="validation text length")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--baseline-src", type=Path, help="a checkout of an earlier farcast (farcast_cli/)")
+    parser.add_argument("--baseline-src", type=lambda text: Path(text).resolve(), help="a checkout of an earlier farcast (farcast_cli/)")
     args = parser.parse_args()
     run = args.work / "gpt2"
     train(run, args.steps, args.save_steps)
