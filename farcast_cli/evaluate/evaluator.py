@@ -103,7 +103,7 @@ class EvalCommand:
             raise UsageError(f"--eval-cmd printed {numbers[-1]} as the loss of {checkpoint}; a loss must be a finite number")
         return loss
 
-    def start(self) -> None:
+    def start(self, jobs: int = 1) -> None:
         """Allow commands to run (again): a Scorer calls it, `stop` ends it."""
         with self.lock:
             self.stopped = False
@@ -174,9 +174,14 @@ class EvalServer:
             self.idle.append(server)
         return loss
 
-    def start(self) -> None:
+    def start(self, jobs: int = 1) -> None:
+        """Start `jobs` servers now, so that they load while farcast fits: a Scorer calls it, `stop` ends them."""
         with self.lock:
             self.stopped = False
+            while len(self.running) < jobs:
+                server = _ServerProcess(self.command)
+                self.running.add(server)
+                self.idle.append(server)
 
     def stop(self) -> None:
         """End every server (farcast is done, or stopping): stdin closed, then SIGTERM and SIGKILL to its group."""
@@ -380,7 +385,7 @@ class Scorer:
         self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="farcast-eval")
         start = getattr(evaluator, "start", None)
         if start is not None:
-            start()
+            start(jobs)
         self.futures: dict[str, Future] = {}
         self.evaluations = self.cache_hits = self.submitted = self.running = 0
         self.seconds = self.wall_seconds = 0.0

@@ -43,7 +43,7 @@ from farcast_cli.forecast.write import combination_key, write_forecast
 from farcast_cli.io.engine import EngineSettings
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run
 from farcast_cli.model.fit import FitSettings
-from farcast_cli.model.forecaster import Forecaster, held_out_trial
+from farcast_cli.model.forecaster import Forecaster, held_out_cut, held_out_trial
 from farcast_cli.model.history import History
 
 SHRINK_STEP = 0.125
@@ -218,17 +218,19 @@ def loss_backtest(
 ) -> LossBacktest | None:
     """Search the candidates on the held-out jump by the evaluator and choose the best (module
     docstring). None when the run is too short to hold checkpoints out."""
+    cut = held_out_cut(history, horizon)
+    if cut is None:
+        return None
+    curve = SparseCurve(run, cut, scores)
+    curve.at(0), curve.at(len(curve.checkpoints) - 1)
     trials = {anchor: held_out_trial(history, horizon, settings, anchor) for anchor in anchors}
     trials = {anchor: trial for anchor, trial in trials.items() if trial is not None}
     if not trials:
         return None
     first = next(iter(trials.values()))
-    cut = run.steps.index(first.context_end)
     steps = run.steps
     tested = line_tested(steps[cut - 1], steps[cut], steps[-1], horizon, steps[-1] - steps[-2])
-    curve = SparseCurve(run, cut, scores)
     futures = _alternatives(run, first, scores, curve.at(0))
-    curve.at(len(curve.checkpoints) - 1)
     for anchor, trial in trials.items():
         for alpha in FIRST_SHRINKS if settings.shrink is None else (settings.shrink,):
             futures[("forecast", anchor, alpha)] = _forecast_future(scores, run, trial, anchor, alpha)
