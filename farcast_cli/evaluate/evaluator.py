@@ -175,13 +175,10 @@ class EvalServer:
         return loss
 
     def start(self, jobs: int = 1) -> None:
-        """Start `jobs` servers now, so that they load while farcast fits: a Scorer calls it, `stop` ends them."""
+        """Allow servers to start (again): a Scorer calls it, `stop` ends them. Each starts with the first
+        evaluation that needs it, not before: a predict whose scores all come from the cache starts none."""
         with self.lock:
             self.stopped = False
-            while len(self.running) < jobs:
-                server = _ServerProcess(self.command)
-                self.running.add(server)
-                self.idle.append(server)
 
     def stop(self) -> None:
         """End every server (farcast is done, or stopping): stdin closed, then SIGTERM and SIGKILL to its group."""
