@@ -365,8 +365,29 @@ def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
     print(f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}")
     print(f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)")
     print(f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all")
+    if info["distributed"]:
+        _show_distributed(info["distributed"], every)
     _show_files(info)
     print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
+
+
+def _show_distributed(found: dict, every: bool) -> None:
+    """A DCP checkpoint's files, chunks, and the entries that are not model weights."""
+    chunks = sum(len(t["chunks"]) for t in found["tensors"])
+    place = "the checkpoint folder" if found["folder"] == "." else f"{found['folder']}/"
+    print(
+        f"distributed checkpoint in {place}: .metadata and {len(found['files'])} .distcp file(s), {found['bytes']:,} bytes; "
+        f"{len(found['tensors'])} model tensors in {chunks} chunks" + ("" if every else " (--all lists them)")
+    )
+    for tensor in found["tensors"] if every else []:
+        boxes = ", ".join(f"{offsets}+{sizes}" for offsets, sizes in tensor["chunks"])
+        print(f"  {tensor['name']} {tensor['dtype']} {tensor['shape']}: {len(tensor['chunks'])} chunk(s) at {boxes}")
+    reasons: dict[str, list[str]] = {}
+    for entry in found["left_out_entries"]:
+        reasons.setdefault(entry["why"], []).append(entry["name"])
+    for why, names in reasons.items():
+        shown = ", ".join(names if every else names[:3]) + ("" if every or len(names) <= 3 else ", ...")
+        print(f"left out of outputs: {len(names)} entries, {why}: {shown}")
 
 
 def _show_files(info: dict) -> None:

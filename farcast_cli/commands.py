@@ -30,6 +30,7 @@ from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import build_folder, check_file_location, check_output_location, write_text
 from farcast_cli.io.resume import check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
+from farcast_cli.io.dcp import describe_dcp
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint, Run, describe_steps, find_run, output_files
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
@@ -82,7 +83,7 @@ def inspect_run(run_dir: Path) -> dict:
         "steps": steps,
         "steps_summary": describe_steps(steps),
         "checkpoints": [
-            {"step": c.step, "saved_step": c.saved_step, "path": str(c.path), "files": sorted(c.files), "bytes": c.nbytes}
+            {"step": c.step, "saved_step": c.saved_step, "path": str(c.path), "files": sorted(c.files) if c.dcp is None else [p.name for p in c.dcp.files], "bytes": c.nbytes}
             for c in run.checkpoints
         ],
         "forecasts": [{"saved_step": c.saved_step, "path": str(c.path)} for c in run.forecasts],
@@ -99,6 +100,7 @@ def inspect_run(run_dir: Path) -> dict:
         "total_bytes": sum(c.nbytes for c in run.checkpoints),
         "max_horizon": max_self_horizon(steps) if len(steps) > 2 else 0,
         "warnings": run.warnings,
+        "distributed": None if run.last.dcp is None else describe_dcp(run.last),
     }
 
 

@@ -30,6 +30,7 @@ from farcast_cli.io.engine import (
     stream,
     to_host,
 )
+from farcast_cli.io.dcp_writer import DcpWriter, check_dcp_output, write_dcp_metadata
 from farcast_cli.io.output import copy_aux_files, link_or_copy, write_index
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 from farcast_cli.io.run import SINGLE_FILE, Checkpoint
@@ -127,6 +128,9 @@ def write_tensors(
         except OSError as error:
             raise output_failure(place, error) from None
     buffers = Scratch(settings.chunk_elements)
+    if last.dcp is not None:
+        _write_dcp_tensors(candidate, last, folders, settings, buffers, dtype, only)
+        return
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
         if only is not None and file.tensors and only.isdisjoint(file.tensors):
@@ -158,9 +162,63 @@ def write_tensors(
             raise
 
 
+def _dcp_place(place: Path, last: Checkpoint) -> Path:
+    """Where an output keeps its DCP folder: where the input checkpoint keeps it (pytorch_model_fsdp_0/ or itself)."""
+    return place / last.dcp.path.relative_to(last.path)
+
+
+def _output_dtypes(last: Checkpoint, dtype: str | None) -> dict[str, str]:
+    return {name: output_info(last.tensor(name)[1], dtype).dtype for name in last.shard_of}
+
+
+def _write_dcp_tensors(
+    candidate: Combination,
+    last: Checkpoint,
+    folders: list[Path],
+    settings: EngineSettings,
+    buffers: Scratch,
+    dtype: str | None,
+    only: Set[str] | None,
+) -> None:
+    """The DCP form of write_tensors: one DcpWriter per output, the tensors (or those in `only`) streamed into it."""
+    dtypes = _output_dtypes(last, dtype)
+    writers: list[DcpWriter] = []
+    try:
+        for place in folders:
+            writers.append(DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only))
+        jobs = [job for name in last.dcp.tensors if only is None or name in only for job in forecast_jobs(candidate.inputs, last, name, settings.chunk_elements)]
+        for job, data in stream(jobs, settings):
+            for index, writer in enumerate(writers):
+                if job.raw:
+                    writer.write_bytes(job.name, job.start, data[0].numpy())
+                else:
+                    writer.write(job.name, job.start, _forecast_chunk(job, data, candidate, index, TORCH_DTYPES[dtypes[job.name]], buffers))
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+
+
+def _finish_dcp(candidate: Combination, last: Checkpoint, folders: list[Path], dtype: str | None, scratch: bool) -> list[Path]:
+    """The `.metadata` of each output (its layout is found again by writing the same archive headers
+    in place, which leaves the data alone), its config files, and a check that it reads back."""
+    dtypes = _output_dtypes(last, dtype)
+    for place, target in zip(folders, candidate.target_steps):
+        layout = DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only=())
+        layout.abort()
+        write_dcp_metadata(layout, _provenance(candidate, target))
+        copy_aux_files(place, last, link=scratch)
+        check_dcp_output(_dcp_place(place, last), last.dcp, dtypes)
+    return folders
+
+
 def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None, scratch: bool = False) -> list[Path]:
     """The shard index and the config and tokenizer files, once every tensor is written."""
     folders = output_folders(folder, candidate.target_steps)
+    if last.dcp is not None:
+        return _finish_dcp(candidate, last, folders, dtype, scratch)
     sizes = {name: output_info(last.tensor(name)[1], dtype).nbytes for name in last.shard_of}
     for place in folders:
         write_index(place, last, sizes)

@@ -1,0 +1,206 @@
+"""Runs saved by torch.distributed.checkpoint (DCP): discovery, inspect, streaming predict, the DCP
+output that dcp.load restores, and bad input; on real checkpoints saved by dcp.save from one process
+and (slow) from two gloo processes with tensors split across the ranks."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import FAST, write_run
+from dcp_runs import SPLIT_ON_COLUMNS, TIED, folder_for, model_state, save_dcp_run
+
+from farcast_cli import commands
+from farcast_cli.io.dcp import read_dcp_folder
+
+SHAPES = {"encoder.weight": (24, 16), "encoder.bias": (24,), "head.weight": (4, 24), "head.bias": (4,)}
+STEPS = list(range(0, 201, 20))
+TOLERANCE = 0.01
+
+
+def linear_weights(steps: list[int], seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """w(t) = a + b t, in float64 (biases are stored in bf16 by model_state)."""
+    generator = torch.Generator().manual_seed(seed)
+    start = {name: torch.randn(shape, generator=generator, dtype=torch.float64) for name, shape in SHAPES.items()}
+    slope = {name: torch.randn(shape, generator=generator, dtype=torch.float64) * 0.01 for name, shape in SHAPES.items()}
+    return {step: {name: start[name] + slope[name] * step for name in SHAPES} for step in steps}
+
+
+def load_dcp(folder: Path, like: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """dcp.load into a state dict of zeros shaped like `like` (nested under "model" for the fsdp layout)."""
+    state = {name: torch.zeros_like(value) for name, value in like.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": state} if prefix else state, checkpoint_id=folder)
+    return state
+
+
+def error_over_jump(found: dict[str, torch.Tensor], truth: dict[str, torch.Tensor], last: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {
+        name: float((found[name].double() - truth[name].double()).abs().max() / (truth[name].double() - last[name].double()).abs().max())
+        for name in SHAPES
+    }
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> Path:
+    return save_dcp_run(tmp_path_factory.mktemp("dcp") / "run", linear_weights(STEPS), "fsdp")
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory) -> Path:
+    return save_dcp_run(tmp_path_factory.mktemp("dcp2") / "run", linear_weights(STEPS, seed=1), "titan", ranks=2)
+
+
+def test_inspect_reads_an_fsdp_run_as_dcp(fsdp_run, farcast):
+    info = json.loads(farcast("inspect", fsdp_run, "--json").stdout)
+    assert info["layout"] == "dcp"
+    assert info["steps"] == STEPS
+    found = info["distributed"]
+    assert found["folder"] == "pytorch_model_fsdp_0"
+    assert [f["name"] for f in found["files"]] == ["__0_0.distcp"]
+    tensors = {t["name"]: t for t in found["tensors"]}
+    assert set(tensors) == {f"model.{name}" for name in [*SHAPES, "position_ids", TIED[1]]}
+    assert tensors["model.encoder.bias"]["dtype"] == "BF16" and tensors["model.encoder.weight"]["dtype"] == "F64"
+    assert tensors["model.head.weight"]["chunks"] == [[[0, 0], [4, 24]]]
+    assert info["copied_files"] == ["config.json"]
+    assert {f["name"] for f in info["left_out_files"]} == {"rng_state.pth", "trainer_state.json"}
+    text = farcast("inspect", fsdp_run).stdout
+    assert "distributed checkpoint in pytorch_model_fsdp_0/: .metadata and 1 .distcp file(s)" in text
+
+
+def test_a_linear_fsdp_run_is_forecast_exactly_and_dcp_load_restores_it(fsdp_run, farcast, tmp_path):
+    out = tmp_path / "out"
+    farcast("predict", fsdp_run, "-H", 100, "-o", out, "--shrink", "none", "--quiet")
+    assert sorted(p.name for p in (out / "pytorch_model_fsdp_0").iterdir()) == [".metadata", "__0_0.distcp", "farcast.json"]
+    assert (out / "config.json").exists() and not (out / "trainer_state.json").exists()
+    truth, last = model_state(linear_weights([300])[300]), model_state(linear_weights([200])[200])
+    found = load_dcp(out / "pytorch_model_fsdp_0", truth, prefix="model")
+    errors = error_over_jump(found, truth, last)
+    assert errors["encoder.weight"] < TOLERANCE and errors["head.weight"] < TOLERANCE
+    assert errors["encoder.bias"] < 0.05 and errors["head.bias"] < 0.05
+    assert found["encoder.bias"].dtype == torch.bfloat16
+    assert torch.equal(found["position_ids"], truth["position_ids"])
+    assert torch.equal(found[TIED[0]], found[TIED[1]])
+
+
+def test_a_forecast_inside_a_dcp_run_is_not_history(fsdp_run, farcast, tmp_path):
+    run = tmp_path / "run"
+    for step in (160, 180, 200):
+        folder = folder_for(fsdp_run, "fsdp", step)[0]
+        (run / folder.name).mkdir(parents=True)
+        for path in folder.rglob("*"):
+            target = run / folder.name / path.relative_to(folder)
+            target.mkdir(exist_ok=True) if path.is_dir() else target.write_bytes(path.read_bytes())
+    farcast("predict", run, "-H", 20, "-o", tmp_path / "out", *FAST)
+    (tmp_path / "out").rename(run / "checkpoint-220")
+    (run / "checkpoint-220" / "farcast_report.json").unlink()
+    info = commands.inspect_run(run)
+    assert info["steps"] == [160, 180, 200]
+    assert [Path(f["path"]).name for f in info["forecasts"]] == ["checkpoint-220"]
+
+
+def test_dtype_option_writes_the_dcp_output_in_that_dtype(fsdp_run, farcast, tmp_path):
+    farcast("predict", fsdp_run, "-H", 100, "-o", tmp_path / "out", "--dtype", "f32", *FAST)
+    written = read_dcp_folder(tmp_path / "out" / "pytorch_model_fsdp_0")
+    assert {t.info.dtype for t in written.tensors.values()} == {"F32", "I64"}
+
+
+def _copy_run(source: Path, target: Path) -> Path:
+    for path in sorted(source.rglob("*")):
+        place = target / path.relative_to(source)
+        place.mkdir(parents=True, exist_ok=True) if path.is_dir() else place.write_bytes(path.read_bytes())
+    return target
+
+
+def _break_missing_file(dcp_folder: Path) -> str:
+    (dcp_folder / "__0_0.distcp").unlink()
+    return f"{dcp_folder / '.metadata'}: names __0_0.distcp, which does not exist"
+
+
+def _break_truncated(dcp_folder: Path) -> str:
+    path = dcp_folder / "__0_0.distcp"
+    path.write_bytes(path.read_bytes()[:-500])
+    return f"{path}: the chunk of"
+
+
+def _break_renamed(dcp_folder: Path) -> str:
+    (dcp_folder / "__0_0.distcp").rename(dcp_folder / "__0_9.distcp")
+    return f"{dcp_folder / '.metadata'}: names __0_0.distcp, which does not exist"
+
+
+def _break_tiling(dcp_folder: Path) -> str:
+    path = dcp_folder / ".metadata"
+    metadata = pickle.loads(path.read_bytes())
+    entry = metadata.state_dict_metadata["model.head.weight"]
+    entry.chunks[0].sizes = torch.Size([3, 24])
+    path.write_bytes(pickle.dumps(metadata))
+    return f"{path}: the chunks of 'model.head.weight' do not cover its shape [4, 24]"
+
+
+def _break_overwritten_chunk(dcp_folder: Path) -> str:
+    path = dcp_folder / "__0_0.distcp"
+    data = bytearray(path.read_bytes())
+    data[:64] = b"\0" * 64
+    path.write_bytes(bytes(data))
+    return f"{path}: the chunk of"
+
+
+@pytest.mark.parametrize("damage", [_break_missing_file, _break_truncated, _break_renamed, _break_tiling, _break_overwritten_chunk])
+def test_a_damaged_dcp_checkpoint_is_one_line_naming_the_file_and_nothing_is_written(fsdp_run, farcast, tmp_path, damage):
+    run = _copy_run(fsdp_run, tmp_path / "run")
+    expected = damage(run / "checkpoint-100" / "pytorch_model_fsdp_0")
+    result = farcast("predict", run, "-H", 100, "-o", tmp_path / "out", *FAST, expect=3)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("farcast: error: ")
+    assert expected in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_the_metadata_is_never_unpickled_beyond_checkpoint_classes(fsdp_run, farcast, tmp_path):
+    run = _copy_run(fsdp_run, tmp_path / "run")
+    marker = tmp_path / "ran"
+    path = run / "checkpoint-100" / "pytorch_model_fsdp_0" / ".metadata"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path.write_bytes(pickle.dumps({"state_dict_metadata": Payload()}))
+    result = farcast("inspect", run, expect=3)
+    assert f"{path}: not a distributed checkpoint's metadata" in result.stderr
+    assert not marker.exists()
+
+
+def test_a_run_mixing_dcp_and_safetensors_checkpoints_is_refused(fsdp_run, farcast, tmp_path):
+    run = _copy_run(fsdp_run, tmp_path / "run")
+    write_run(tmp_path / "other", steps=[220])
+    (tmp_path / "other" / "checkpoint-220").rename(run / "checkpoint-220")
+    result = farcast("inspect", run, expect=3)
+    assert "is a distributed checkpoint but the last checkpoint checkpoint-220 is safetensors" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_split_across_two_ranks_is_forecast_exactly_with_its_chunks(split_run, farcast, tmp_path):
+    info = json.loads(farcast("inspect", split_run, "--json").stdout)
+    tensors = {t["name"]: t for t in info["distributed"]["tensors"]}
+    assert tensors[SPLIT_ON_COLUMNS]["chunks"] == [[[0, 0], [24, 8]], [[0, 8], [24, 8]]]
+    assert tensors["head.weight"]["chunks"] == [[[0, 0], [2, 24]], [[2, 0], [2, 24]]]
+    assert {e["why"] for e in info["distributed"]["left_out_entries"]} >= {"optimizer state", "not a tensor (saved as pickled bytes, never loaded)"}
+    out = tmp_path / "out"
+    farcast("predict", split_run, "-H", 100, "-o", out, "--shrink", "none", "--max-memory", "64KiB", "--quiet")
+    assert sorted(p.name for p in out.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    written = read_dcp_folder(out)
+    source = read_dcp_folder(folder_for(split_run, "titan", 200)[1])
+    assert {n: t.boxes for n, t in written.tensors.items()} == {n: t.boxes for n, t in source.tensors.items()}
+    truth, last = model_state(linear_weights([300], seed=1)[300]), model_state(linear_weights([200], seed=1)[200])
+    found = load_dcp(out, truth)
+    errors = error_over_jump(found, truth, last)
+    assert errors[SPLIT_ON_COLUMNS] < TOLERANCE and errors["head.weight"] < TOLERANCE and errors["head.bias"] < 0.05
+    assert torch.equal(found[TIED[0]], found[TIED[1]])
