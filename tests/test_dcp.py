@@ -204,3 +204,44 @@ def test_a_run_split_across_two_ranks_is_forecast_exactly_with_its_chunks(split_
     errors = error_over_jump(found, truth, last)
     assert errors[SPLIT_ON_COLUMNS] < TOLERANCE and errors["head.weight"] < TOLERANCE and errors["head.bias"] < 0.05
     assert torch.equal(found[TIED[0]], found[TIED[1]])
+
+
+def test_the_loss_decides_on_a_dcp_run_and_the_evaluator_gets_loadable_folders(fsdp_run, tmp_path):
+    """An evaluator is pointed at checkpoint folders like the run's own (the DCP folder inside, as saved)."""
+    goal = model_state(linear_weights([400])[400])
+    seen: list[Path] = []
+
+    def distance_to_step_400(folder: str) -> float:
+        seen.append(Path(folder))
+        found = load_dcp(Path(folder) / "pytorch_model_fsdp_0", goal, prefix="model")
+        return sum(float((found[name].double() - goal[name].double()).norm()) for name in SHAPES)
+
+    report = commands.predict(
+        fsdp_run,
+        tmp_path / "out",
+        horizon=100,
+        settings=commands.FitSettings(sample=2000, max_epochs=30),
+        options=commands.StreamOptions(quiet=True),
+        evaluation=commands.EvalOptions(distance_to_step_400, cache=False),
+    )
+    assert report.best == "forecast"
+    assert report.steps_saved > 0.5
+    assert fsdp_run / "checkpoint-200" in seen
+    assert any(path.name.startswith(".out.farcast") or ".out.farcast" in str(path) for path in seen)
+    assert report.written_loss < report.last_checkpoint_loss
+
+
+def test_resumable_is_refused_on_a_dcp_run(fsdp_run, farcast, tmp_path):
+    result = farcast("predict", fsdp_run, "-H", 100, "-o", tmp_path / "out", "--resumable", "--schedule", "keep", expect=2)
+    assert "this run holds distributed checkpoints (DCP)" in result.stderr
+
+
+@pytest.mark.slow
+def test_predict_under_torchrun_writes_what_one_process_writes_on_a_split_run(split_run, farcast, tmp_path):
+    from test_distributed import files_of, finish, launched
+
+    farcast("predict", split_run, "-H", 60, "-o", tmp_path / "one", *FAST)
+    code, _, stderr = finish(launched("predict", split_run, "-H", 60, "-o", tmp_path / "all", *FAST, ranks=2))
+    assert code == 0, stderr
+    assert files_of(tmp_path / "all") == files_of(tmp_path / "one")
+    assert set(files_of(tmp_path / "one")) == {".metadata", "__0_0.distcp", "__1_0.distcp", "farcast.json"}

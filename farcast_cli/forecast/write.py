@@ -129,7 +129,7 @@ def write_tensors(
             raise output_failure(place, error) from None
     buffers = Scratch(settings.chunk_elements)
     if last.dcp is not None:
-        _write_dcp_tensors(candidate, last, folders, settings, buffers, dtype, only)
+        _write_dcp_tensors(candidate, last, folders, settings, buffers, dtype, only, durable=not scratch)
         return
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
@@ -179,6 +179,7 @@ def _write_dcp_tensors(
     buffers: Scratch,
     dtype: str | None,
     only: Set[str] | None,
+    durable: bool,
 ) -> None:
     """The DCP form of write_tensors: one DcpWriter per output, the tensors (or those in `only`) streamed into it."""
     dtypes = _output_dtypes(last, dtype)
@@ -194,7 +195,7 @@ def _write_dcp_tensors(
                 else:
                     writer.write(job.name, job.start, _forecast_chunk(job, data, candidate, index, TORCH_DTYPES[dtypes[job.name]], buffers))
         for writer in writers:
-            writer.close()
+            writer.close(durable)
     except BaseException:
         for writer in writers:
             writer.abort()
