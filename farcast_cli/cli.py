@@ -57,6 +57,11 @@ class Schedule(str, Enum):
     advance = "advance"
 
 
+class OutputFormat(str, Enum):
+    same = "same"
+    safetensors = "safetensors"
+
+
 class OutputDtype(str, Enum):
     bf16 = "bf16"
     f16 = "f16"
@@ -477,6 +482,15 @@ def predict(
     dtype: Annotated[
         OutputDtype | None, typer.Option(help="Store forecast tensors in this dtype instead of the input's.", rich_help_panel=OUTPUT)
     ] = None,  # fmt: skip
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--output-format",
+            help="same: the run's own format (a distributed checkpoint for a DCP run); "
+            "safetensors: whole tensors in a Hugging Face layout (model.safetensors, or shards and an index).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = OutputFormat.same,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.", rich_help_panel=OUTPUT),
@@ -515,7 +529,7 @@ def predict(
         )
         return
     chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=writing.force, min_skill=min_skill, fallback=fallback)
-    chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
+    chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value, output_format=output_format.value)
     _run(
         lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
         _show_report(writing),

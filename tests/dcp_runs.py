@@ -40,7 +40,13 @@ def _state_dict(weights: dict[str, torch.Tensor], layout: str, step: int, mesh=N
     if layout == "fsdp":
         return {"model": model}
     optimizer = {"state": {name: {"exp_avg": torch.zeros_like(value)} for name, value in model.items() if value.is_floating_point()}}
-    return {**model, "optimizer": optimizer, "lr_scheduler": {"last_epoch": step}, "dataloader": {"position": step * 7}, "train_state": io.BytesIO(json.dumps({"step": step}).encode())}
+    return {
+        **model,
+        "optimizer": optimizer,
+        "lr_scheduler": {"last_epoch": step},
+        "dataloader": {"position": step * 7},
+        "train_state": io.BytesIO(json.dumps({"step": step}).encode()),
+    }
 
 
 def _distributed(model: dict[str, torch.Tensor], mesh) -> dict:

@@ -192,7 +192,10 @@ def test_a_run_split_across_two_ranks_is_forecast_exactly_with_its_chunks(split_
     tensors = {t["name"]: t for t in info["distributed"]["tensors"]}
     assert tensors[SPLIT_ON_COLUMNS]["chunks"] == [[[0, 0], [24, 8]], [[0, 8], [24, 8]]]
     assert tensors["head.weight"]["chunks"] == [[[0, 0], [2, 24]], [[2, 0], [2, 24]]]
-    assert {e["why"] for e in info["distributed"]["left_out_entries"]} >= {"optimizer state", "not a tensor (saved as pickled bytes, never loaded)"}
+    assert {e["why"] for e in info["distributed"]["left_out_entries"]} >= {
+        "optimizer state",
+        "not a tensor (saved as pickled bytes, never loaded)",
+    }
     out = tmp_path / "out"
     farcast("predict", split_run, "-H", 100, "-o", out, "--shrink", "none", "--max-memory", "64KiB", "--quiet")
     assert sorted(p.name for p in out.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -206,6 +209,7 @@ def test_a_run_split_across_two_ranks_is_forecast_exactly_with_its_chunks(split_
     assert torch.equal(found[TIED[0]], found[TIED[1]])
 
 
+@pytest.mark.slow
 def test_the_loss_decides_on_a_dcp_run_and_the_evaluator_gets_loadable_folders(fsdp_run, tmp_path):
     """An evaluator is pointed at checkpoint folders like the run's own (the DCP folder inside, as saved)."""
     goal = model_state(linear_weights([400])[400])
@@ -245,3 +249,47 @@ def test_predict_under_torchrun_writes_what_one_process_writes_on_a_split_run(sp
     assert code == 0, stderr
     assert files_of(tmp_path / "all") == files_of(tmp_path / "one")
     assert set(files_of(tmp_path / "one")) == {".metadata", "__0_0.distcp", "__1_0.distcp", "farcast.json"}
+    farcast("predict", split_run, "-H", 60, "-o", tmp_path / "one-st", "--output-format", "safetensors", *FAST)
+    code, _, stderr = finish(
+        launched("predict", split_run, "-H", 60, "-o", tmp_path / "all-st", "--output-format", "safetensors", *FAST, ranks=2)
+    )
+    assert code == 0, stderr
+    assert files_of(tmp_path / "all-st") == files_of(tmp_path / "one-st")
+    assert set(files_of(tmp_path / "one-st")) == {"model.safetensors"}
+
+
+@pytest.mark.slow
+def test_safetensors_output_is_a_hugging_face_layout_that_from_pretrained_loads(tmp_path, farcast, monkeypatch):
+    """A GPT-2 built from a config (tied input and output embeddings), saved as accelerate's FSDP does
+    ({"model": state_dict} in checkpoint-N/pytorch_model_fsdp_0/), moving on a straight line."""
+    transformers = pytest.importorskip("transformers")
+    from farcast_cli.io import dcp_writer
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config).state_dict()
+    slopes: dict[int, torch.Tensor] = {}
+    for value in base.values():
+        slopes.setdefault(value.data_ptr(), torch.randn_like(value) * 0.01)
+
+    def at(step: int) -> dict[str, torch.Tensor]:
+        return {name: value + slopes[value.data_ptr()] * step for name, value in base.items()}
+
+    for step in STEPS:
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"model": at(step)}, checkpoint_id=folder / "pytorch_model_fsdp_0")
+        config.save_pretrained(folder)
+    monkeypatch.setattr(dcp_writer, "MAX_SHARD_BYTES", 8_000)
+    out = tmp_path / "out"
+    farcast("predict", tmp_path / "run", "-H", 100, "-o", out, "--shrink", "none", "--shared", "--output-format", "safetensors", *FAST)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(index["weight_map"]) == set(base)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out).state_dict()
+    truth, last = at(300), at(200)
+    for name, value in truth.items():
+        jump = float((value - last[name]).abs().max())
+        assert float((loaded[name] - value).abs().max()) <= TOLERANCE * jump + 1e-6, name

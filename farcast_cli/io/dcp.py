@@ -262,7 +262,9 @@ def dcp_folder_of(checkpoint_folder: Path) -> Path | None:
         if not holds_dcp(folder):
             raise InputError(f"{folder}: no {METADATA_FILE}; the distributed checkpoint is incomplete (still being saved?)")
     if len(inner) > 1:
-        raise InputError(f"{checkpoint_folder}: holds {len(inner)} FSDP models ({', '.join(p.name for p in inner)}); farcast reads one model")
+        raise InputError(
+            f"{checkpoint_folder}: holds {len(inner)} FSDP models ({', '.join(p.name for p in inner)}); farcast reads one model"
+        )
     return inner[0] if inner else None
 
 
@@ -340,10 +342,14 @@ def _check_tiling(name: str, entry: dcp_metadata.TensorStorageMetadata, where: P
     shape = tuple(int(s) for s in entry.size)
     boxes = [(tuple(int(o) for o in c.offsets), tuple(int(s) for s in c.sizes)) for c in entry.chunks]
     for offsets, sizes in boxes:
-        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
-            o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape)
+        if (
+            len(offsets) != len(shape)
+            or len(sizes) != len(shape)
+            or any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape))
         ):
-            raise InputError(f"{where}: a chunk of {name!r} (offsets {list(offsets)}, sizes {list(sizes)}) lies outside its shape {list(shape)}")
+            raise InputError(
+                f"{where}: a chunk of {name!r} (offsets {list(offsets)}, sizes {list(sizes)}) lies outside its shape {list(shape)}"
+            )
     for i, (first_offsets, first_sizes) in enumerate(boxes):
         for second_offsets, second_sizes in boxes[i + 1 :]:
             if all(a < c + d and c < a + b for a, b, c, d in zip(first_offsets, first_sizes, second_offsets, second_sizes)):
@@ -370,9 +376,13 @@ def _locate_chunk(
         folder.stats[path] = (stat.st_size, stat.st_mtime_ns)
     size = folder.stats[path][0]
     if item.transform_descriptors:
-        raise InputError(f"{path}: the chunks of {name!r} are stored transformed ({', '.join(item.transform_descriptors)}); farcast reads plain ones")
+        raise InputError(
+            f"{path}: the chunks of {name!r} are stored transformed ({', '.join(item.transform_descriptors)}); farcast reads plain ones"
+        )
     if item.offset < 0 or item.length < 0 or item.offset + item.length > size:
-        raise InputError(f"{path}: the chunk of {name!r} runs to byte {item.offset + item.length} but the file has {size} bytes (truncated?)")
+        raise InputError(
+            f"{path}: the chunk of {name!r} runs to byte {item.offset + item.length} but the file has {size} bytes (truncated?)"
+        )
     try:
         with open(path, "rb") as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -414,7 +424,12 @@ def describe_dcp(checkpoint) -> dict:
         "files": [{"name": path.name, "bytes": folder.stats[path][0]} for path in folder.files],
         "bytes": folder.nbytes,
         "tensors": [
-            {"name": name, "dtype": tensor.info.dtype, "shape": list(tensor.info.shape), "chunks": [[list(o), list(s)] for o, s in tensor.boxes]}
+            {
+                "name": name,
+                "dtype": tensor.info.dtype,
+                "shape": list(tensor.info.shape),
+                "chunks": [[list(o), list(s)] for o, s in tensor.boxes],
+            }
             for name, tensor in folder.tensors.items()
         ],
         "left_out_entries": [{"name": name, "why": why} for name, why in folder.left_out],

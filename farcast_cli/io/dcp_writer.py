@@ -15,6 +15,8 @@ fill with the rest: every writer writes the same archives at the same places.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
 import warnings
@@ -29,8 +31,10 @@ from torch.distributed.checkpoint.utils import _create_file_view
 
 from farcast_cli.errors import InternalError
 from farcast_cli.io.dcp import METADATA_FILE, PROVENANCE_FILE, Chunk, DcpFolder, read_dcp_folder, stream_pieces, stream_starts
-from farcast_cli.io.reader import TORCH_DTYPES
-from farcast_cli.io.writer import output_failure
+from farcast_cli.io.output import write_text
+from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
+from farcast_cli.io.run import INDEX_FILE, SINGLE_FILE
+from farcast_cli.io.writer import header_bytes, output_failure
 
 
 class DcpWriter:
@@ -172,3 +176,151 @@ def check_dcp_output(folder: Path, source: DcpFolder, dtypes: dict[str, str]) ->
     found = {name: (tensor.info.dtype, tensor.info.shape, tensor.boxes) for name, tensor in written.tensors.items()}
     if found != expected:
         raise InternalError(f"{folder}: the written distributed checkpoint holds other tensors than were written; please report this")
+
+
+MAX_SHARD_BYTES = 5 * 10**9
+"""Hugging Face's default largest shard (save_pretrained's max_shard_size="5GB")."""
+
+
+def hf_name(source: DcpFolder, name: str) -> str:
+    """The tensor's name in a Hugging Face layout: without the "model" group that accelerate's FSDP
+    saving puts the model's state dict in ({"model": state_dict})."""
+    planner_data = source.metadata.planner_data if isinstance(source.metadata.planner_data, dict) else {}
+    path = planner_data.get(name)
+    if isinstance(path, tuple) and len(path) == 2 and path[0] == "model" and isinstance(path[1], str):
+        return path[1]
+    return name
+
+
+def consolidated_layout(source: DcpFolder, dtypes: dict[str, str]) -> dict[str, list[TensorInfo]]:
+    """The safetensors files of a consolidated output, each with its tensors (Hugging Face names, in the
+    source's order), a new file when the next tensor would pass max_shard_bytes: `model.safetensors`
+    alone, or `model-0000k-of-0000n.safetensors` shards."""
+    shards: list[list[TensorInfo]] = [[]]
+    size, max_shard_bytes = 0, MAX_SHARD_BYTES
+    for name, tensor in source.tensors.items():
+        info = TensorInfo(hf_name(source, name), dtypes[name], tensor.info.shape, 0, tensor_nbytes(dtypes[name], tensor.info.shape))
+        if shards[-1] and size + info.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(info)
+        size += info.nbytes
+    if len(shards) == 1:
+        return {SINGLE_FILE: shards[0]}
+    return {f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors": infos for k, infos in enumerate(shards)}
+
+
+class ConsolidatedWriter:
+    """Writes a DCP source's tensors as whole tensors into safetensors files (consolidated_layout), with
+    the interface of DcpWriter: each piece of a tensor's stream (its chunks in offset order) goes to its
+    place in the tensor's row-major data, by positional writes (runs of a chunk's rows where the chunk
+    splits a later dimension, one run per chunk where it splits only the first)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        source: DcpFolder,
+        dtypes: dict[str, str],
+        metadata: dict[str, str],
+        only: Collection[str] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.source = source
+        self.dtypes = dtypes
+        self._fds: dict[str, int] = {}
+        self._place: dict[str, tuple[str, int]] = {}
+        by_hf_name = {hf_name(source, name): name for name in source.tensors}
+        try:
+            for shard, infos in consolidated_layout(source, dtypes).items():
+                header, laid_out = header_bytes(infos, metadata)
+                path = self.folder / shard
+                self._fds[shard] = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if only is None else 0), 0o644)
+                os.ftruncate(self._fds[shard], len(header) + sum(info.nbytes for info in infos))
+                _pwrite_all(self._fds[shard], memoryview(header), 0)
+                for info in infos:
+                    self._place[by_hf_name[info.name]] = (shard, len(header) + laid_out[info.name].begin)
+        except OSError as error:
+            self.abort()
+            raise output_failure(self.folder, error) from None
+
+    def write(self, name: str, start: int, values: torch.Tensor) -> None:
+        if values.dtype != TORCH_DTYPES[self.dtypes[name]]:
+            raise ValueError(f"chunk of {values.dtype} for tensor {name} of {self.dtypes[name]}")
+        data = values.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self.write_bytes(name, start * values.element_size(), memoryview(data))
+
+    def write_bytes(self, name: str, begin: int, data: bytes | bytearray | memoryview) -> None:
+        """Bytes from `begin` of the tensor's stream, each run at its row-major place."""
+        view = memoryview(data).cast("B")
+        tensor = self.source.tensors[name]
+        itemsize = TORCH_DTYPES[self.dtypes[name]].itemsize
+        shard, data_begin = self._place[name]
+        position = begin
+        for chunk in tensor.chunks:
+            chunk_bytes = chunk.numel * itemsize
+            if position >= chunk_bytes:
+                position -= chunk_bytes
+                continue
+            for local, target, count in _row_major_runs(chunk, tensor.info.shape, itemsize, position, len(view)):
+                try:
+                    _pwrite_all(self._fds[shard], view[local - position : local - position + count], data_begin + target)
+                except OSError as error:
+                    raise output_failure(self.folder / shard, error) from None
+            view = view[min(chunk_bytes - position, len(view)) :]
+            position = 0
+            if not len(view):
+                return
+
+    def close(self, durable: bool = True) -> None:
+        try:
+            for fd in self._fds.values():
+                if durable:
+                    os.fsync(fd)
+        except OSError as error:
+            raise output_failure(self.folder, error) from None
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+def _row_major_runs(chunk: Chunk, shape: tuple[int, ...], itemsize: int, start: int, count: int) -> list[tuple[int, int, int]]:
+    """Bytes [start, start + count) of a chunk's data (its own row-major order) as runs (byte in the
+    chunk, byte in the tensor, length) that are contiguous in the tensor's row-major data."""
+    sizes, offsets = chunk.sizes, chunk.offsets
+    full = len(sizes)
+    while full > 0 and sizes[full - 1 :] == shape[full - 1 :]:
+        full -= 1
+    outer_dims = max(full - 1, 0)
+    run = math.prod(sizes[outer_dims:]) * itemsize
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    base = sum(offsets[d] * strides[d] for d in range(outer_dims, len(sizes)))
+    stop = min(start + count, chunk.numel * itemsize)
+    runs = []
+    position = start
+    while position < stop:
+        row, within = divmod(position, run)
+        target = base
+        for d in reversed(range(outer_dims)):
+            row, index = divmod(row, sizes[d])
+            target += (offsets[d] + index) * strides[d]
+        length = min(run - within, stop - position)
+        runs.append((position, target * itemsize + within, length))
+        position += length
+    return runs
+
+
+def write_consolidated_index(folder: Path, source: DcpFolder, dtypes: dict[str, str]) -> dict[str, list[TensorInfo]]:
+    """The shard index of a sharded consolidated output (none for a single model.safetensors)."""
+    layout = consolidated_layout(source, dtypes)
+    if len(layout) > 1:
+        weight_map = {info.name: shard for shard, infos in layout.items() for info in infos}
+        index = {
+            "metadata": {"total_size": sum(info.nbytes for infos in layout.values() for info in infos)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        write_text(folder / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    return layout

@@ -174,7 +174,12 @@ def find_run(path: Path) -> Run:
         checkpoints = sorted((_trainer_checkpoint(p) for p in folders), key=lambda c: c.step)
         run = Run(path, "dcp" if any(c.dcp for c in checkpoints) else "trainer", checkpoints, warnings)
     elif numbered:
-        run = Run(path, "dcp", sorted((_dcp_checkpoint(p, p, int(dcp.NUMBERED_FOLDER.match(p.name).group(2))) for p in numbered), key=lambda c: c.step), warnings)
+        run = Run(
+            path,
+            "dcp",
+            sorted((_dcp_checkpoint(p, p, int(dcp.NUMBERED_FOLDER.match(p.name).group(2))) for p in numbered), key=lambda c: c.step),
+            warnings,
+        )
     else:
         run = Run(path, "files", _file_checkpoints(path), warnings)
     run.forecasts = [c for c in run.checkpoints if c.is_forecast]
@@ -378,7 +383,10 @@ def _check_same_model(run: Run) -> None:
     for checkpoint in run.checkpoints[:-1]:
         if (checkpoint.dcp is None) != (run.last.dcp is None):
             kinds = ("a distributed checkpoint", "safetensors") if checkpoint.dcp else ("safetensors", "a distributed checkpoint")
-            raise InputError(f"{checkpoint.path}: is {kinds[0]} but the last checkpoint {run.last.path.name} is {kinds[1]}; farcast reads one format per run")
+            raise InputError(
+                f"{checkpoint.path}: is {kinds[0]} but the last checkpoint {run.last.path.name} is {kinds[1]}; "
+                "farcast reads one format per run"
+            )
         names = set(checkpoint.shard_of)
         for name in sorted(names - reference.keys()):
             raise InputError(f"{checkpoint.path}: tensor {name!r} is not in the last checkpoint {run.last.path.name}")
