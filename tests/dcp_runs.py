@@ -130,3 +130,51 @@ def _save_worker(rank: int, ranks: int, port: int, root: str, weights_file: str,
             dcp.save(_state_dict(tensors, layout, step, mesh), checkpoint_id=folder_for(Path(root), layout, step)[1])
     finally:
         dist.destroy_process_group()
+
+
+def fsdp_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def train_fsdp_run(root: Path, steps: int, every: int, ranks: int = 2) -> Path:
+    """An MLP trained with Adam under FSDP2 (fully_shard) by `ranks` gloo processes on the CPU, its
+    sharded state dict saved every `every` steps as accelerate saves it."""
+    root.mkdir(parents=True, exist_ok=True)
+    torch.multiprocessing.start_processes(
+        _train_worker, args=(ranks, _free_port(), str(root), steps, every), nprocs=ranks, start_method="spawn"
+    )
+    return root
+
+
+def _train_worker(rank: int, ranks: int, port: int, root: str, steps: int, every: int) -> None:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=ranks)
+    try:
+        mesh = init_device_mesh("cpu", (ranks,))
+        model = fsdp_model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        generator = torch.Generator().manual_seed(rank)
+        target = torch.nn.Linear(16, 4)
+        for step in range(1, steps + 1):
+            x = torch.randn(32, 16, generator=generator)
+            loss = (model(x) - target(x).detach()).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step % every == 0:
+                folder = Path(root) / f"checkpoint-{step}"
+                dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=folder / "pytorch_model_fsdp_0")
+                if rank == 0:
+                    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    finally:
+        dist.destroy_process_group()

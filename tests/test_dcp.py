@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from conftest import FAST, write_run
-from dcp_runs import SPLIT_ON_COLUMNS, TIED, folder_for, model_state, save_dcp_run
+from dcp_runs import SPLIT_ON_COLUMNS, TIED, folder_for, fsdp_model, model_state, save_dcp_run, train_fsdp_run
 
 from farcast_cli import commands
 from farcast_cli.io.dcp import read_dcp_folder
@@ -293,3 +293,27 @@ def test_safetensors_output_is_a_hugging_face_layout_that_from_pretrained_loads(
     for name, value in truth.items():
         jump = float((value - last[name]).abs().max())
         assert float((loaded[name] - value).abs().max()) <= TOLERANCE * jump + 1e-6, name
+
+
+@pytest.mark.slow
+def test_a_real_fsdp_run_on_two_ranks_is_read_and_its_forecast_loads_into_the_model(tmp_path, farcast):
+    """FSDP2 (fully_shard) trains on the CPU with gloo in the torch we use: its sharded checkpoints are
+    read as they are, and the forecast loads into the same model, unsharded, through dcp.load."""
+    run = train_fsdp_run(tmp_path / "run", steps=80, every=10)
+    info = json.loads(farcast("inspect", run, "--json").stdout)
+    assert info["steps"] == list(range(10, 81, 10))
+    tensors = {t["name"]: t for t in info["distributed"]["tensors"]}
+    assert tensors["model.0.weight"]["chunks"] == [[[0, 0], [16, 16]], [[16, 0], [16, 16]]]
+    farcast("predict", run, "-H", 40, "-o", tmp_path / "out", *FAST)
+    model = fsdp_model()
+    state = {name: torch.zeros_like(value) for name, value in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": state}, checkpoint_id=tmp_path / "out" / "pytorch_model_fsdp_0")
+    model.load_state_dict(state)
+    last = {name: torch.zeros_like(value) for name, value in state.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load({"model": last}, checkpoint_id=run / "checkpoint-80" / "pytorch_model_fsdp_0")
+    assert all(torch.isfinite(value).all() for value in state.values())
+    assert any(not torch.equal(state[name], last[name]) for name in state)
