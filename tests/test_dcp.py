@@ -317,3 +317,29 @@ def test_a_real_fsdp_run_on_two_ranks_is_read_and_its_forecast_loads_into_the_mo
         dcp.load({"model": last}, checkpoint_id=run / "checkpoint-80" / "pytorch_model_fsdp_0")
     assert all(torch.isfinite(value).all() for value in state.values())
     assert any(not torch.equal(state[name], last[name]) for name in state)
+
+
+def _streamed(run: Path, name: str, stage: bool) -> torch.Tensor:
+    from farcast_cli.io.engine import EngineSettings, Source, chunk_jobs, stream
+    from farcast_cli.io.run import find_run
+
+    file, info = find_run(run).last.tensor(name)
+    settings = EngineSettings(torch.device("cpu"), chunk_elements=100, stage=stage)
+    return torch.cat([data[0].clone() for _, data in stream(list(chunk_jobs(name, info.numel, 37, (Source(file, info),))), settings)])
+
+
+@pytest.mark.parametrize("stage", [False, True])
+def test_the_engine_streams_a_dcp_tensor_in_small_chunks(fsdp_run, stage):
+    """Staged is the GPU path (pinned buffers, copies to the device), run on the CPU."""
+    expected = model_state(linear_weights([200])[200])["encoder.bias"]
+    assert torch.equal(_streamed(fsdp_run, "model.encoder.bias", stage), expected.to(torch.float32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [False, True])
+def test_the_engine_streams_a_split_tensor_in_chunks_that_cross_its_pieces(split_run, stage):
+    """Read chunks of 37 elements cross the boundary between the two ranks' column halves; the stream is
+    the halves one after the other."""
+    expected = model_state(linear_weights([200], seed=1)[200])[SPLIT_ON_COLUMNS]
+    halves = torch.cat([expected[:, :8].reshape(-1), expected[:, 8:].reshape(-1)])
+    assert torch.equal(_streamed(split_run, SPLIT_ON_COLUMNS, stage), halves)
