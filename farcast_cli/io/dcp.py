@@ -35,6 +35,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch._weights_only_unpickler as weights_only
@@ -45,8 +46,10 @@ from torch.distributed.checkpoint.utils import _create_file_view
 from farcast_cli.errors import InputError
 from farcast_cli.io.reader import SAFETENSORS_NAMES, TensorInfo, pread_exactly
 
+if TYPE_CHECKING:
+    from farcast_cli.io.run import Checkpoint
+
 METADATA_FILE = ".metadata"
-DISTCP_SUFFIX = ".distcp"
 FSDP_MODEL_FOLDER = re.compile(r"^pytorch_model_fsdp_(\d+)$")
 NUMBERED_FOLDER = re.compile(r"^(.+)-(\d+)$")
 PROVENANCE_FILE = "farcast.json"
@@ -178,9 +181,6 @@ class DcpTensor:
                 read_file_range(path, offset, view[at : at + count])
             buffers.append(buffer)
         return buffers
-
-    def read_bytes(self, begin: int, end: int) -> bytearray:
-        return self.read_ranges([(begin, end)])[0]
 
 
 def stream_starts(chunks: list[Chunk]) -> list[int]:
@@ -415,7 +415,7 @@ def check_same_chunks(reference: dict[str, DcpTensor], other: dict[str, DcpTenso
             )
 
 
-def describe_dcp(checkpoint) -> dict:
+def describe_dcp(checkpoint: Checkpoint) -> dict:
     """What `inspect` says of a DCP checkpoint: its folder, files, tensors with their chunks, and the
     entries that are not model weights and are left out of outputs."""
     folder = checkpoint.dcp
