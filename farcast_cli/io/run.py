@@ -166,6 +166,10 @@ def find_run(path: Path) -> Run:
         raise InputError(f"{path}: no such folder")
     if not path.is_dir():
         raise InputError(f"{path}: is a file; give the folder that holds the run's checkpoints")
+    if dcp.holds_dcp(path):
+        raise InputError(
+            f"{path}: is one distributed checkpoint; give the folder that holds the run's checkpoint-<step>/ or <name>-<step>/ folders"
+        )
     _reject_partial_weights(path)
     warnings = [f"{p}: skipped, a checkpoint still being written" for p in sorted(path.glob("tmp-*"))]
     folders = [p for p in _list(path) if p.is_dir() and TRAINER_FOLDER.match(p.name)]
