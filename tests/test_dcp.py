@@ -166,10 +166,8 @@ def test_a_damaged_dcp_checkpoint_is_one_line_naming_the_file_and_nothing_is_wri
 def test_one_checkpoint_given_as_the_run_says_what_to_give(fsdp_run, farcast):
     folder = fsdp_run / "checkpoint-20" / "pytorch_model_fsdp_0"
     result = farcast("inspect", folder, expect=3)
-    assert (
-        result.stderr.strip()
-        == f"farcast: error: {folder}: is one distributed checkpoint; give the folder that holds the run's checkpoint-<step>/ or <name>-<step>/ folders"
-    )
+    expected = "is one distributed checkpoint; give the folder that holds the run's checkpoint-<step>/ or <name>-<step>/ folders"
+    assert result.stderr.strip() == f"farcast: error: {folder}: {expected}"
 
 
 def test_the_metadata_is_never_unpickled_beyond_checkpoint_classes(fsdp_run, farcast, tmp_path):
