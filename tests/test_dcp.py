@@ -350,3 +350,12 @@ def test_the_engine_streams_a_split_tensor_in_chunks_that_cross_its_pieces(split
     expected = model_state(linear_weights([200], seed=1)[200])[SPLIT_ON_COLUMNS]
     halves = torch.cat([expected[:, :8].reshape(-1), expected[:, 8:].reshape(-1)])
     assert torch.equal(_streamed(split_run, SPLIT_ON_COLUMNS, stage), halves)
+
+
+def test_the_newest_dcp_checkpoint_without_its_metadata_is_skipped_as_incomplete(fsdp_run, tmp_path):
+    """torch writes .metadata last: a checkpoint without it is still being saved (or was cut off)."""
+    run = _copy_run(fsdp_run, tmp_path / "run")
+    (run / "checkpoint-200" / "pytorch_model_fsdp_0" / ".metadata").unlink()
+    info = commands.inspect_run(run)
+    assert info["steps"] == STEPS[:-1]
+    assert any("checkpoint-200: skipped, incomplete" in warning for warning in info["warnings"])

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.utils import _create_file_view
 
-from farcast_cli.errors import InputError
+from farcast_cli.errors import IncompleteCheckpoint, InputError
 from farcast_cli.io.reader import SAFETENSORS_NAMES, TensorInfo, pread_exactly
 
 if TYPE_CHECKING:
@@ -252,6 +252,11 @@ def holds_dcp(folder: Path) -> bool:
     return (folder / METADATA_FILE).is_file()
 
 
+def looks_like_dcp(folder: Path) -> bool:
+    """A `.metadata`, or `.distcp` files still waiting for theirs."""
+    return holds_dcp(folder) or any(path.suffix == ".distcp" for path in folder.iterdir())
+
+
 def dcp_folder_of(checkpoint_folder: Path) -> Path | None:
     """Where a checkpoint folder keeps its DCP model state: itself (torchtitan, plain saves) or the
     Trainer's `pytorch_model_fsdp_0/` inside it; None if neither."""
@@ -260,7 +265,7 @@ def dcp_folder_of(checkpoint_folder: Path) -> Path | None:
     inner = sorted(p for p in checkpoint_folder.iterdir() if FSDP_MODEL_FOLDER.match(p.name) and p.is_dir())
     for folder in inner:
         if not holds_dcp(folder):
-            raise InputError(f"{folder}: no {METADATA_FILE}; the distributed checkpoint is incomplete (still being saved?)")
+            raise IncompleteCheckpoint(f"{folder}: no {METADATA_FILE}; the distributed checkpoint is incomplete (still being saved?)")
     if len(inner) > 1:
         raise InputError(
             f"{checkpoint_folder}: holds {len(inner)} FSDP models ({', '.join(p.name for p in inner)}); farcast reads one model"
