@@ -359,3 +359,10 @@ def test_the_newest_dcp_checkpoint_without_its_metadata_is_skipped_as_incomplete
     info = commands.inspect_run(run)
     assert info["steps"] == STEPS[:-1]
     assert any("checkpoint-200: skipped, incomplete" in warning for warning in info["warnings"])
+
+
+def test_skip_damaged_skips_a_truncated_dcp_checkpoint_between_complete_ones(fsdp_run, farcast, tmp_path):
+    run = _copy_run(fsdp_run, tmp_path / "run")
+    _break_truncated(run / "checkpoint-100" / "pytorch_model_fsdp_0")
+    info = json.loads(farcast("inspect", run, "--skip-damaged", "--json").stdout)
+    assert 100 not in info["steps"] and len(info["steps"]) == len(STEPS) - 1
