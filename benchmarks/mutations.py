@@ -84,8 +84,8 @@ MUTATIONS = [
     (
         "the line competes however short its backtest",
         "farcast_cli/evaluate/loss.py",
-        "if line_tested or not (p.method in CANDIDATES",
-        "if True or not (p.method in CANDIDATES",
+        "return line_tested or not (method in CANDIDATES",
+        "return True or not (method in CANDIDATES",
     ),
     (
         "a backtest jump of a quarter counts as tested",

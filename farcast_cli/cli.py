@@ -40,9 +40,9 @@ from farcast_cli.errors import (
     interrupted_by,
     signals_as_interrupt,
 )
-from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
+from farcast_cli.evaluate.evaluator import EVAL_TIMEOUT_SECONDS, EvalCommand, EvalOptions, EvalServer
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
-from farcast_cli.evaluate.render import inspection_lines, plain_lines, plan_lines, render
+from farcast_cli.evaluate.render import plain_lines, render
 from farcast_cli.evaluate.report import Report
 from farcast_cli.io.device import parse_size
 from farcast_cli.io.resume import SCHEDULES
@@ -112,6 +112,11 @@ class Scope(str, Enum):
 
 
 Schedule = Enum("Schedule", {name: name for name in SCHEDULES}, type=str)
+
+
+class OutputFormat(str, Enum):
+    same = "same"
+    safetensors = "safetensors"
 
 
 class OutputDtype(str, Enum):
@@ -226,8 +231,14 @@ STREAM_OPTIONS = OptionGroup(
 )  # fmt: skip
 
 
-def _eval_options(eval_cmd: str | None, eval_jobs: int, eval_cache: bool) -> EvalOptions:
-    return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd), eval_jobs, eval_cache)
+def _eval_options(eval_cmd: str | None, eval_server: str | None, eval_jobs: int, eval_timeout: float, eval_cache: bool) -> EvalOptions:
+    if eval_timeout <= 0:
+        raise UsageError(f"--eval-timeout {eval_timeout:g}: must be above 0 seconds")
+    if eval_cmd is not None and eval_server is not None:
+        raise UsageError("--eval-cmd and --eval-server: give one of them")
+    if eval_server is not None:
+        return EvalOptions(EvalServer(eval_server, eval_timeout), eval_jobs, eval_cache)
+    return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd, eval_timeout), eval_jobs, eval_cache)
 
 
 EVAL_OPTIONS = OptionGroup(
@@ -235,7 +246,11 @@ EVAL_OPTIONS = OptionGroup(
     (
         _option("eval_cmd", str | None, None, "--eval-cmd", help="A command that prints a checkpoint's loss (the last number on its "
                 "stdout), with {checkpoint} for its folder: the backtest then decides by your loss."),
+        _option("eval_server", str | None, None, "--eval-server", help="Like --eval-cmd, but started once (--eval-jobs of them): "
+                "reads one checkpoint path per line on stdin, prints one line holding its loss per path.", panel=EVALUATION),
         _option("eval_jobs", int, 1, "--eval-jobs", help="Evaluations to run at once.", panel=EVALUATION),
+        _option("eval_timeout", float, EVAL_TIMEOUT_SECONDS, "--eval-timeout", help="Seconds one checkpoint's evaluation may take.",
+                panel=EVALUATION),
         _option("eval_cache", bool, True, "--eval-cache/--no-eval-cache", help="Remember losses by checkpoint content, across runs "
                 "(in $FARCAST_CACHE_DIR, else ~/.cache/farcast).", panel=EVALUATION),
     ),
@@ -437,7 +452,58 @@ def inspect_command(
 def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
     for warning in info["warnings"]:
         _stderr(f"warning: {warning}")
-    print(json.dumps(info, indent=1) if as_json else "\n".join(inspection_lines(info, every)))
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"run: {info['run']} ({info['layout']} layout)")
+    print(f"checkpoints: {info['steps_summary']}" + ("" if every else " (--all lists them)"))
+    for checkpoint in info["checkpoints"] if every else []:
+        saved = "" if checkpoint["saved_step"] == checkpoint["step"] else f", saved as step {checkpoint['saved_step']}"
+        print(
+            f"  step {checkpoint['step']}{saved}: {checkpoint['path']} ({len(checkpoint['files'])} file(s), {checkpoint['bytes']:,} bytes)"
+        )
+    for forecast in info["forecasts"]:
+        print(f"forecast farcast wrote (not history): {forecast['path']}")
+    for jump in info["jumps"]:
+        print(f"jump farcast made in the training loop: at step {jump['at_step']}, {jump['horizon']} steps ahead")
+    copied = info["tensors"] - info["forecast_tensors"]
+    kinds = (
+        f"all {info['tensors']} forecast"
+        if not copied
+        else f"{info['forecast_tensors']} forecast, {copied} copied unchanged ({', '.join(info['copied_dtypes'])})"
+    )
+    print(f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}")
+    print(f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)")
+    print(f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all")
+    if info["distributed"]:
+        _show_distributed(info["distributed"], every)
+    _show_files(info)
+    print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
+
+
+def _show_distributed(found: dict, every: bool) -> None:
+    """A DCP checkpoint's files, chunks, and the entries that are not model weights."""
+    chunks = sum(len(t["chunks"]) for t in found["tensors"])
+    place = "the checkpoint folder" if found["folder"] == "." else f"{found['folder']}/"
+    print(
+        f"distributed checkpoint in {place}: .metadata and {len(found['files'])} .distcp file(s), {found['bytes']:,} bytes; "
+        f"{len(found['tensors'])} model tensors in {chunks} chunks" + ("" if every else " (--all lists them)")
+    )
+    for tensor in found["tensors"] if every else []:
+        boxes = ", ".join(f"{offsets}+{sizes}" for offsets, sizes in tensor["chunks"])
+        print(f"  {tensor['name']} {tensor['dtype']} {tensor['shape']}: {len(tensor['chunks'])} chunk(s) at {boxes}")
+    reasons: dict[str, list[str]] = {}
+    for entry in found["left_out_entries"]:
+        reasons.setdefault(entry["why"], []).append(entry["name"])
+    for why, names in reasons.items():
+        shown = ", ".join(names if every else names[:3]) + ("" if every or len(names) <= 3 else ", ...")
+        print(f"left out of outputs: {len(names)} entries, {why}: {shown}")
+
+
+def _show_files(info: dict) -> None:
+    print(f"copied into outputs: {', '.join(info['copied_files']) or 'nothing beside the weights'}")
+    for left in info["left_out_files"]:
+        print(f"left out of outputs: {left['name']}: {left['why']}")
 
 
 FIT_EXAMPLES = """Examples:
@@ -522,6 +588,15 @@ def predict(
     dtype: Annotated[
         OutputDtype | None, typer.Option(help="Store forecast tensors in this dtype instead of the input's.", rich_help_panel=OUTPUT)
     ] = None,  # fmt: skip
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--output-format",
+            help="same: the run's own format (a distributed checkpoint for a DCP run); "
+            "safetensors: whole tensors in a Hugging Face layout (model.safetensors, or shards and an index).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = OutputFormat.same,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.", rich_help_panel=OUTPUT),
@@ -561,7 +636,7 @@ def predict(
     if dry_run:
         _run(lambda world: commands.predict(run_dir, output, **given, dry_run=True), lambda plan: _show_plan(plan, writing.as_json))
         return
-    chosen = dict(evaluation=evaluation, min_skill=min_skill, fallback=fallback)
+    chosen = dict(evaluation=evaluation, min_skill=min_skill, fallback=fallback, output_format=output_format.value)
     _run(
         lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
         _show_report(writing),
@@ -570,7 +645,25 @@ def predict(
 
 
 def _show_plan(plan: dict, as_json: bool) -> None:
-    print(json.dumps(plan, indent=1) if as_json else "\n".join(plan_lines(plan)))
+    if as_json:
+        print(json.dumps(plan, indent=1))
+        return
+    reads, writes, memory = plan["reads"], plan["writes"], plan["memory"]
+    print(f"dry run: {plan['run']} ({len(plan['steps'])} checkpoints), device {plan['device']}")
+    if "sample" in reads:
+        print(f"read: {reads['sample']['coordinates']:,} sampled coordinates from each of {reads['sample']['checkpoints']} checkpoints")
+    backtest = reads.get("backtest", {})
+    if "checkpoints" in backtest:
+        print(f"read for the backtest: checkpoints {backtest['checkpoints']}, {backtest['bytes']:,} bytes")
+    elif backtest:
+        print(f"read for the backtest: {backtest.get('unavailable', 'only the sampled coordinates')}")
+    print(f"read for the forecast: checkpoints {reads['forecast']['checkpoints']}, {reads['forecast']['bytes']:,} bytes")
+    print(f"write: {writes['folder']}: step(s) {writes['checkpoints']}, {writes['bytes']:,} bytes")
+    _show_files(plan)
+    print(
+        f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
+        f"scratch {memory['scratch_bytes']:,} bytes, within --max-memory {memory['max_memory']:,}"
+    )
 
 
 def main() -> None:

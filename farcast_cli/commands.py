@@ -35,6 +35,7 @@ from farcast_cli.forecast.candidates import (
     line_tested,
 )
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
+from farcast_cli.io.dcp import describe_dcp
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import build_folder, check_file_location, check_output_location, write_text
@@ -45,6 +46,8 @@ from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_referenc
 from farcast_cli.model.history import History, read_history
 from farcast_cli.model.pairs import max_self_horizon
 from farcast_cli.progress import byte_progress, phase
+
+UNSCORED_CONSOLIDATED = "the written forecast is not scored: it is in safetensors, and the eval command reads the run's own format"
 
 
 def predict_bytes(inputs: int) -> tuple[int, int]:
@@ -91,7 +94,13 @@ def inspect_run(run_dir: Path, skip_damaged: bool = False) -> dict:
         "steps": steps,
         "steps_summary": describe_steps(steps),
         "checkpoints": [
-            {"step": c.step, "saved_step": c.saved_step, "path": str(c.path), "files": sorted(c.files), "bytes": c.nbytes}
+            {
+                "step": c.step,
+                "saved_step": c.saved_step,
+                "path": str(c.path),
+                "files": sorted(c.files) if c.dcp is None else [p.name for p in c.dcp.files],
+                "bytes": c.nbytes,
+            }
             for c in run.checkpoints
         ],
         "forecasts": [{"saved_step": c.saved_step, "path": str(c.path)} for c in run.forecasts],
@@ -109,6 +118,7 @@ def inspect_run(run_dir: Path, skip_damaged: bool = False) -> dict:
         "max_horizon": max_self_horizon(steps) if len(steps) > 2 else 0,
         "skipped_checkpoints": run.skipped,
         "warnings": run.warnings,
+        "distributed": None if run.last.dcp is None else describe_dcp(run.last),
     }
 
 
@@ -173,6 +183,7 @@ def predict(
     dry_run: bool = False,
     skip_damaged: bool = False,
     world: World = ONE_PROCESS,
+    output_format: str = "same",
 ) -> Report | dict:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the chosen checkpoint.
     With `dry_run`, only the plan: what it would read and write, and its memory (`plan`).
@@ -182,7 +193,8 @@ def predict(
     written (the forecast, the last checkpoint, the straight line, the average of the last checkpoints);
     without it, the forecast, whatever the backtest says. A `resumable` output is a checkpoint the
     trainer resumes from, with its state advanced by the horizon and the LR `schedule` kept or advanced
-    (io/resume.py); it may be the run's own checkpoint-<last + horizon>. Under torchrun (`world`) every
+    (io/resume.py); it may be the run's own checkpoint-<last + horizon>. `output_format` "safetensors"
+    writes a DCP run's forecast as whole tensors in a Hugging Face layout. Under torchrun (`world`) every
     streaming pass divides its tensors among the ranks; rank 0 fits, runs any eval commands and publishes."""
     timings: dict[str, float] = {}
     options = _for_rank(options, world)
@@ -212,23 +224,34 @@ def predict(
         if resumable:
             _check_resumable_choice(assemble("predict", run, found, Outcome(written=chosen)), run, last)
         share = _write_share(last, out_dir, world)
+        consolidate = output_format == "safetensors" and last.dcp is not None
 
         def write(folder: Path) -> None:
             share_bytes = last.nbytes if share is None else sum(last.tensor(name)[1].nbytes for name in share)
             phase(f"writing: {chosen.label} to {out_dir}", options.quiet)
             with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * share_bytes, options.quiet) as advance:
-                write_tensors(candidate, last, folder, options.engine(*predict_bytes(len(candidate.inputs)), advance), dtype, only=share)
+                write_tensors(
+                    candidate,
+                    last,
+                    folder,
+                    options.engine(*predict_bytes(len(candidate.inputs)), advance),
+                    dtype,
+                    only=share,
+                    consolidate=consolidate,
+                )
                 for checkpoint in whole.checkpoints:
                     checkpoint.check_unchanged()
 
         def finish(folder: Path) -> Report:
             with timed(timings, "write_forecast"):
-                written = finish_forecast(candidate, last, folder, dtype)
+                written = finish_forecast(candidate, last, folder, dtype, consolidate=consolidate)
             outcome = Outcome(chosen, [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written])
             if resumable:
                 provenance = {"method": chosen.method, "from_steps": chosen.from_steps}
                 outcome = replace(outcome, resume=write_trainer_state(last, folder, forecaster.horizon, schedule, provenance))
-            if judge is not None:
+            if judge is not None and consolidate:
+                outcome = replace(outcome, notes=(UNSCORED_CONSOLIDATED,))
+            elif judge is not None:
                 with timed(timings, "eval_written"):
                     outcome = replace(outcome, **_score_written(judge, run, candidate, written[-1], dtype))
             report = assemble("predict", run, found, outcome, _count_evaluations(judge, timings), timings)
@@ -541,7 +564,7 @@ def _score_written(judge: CandidateScores, run: Run, candidate: Combination, fol
         written = judge.checkpoint(kept, "written checkpoint")
     else:
         key = combination_key(candidate, [judge.fingerprint(c) for c in candidate.inputs], dtype)
-        written = judge.scorer.submit(key, run.layout.evaluated(folder), "written checkpoint")
+        written = judge.written(key, run.layout.evaluated(folder), "written checkpoint")
     written_loss = written.result().loss
     return {"written_loss": written_loss, "last_checkpoint_loss": judge.checkpoint(last, f"checkpoint {last.step}").result().loss}
 
@@ -553,14 +576,17 @@ class EvalCounts:
     evaluations: int
     cache_hits: int
     seconds: float
+    wall_seconds: float
 
 
 def _count_evaluations(judge: CandidateScores | None, timings: dict[str, float]) -> EvalCounts | None:
     """The evaluator's use so far (None without one), its seconds added to the timings."""
     if judge is None:
         return None
-    timings["eval_commands"] = judge.scorer.seconds
-    return EvalCounts(judge.scorer.evaluations, judge.scorer.cache_hits, round(judge.scorer.seconds, 4))
+    scorer = judge.scorer
+    timings["eval_commands"] = scorer.seconds
+    timings["eval_wall"] = scorer.wall_seconds
+    return EvalCounts(scorer.evaluations, scorer.cache_hits, round(scorer.seconds, 4), round(scorer.wall_seconds, 4))
 
 
 def _backtest(run: Run, history: History, forecaster: Forecaster, options: StreamOptions, world: World = ONE_PROCESS) -> Backtest:
@@ -638,6 +664,7 @@ class Outcome:
     resume: Resume | None = None
     written_loss: float | None = None
     last_checkpoint_loss: float | None = None
+    notes: tuple[str, ...] = ()
 
 
 def assemble(
@@ -652,7 +679,13 @@ def assemble(
     something is written, the outcome, the evaluator's use and the seconds per phase."""
     forecaster, backtest, loss = found.forecaster, found.backtest, found.loss
     if counts is not None and loss is not None:
-        loss = replace(loss, evaluations=counts.evaluations, cache_hits=counts.cache_hits, eval_seconds=counts.seconds)
+        loss = replace(
+            loss,
+            evaluations=counts.evaluations,
+            cache_hits=counts.cache_hits,
+            eval_seconds=counts.seconds,
+            eval_wall_seconds=counts.wall_seconds,
+        )
     weight, bias = forecaster.shared.as_lists()
     return Report(
         command=command,
@@ -674,7 +707,7 @@ def assemble(
         backtest_unavailable=found.backtest_unavailable,
         loss=loss,
         loss_unavailable=found.loss_unavailable,
-        notes=_notes(run) + _shrink_note(forecaster) + list(found.notes),
+        notes=_notes(run) + _shrink_note(forecaster) + list(found.notes) + list(outcome.notes),
         warnings=run.warnings,
         written=outcome.written,
         written_loss=outcome.written_loss,

@@ -71,6 +71,6 @@ def test_a_new_layouts_names_are_guarded_and_it_is_not_resumable(epoch_run, tmp_
 
 
 def test_the_built_in_layouts_are_tried_in_order(tmp_path):
-    assert [layout.name for layout in LAYOUTS] == ["trainer", "files"]
+    assert [layout.name for layout in LAYOUTS] == ["trainer", "dcp", "files"]
     assert find_run(write_run(tmp_path / "files", layout="files")).layout.evaluated(tmp_path) == tmp_path / "model.safetensors"
     assert find_run(write_run(tmp_path / "trainer")).layout.evaluated(tmp_path) == tmp_path

@@ -7,7 +7,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from farcast_cli.errors import named, parameter
 from farcast_cli.evaluate.evaluator import format_loss
 from farcast_cli.evaluate.report import ErrorTable, Report
 from farcast_cli.forecast.candidates import FORECAST, REFERENCE
@@ -72,7 +71,8 @@ def _loss_lines(report: Report) -> list[str]:
         how = " (extrapolated)" if point.extrapolated else ""
         lines.append(f"loss candidate: {point.label}: loss {format_loss(point.loss)}, saves {point.steps_saved:+.2f} of the jump{how}")
     lines.append(
-        f"loss chosen: {loss.chosen.label}; {loss.evaluations} evaluations ({loss.eval_seconds:.1f} s), {loss.cache_hits} from the cache"
+        f"loss chosen: {loss.chosen.label}; {loss.evaluations} evaluations in {loss.eval_wall_seconds:.1f} s "
+        f"({loss.eval_seconds:.1f} s summed over them), {loss.cache_hits} from the cache"
     )
     return lines
 
@@ -188,60 +188,3 @@ def render(report: Report, console: Console) -> None:
             console.print(escape(more))
     for line in _loss_lines(report) + _tail(report):
         console.print(f"[bold]{escape(line)}[/bold]" if line.startswith(("verdict:", "written:")) else escape(line))
-
-
-def inspection_lines(info: dict, every: bool) -> list[str]:
-    """`farcast inspect`'s summary of commands.inspect_run, listing every checkpoint with `every`."""
-    lines = [
-        f"run: {info['run']} ({info['layout']} layout)",
-        f"checkpoints: {info['steps_summary']}" + ("" if every else f" ({parameter('every')} lists them)"),
-    ]
-    for checkpoint in info["checkpoints"] if every else []:
-        saved = "" if checkpoint["saved_step"] == checkpoint["step"] else f", saved as step {checkpoint['saved_step']}"
-        lines.append(
-            f"  step {checkpoint['step']}{saved}: {checkpoint['path']} ({len(checkpoint['files'])} file(s), {checkpoint['bytes']:,} bytes)"
-        )
-    lines += [f"forecast farcast wrote (not history): {forecast['path']}" for forecast in info["forecasts"]]
-    lines += [f"jump farcast made in the training loop: at step {j['at_step']}, {j['horizon']} steps ahead" for j in info["jumps"]]
-    copied = info["tensors"] - info["forecast_tensors"]
-    kinds = (
-        f"all {info['tensors']} forecast"
-        if not copied
-        else f"{info['forecast_tensors']} forecast, {copied} copied unchanged ({', '.join(info['copied_dtypes'])})"
-    )
-    lines += [
-        f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}",
-        f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)",
-        f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all",
-        *_file_lines(info),
-        f"largest {parameter('horizon')} when fitting on this run: {info['max_horizon']} steps",
-    ]
-    return [named(line) for line in lines]
-
-
-def plan_lines(plan: dict) -> list[str]:
-    """`predict --dry-run`'s plan (commands.plan): what would be read and written, and the memory."""
-    reads, writes, memory = plan["reads"], plan["writes"], plan["memory"]
-    lines = [f"dry run: {plan['run']} ({len(plan['steps'])} checkpoints), device {plan['device']}"]
-    if "sample" in reads:
-        lines.append(
-            f"read: {reads['sample']['coordinates']:,} sampled coordinates from each of {reads['sample']['checkpoints']} checkpoints"
-        )
-    backtest = reads.get("backtest", {})
-    if "checkpoints" in backtest:
-        lines.append(f"read for the backtest: checkpoints {backtest['checkpoints']}, {backtest['bytes']:,} bytes")
-    elif backtest:
-        lines.append(f"read for the backtest: {backtest.get('unavailable', 'only the sampled coordinates')}")
-    lines += [
-        f"read for the forecast: checkpoints {reads['forecast']['checkpoints']}, {reads['forecast']['bytes']:,} bytes",
-        f"write: {writes['folder']}: step(s) {writes['checkpoints']}, {writes['bytes']:,} bytes",
-        *_file_lines(plan),
-        f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
-        f"scratch {memory['scratch_bytes']:,} bytes, within {parameter('max_memory')} {memory['max_memory']:,}",
-    ]
-    return [named(line) for line in lines]
-
-
-def _file_lines(info: dict) -> list[str]:
-    lines = [f"copied into outputs: {', '.join(info['copied_files']) or 'nothing beside the weights'}"]
-    return lines + [f"left out of outputs: {left['name']}: {left['why']}" for left in info["left_out_files"]]
