@@ -189,3 +189,26 @@ def test_under_ddp_every_rank_ends_with_rank_zeros_weights(tmp_path):
     assert set(zero["called_on"]) == {0} and one["called_on"] == [] and one["observed"] == 0 and zero["observed"] == 10
     for name, tensor in zero["state"].items():
         assert torch.equal(tensor, one["state"][name]), name
+
+
+@pytest.mark.slow
+def test_the_trainer_callback_verifies_jumps_by_the_trainers_eval_set(tmp_path):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "trainer"))
+    import train as example
+
+    from farcast_cli.integrations import FarcastCallback
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    trainer = example.trainer(run, max_steps=20, save_steps=5, schedule="constant")
+    trainer.eval_dataset = example.StandardLibraryText(64)
+    callback = FarcastCallback(every=10, jump=0.5, settings=FAST_FIT, eval_batches=2, trainer=trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+    (result,) = callback.farcaster.history
+    assert result.step == 15 and result.loss_before is not None and result.loss_after is not None and "loss" in result.why
+    assert trainer.model.training
+    loss = callback.farcaster.loss_fn
+    assert len(loss.kept) == 2 and loss(trainer.model) > 0
+    assert [e["step"] for e in trainer.state.log_history if "farcast_why" in e] == [15]
