@@ -12,6 +12,7 @@ predict` uses, gated by the weight backtest on the sample or verified by the use
 before and after the jump, and applied tensor by tensor; nothing is read back or written but the jump
 record. `source="run"`: the whole `farcast predict` pipeline through the run's checkpoints on disk
 (streamed, backtested on every coordinate, by the user's `evaluator` of a checkpoint folder when given).
+Under DDP, with either source, rank 0 decides and jumps and every rank gets its weights (memory.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from farcast_cli.evaluate.report import Report
 from farcast_cli.integrations import memory
 from farcast_cli.io.run import Jump, find_run, record_jump
 from farcast_cli.model.fit import FitSettings
+from farcast_cli.model.forecaster import SelfFit
 from farcast_cli.model.observed import ObservedRun
 
 log = logging.getLogger("farcast")
@@ -115,8 +117,6 @@ class Farcaster:
         was done, None when not due."""
         if self.run_dir is None:
             raise UsageError("the Farcaster has no run folder to record its jumps in")
-        if self.source == "run":
-            return self._logged(self._from_run(model, step, lr_scheduler))
         rank, ranks = memory.world()
         due = self.due(step)
         result = None
@@ -142,7 +142,9 @@ class Farcaster:
         return self._logged(result)
 
     def _on_rank_zero(self, model: torch.nn.Module, step: int, due: bool) -> JumpResult | None:
-        """Observe the model at this step, and jump where due."""
+        """Observe the model at this step, and jump where due (from the run on disk with source="run")."""
+        if self.source == "run":
+            return self._from_run(model, step) if due else None
         started = time.perf_counter()
         try:
             self.observed.observe(model.state_dict(), step + self.jumped)
@@ -164,8 +166,7 @@ class Farcaster:
         before = after = None
         try:
             fitted = memory.fit_in_memory(self.observed, horizon, self.settings)
-            verdict = memory.weight_verdict(self.observed, fitted, horizon) if self.loss_fn is None else None
-            applied, why = self._weight_decision(verdict) if verdict is not None else (True, "")
+            applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
             if applied:
                 backup = {} if self.loss_fn is not None and self.gate else None
                 if self.loss_fn is not None:
@@ -185,9 +186,10 @@ class Farcaster:
         seconds = time.perf_counter() - started - loss_seconds
         return JumpResult(step, horizon, applied, why, seconds, None, before, after, loss_seconds)
 
-    def _weight_decision(self, verdict: memory.WeightVerdict) -> tuple[bool, str]:
+    def _weight_decision(self, fitted: SelfFit, horizon: int) -> tuple[bool, str]:
         if not self.gate:
             return True, "applied without a gate"
+        verdict = memory.weight_verdict(self.observed, fitted, horizon)
         if verdict.tested is None:
             return False, "the history is too short to hold checkpoints out and test a jump"
         if verdict.tested is False:
@@ -205,10 +207,8 @@ class Farcaster:
             return True, f"the jump lowered your loss ({losses})"
         return False, f"the jump did not lower your loss by more than {self.margin:g} ({losses}); weights restored"
 
-    def _from_run(self, model: torch.nn.Module, step: int, lr_scheduler) -> JumpResult | None:
+    def _from_run(self, model: torch.nn.Module, step: int) -> JumpResult | None:
         """The jump through `farcast predict` on the run's checkpoints (source="run")."""
-        if not self.due(step):
-            return None
         started = time.perf_counter()
         out = self.run_dir / SCRATCH / f"forecast-{step}"
         horizon, report = 0, None
@@ -216,7 +216,6 @@ class Farcaster:
             run = find_run(self.run_dir)
             if len(run.checkpoints) < self.min_checkpoints:
                 return None
-            self.last_attempt = step
             horizon = max(1, round(self.jump * (run.last.step - run.steps[0])))
             report = commands.predict(
                 self.run_dir, out, horizon=horizon, settings=self.settings, options=self.options, evaluation=self.evaluation,
@@ -225,10 +224,8 @@ class Farcaster:
             applied, why = self._verdict(report)
             if applied:
                 load_into(model, out)
-                self._advance(lr_scheduler, horizon)
                 record_jump(self.run_dir, Jump(step, horizon))
         except FarcastError as error:
-            self.last_attempt = step
             applied, why = False, f"farcast failed, training goes on: {error}"
         finally:
             shutil.rmtree(out, ignore_errors=True)
