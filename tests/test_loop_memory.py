@@ -212,3 +212,13 @@ def test_the_trainer_callback_verifies_jumps_by_the_trainers_eval_set(tmp_path):
     loss = callback.farcaster.loss_fn
     assert len(loss.kept) == 2 and loss(trainer.model) > 0
     assert [e["step"] for e in trainer.state.log_history if "farcast_why" in e] == [15]
+
+
+def test_first_weights_kept_on_the_device_are_a_copy_the_jumps_leave_alone(tmp_path):
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, gate=False, keep_first_on="device")
+    model, results = train_with(farcaster, run, steps=40)
+    first = load_file(run / "checkpoint-0" / "model.safetensors")
+    assert [r.applied for r in results if r is not None] == [True, True]
+    for name, kept in farcaster.observed.first.items():
+        assert torch.equal(kept, first[name]) and kept.data_ptr() != model.state_dict()[name].data_ptr()
