@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -22,19 +23,75 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer import rich_utils
+from typer._click import exceptions as click_errors
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from farcast_cli import __version__, commands
 from farcast_cli.distributed import ONE_PROCESS, World, join_world, launched_rank, launched_size
-from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, UsageError, sigterm_as_interrupt
-from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
+from farcast_cli.errors import (
+    EXIT_INTERNAL,
+    DamagedCheckpoint,
+    FarcastError,
+    InterruptedAfterPublishing,
+    LostContact,
+    UsageError,
+    interrupted_by,
+    signals_as_interrupt,
+)
+from farcast_cli.evaluate.evaluator import EVAL_TIMEOUT_SECONDS, EvalCommand, EvalOptions, EvalServer
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
 from farcast_cli.evaluate.render import plain_lines, render
 from farcast_cli.evaluate.report import Report
 from farcast_cli.io.device import parse_size
 from farcast_cli.model.fit import FitSettings
 
+
+class _PlainHelp:
+    """Help as a person reads it: no type shown after on/off flags, and arguments in the usage line as
+    RUN_DIR rather than {run_dir}."""
+
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [re.sub(r"^\{(\w+)\}", lambda m: m.group(1).upper(), piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Commands(_PlainHelp, TyperGroup):
+    """The `farcast` command group. A usage error (a bad value, a missing option, an unknown command) is
+    one line, `farcast: error: ...`, exit 2, like every other error."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:  # fmt: skip
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click_errors.NoArgsIsHelpError as error:
+            rich_utils.rich_format_error(error)
+            code = error.exit_code
+        except click_errors.ClickException as error:
+            context = getattr(error, "ctx", None)
+            hint = f" (see {context.command_path} --help)" if context is not None else ""
+            _stderr(f"error: {error.format_message().rstrip('.')}{hint}")
+            code = error.exit_code
+        except typer.Abort:
+            code = EXIT_INTERNAL
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="farcast",
+    cls=_Commands,
     help="Forecast a training run's far-future weights from its safetensors checkpoints, with an honest error report.",
     add_completion=False,
     no_args_is_help=True,
@@ -55,6 +112,11 @@ class Scope(str, Enum):
 class Schedule(str, Enum):
     keep = "keep"
     advance = "advance"
+
+
+class OutputFormat(str, Enum):
+    same = "same"
+    safetensors = "safetensors"
 
 
 class OutputDtype(str, Enum):
@@ -169,10 +231,16 @@ STREAM_OPTIONS = OptionGroup(
 )  # fmt: skip
 
 
-def _eval_options(eval_cmd: str | None, eval_jobs: int, eval_cache: bool) -> EvalOptions:
+def _eval_options(eval_cmd: str | None, eval_server: str | None, eval_jobs: int, eval_timeout: float, eval_cache: bool) -> EvalOptions:
     if eval_jobs < 1:
         raise UsageError(f"--eval-jobs {eval_jobs}: at least 1")
-    return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd), eval_jobs, eval_cache)
+    if eval_timeout <= 0:
+        raise UsageError(f"--eval-timeout {eval_timeout:g}: must be above 0 seconds")
+    if eval_cmd is not None and eval_server is not None:
+        raise UsageError("--eval-cmd and --eval-server: give one of them")
+    if eval_server is not None:
+        return EvalOptions(EvalServer(eval_server, eval_timeout), eval_jobs, eval_cache)
+    return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd, eval_timeout), eval_jobs, eval_cache)
 
 
 EVAL_OPTIONS = OptionGroup(
@@ -180,7 +248,11 @@ EVAL_OPTIONS = OptionGroup(
     (
         _option("eval_cmd", str | None, None, "--eval-cmd", help="A command that prints a checkpoint's loss (the last number on its "
                 "stdout), with {checkpoint} for its folder: the backtest then decides by your loss."),
+        _option("eval_server", str | None, None, "--eval-server", help="Like --eval-cmd, but started once (--eval-jobs of them): "
+                "reads one checkpoint path per line on stdin, prints one line holding its loss per path.", panel=EVALUATION),
         _option("eval_jobs", int, 1, "--eval-jobs", help="Evaluations to run at once.", panel=EVALUATION),
+        _option("eval_timeout", float, EVAL_TIMEOUT_SECONDS, "--eval-timeout", help="Seconds one checkpoint's evaluation may take.",
+                panel=EVALUATION),
         _option("eval_cache", bool, True, "--eval-cache/--no-eval-cache", help="Remember losses by checkpoint content, across runs "
                 "(in $FARCAST_CACHE_DIR, else ~/.cache/farcast).", panel=EVALUATION),
     ),
@@ -224,6 +296,8 @@ Emit = Annotated[list[int] | None, typer.Option("--emit", help="Also forecast th
 Anchor = Annotated[int | None, typer.Option("--anchor", help="Average the last K checkpoints as the forecast's second input (default 1; "
                    "with --eval-cmd, 1 and 5 are tried and your loss decides).", rich_help_panel=FITTING)]  # fmt: skip
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+SkipDamaged = Annotated[bool, typer.Option("--skip-damaged", help="Skip checkpoints that cannot be read anywhere in the run, "
+                        "not only the newest ones still being written (each is named in a warning and the report).")]  # fmt: skip
 
 
 def _stderr(message: str) -> None:
@@ -254,10 +328,13 @@ def _fail(error: FarcastError, speaks: bool = True) -> None:
     torchrun; a rank that lost contact with the others speaks for itself)."""
     if _debug["on"]:
         raise error
+    lines = error.lines()
+    if isinstance(error, DamagedCheckpoint):
+        lines[-1] += "; --skip-damaged skips it"
     if speaks or isinstance(error, LostContact):
-        for line in error.lines():
+        for line in lines:
             _stderr(f"error: {line}")
-    _tell_launcher(error.lines())
+    _tell_launcher(lines)
     raise typer.Exit(error.exit_code) from None
 
 
@@ -274,25 +351,35 @@ def _tell_launcher(lines: list[str]) -> None:
 
 
 def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Callable[[], World] | None = None) -> None:
-    """Run one command; every failure becomes a one-line message and its documented exit code. With
-    `join`, the command runs on every rank torchrun started, and rank 0 alone shows its outcome; without,
-    under torchrun each process runs it alone and RANK 0 shows it."""
+    """Run one command and show its outcome; every failure becomes a one-line message and its documented
+    exit code. A signal after the output was published stops farcast with exit 0 and a line saying so.
+    With `join`, the command runs on every rank torchrun started, and rank 0 alone shows its outcome;
+    without, under torchrun each process runs it alone and RANK 0 shows it."""
     world = None
     speaks = launched_rank() == 0
     try:
-        with sigterm_as_interrupt():
-            world = join() if join is not None else ONE_PROCESS
-            speaks = world.is_main if join is not None else speaks
-            result = action(world)
+        with signals_as_interrupt() as done:
+            try:
+                world = join() if join is not None else ONE_PROCESS
+                speaks = world.is_main if join is not None else speaks
+                result = action(world)
+            finally:
+                if world is not None:
+                    world.close()
+            done()
+            if speaks:
+                show(result)
+    except InterruptedAfterPublishing as stopped:
+        if speaks:
+            _stderr(str(stopped))
     except FarcastError as error:
         if error.report is not None and speaks:
             show(error.report)
         _fail(error, speaks)
     except KeyboardInterrupt:
-        if speaks:
-            _stderr("interrupted by SIGINT; temporary files removed")
-        _tell_launcher(["interrupted by SIGINT; temporary files removed"])
-        raise typer.Exit(EXIT_SIGINT) from None
+        _fail(interrupted_by(signal.SIGINT), speaks)
+    except BrokenPipeError:
+        raise
     except Exception as error:
         if _debug["on"]:
             raise
@@ -301,11 +388,6 @@ def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Call
         _stderr(message)
         _tell_launcher([message])
         raise typer.Exit(EXIT_INTERNAL) from None
-    finally:
-        if world is not None:
-            world.close()
-    if speaks:
-        show(result)
 
 
 def _version(value: bool) -> None:
@@ -329,14 +411,15 @@ farcast inspect sample_checkpoints/digits-mlp
 farcast inspect runs/bert --json | jq .max_horizon"""
 
 
-@app.command(name="inspect", epilog=INSPECT_EXAMPLES)
+@app.command(name="inspect", epilog=INSPECT_EXAMPLES, cls=_Command)
 def inspect_command(
     run_dir: RunDir,
     every: Annotated[bool, typer.Option("--all", help="List every checkpoint, not a summary of their steps.")] = False,
     as_json: AsJson = False,
+    skip_damaged: SkipDamaged = False,
 ) -> None:
     """List the checkpoints, tensors, parameters and bytes of a run, and what an output copies and leaves out."""
-    _run(lambda world: commands.inspect_run(run_dir), lambda info: _show_inspection(info, as_json, every))
+    _run(lambda world: commands.inspect_run(run_dir, skip_damaged), lambda info: _show_inspection(info, as_json, every))
 
 
 def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
@@ -365,8 +448,29 @@ def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
     print(f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}")
     print(f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)")
     print(f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all")
+    if info["distributed"]:
+        _show_distributed(info["distributed"], every)
     _show_files(info)
     print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
+
+
+def _show_distributed(found: dict, every: bool) -> None:
+    """A DCP checkpoint's files, chunks, and the entries that are not model weights."""
+    chunks = sum(len(t["chunks"]) for t in found["tensors"])
+    place = "the checkpoint folder" if found["folder"] == "." else f"{found['folder']}/"
+    print(
+        f"distributed checkpoint in {place}: .metadata and {len(found['files'])} .distcp file(s), {found['bytes']:,} bytes; "
+        f"{len(found['tensors'])} model tensors in {chunks} chunks" + ("" if every else " (--all lists them)")
+    )
+    for tensor in found["tensors"] if every else []:
+        boxes = ", ".join(f"{offsets}+{sizes}" for offsets, sizes in tensor["chunks"])
+        print(f"  {tensor['name']} {tensor['dtype']} {tensor['shape']}: {len(tensor['chunks'])} chunk(s) at {boxes}")
+    reasons: dict[str, list[str]] = {}
+    for entry in found["left_out_entries"]:
+        reasons.setdefault(entry["why"], []).append(entry["name"])
+    for why, names in reasons.items():
+        shown = ", ".join(names if every else names[:3]) + ("" if every or len(names) <= 3 else ", ...")
+        print(f"left out of outputs: {len(names)} entries, {why}: {shown}")
 
 
 def _show_files(info: dict) -> None:
@@ -382,7 +486,7 @@ farcast fit runs/sweep-a --context-end 1000 --horizon 4000 -o sweep.json   (a re
 farcast predict runs/sweep-b --forecaster sweep.json -o sweep-b-at-5000   (applied to another run)"""
 
 
-@app.command(epilog=FIT_EXAMPLES)
+@app.command(epilog=FIT_EXAMPLES, cls=_Command)
 @with_options(WRITING_OPTIONS, EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
 def fit(
     run_dir: RunDir,
@@ -393,6 +497,7 @@ def fit(
     ] = None,  # fmt: skip
     emit: Emit = None,
     anchor: Anchor = None,
+    skip_damaged: SkipDamaged = False,
     writing: Writing = None,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
@@ -401,7 +506,7 @@ def fit(
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
     if horizon is None:
         _fail(UsageError("--horizon is required: how many steps past the run's newest checkpoint to forecast"))
-    given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force)
+    given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force, skip_damaged=skip_damaged)
     _run(
         lambda world: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation, world=world),
         _show_report(writing),
@@ -419,7 +524,7 @@ farcast predict sample_checkpoints/digits-mlp -H 300 -o forecast --eval-cmd "pyt
 farcast predict runs/bert -H 2000 -o bert-forecast --emit 500 --emit 1000 --json > report.json"""
 
 
-@app.command(epilog=PREDICT_EXAMPLES)
+@app.command(epilog=PREDICT_EXAMPLES, cls=_Command)
 @with_options(WRITING_OPTIONS, EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
 def predict(
     run_dir: RunDir,
@@ -456,6 +561,15 @@ def predict(
     dtype: Annotated[
         OutputDtype | None, typer.Option(help="Store forecast tensors in this dtype instead of the input's.", rich_help_panel=OUTPUT)
     ] = None,  # fmt: skip
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--output-format",
+            help="same: the run's own format (a distributed checkpoint for a DCP run); "
+            "safetensors: whole tensors in a Hugging Face layout (model.safetensors, or shards and an index).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = OutputFormat.same,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.", rich_help_panel=OUTPUT),
@@ -479,22 +593,23 @@ def predict(
             rich_help_panel=RESUMING,
         ),
     ] = None,  # fmt: skip
+    skip_damaged: SkipDamaged = False,
     writing: Writing = None,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
     evaluation: EvalOptions = None,
 ) -> None:
     """Forecast the weights HORIZON steps past the last checkpoint and write them as a checkpoint."""
+    if schedule is not None and not resumable:
+        _fail(UsageError(f"--schedule {schedule.value} applies only to a --resumable output; add --resumable or drop --schedule"))
     out_dtype = None if dtype is None else dtype.value.upper()
     given = dict(horizon=horizon, forecaster_file=forecaster, emit=emit or [], settings=settings, options=options, dtype=out_dtype)
+    given.update(anchor=anchor, last_step=last_step, force=writing.force, skip_damaged=skip_damaged)
+    given.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
     if dry_run:
-        _run(
-            lambda world: commands.predict(run_dir, output, **given, anchor=anchor, last_step=last_step, dry_run=True),
-            lambda plan: _show_plan(plan, writing.as_json),
-        )
+        _run(lambda world: commands.predict(run_dir, output, **given, dry_run=True), lambda plan: _show_plan(plan, writing.as_json))
         return
-    chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=writing.force, min_skill=min_skill, fallback=fallback)
-    chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
+    chosen = dict(evaluation=evaluation, min_skill=min_skill, fallback=fallback, output_format=output_format.value)
     _run(
         lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
         _show_report(writing),
@@ -531,7 +646,7 @@ def main() -> None:
     if launched_size() > 1:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if launched_rank() == 0:
-        app()
+        app(prog_name="farcast")
         return
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         try:

@@ -26,6 +26,7 @@ from farcast_cli.evaluate.report import NAMES, REPORT_FILE, WRITTEN_NAMES, Backt
 from farcast_cli.evaluate.trajectories import sampled_trajectories
 from farcast_cli.forecast.candidates import LAWA_WINDOW, Combination, candidate_inputs, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
+from farcast_cli.io.dcp import describe_dcp
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import build_folder, check_file_location, check_output_location, write_text
@@ -35,7 +36,7 @@ from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
 from farcast_cli.model.history import History, read_history
 from farcast_cli.model.pairs import max_self_horizon
-from farcast_cli.progress import byte_progress
+from farcast_cli.progress import byte_progress, phase
 
 
 def predict_bytes(inputs: int) -> tuple[int, int]:
@@ -70,8 +71,8 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
 
 
-def inspect_run(run_dir: Path) -> dict:
-    run = find_run(run_dir)
+def inspect_run(run_dir: Path, skip_damaged: bool = False) -> dict:
+    run = find_run(run_dir, skip_damaged=skip_damaged)
     infos = run.tensor_infos()
     forecast = [i for i in infos if i.is_forecast]
     steps = run.steps
@@ -82,7 +83,13 @@ def inspect_run(run_dir: Path) -> dict:
         "steps": steps,
         "steps_summary": describe_steps(steps),
         "checkpoints": [
-            {"step": c.step, "saved_step": c.saved_step, "path": str(c.path), "files": sorted(c.files), "bytes": c.nbytes}
+            {
+                "step": c.step,
+                "saved_step": c.saved_step,
+                "path": str(c.path),
+                "files": sorted(c.files) if c.dcp is None else [p.name for p in c.dcp.files],
+                "bytes": c.nbytes,
+            }
             for c in run.checkpoints
         ],
         "forecasts": [{"saved_step": c.saved_step, "path": str(c.path)} for c in run.forecasts],
@@ -98,7 +105,9 @@ def inspect_run(run_dir: Path) -> dict:
         "bytes_per_checkpoint": run.last.nbytes,
         "total_bytes": sum(c.nbytes for c in run.checkpoints),
         "max_horizon": max_self_horizon(steps) if len(steps) > 2 else 0,
+        "skipped_checkpoints": run.skipped,
         "warnings": run.warnings,
+        "distributed": None if run.last.dcp is None else describe_dcp(run.last),
     }
 
 
@@ -114,6 +123,7 @@ def fit(
     evaluation: EvalOptions = EvalOptions(),
     anchor: int | None = None,
     force: bool = False,
+    skip_damaged: bool = False,
     world: World = ONE_PROCESS,
 ) -> Report:
     """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster.
@@ -126,7 +136,7 @@ def fit(
     timings: dict[str, float] = {}
     _check_anchor(anchor)
     with timed(timings, "find_run"):
-        run = world.together(lambda: find_run(run_dir))
+        run = world.together(lambda: find_run(run_dir, skip_damaged=skip_damaged))
         check_file_location(out_file, run)
     with _judge(evaluation, run, out_file, options, world) as judge:
         if context_end is None:
@@ -160,7 +170,9 @@ def predict(
     resumable: bool = False,
     schedule: str | None = None,
     dry_run: bool = False,
+    skip_damaged: bool = False,
     world: World = ONE_PROCESS,
+    output_format: str = "same",
 ) -> Report | dict:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the chosen checkpoint.
     With `dry_run`, only the plan: what it would read and write, and its memory (`plan`).
@@ -170,10 +182,9 @@ def predict(
     written (the forecast, the last checkpoint, the straight line, the average of the last checkpoints);
     without it, the forecast, whatever the backtest says. A `resumable` output is a checkpoint the
     trainer resumes from, with its state advanced by the horizon and the LR `schedule` kept or advanced
-    (io/resume.py); it may be the run's own checkpoint-<last + horizon>. Under torchrun (`world`) every
+    (io/resume.py); it may be the run's own checkpoint-<last + horizon>. `output_format` "safetensors"
+    writes a DCP run's forecast as whole tensors in a Hugging Face layout. Under torchrun (`world`) every
     streaming pass divides its tensors among the ranks; rank 0 fits, runs any eval commands and publishes."""
-    if dry_run:
-        return plan(run_dir, out_dir, horizon, forecaster_file, emit, settings, options, dtype, anchor, last_step)
     timings: dict[str, float] = {}
     options = _for_rank(options, world)
     judged = evaluation.evaluator is not None
@@ -184,7 +195,10 @@ def predict(
         if resumable:
             _check_resumable(last_step, emit)
         resumable_horizon = (horizon if horizon is not None else Forecaster.load(forecaster_file).horizon) if resumable else None
-        whole, run = world.together(lambda: _open_run(run_dir, out_dir, force, last_step, options, resumable_horizon, schedule))
+        opened = (run_dir, out_dir, force, last_step, options, resumable_horizon, schedule, skip_damaged)
+        whole, run = world.together(lambda: _open_run(*opened))
+    if dry_run:
+        return plan(run, out_dir, horizon, forecaster_file, emit, settings, options, dtype, anchor)
     with _judge(evaluation, run, out_dir, options, world) as judge:
         if forecaster_file is not None:
             forecaster = world.together(lambda: _forecaster_for(run, forecaster_file, horizon))
@@ -200,22 +214,36 @@ def predict(
         if resumable:
             _check_resumable_choice(report, run, last)
         share = _write_share(last, out_dir, world)
+        consolidate = output_format == "safetensors" and last.dcp is not None
 
         def write(folder: Path) -> None:
             share_bytes = last.nbytes if share is None else sum(last.tensor(name)[1].nbytes for name in share)
+            phase(f"writing: {report.written.label} to {out_dir}", options.quiet)
             with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * share_bytes, options.quiet) as advance:
-                write_tensors(candidate, last, folder, options.engine(*predict_bytes(len(candidate.inputs)), advance), dtype, only=share)
+                write_tensors(
+                    candidate,
+                    last,
+                    folder,
+                    options.engine(*predict_bytes(len(candidate.inputs)), advance),
+                    dtype,
+                    only=share,
+                    consolidate=consolidate,
+                )
                 for checkpoint in whole.checkpoints:
                     checkpoint.check_unchanged()
 
         def finish(folder: Path) -> Report:
             with timed(timings, "write_forecast"):
-                written = finish_forecast(candidate, last, folder, dtype)
+                written = finish_forecast(candidate, last, folder, dtype, consolidate=consolidate)
             report.output = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
             if resumable:
                 provenance = {"method": report.written.method, "from_steps": report.written.from_steps}
                 report.resume = write_trainer_state(last, folder, forecaster.horizon, schedule, provenance)
-            if judge is not None:
+            if judge is not None and consolidate:
+                report.notes.append(
+                    "the written forecast is not scored: it is in safetensors, and the eval command reads the run's own format"
+                )
+            elif judge is not None:
                 with timed(timings, "eval_written"):
                     _score_written(report, judge, run, candidate, written[-1], dtype)
             _account_evaluations(report, judge, timings)
@@ -236,10 +264,11 @@ def _open_run(
     options: StreamOptions,
     resumable_horizon: int | None,
     schedule: str | None,
+    skip_damaged: bool = False,
 ) -> tuple[Run, Run]:
-    """The run, and the run up to --last-step; checks the output's place (a resumable forecast's place is
-    the run's checkpoint-<last + horizon>) and the device first."""
-    whole = find_run(run_dir)
+    """The run as read (no checkpoint after last_step), and the run up to last_step; checks the output's
+    place (a resumable forecast's place is the run's checkpoint-<last + horizon>) and the device first."""
+    whole = find_run(run_dir, last_step=last_step, skip_damaged=skip_damaged)
     run = _up_to(whole, last_step)
     if resumable_horizon is not None:
         check_resumable(run, schedule)
@@ -270,7 +299,7 @@ def _write_share(last: Checkpoint, out_dir: Path, world: World) -> frozenset[str
 
 
 def plan(
-    run_dir: Path,
+    run: Run,
     out_dir: Path,
     horizon: int | None,
     forecaster_file: Path | None,
@@ -279,14 +308,9 @@ def plan(
     options: StreamOptions,
     dtype: str | None,
     anchor: int | None,
-    last_step: int | None,
 ) -> dict:
-    """What `predict` would read and write, and its memory plan, without reading any tensor data."""
-    _check_horizon(horizon, forecaster_file)
-    _check_anchor(anchor)
-    _check_saved_forecaster_options(forecaster_file, list(emit), anchor, settings)
-    whole = find_run(run_dir)
-    run = _up_to(whole, last_step)
+    """What `predict` would read and write from the run as opened (so refusing what the real run refuses
+    before reading), and its memory plan, without reading any tensor data."""
     if forecaster_file is not None:
         forecaster = _forecaster_for(run, forecaster_file, horizon)
         offsets, context_end, fits = forecaster.offsets, forecaster.context_end, False
@@ -413,8 +437,10 @@ def _fit_and_evaluate(
     the best forecast's settings."""
     _require_three_checkpoints(run)
     with timed(timings, "read_sample"):
+        phase(_sampling(run, settings), options.quiet)
         history = read_history(run, settings.sample, settings.seed, world)
     with timed(timings, "fit_and_backtest"):
+        phase("fitting: the forecaster and its held-out trial", options.quiet)
         fitted = world.on_main(lambda: fit_on_run(history, horizon, offsets, settings, anchor or 1))
         backtest = None if fitted.scored is None else _backtest(run, history, fitted.scored, options, world)
     forecaster, loss, loss_unavailable = fitted.forecaster, None, None
@@ -465,8 +491,10 @@ def _fit_reference(
 ) -> tuple[Forecaster, Report]:
     """The paper's protocol on a complete reference run, scored on that run, where the truth at E + H is known."""
     with timed(timings, "read_sample"):
+        phase(_sampling(run, settings), options.quiet)
         history = read_history(run, settings.sample, settings.seed, world)
     with timed(timings, "fit"):
+        phase("fitting: the forecaster on the reference run", options.quiet)
         forecaster = world.on_main(lambda: fit_on_reference(history, context_end, offsets, settings, anchor))
     with timed(timings, "backtest"):
         backtest = _backtest(run, history, forecaster, options, world)
@@ -535,29 +563,33 @@ def _score_written(report: Report, judge: CandidateScores, run: Run, candidate: 
         report.written_loss = judge.checkpoint(kept, "written checkpoint").result().loss
     else:
         key = combination_key(candidate, [judge.fingerprint(c) for c in candidate.inputs], dtype)
-        report.written_loss = judge.scorer.submit(key, path, "written checkpoint").result().loss
+        report.written_loss = judge.written(key, path, "written checkpoint").result().loss
     report.last_checkpoint_loss = judge.checkpoint(last, f"checkpoint {last.step}").result().loss
 
 
 def _account_evaluations(report: Report, judge: CandidateScores | None, timings: dict[str, float]) -> None:
     if judge is None:
         return
-    timings["eval_commands"] = judge.scorer.seconds
+    scorer = judge.scorer
+    timings["eval_commands"] = scorer.seconds
+    timings["eval_wall"] = scorer.wall_seconds
     if report.loss is not None:
-        report.loss.evaluations, report.loss.cache_hits, report.loss.eval_seconds = (
-            judge.scorer.evaluations,
-            judge.scorer.cache_hits,
-            round(judge.scorer.seconds, 4),
-        )
+        report.loss.evaluations, report.loss.cache_hits = scorer.evaluations, scorer.cache_hits
+        report.loss.eval_seconds, report.loss.eval_wall_seconds = round(scorer.seconds, 4), round(scorer.wall_seconds, 4)
 
 
 def _backtest(run: Run, history: History, forecaster: Forecaster, options: StreamOptions, world: World = ONE_PROCESS) -> Backtest:
     """The forecaster and the alternatives, from its context end to its last target, in weight error."""
     scored = candidates(run, forecaster)
+    phase(f"backtest: weight error of every candidate at step {forecaster.target_steps[-1]:g}", options.quiet)
     if options.backtest == "sample":
         return backtest_sample(history, scored)
     with byte_progress("backtest", streamed_bytes(run, scored, world), options.quiet) as advance:
         return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance), world)
+
+
+def _sampling(run: Run, settings: FitSettings) -> str:
+    return f"sampling: up to {settings.sample:,} weight coordinates at each of {len(run.steps)} checkpoints"
 
 
 def _too_few_to_hold_out(run: Run) -> str:
@@ -630,6 +662,7 @@ def _report(
         loss_unavailable=loss_unavailable,
         notes=_notes(run) + _shrink_note(forecaster) + list(extra_notes),
         warnings=run.warnings,
+        skipped_checkpoints=run.skipped,
         **headline(backtest, unavailable, loss, forecaster.horizon, _line_tested(run, forecaster, backtest)),
     )
 

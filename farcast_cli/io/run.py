@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from farcast_cli.errors import InputError
+from farcast_cli.errors import DamagedCheckpoint, IncompleteCheckpoint, InputError
+from farcast_cli.io import dcp
 from farcast_cli.io.reader import SafetensorsFile, TensorInfo
 
 TRAINER_FOLDER = re.compile(r"^checkpoint-(\d+)$")
@@ -66,6 +68,7 @@ class Checkpoint:
     aux_files: list[Path] = field(default_factory=list)
     saved_step: int | None = None
     jumps: tuple[Jump, ...] | None = None
+    dcp: dcp.DcpFolder | None = None
 
     def __post_init__(self) -> None:
         if self.saved_step is None:
@@ -85,6 +88,9 @@ class Checkpoint:
         return sum(file.size for file in self.files.values())
 
     def check_unchanged(self) -> None:
+        if self.dcp is not None:
+            self.dcp.check_unchanged()
+            return
         for file in self.files.values():
             file.check_unchanged()
 
@@ -97,6 +103,7 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     forecasts: list[Checkpoint] = field(default_factory=list)
     jumps: tuple[Jump, ...] = ()
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def steps(self) -> list[int]:
@@ -117,7 +124,7 @@ class Run:
         raise InputError(f"{self.path}: no checkpoint at step {step} (found {describe_steps(self.steps)})")
 
     def truncated(self, last_index: int) -> Run:
-        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps)
+        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps, self.skipped)
 
 
 TRAINING_STATE_REASON = "the trainer's pickled state, which farcast never loads (copied as bytes only into a --resumable output)"
@@ -133,6 +140,8 @@ def output_files(checkpoint: Checkpoint) -> tuple[list[str], list[tuple[str, str
     if checkpoint.path.is_file():
         return [], []
     weights = set(checkpoint.files) | ({checkpoint.index_name} if checkpoint.index_name else set())
+    if checkpoint.dcp is not None:
+        weights |= {path.name for path in checkpoint.dcp.files} | {dcp.METADATA_FILE, dcp.PROVENANCE_FILE}
     copied = sorted(path.name for path in checkpoint.aux_files)
     left_out = []
     for path in sorted(checkpoint.path.iterdir()):
@@ -152,31 +161,92 @@ def describe_steps(steps: list[int]) -> str:
     return f"{len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}" + (every if gaps else "")
 
 
-def find_run(path: Path) -> Run:
-    """Discover a run in the Trainer layout or as step-numbered safetensors files."""
+def find_run(path: Path, last_step: int | None = None, skip_damaged: bool = False) -> Run:
+    """Discover a run in the Trainer layout or as step-numbered safetensors files.
+
+    Checkpoints saved after `last_step` are not read at all. The newest checkpoints that are incomplete
+    (a file or shard missing or cut short: still being written when a job stopped) are skipped, each
+    named in `run.skipped`; a checkpoint that cannot be read anywhere else may be lost data and stops
+    the run (DamagedCheckpoint) unless `skip_damaged`."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such folder")
     if not path.is_dir():
         raise InputError(f"{path}: is a file; give the folder that holds the run's checkpoints")
+    if dcp.holds_dcp(path):
+        raise InputError(
+            f"{path}: is one distributed checkpoint; give the folder that holds the run's checkpoint-<step>/ or <name>-<step>/ folders"
+        )
     _reject_partial_weights(path)
     warnings = [f"{p}: skipped, a checkpoint still being written" for p in sorted(path.glob("tmp-*"))]
     folders = [p for p in _list(path) if p.is_dir() and TRAINER_FOLDER.match(p.name)]
-    if folders:
-        run = Run(path, "trainer", sorted((_trainer_checkpoint(p) for p in folders), key=lambda c: c.step), warnings)
-    else:
-        run = Run(path, "files", _file_checkpoints(path), warnings)
+    numbered = [] if folders else [p for p in _list(path) if p.is_dir() and dcp.NUMBERED_FOLDER.match(p.name) and dcp.looks_like_dcp(p)]
+    found = (
+        [(int(TRAINER_FOLDER.match(p.name).group(1)), p, _trainer_checkpoint) for p in folders]
+        or [(int(dcp.NUMBERED_FOLDER.match(p.name).group(2)), p, _numbered_dcp_checkpoint) for p in numbered]
+        or _step_files(path)
+    )
+    found = [(step, place, read) for step, place, read in found if last_step is None or step <= last_step]
+    skipped: list[dict[str, str]] = []
+    checkpoints = _readable(found, skip_damaged, skipped)
+    layout = "dcp" if numbered or any(c.dcp for c in checkpoints) else "trainer" if folders else "files"
+    run = Run(path, layout, checkpoints, warnings, skipped=skipped)
+    run.warnings += [f"{s['path']}: skipped, {s['why']}" for s in skipped]
     run.forecasts = [c for c in run.checkpoints if c.is_forecast]
     run.checkpoints = [c for c in run.checkpoints if not c.is_forecast]
     _set_time_axis(run)
     run.warnings += [f"{c.path}: a forecast farcast wrote; not used as history" for c in run.forecasts]
     if not run.checkpoints:
-        raise InputError(f"{path}: no checkpoints found (expected checkpoint-<step>/ folders or <name><step>.safetensors files)")
+        raise InputError(
+            f"{path}: no checkpoints found (expected checkpoint-<step>/ folders, <name><step>.safetensors files "
+            "or <name>-<step>/ folders of a distributed checkpoint)"
+        )
     run.warnings += [f"{c.path / name}: stray shard, not named by the index; ignored" for c in run.checkpoints for name in stray_shards(c)]
     if len(run.checkpoints) < 2:
         raise InputError(f"{path}: only one checkpoint ({run.checkpoints[0].path.name}); farcast needs at least two")
     _check_same_model(run)
     return run
+
+
+def _dcp_checkpoint(folder: Path, dcp_path: Path, step: int) -> Checkpoint:
+    """A checkpoint saved by torch.distributed.checkpoint (io/dcp.py): one virtual file per tensor."""
+    found = dcp.read_dcp_folder(dcp_path)
+    return Checkpoint(step, folder, dict(found.tensors), {name: name for name in found.tensors}, dcp=found)
+
+
+def _numbered_dcp_checkpoint(folder: Path) -> Checkpoint:
+    """A `<name>-<step>/` folder of a distributed checkpoint; without its .metadata (torch writes it last) it is incomplete."""
+    if not dcp.holds_dcp(folder):
+        raise IncompleteCheckpoint(f"{folder}: no {dcp.METADATA_FILE}; the distributed checkpoint is incomplete (still being saved?)")
+    return _dcp_checkpoint(folder, folder, int(dcp.NUMBERED_FOLDER.match(folder.name).group(2)))
+
+
+def _readable(found: list[tuple[int, Path, Callable[[Path], Checkpoint]]], skip_damaged: bool, skipped: list[dict]) -> list[Checkpoint]:
+    """The checkpoints that can be read, by step. Those after the newest readable one that are incomplete
+    are left out, and so are all others that cannot be read with `skip_damaged` (without, the first one
+    stops the run), each added to `skipped` with why."""
+    results: list[tuple[Path, Checkpoint | InputError]] = []
+    for _, place, read in sorted(found, key=lambda item: item[0]):
+        try:
+            results.append((place, read(place)))
+        except InputError as error:
+            results.append((place, error))
+    newest = max((i for i, (_, got) in enumerate(results) if isinstance(got, Checkpoint)), default=None)
+    if newest is None and results:
+        raise results[0][1]
+    for i, (place, got) in enumerate(results):
+        if isinstance(got, Checkpoint):
+            continue
+        if i > newest and isinstance(got, IncompleteCheckpoint):
+            why = "incomplete, the newest checkpoints (still being written when the job stopped?)"
+        elif i > newest:
+            why = "unreadable, after the newest complete checkpoint"
+        else:
+            why = "unreadable, between complete checkpoints"
+        if why.startswith("unreadable") and not skip_damaged:
+            raise DamagedCheckpoint(f"{got}; {place.name} lies {why.removeprefix('unreadable, ')}")
+        skipped.append({"path": str(place), "why": f"{why}: {got}"})
+    return [got for _, got in results if isinstance(got, Checkpoint)]
 
 
 def _list(path: Path) -> list[Path]:
@@ -199,10 +269,10 @@ def _reject_partial_weights(folder: Path) -> None:
             f"{folder}: holds DeepSpeed ZeRO shards (global_step*/); "
             "convert them with the zero_to_fp32.py script DeepSpeed saved beside them, then save as safetensors"
         )
-    if any(n.endswith(".distcp") for n in names):
-        raise InputError(
+    if any(n.endswith(".distcp") for n in names) and dcp.METADATA_FILE not in names:
+        raise IncompleteCheckpoint(
             f"{folder}: holds an FSDP sharded state (*.distcp); "
-            "convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save, then save as safetensors"
+            f"its {dcp.METADATA_FILE} is missing, so it is incomplete or not written by torch.distributed.checkpoint"
         )
 
 
@@ -210,7 +280,10 @@ def _trainer_checkpoint(folder: Path) -> Checkpoint:
     step = int(TRAINER_FOLDER.match(folder.name).group(1))
     _reject_partial_weights(folder)
     names = {p.name for p in _list(folder)}
-    if INDEX_FILE in names:
+    dcp_path = dcp.dcp_folder_of(folder) if SINGLE_FILE not in names and INDEX_FILE not in names else None
+    if dcp_path is not None:
+        checkpoint = _dcp_checkpoint(folder, dcp_path, step)
+    elif INDEX_FILE in names:
         checkpoint = _sharded_checkpoint(folder, step)
     elif SINGLE_FILE in names:
         file = SafetensorsFile(folder / SINGLE_FILE)
@@ -220,7 +293,7 @@ def _trainer_checkpoint(folder: Path) -> Checkpoint:
             f"{folder}: holds pickled weights only; farcast never loads pickles: save with safetensors (save_safetensors=True)"
         )
     else:
-        raise InputError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
+        raise IncompleteCheckpoint(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
     checkpoint.aux_files = [folder / n for n in sorted(names) if any(fnmatch(n, pattern) for pattern in AUX_PATTERNS)]
     checkpoint.jumps = _check_trainer_state(folder, step)
     return checkpoint
@@ -302,7 +375,7 @@ def _sharded_checkpoint(folder: Path, step: int) -> Checkpoint:
         if "/" in shard or shard.startswith("."):
             raise InputError(f"{index_path}: shard name {shard!r} points outside the checkpoint folder")
         if not (folder / shard).is_file():
-            raise InputError(f"{index_path}: names shard {shard} which does not exist")
+            raise IncompleteCheckpoint(f"{index_path}: names shard {shard} which does not exist")
         files[shard] = SafetensorsFile(folder / shard)
     holder: dict[str, str] = {}
     for shard, file in files.items():
@@ -327,7 +400,8 @@ def stray_shards(checkpoint: Checkpoint) -> list[str]:
     return [p.name for p in _list(checkpoint.path) if p.suffix == ".safetensors" and p.name not in checkpoint.files]
 
 
-def _file_checkpoints(folder: Path) -> list[Checkpoint]:
+def _step_files(folder: Path) -> list[tuple[int, Path, Callable[[Path], Checkpoint]]]:
+    """The run's step-numbered safetensors files, each with its step and how to read it."""
     by_step: dict[int, Path] = {}
     for path in _list(folder):
         if path.suffix != ".safetensors" or not path.is_file():
@@ -343,16 +417,23 @@ def _file_checkpoints(folder: Path) -> list[Checkpoint]:
         if step in by_step:
             raise InputError(f"{path}: step {step} also given by {by_step[step].name}")
         by_step[step] = path
-    checkpoints = []
-    for step, path in sorted(by_step.items()):
-        file = SafetensorsFile(path)
-        checkpoints.append(Checkpoint(step, path, {path.name: file}, {name: path.name for name in file.tensors}))
-    return checkpoints
+    return [(step, path, lambda p, step=step: _file_checkpoint(p, step)) for step, path in sorted(by_step.items())]
+
+
+def _file_checkpoint(path: Path, step: int) -> Checkpoint:
+    file = SafetensorsFile(path)
+    return Checkpoint(step, path, {path.name: file}, {name: path.name for name in file.tensors})
 
 
 def _check_same_model(run: Run) -> None:
     reference = {name: (info.dtype, info.shape) for name, info in ((n, run.last.tensor(n)[1]) for n in run.last.shard_of)}
     for checkpoint in run.checkpoints[:-1]:
+        if (checkpoint.dcp is None) != (run.last.dcp is None):
+            kinds = ("a distributed checkpoint", "safetensors") if checkpoint.dcp else ("safetensors", "a distributed checkpoint")
+            raise InputError(
+                f"{checkpoint.path}: is {kinds[0]} but the last checkpoint {run.last.path.name} is {kinds[1]}; "
+                "farcast reads one format per run"
+            )
         names = set(checkpoint.shard_of)
         for name in sorted(names - reference.keys()):
             raise InputError(f"{checkpoint.path}: tensor {name!r} is not in the last checkpoint {run.last.path.name}")
@@ -367,3 +448,5 @@ def _check_same_model(run: Run) -> None:
                 raise InputError(
                     f"{checkpoint.path}: tensor {name!r} has shape {list(info.shape)} but {list(shape)} in {run.last.path.name}"
                 )
+        if checkpoint.dcp is not None and run.last.dcp is not None:
+            dcp.check_same_chunks(run.last.dcp.tensors, checkpoint.dcp.tensors, checkpoint.path, run.last.path)

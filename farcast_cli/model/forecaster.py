@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from farcast_cli import __version__
-from farcast_cli.errors import InputError, OutputError, UsageError
+from farcast_cli.errors import InputError, OutputError, UsageError, publishing
 from farcast_cli.model.fit import FitSettings, fit_linear_map
 from farcast_cli.model.history import History
 from farcast_cli.model.linear import LinearMap
@@ -94,7 +94,8 @@ class Forecaster:
         temporary = Path(path).with_name(f".{Path(path).name}.tmp")
         try:
             temporary.write_text(json.dumps({"format": FORMAT, **self.as_dict()}, indent=1))
-            temporary.replace(path)
+            with publishing(Path(path)):
+                temporary.replace(path)
         except OSError as error:
             temporary.unlink(missing_ok=True)
             raise OutputError(f"{path}: cannot write: {error.strerror}") from None
@@ -162,11 +163,17 @@ def held_out_trial(history: History, horizon: int, settings: FitSettings, anchor
     """The unshrunk fit on the history up to the backtest's cut, forecasting the last checkpoint,
     or None when no cut can be fitted (or the cut leaves too few checkpoints for the anchor)."""
     steps = list(history.steps)
-    cut = choose_cut(steps, horizon / (steps[-1] - steps[0]))
+    cut = held_out_cut(history, horizon)
     if cut is None or cut < anchor:
         return None
     jump = int(steps[-1] - steps[cut])
     return fit_plain(history.truncated(cut), jump, [jump], settings, anchor)
+
+
+def held_out_cut(history: History, horizon: int) -> int | None:
+    """The checkpoint number at which `held_out_trial` cuts the history (None: no cut can be fitted)."""
+    steps = list(history.steps)
+    return choose_cut(steps, horizon / (steps[-1] - steps[0]))
 
 
 def choose_cut(steps: list[int], rho: float) -> int | None:
