@@ -78,6 +78,7 @@ def main() -> None:
         farcaster = Farcaster(args.run, every=args.farcast_every, jump=0.5)
         logging.basicConfig(format="%(message)s")
         logging.getLogger("farcast").setLevel(logging.INFO)
+        farcaster.step(model, step)
     batches = torch.Generator().manual_seed(step)
     while step < args.stop_at:
         rows = torch.randint(len(x), (64,), generator=batches)
