@@ -8,6 +8,7 @@ Input: steps 0 and 20; forecast: steps 40, 60, ..., 200. Metric: test MSE, mean 
 
     python benchmarks/synthetic_least_squares.py            # all four data sets, 5 seeds
     python benchmarks/synthetic_least_squares.py --seeds 1  # quicker
+    python benchmarks/synthetic_least_squares.py --authors  # the authors' data layout, step 200 only
 
 Baselines computed here: last value (w_20), linear extrapolation through w_19 and w_20, and the
 full-window linear model (least squares on all 21 inputs, fitted on the reference trajectories).
@@ -126,12 +127,78 @@ def one_seed(dim: int, optimizer: str, seed: int, work: Path) -> dict[str, np.nd
     return {name: ((p - truth) ** 2).mean(axis=(0, 2)) for name, p in predictions.items()}
 
 
+def authors_trajectories(count: int, dim: int, optimizer: str, rng: np.random.Generator, n: int = 100) -> np.ndarray:
+    """The authors' data layout (issue 22), our own code: w* ~ N(0, I), X ~ N(0, 1) of n x d, y = X w*,
+    w_0 ~ U(0, 1)^d; gradient X^T X w - X^T y summed over rows; GD with step 0.01 / lambda_max(X^T X),
+    SGD on 8 random rows a step with step 0.001."""
+    result = np.empty((count, STEPS + 1, dim))
+    for i in range(count):
+        w_true = rng.normal(size=dim)
+        x = rng.normal(size=(n, dim))
+        y = x @ w_true
+        w = rng.uniform(size=dim)
+        lr = 0.01 / np.linalg.eigvalsh(x.T @ x).max() if optimizer == "GD" else 0.001
+        result[i, 0] = w
+        for t in range(1, STEPS + 1):
+            rows = slice(None) if optimizer == "GD" else rng.integers(n, size=8)
+            w = w - lr * (x[rows].T @ (x[rows] @ w - y[rows]))
+            result[i, t] = w
+    return result
+
+
+def authors_seed(dim: int, optimizer: str, seed: int, work: Path, extra: list[str]) -> dict[str, float]:
+    """Test MSE at step 200: keep-last, exact least squares of the 2-point form on the 100 training
+    sequences, and farcast's fit on the 150 reference sequences (100 + 50, its own held-out coordinates)."""
+    series = authors_trajectories(200, dim, optimizer, np.random.default_rng(seed))
+    train, test = series[:100], series[150:]
+    reference_run = write_as_run(work / "reference", series[:150], [0, CONTEXT_END, STEPS])
+    test_run = write_as_run(work / "test", test, [0, CONTEXT_END])
+    farcast("fit", reference_run, "--context-end", CONTEXT_END, "--horizon", STEPS - CONTEXT_END, "-o", work / "f.json",
+            "--seed", seed, "--quiet", "--json", *extra)  # fmt: skip
+    farcast("predict", test_run, "--forecaster", work / "f.json", "-o", work / "out", "--quiet", "--json")
+    ours = load_file(work / "out" / "model.safetensors")["w"].double().numpy()
+
+    def design(s: np.ndarray) -> np.ndarray:
+        return np.stack([s[:, 0].ravel(), s[:, CONTEXT_END].ravel(), np.ones(s[:, 0].size)], axis=1)
+
+    coefficients, *_ = np.linalg.lstsq(design(train), train[:, STEPS].ravel(), rcond=None)
+    truth = test[:, STEPS]
+    exact = (design(test) @ coefficients).reshape(truth.shape)
+    mse = lambda p: float(((p - truth) ** 2).mean())  # noqa: E731
+    return {"keep-last": mse(test[:, CONTEXT_END]), "exact least squares": mse(exact), "farcast": mse(ours)}
+
+
+def authors_main(seeds: int, extra: list[str]) -> dict:
+    table = {}
+    for dim in (3, 1):
+        for optimizer in ("GD", "SGD"):
+            runs = []
+            for seed in range(seeds):
+                with tempfile.TemporaryDirectory() as work:
+                    runs.append(authors_seed(dim, optimizer, seed, Path(work), extra))
+            row = {name: float(np.mean([r[name] for r in runs])) for name in runs[0]}
+            table[f"{dim}-d {optimizer}"] = row
+            ratio = row["farcast"] / row["exact least squares"]
+            print(
+                f"{dim}-d {optimizer:3s} | " + " | ".join(f"{k} {v:.2e}" for k, v in row.items()) + f" | farcast / exact {ratio:.3f}",
+                flush=True,
+            )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--authors", action="store_true", help="the authors' data layout (issue 22), test MSE at step 200")
+    parser.add_argument("--fit-args", default="", help="extra farcast fit arguments, e.g. '--objective l2'")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.authors:
+        table = authors_main(args.seeds, args.fit_args.split())
+        if args.json:
+            args.json.write_text(json.dumps(table, indent=1))
+        return
     table = {}
     for dim_name, dim in (("3-d", 3), ("1-d", 1)):
         for optimizer in ("GD", "SGD"):

@@ -115,9 +115,14 @@ def fit(
     anchor: int | None = None,
     force: bool = False,
     world: World = ONE_PROCESS,
+    validation_run: Path | None = None,
 ) -> Report:
     """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster.
+    A reference fit stops early on `validation_run` where given (the paper's protocol), else on
+    held-out coordinates of the reference run.
     Under torchrun (`world`) the ranks share the reads; rank 0 fits, runs any eval commands and saves."""
+    if validation_run is not None and context_end is None:
+        raise UsageError(f"{validation_run}: a validation run is for fitting on a reference run (context_end), not on the run itself")
     if out_file.exists() and not force:
         raise UsageError(f"{out_file}: already exists; choose a new name or pass --force")
     offsets = output_offsets(horizon, emit)
@@ -132,7 +137,9 @@ def fit(
         if context_end is None:
             forecaster, report = _fit_and_evaluate("fit", run, horizon, offsets, settings, options, judge, anchor, timings, world, judged)
         else:
-            forecaster, report = _fit_reference(run, context_end, offsets, settings, options, judge, anchor or 1, timings, world, judged)
+            forecaster, report = _fit_reference(
+                run, context_end, offsets, settings, options, judge, anchor or 1, timings, world, judged, validation_run
+            )
         _account_evaluations(report, judge, timings)
     report.seconds = _rounded(timings)
     forecaster.report = report.to_json()
@@ -462,12 +469,18 @@ def _fit_reference(
     timings: dict[str, float],
     world: World = ONE_PROCESS,
     judged: bool = False,
+    validation_dir: Path | None = None,
 ) -> tuple[Forecaster, Report]:
     """The paper's protocol on a complete reference run, scored on that run, where the truth at E + H is known."""
     with timed(timings, "read_sample"):
         history = read_history(run, settings.sample, settings.seed, world)
+        validation = None
+        if validation_dir is not None:
+            validation_run = world.together(lambda: find_run(validation_dir))
+            _check_validation_run(validation_run, run, context_end, context_end + offsets[-1])
+            validation = read_history(validation_run, settings.sample, settings.seed, world)
     with timed(timings, "fit"):
-        forecaster = world.on_main(lambda: fit_on_reference(history, context_end, offsets, settings, anchor))
+        forecaster = world.on_main(lambda: fit_on_reference(history, context_end, offsets, settings, anchor, validation))
     with timed(timings, "backtest"):
         backtest = _backtest(run, history, forecaster, options, world)
     loss, loss_unavailable = None, None
@@ -481,6 +494,21 @@ def _fit_reference(
         else:
             loss_unavailable = f"step {target} is not a checkpoint of the reference run"
     return forecaster, _report("fit", run, forecaster, backtest, None, loss, loss_unavailable)
+
+
+def _check_validation_run(validation: Run, reference: Run, context_end: int, target: int) -> None:
+    """A validation run must hold the reference run's tensors, a checkpoint at the context end and
+    one at or past the target, so that it gives the same pairs the fit learns from."""
+    expected = {info.name: info.shape for info in reference.tensor_infos()}
+    found = {info.name: info.shape for info in validation.tensor_infos()}
+    if found != expected:
+        differing = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        raise InputError(f"{validation.path}: the validation run's tensors differ from the reference run's ({', '.join(differing[:3])})")
+    if context_end not in validation.steps or validation.steps[-1] < target or validation.steps[0] >= context_end:
+        raise InputError(
+            f"{validation.path}: a validation run needs checkpoints from before step {context_end}, at it, and up to step {target}; "
+            f"found {describe_steps(validation.steps)}"
+        )
 
 
 def _saved_report(run: Run, forecaster: Forecaster, forecaster_file: Path) -> Report:
@@ -629,9 +657,19 @@ def _report(
         loss=loss,
         loss_unavailable=loss_unavailable,
         notes=_notes(run) + _shrink_note(forecaster) + list(extra_notes),
-        warnings=run.warnings,
+        warnings=run.warnings + _fit_warnings(forecaster),
         **headline(backtest, unavailable, loss, forecaster.horizon, _line_tested(run, forecaster, backtest)),
     )
+
+
+def _fit_warnings(forecaster: Forecaster) -> list[str]:
+    fit = forecaster.fit_info
+    if fit.get("stopped") != "budget":
+        return []
+    return [
+        f"the forecaster's fit stopped at its budget of {fit['updates']} updates before the held-out coordinates "
+        f"stopped improving (best at update {fit['best_update']}): it may be under-fitted; raise the update budget"
+    ]
 
 
 def _line_tested(run: Run, forecaster: Forecaster, backtest: Backtest | None) -> bool:

@@ -121,4 +121,4 @@ def farcast() -> Farcast:
     return Farcast()
 
 
-FAST = ["--sample", "2000", "--max-epochs", "30", "--quiet"]
+FAST = ["--sample", "2000", "--max-updates", "100", "--quiet"]
