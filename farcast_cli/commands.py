@@ -497,12 +497,13 @@ def _fit_reference(
 
 
 def _check_validation_run(validation: Run, reference: Run, context_end: int, target: int) -> None:
-    """A validation run must hold the reference run's tensors, a checkpoint at the context end and
-    one at or past the target, so that it gives the same pairs the fit learns from."""
-    expected = {info.name: info.shape for info in reference.tensor_infos()}
-    found = {info.name: info.shape for info in validation.tensor_infos()}
+    """A validation run must hold tensors of the reference run's names (their sizes may differ: the
+    pairs are per coordinate, per tensor), a checkpoint at the context end and one at or past the
+    target, so that it gives pairs of the kind the fit learns from."""
+    expected = {info.name for info in reference.tensor_infos()}
+    found = {info.name for info in validation.tensor_infos()}
     if found != expected:
-        differing = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+        differing = sorted(expected ^ found)
         raise InputError(f"{validation.path}: the validation run's tensors differ from the reference run's ({', '.join(differing[:3])})")
     if context_end not in validation.steps or validation.steps[-1] < target or validation.steps[0] >= context_end:
         raise InputError(

@@ -292,17 +292,19 @@ def test_l2_objective_is_the_closed_form_and_a_small_budget_is_reported(tmp_path
 
 
 def test_a_validation_run_decides_when_a_reference_fit_has_converged(tmp_path, farcast):
-    """The paper's protocol: every reference coordinate is fitted, and a second run's pairs stop the fit."""
-    steps, shapes = list(range(0, 201, 10)), {"small.weight": (8, 8), "big.weight": (40, 50)}
+    """The paper's protocol: every reference coordinate is fitted, and a second run's pairs stop the fit
+    (its tensors may be of other sizes: pairs are per coordinate)."""
+    steps = list(range(0, 201, 10))
+    sizes = {"reference": {"small.weight": (8, 8), "big.weight": (40, 50)}, "validation": {"small.weight": (4, 8), "big.weight": (20, 50)}}
     runs = {
-        name: write_run(tmp_path / name, steps=steps, dtype=torch.float64, extras=False, weights=_contracting(steps, shapes, seed))
+        name: write_run(tmp_path / name, steps=steps, dtype=torch.float64, extras=False, weights=_contracting(steps, sizes[name], seed))
         for name, seed in (("reference", 5), ("validation", 6))
     }
     forecaster_file = tmp_path / "forecaster.json"
     fitted = farcast("fit", runs["reference"], "--context-end", 20, "--horizon", 180, "--validation-run", runs["validation"],
                      "-o", forecaster_file, "--json", "--quiet")  # fmt: skip
     fit = json.loads(fitted.stdout)["forecaster"]["fit"]
-    assert (fit["held_out"], fit["pairs"], fit["held_out_pairs"], fit["stopped"]) == ("validation run", 2064, 2064, "converged")
+    assert (fit["held_out"], fit["pairs"], fit["held_out_pairs"], fit["stopped"]) == ("validation run", 2064, 1032, "converged")
     assert fit["validation_l1"] < 1e-9
     (a_first,), (a_last,) = json.loads(forecaster_file.read_text())["per_tensor"]["small.weight"][0]
     r20, r200 = 0.99**20, 0.99**200
@@ -315,10 +317,10 @@ def test_a_validation_run_decides_when_a_reference_fit_has_converged(tmp_path, f
 def test_a_validation_run_that_does_not_match_is_one_error_line(tmp_path, farcast):
     steps, shapes = list(range(0, 201, 10)), {"small.weight": (8, 8)}
     reference = write_run(tmp_path / "reference", steps=steps, extras=False, weights=_contracting(steps, shapes))
-    other = write_run(tmp_path / "other", steps=steps, extras=False, weights=_contracting(steps, {"small.weight": (4, 16)}))
+    other = write_run(tmp_path / "other", steps=steps, extras=False, weights=_contracting(steps, {"small.weight": (8, 8), "x": (3,)}))
     short = write_run(tmp_path / "short", steps=steps[:11], extras=False, weights=_contracting(steps[:11], shapes))
     out = tmp_path / "f.json"
-    for validation, expected in ((other, "tensors differ from the reference run's (small.weight)"), (short, "up to step 200")):
+    for validation, expected in ((other, "tensors differ from the reference run's (x)"), (short, "up to step 200")):
         result = farcast("fit", reference, "--context-end", 20, "-H", 180, "--validation-run", validation, "-o", out, expect=3)
         assert result.stderr.startswith(f"farcast: error: {validation}: ") and expected in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
