@@ -148,7 +148,9 @@ def authors_trajectories(count: int, dim: int, optimizer: str, rng: np.random.Ge
 
 def authors_seed(dim: int, optimizer: str, seed: int, work: Path, extra: list[str], held_out: str) -> dict[str, float]:
     """Test MSE at step 200: keep-last, exact least squares of the 2-point form on the 100 training
-    sequences, and farcast's fit, default and `--objective l2`. held_out "run": the paper's protocol,
+    sequences (and the same coefficients on the float32 checkpoints farcast reads and writes, then also
+    computed in float32 as farcast computes an F32 forecast: the floors of any forecast from them),
+    and farcast's fit, default and `--objective l2`. held_out "run": the paper's protocol,
     the 100 training sequences as the reference run and the 50 validation ones as `--validation-run`;
     "coordinates": the 150 as one reference run, farcast holding out its own coordinates."""
     series = authors_trajectories(200, dim, optimizer, np.random.default_rng(seed))
@@ -169,6 +171,10 @@ def authors_seed(dim: int, optimizer: str, seed: int, work: Path, extra: list[st
 
     coefficients, *_ = np.linalg.lstsq(design(train), train[:, STEPS].ravel(), rcond=None)
     result["exact least squares"] = mse((design(test) @ coefficients).reshape(truth.shape))
+    as_f32 = test.astype(np.float32).astype(np.float64)
+    result["exact, f32 in and out"] = mse((design(as_f32) @ coefficients).reshape(truth.shape).astype(np.float32))
+    in_f32 = design(as_f32).astype(np.float32) @ coefficients.astype(np.float32)
+    result["exact, f32 arithmetic"] = mse(in_f32.reshape(truth.shape))
     for name, objective in (("farcast", []), ("farcast l2", ["--objective", "l2"])):
         out = work / name.replace(" ", "-")
         farcast("fit", reference_run, "--context-end", CONTEXT_END, "--horizon", STEPS - CONTEXT_END, "-o", out.with_suffix(".json"),
