@@ -421,8 +421,9 @@ def _fit_and_evaluate(
     _require_three_checkpoints(run)
     with timed(timings, "read_sample"):
         history = read_history(run, settings.sample, settings.seed, world)
-    with timed(timings, "fit_and_backtest"):
+    with timed(timings, "fit"):
         fitted = world.on_main(lambda: fit_on_run(history, horizon, offsets, settings, anchor or 1))
+    with timed(timings, "backtest"):
         backtest = None if fitted.scored is None else _backtest(run, history, fitted.scored, options, world)
     forecaster, loss, loss_unavailable = fitted.forecaster, None, None
     if judged:
