@@ -669,7 +669,7 @@ def _fit_warnings(forecaster: Forecaster) -> list[str]:
     if fit.get("stopped") != "budget":
         return []
     return [
-        f"the forecaster's fit stopped at its budget of {fit['updates']} updates before the held-out coordinates "
+        f"the forecaster's fit stopped at its budget of {fit['updates']} updates before the held-out pairs "
         f"stopped improving (best at update {fit['best_update']}): it may be under-fitted; raise the update budget"
     ]
 

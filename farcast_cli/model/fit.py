@@ -10,11 +10,12 @@ fitted in an equivalent form instead, each input scaled to unit size,
 3m-parameter map.
 
 The fit starts from the exact least-squares solution over the training rows (`_least_squares`, normal
-equations in float64, 3 x 3 per output step): objective "l2" stops there; "l1" (PAPER.md's loss, the default) goes on by Adam
-from it. Adam's budget is counted in updates, not epochs, and the held-out coordinates decide when it
-has converged (no gain in `patience` checks, one check every CHECK_EVERY updates or every epoch when
-that is shorter), so that a fit on 200 pairs and one on 20,000 both get there; the best held-out
-coefficients are kept, the start included.
+equations in float64, 3 x 3 per output step): objective "l2" stops there; "l1" (PAPER.md's loss, the
+default) goes on by Adam from it. Adam's budget is counted in updates, not epochs, and the held-out
+pairs (a share of the coordinates, or a validation run's) decide when it has converged (no gain in
+`patience` checks, one check every CHECK_EVERY updates or every epoch when that is shorter), so that a
+fit on 200 pairs and one on 20,000 both get there; the best held-out coefficients are kept, the start
+included.
 """
 
 from __future__ import annotations
