@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -22,10 +23,22 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer import rich_utils
+from typer._click import exceptions as click_errors
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from farcast_cli import __version__, commands
 from farcast_cli.distributed import ONE_PROCESS, World, join_world, launched_rank, launched_size
-from farcast_cli.errors import EXIT_INTERNAL, EXIT_SIGINT, FarcastError, LostContact, UsageError, sigterm_as_interrupt
+from farcast_cli.errors import (
+    EXIT_INTERNAL,
+    DamagedCheckpoint,
+    FarcastError,
+    InterruptedAfterPublishing,
+    LostContact,
+    UsageError,
+    interrupted_by,
+    signals_as_interrupt,
+)
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
 from farcast_cli.evaluate.render import plain_lines, render
@@ -33,8 +46,52 @@ from farcast_cli.evaluate.report import Report
 from farcast_cli.io.device import parse_size
 from farcast_cli.model.fit import OBJECTIVES, FitSettings
 
+
+class _PlainHelp:
+    """Help as a person reads it: no type shown after on/off flags, and arguments in the usage line as
+    RUN_DIR rather than {run_dir}."""
+
+    def get_params(self, ctx: Any) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [re.sub(r"^\{(\w+)\}", lambda m: m.group(1).upper(), piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Commands(_PlainHelp, TyperGroup):
+    """The `farcast` command group. A usage error (a bad value, a missing option, an unknown command) is
+    one line, `farcast: error: ...`, exit 2, like every other error."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:  # fmt: skip
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click_errors.NoArgsIsHelpError as error:
+            rich_utils.rich_format_error(error)
+            code = error.exit_code
+        except click_errors.ClickException as error:
+            context = getattr(error, "ctx", None)
+            hint = f" (see {context.command_path} --help)" if context is not None else ""
+            _stderr(f"error: {error.format_message().rstrip('.')}{hint}")
+            code = error.exit_code
+        except typer.Abort:
+            code = EXIT_INTERNAL
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="farcast",
+    cls=_Commands,
     help="Forecast a training run's far-future weights from its safetensors checkpoints, with an honest error report.",
     add_completion=False,
     no_args_is_help=True,
@@ -239,6 +296,8 @@ Emit = Annotated[list[int] | None, typer.Option("--emit", help="Also forecast th
 Anchor = Annotated[int | None, typer.Option("--anchor", help="Average the last K checkpoints as the forecast's second input (default 1; "
                    "with --eval-cmd, 1 and 5 are tried and your loss decides).", rich_help_panel=FITTING)]  # fmt: skip
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+SkipDamaged = Annotated[bool, typer.Option("--skip-damaged", help="Skip checkpoints that cannot be read anywhere in the run, "
+                        "not only the newest ones still being written (each is named in a warning and the report).")]  # fmt: skip
 
 
 def _stderr(message: str) -> None:
@@ -269,10 +328,13 @@ def _fail(error: FarcastError, speaks: bool = True) -> None:
     torchrun; a rank that lost contact with the others speaks for itself)."""
     if _debug["on"]:
         raise error
+    lines = error.lines()
+    if isinstance(error, DamagedCheckpoint):
+        lines[-1] += "; --skip-damaged skips it"
     if speaks or isinstance(error, LostContact):
-        for line in error.lines():
+        for line in lines:
             _stderr(f"error: {line}")
-    _tell_launcher(error.lines())
+    _tell_launcher(lines)
     raise typer.Exit(error.exit_code) from None
 
 
@@ -289,25 +351,35 @@ def _tell_launcher(lines: list[str]) -> None:
 
 
 def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Callable[[], World] | None = None) -> None:
-    """Run one command; every failure becomes a one-line message and its documented exit code. With
-    `join`, the command runs on every rank torchrun started, and rank 0 alone shows its outcome; without,
-    under torchrun each process runs it alone and RANK 0 shows it."""
+    """Run one command and show its outcome; every failure becomes a one-line message and its documented
+    exit code. A signal after the output was published stops farcast with exit 0 and a line saying so.
+    With `join`, the command runs on every rank torchrun started, and rank 0 alone shows its outcome;
+    without, under torchrun each process runs it alone and RANK 0 shows it."""
     world = None
     speaks = launched_rank() == 0
     try:
-        with sigterm_as_interrupt():
-            world = join() if join is not None else ONE_PROCESS
-            speaks = world.is_main if join is not None else speaks
-            result = action(world)
+        with signals_as_interrupt() as done:
+            try:
+                world = join() if join is not None else ONE_PROCESS
+                speaks = world.is_main if join is not None else speaks
+                result = action(world)
+            finally:
+                if world is not None:
+                    world.close()
+            done()
+            if speaks:
+                show(result)
+    except InterruptedAfterPublishing as stopped:
+        if speaks:
+            _stderr(str(stopped))
     except FarcastError as error:
         if error.report is not None and speaks:
             show(error.report)
         _fail(error, speaks)
     except KeyboardInterrupt:
-        if speaks:
-            _stderr("interrupted by SIGINT; temporary files removed")
-        _tell_launcher(["interrupted by SIGINT; temporary files removed"])
-        raise typer.Exit(EXIT_SIGINT) from None
+        _fail(interrupted_by(signal.SIGINT), speaks)
+    except BrokenPipeError:
+        raise
     except Exception as error:
         if _debug["on"]:
             raise
@@ -316,11 +388,6 @@ def _run(action: Callable[[World], Any], show: Callable[[Any], None], join: Call
         _stderr(message)
         _tell_launcher([message])
         raise typer.Exit(EXIT_INTERNAL) from None
-    finally:
-        if world is not None:
-            world.close()
-    if speaks:
-        show(result)
 
 
 def _version(value: bool) -> None:
@@ -344,14 +411,15 @@ farcast inspect sample_checkpoints/digits-mlp
 farcast inspect runs/bert --json | jq .max_horizon"""
 
 
-@app.command(name="inspect", epilog=INSPECT_EXAMPLES)
+@app.command(name="inspect", epilog=INSPECT_EXAMPLES, cls=_Command)
 def inspect_command(
     run_dir: RunDir,
     every: Annotated[bool, typer.Option("--all", help="List every checkpoint, not a summary of their steps.")] = False,
     as_json: AsJson = False,
+    skip_damaged: SkipDamaged = False,
 ) -> None:
     """List the checkpoints, tensors, parameters and bytes of a run, and what an output copies and leaves out."""
-    _run(lambda world: commands.inspect_run(run_dir), lambda info: _show_inspection(info, as_json, every))
+    _run(lambda world: commands.inspect_run(run_dir, skip_damaged), lambda info: _show_inspection(info, as_json, every))
 
 
 def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
@@ -397,7 +465,7 @@ farcast fit runs/sweep-a --context-end 1000 --horizon 4000 -o sweep.json   (a re
 farcast predict runs/sweep-b --forecaster sweep.json -o sweep-b-at-5000   (applied to another run)"""
 
 
-@app.command(epilog=FIT_EXAMPLES)
+@app.command(epilog=FIT_EXAMPLES, cls=_Command)
 @with_options(WRITING_OPTIONS, EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
 def fit(
     run_dir: RunDir,
@@ -416,6 +484,7 @@ def fit(
     ] = None,  # fmt: skip
     emit: Emit = None,
     anchor: Anchor = None,
+    skip_damaged: SkipDamaged = False,
     writing: Writing = None,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
@@ -427,8 +496,9 @@ def fit(
     if validation_run is not None and context_end is None:
         _fail(UsageError("--validation-run is for fitting on a reference run: give --context-end too"))
     given = dict(
-        horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force, validation_run=validation_run
-    )
+        horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force, skip_damaged=skip_damaged,
+        validation_run=validation_run,
+    )  # fmt: skip
     _run(
         lambda world: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation, world=world),
         _show_report(writing),
@@ -446,7 +516,7 @@ farcast predict sample_checkpoints/digits-mlp -H 300 -o forecast --eval-cmd "pyt
 farcast predict runs/bert -H 2000 -o bert-forecast --emit 500 --emit 1000 --json > report.json"""
 
 
-@app.command(epilog=PREDICT_EXAMPLES)
+@app.command(epilog=PREDICT_EXAMPLES, cls=_Command)
 @with_options(WRITING_OPTIONS, EVAL_OPTIONS, FIT_OPTIONS, STREAM_OPTIONS)
 def predict(
     run_dir: RunDir,
@@ -506,22 +576,23 @@ def predict(
             rich_help_panel=RESUMING,
         ),
     ] = None,  # fmt: skip
+    skip_damaged: SkipDamaged = False,
     writing: Writing = None,
     settings: FitSettings = None,
     options: commands.StreamOptions = None,
     evaluation: EvalOptions = None,
 ) -> None:
     """Forecast the weights HORIZON steps past the last checkpoint and write them as a checkpoint."""
+    if schedule is not None and not resumable:
+        _fail(UsageError(f"--schedule {schedule.value} applies only to a --resumable output; add --resumable or drop --schedule"))
     out_dtype = None if dtype is None else dtype.value.upper()
     given = dict(horizon=horizon, forecaster_file=forecaster, emit=emit or [], settings=settings, options=options, dtype=out_dtype)
+    given.update(anchor=anchor, last_step=last_step, force=writing.force, skip_damaged=skip_damaged)
+    given.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
     if dry_run:
-        _run(
-            lambda world: commands.predict(run_dir, output, **given, anchor=anchor, last_step=last_step, dry_run=True),
-            lambda plan: _show_plan(plan, writing.as_json),
-        )
+        _run(lambda world: commands.predict(run_dir, output, **given, dry_run=True), lambda plan: _show_plan(plan, writing.as_json))
         return
-    chosen = dict(evaluation=evaluation, anchor=anchor, last_step=last_step, force=writing.force, min_skill=min_skill, fallback=fallback)
-    chosen.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
+    chosen = dict(evaluation=evaluation, min_skill=min_skill, fallback=fallback)
     _run(
         lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
         _show_report(writing),
@@ -558,7 +629,7 @@ def main() -> None:
     if launched_size() > 1:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if launched_rank() == 0:
-        app()
+        app(prog_name="farcast")
         return
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         try:

@@ -35,7 +35,7 @@ from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
 from farcast_cli.model.history import History, read_history
 from farcast_cli.model.pairs import max_self_horizon
-from farcast_cli.progress import byte_progress
+from farcast_cli.progress import byte_progress, phase
 
 
 def predict_bytes(inputs: int) -> tuple[int, int]:
@@ -70,8 +70,8 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
 
 
-def inspect_run(run_dir: Path) -> dict:
-    run = find_run(run_dir)
+def inspect_run(run_dir: Path, skip_damaged: bool = False) -> dict:
+    run = find_run(run_dir, skip_damaged=skip_damaged)
     infos = run.tensor_infos()
     forecast = [i for i in infos if i.is_forecast]
     steps = run.steps
@@ -98,6 +98,7 @@ def inspect_run(run_dir: Path) -> dict:
         "bytes_per_checkpoint": run.last.nbytes,
         "total_bytes": sum(c.nbytes for c in run.checkpoints),
         "max_horizon": max_self_horizon(steps) if len(steps) > 2 else 0,
+        "skipped_checkpoints": run.skipped,
         "warnings": run.warnings,
     }
 
@@ -114,6 +115,7 @@ def fit(
     evaluation: EvalOptions = EvalOptions(),
     anchor: int | None = None,
     force: bool = False,
+    skip_damaged: bool = False,
     world: World = ONE_PROCESS,
     validation_run: Path | None = None,
 ) -> Report:
@@ -131,7 +133,7 @@ def fit(
     timings: dict[str, float] = {}
     _check_anchor(anchor)
     with timed(timings, "find_run"):
-        run = world.together(lambda: find_run(run_dir))
+        run = world.together(lambda: find_run(run_dir, skip_damaged=skip_damaged))
         check_file_location(out_file, run)
     with _judge(evaluation, run, out_file, options, world) as judge:
         if context_end is None:
@@ -167,6 +169,7 @@ def predict(
     resumable: bool = False,
     schedule: str | None = None,
     dry_run: bool = False,
+    skip_damaged: bool = False,
     world: World = ONE_PROCESS,
 ) -> Report | dict:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the chosen checkpoint.
@@ -179,8 +182,6 @@ def predict(
     trainer resumes from, with its state advanced by the horizon and the LR `schedule` kept or advanced
     (io/resume.py); it may be the run's own checkpoint-<last + horizon>. Under torchrun (`world`) every
     streaming pass divides its tensors among the ranks; rank 0 fits, runs any eval commands and publishes."""
-    if dry_run:
-        return plan(run_dir, out_dir, horizon, forecaster_file, emit, settings, options, dtype, anchor, last_step)
     timings: dict[str, float] = {}
     options = _for_rank(options, world)
     judged = evaluation.evaluator is not None
@@ -191,7 +192,10 @@ def predict(
         if resumable:
             _check_resumable(last_step, emit)
         resumable_horizon = (horizon if horizon is not None else Forecaster.load(forecaster_file).horizon) if resumable else None
-        whole, run = world.together(lambda: _open_run(run_dir, out_dir, force, last_step, options, resumable_horizon, schedule))
+        opened = (run_dir, out_dir, force, last_step, options, resumable_horizon, schedule, skip_damaged)
+        whole, run = world.together(lambda: _open_run(*opened))
+    if dry_run:
+        return plan(run, out_dir, horizon, forecaster_file, emit, settings, options, dtype, anchor)
     with _judge(evaluation, run, out_dir, options, world) as judge:
         if forecaster_file is not None:
             forecaster = world.together(lambda: _forecaster_for(run, forecaster_file, horizon))
@@ -210,6 +214,7 @@ def predict(
 
         def write(folder: Path) -> None:
             share_bytes = last.nbytes if share is None else sum(last.tensor(name)[1].nbytes for name in share)
+            phase(f"writing: {report.written.label} to {out_dir}", options.quiet)
             with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * share_bytes, options.quiet) as advance:
                 write_tensors(candidate, last, folder, options.engine(*predict_bytes(len(candidate.inputs)), advance), dtype, only=share)
                 for checkpoint in whole.checkpoints:
@@ -243,10 +248,11 @@ def _open_run(
     options: StreamOptions,
     resumable_horizon: int | None,
     schedule: str | None,
+    skip_damaged: bool = False,
 ) -> tuple[Run, Run]:
-    """The run, and the run up to --last-step; checks the output's place (a resumable forecast's place is
-    the run's checkpoint-<last + horizon>) and the device first."""
-    whole = find_run(run_dir)
+    """The run as read (no checkpoint after last_step), and the run up to last_step; checks the output's
+    place (a resumable forecast's place is the run's checkpoint-<last + horizon>) and the device first."""
+    whole = find_run(run_dir, last_step=last_step, skip_damaged=skip_damaged)
     run = _up_to(whole, last_step)
     if resumable_horizon is not None:
         check_resumable(run, schedule)
@@ -277,7 +283,7 @@ def _write_share(last: Checkpoint, out_dir: Path, world: World) -> frozenset[str
 
 
 def plan(
-    run_dir: Path,
+    run: Run,
     out_dir: Path,
     horizon: int | None,
     forecaster_file: Path | None,
@@ -286,14 +292,9 @@ def plan(
     options: StreamOptions,
     dtype: str | None,
     anchor: int | None,
-    last_step: int | None,
 ) -> dict:
-    """What `predict` would read and write, and its memory plan, without reading any tensor data."""
-    _check_horizon(horizon, forecaster_file)
-    _check_anchor(anchor)
-    _check_saved_forecaster_options(forecaster_file, list(emit), anchor, settings)
-    whole = find_run(run_dir)
-    run = _up_to(whole, last_step)
+    """What `predict` would read and write from the run as opened (so refusing what the real run refuses
+    before reading), and its memory plan, without reading any tensor data."""
     if forecaster_file is not None:
         forecaster = _forecaster_for(run, forecaster_file, horizon)
         offsets, context_end, fits = forecaster.offsets, forecaster.context_end, False
@@ -420,8 +421,10 @@ def _fit_and_evaluate(
     the best forecast's settings."""
     _require_three_checkpoints(run)
     with timed(timings, "read_sample"):
+        phase(_sampling(run, settings), options.quiet)
         history = read_history(run, settings.sample, settings.seed, world)
     with timed(timings, "fit"):
+        phase("fitting: the forecaster and its held-out trial", options.quiet)
         fitted = world.on_main(lambda: fit_on_run(history, horizon, offsets, settings, anchor or 1))
     with timed(timings, "backtest"):
         backtest = None if fitted.scored is None else _backtest(run, history, fitted.scored, options, world)
@@ -473,14 +476,16 @@ def _fit_reference(
     validation_dir: Path | None = None,
 ) -> tuple[Forecaster, Report]:
     """The paper's protocol on a complete reference run, scored on that run, where the truth at E + H is known."""
+    validation_run = None
+    if validation_dir is not None:
+        validation_run = world.together(lambda: find_run(validation_dir))
+        _check_validation_run(validation_run, run, context_end, context_end + offsets[-1])
     with timed(timings, "read_sample"):
+        phase(_sampling(run, settings), options.quiet)
         history = read_history(run, settings.sample, settings.seed, world)
-        validation = None
-        if validation_dir is not None:
-            validation_run = world.together(lambda: find_run(validation_dir))
-            _check_validation_run(validation_run, run, context_end, context_end + offsets[-1])
-            validation = read_history(validation_run, settings.sample, settings.seed, world)
+        validation = None if validation_run is None else read_history(validation_run, settings.sample, settings.seed, world)
     with timed(timings, "fit"):
+        phase("fitting: the forecaster on the reference run", options.quiet)
         forecaster = world.on_main(lambda: fit_on_reference(history, context_end, offsets, settings, anchor, validation))
     with timed(timings, "backtest"):
         backtest = _backtest(run, history, forecaster, options, world)
@@ -584,10 +589,15 @@ def _account_evaluations(report: Report, judge: CandidateScores | None, timings:
 def _backtest(run: Run, history: History, forecaster: Forecaster, options: StreamOptions, world: World = ONE_PROCESS) -> Backtest:
     """The forecaster and the alternatives, from its context end to its last target, in weight error."""
     scored = candidates(run, forecaster)
+    phase(f"backtest: weight error of every candidate at step {forecaster.target_steps[-1]:g}", options.quiet)
     if options.backtest == "sample":
         return backtest_sample(history, scored)
     with byte_progress("backtest", streamed_bytes(run, scored, world), options.quiet) as advance:
         return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, SCRATCH_BYTES_PER_ELEMENT, advance), world)
+
+
+def _sampling(run: Run, settings: FitSettings) -> str:
+    return f"sampling: up to {settings.sample:,} weight coordinates at each of {len(run.steps)} checkpoints"
 
 
 def _too_few_to_hold_out(run: Run) -> str:
@@ -660,6 +670,7 @@ def _report(
         loss_unavailable=loss_unavailable,
         notes=_notes(run) + _shrink_note(forecaster) + list(extra_notes),
         warnings=run.warnings + _fit_warnings(forecaster),
+        skipped_checkpoints=run.skipped,
         **headline(backtest, unavailable, loss, forecaster.horizon, _line_tested(run, forecaster, backtest)),
     )
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -45,6 +49,16 @@ class InputError(FarcastError):
     exit_code = EXIT_BAD_INPUT
 
 
+class IncompleteCheckpoint(InputError):
+    """A checkpoint file or shard that is missing or shorter than its header says: still being written,
+    or cut off when a job was killed."""
+
+
+class DamagedCheckpoint(InputError):
+    """A checkpoint that cannot be read where it is not simply the newest one still being written: it may
+    be lost data, so it stops farcast unless the caller asked to skip damaged checkpoints."""
+
+
 class OutputError(FarcastError):
     """The output cannot be written: it exists, lies inside the input, or the disk refused."""
 
@@ -73,18 +87,94 @@ class Interrupted(FarcastError):
         self.exit_code = exit_code
 
 
+class InterruptedAfterPublishing(BaseException):
+    """A signal that arrived after the output was published complete: the command did its work, so this
+    is no failure. A BaseException, so that no handler of errors takes it for one."""
+
+    def __init__(self, signal_name: str, output: Path) -> None:
+        super().__init__(f"interrupted by {signal_name} after {output} was published; it is complete")
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class _Command:
+    """Where the command stands, for the signal handler: `renaming` while its output is renamed into
+    place (a signal then waits, `pending`), `published` once it is, `done` once its work and cleanup are
+    (then only its outcome is printed)."""
+
+    renaming: bool = False
+    pending: int | None = None
+    published: Path | None = None
+    done: bool = False
+
+
+_command = _Command()
+
+
+def interrupted_by(signum: int) -> Interrupted:
+    return Interrupted(signal.Signals(signum).name, 128 + signum)
+
+
+def _on_signal(signum: int, frame: object = None) -> None:
+    if _command.renaming:
+        _command.pending = signum
+    elif _command.done:
+        exit_on_signal(signum)
+    elif _command.published is not None:
+        raise InterruptedAfterPublishing(signal.Signals(signum).name, _command.published)
+    else:
+        raise interrupted_by(signum)
+
+
+def exit_on_signal(signum: int, frame: object = None) -> None:
+    """The handler where there is nothing left to clean up (start-up with its imports, printing the
+    outcome, shutdown): the command's line for the signal, then the process ends at once, never with a
+    traceback; with exit 0 once the output was published."""
+    if _command.published is not None:
+        line, code = str(InterruptedAfterPublishing(signal.Signals(signum).name, _command.published)), 0
+    else:
+        line, code = f"error: {interrupted_by(signum)}", 128 + signum
+    with suppress(Exception):
+        sys.stdout.flush()
+    os.write(2, f"farcast: {line}\n".encode())
+    os._exit(code)
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM (a batch scheduler's time limit) and SIGHUP (the terminal closed) into an exception,
-    so that cleanup code runs: temporary folders, and eval commands running in their own sessions."""
-
-    def handler(signum: int, frame: object) -> None:
-        name = signal.Signals(signum).name
-        raise Interrupted(name, 128 + signum)
-
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGHUP)}
+def signals_as_interrupt() -> Iterator[Callable[[], None]]:
+    """Turn SIGINT, SIGTERM (a batch scheduler's time limit) and SIGHUP (the terminal closed) into one
+    exception, so that cleanup code runs (temporary folders, eval commands running in their own sessions)
+    and every signal ends with the same line; after the output is published, into InterruptedAfterPublishing.
+    Yields the function to call once the command's work and cleanup are done: a signal then ends the
+    process at once (exit_on_signal), so that no handler of errors while printing can swallow it."""
+    _command.__init__()
+    previous = {signum: signal.signal(signum, _on_signal) for signum in INTERRUPTS}
     try:
-        yield
+        yield lambda: setattr(_command, "done", True)
     finally:
         for signum, handler_before in previous.items():
             signal.signal(signum, handler_before)
+
+
+@contextmanager
+def publishing(output: Path) -> Iterator[None]:
+    """The block renames the finished `output` into place: a signal waits until it is done, and then
+    counts as arriving before publication if the block failed, after it if not."""
+    _command.renaming = True
+    try:
+        yield
+    except BaseException:
+        _command.renaming = False
+        _take_pending()
+        raise
+    _command.renaming = False
+    _command.published = output
+    _take_pending()
+
+
+def _take_pending() -> None:
+    signum, _command.pending = _command.pending, None
+    if signum is not None:
+        _on_signal(signum)

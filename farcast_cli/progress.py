@@ -24,6 +24,12 @@ def _seconds(text: str, default: float = 5.0) -> float:
 PLAIN_EVERY_SECONDS = _seconds(os.environ.get("FARCAST_PROGRESS_SECONDS", "5"))
 
 
+def phase(what: str, quiet: bool) -> None:
+    """A line on stderr as each phase starts, so that a batch log shows where a run is."""
+    if not quiet:
+        print(f"farcast: {what}", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def byte_progress(label: str, total: int, quiet: bool) -> Iterator[Advance]:
     """Yield a function to call with the number of bytes just processed."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,10 @@ def farcast() -> Farcast:
 
 
 FAST = ["--sample", "2000", "--max-updates", "100", "--quiet"]
+PROGRESS_LINE = re.compile(r"farcast: (sampling|fitting|backtest|writing|forecast): ")
+
+
+def without_progress(stderr: str) -> str:
+    """stderr without farcast's progress lines (one as each phase starts; in batch logs, one every few
+    seconds while tensors stream): what is left are its messages."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not PROGRESS_LINE.match(line))

@@ -49,7 +49,8 @@ def predict(farcast, run: Path, out: Path, *extra: object):
 
 
 def corrupt_last(run_dir: Path, header: bytes | dict, data: bytes = VALID_DATA, header_length: int | None = None) -> Path:
-    return raw_safetensors(run_dir / "checkpoint-200" / "model.safetensors", header, data, header_length)
+    """Damage a checkpoint between complete ones: a broken newest one may be still being written, and is skipped."""
+    return raw_safetensors(run_dir / "checkpoint-180" / "model.safetensors", header, data, header_length)
 
 
 HEADER_CASES = {
@@ -107,7 +108,7 @@ def test_broken_file_is_named_with_its_problem(run_dir, farcast, tmp_path, case)
 
 
 def test_file_too_short_for_a_header(run_dir, farcast, tmp_path):
-    path = run_dir / "checkpoint-200" / "model.safetensors"
+    path = run_dir / "checkpoint-180" / "model.safetensors"
     path.write_bytes(b"\x01\x02\x03")
     out = tmp_path / "out"
     assert_clean_failure(predict(farcast, run_dir, out), out, 3, str(path), "file is 3 bytes, too short to be safetensors")
@@ -338,5 +339,23 @@ def test_forecast_that_overflows_the_output_dtype_is_refused(tmp_path, farcast, 
     forecaster_file = tmp_path / "f.json"
     Forecaster("self", 0, 100, [50], LinearMap.of([[-0.5], [1.4]], [0.0]), {}).save(forecaster_file)
     out = tmp_path / "out"
-    result = farcast("predict", run, "--forecaster", forecaster_file, "-o", out, expect=3)
+    result = farcast("predict", run, "--forecaster", forecaster_file, "-o", out, "--quiet", expect=3)
     assert_clean_failure(result, out, 3, str(run / "checkpoint-100" / "model.safetensors"), "tensor 'w'", "overflows", "element 0")
+
+
+def test_incomplete_newest_checkpoints_are_skipped_and_last_step_reads_no_later_one(tmp_path):
+    from farcast_cli.errors import InputError
+    from farcast_cli.io.run import find_run
+
+    run = write_run(tmp_path / "run")
+    data = (run / "checkpoint-200" / "model.safetensors").read_bytes()
+    (run / "checkpoint-200" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (run / "checkpoint-220").mkdir()
+    found = find_run(run)
+    assert found.steps[-1] == 180
+    assert [w for w in found.warnings if "checkpoint-200" in w or "checkpoint-220" in w] and len(found.warnings) == 2
+    assert find_run(run, last_step=160).steps[-1] == 160 and not find_run(run, last_step=160).warnings
+    (run / "checkpoint-100" / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(InputError, match="checkpoint-100"):
+        find_run(run)
+    assert 100 not in find_run(run, skip_damaged=True).steps

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import trajectories, write_run
+from conftest import trajectories, without_progress, write_run
 
 from farcast_cli.distributed import (
     ONE_PROCESS,
@@ -160,7 +160,7 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def farcast_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("farcast: ")]
+    return [line for line in without_progress(stderr).splitlines() if line.startswith("farcast: ")]
 
 
 def assert_no_farcast_traceback(stderr: str) -> None:
@@ -240,7 +240,7 @@ def test_a_nan_in_one_ranks_share_fails_every_rank_with_one_line(tmp_path, farca
     weights = trajectories(steps)
     weights[100]["head.weight"][1, 2] = float("nan")
     run = write_run(tmp_path / "run", steps=steps, weights=weights)
-    alone = farcast("predict", run, "-H", 60, "-o", tmp_path / "one", expect=3)
+    alone = farcast("predict", run, "-H", 60, "-o", tmp_path / "one", "--quiet", expect=3)
     picks = [info.name for info, _ in sample_coordinates(find_run(run).tensor_infos(), 8192, 0)]
     shares = balanced_shares([len(indices) for _, indices in sample_coordinates(find_run(run).tensor_infos(), 8192, 0)], 2)
     reader = next(rank for rank, share in enumerate(shares) if picks.index("head.weight") in share)

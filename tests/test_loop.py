@@ -138,7 +138,7 @@ def test_a_run_farcast_cannot_read_is_a_warning_and_training_goes_on(tmp_path, c
     model = torch.nn.Linear(8, 1)
     for step in (0, 5, 10):
         save(run, model, step)
-    (run / "checkpoint-10" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken header}")
+    (run / "checkpoint-10" / "model.safetensors").write_bytes(b"\x0f\x00\x00\x00\x00\x00\x00\x00{broken header}")
     before = model.weight.detach().clone()
     with caplog.at_level("INFO", logger="farcast"):
         result = Farcaster(run, every=10, jump=0.5, settings=FAST_FIT).step(model, 10)

@@ -112,7 +112,8 @@ def test_a_pickle_the_weights_only_loader_refuses_is_never_loaded(run, farcast, 
     [
         (["--resumable"], 2, "--resumable needs --schedule keep or --schedule advance"),
         (["--resumable", "--schedule", "keep", "--emit", "5"], 2, "takes neither --last-step nor --emit"),
-        (["--schedule", "keep"], 5, "would look like a checkpoint of the run itself"),
+        ([], 5, "would look like a checkpoint of the run itself"),
+        (["--schedule", "keep"], 2, "--schedule keep applies only to a --resumable output"),
         (["--resumable", "--schedule", "keep", "--eval-cmd", "echo {checkpoint} loss 1"], 4, "would only move the trainer on"),
     ],
 )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_run
+from conftest import FAST, without_progress, write_run
 
 BIG = 12_000_000
 
@@ -28,7 +28,7 @@ def farcast_process(*args: object, prefix: list[str] = (), **kwargs) -> subproce
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
     _, stderr = process.communicate(timeout=300)
-    return process.returncode, stderr
+    return process.returncode, without_progress(stderr)
 
 
 def without_root_override() -> list[str]:
@@ -75,7 +75,8 @@ def test_unreadable_checkpoint(run_dir, tmp_path):
     out = tmp_path / "out"
     code, stderr = finish(farcast_process("predict", run_dir, "-H", 40, "-o", out, prefix=prefix))
     assert code == 3, stderr
-    assert stderr.strip() == f"farcast: error: {path}: permission denied"
+    where = "checkpoint-100 lies between complete checkpoints; --skip-damaged skips it"
+    assert stderr.strip() == f"farcast: error: {path}: permission denied; {where}"
     assert_nothing_left(out)
 
 
@@ -133,8 +134,36 @@ def test_interrupt_removes_temporary_files(big_run, tmp_path, signum, code, name
     process.send_signal(signum)
     returncode, stderr = finish(process)
     assert returncode == code, stderr
-    assert stderr.strip().endswith(f"interrupted by {name}; temporary files removed")
+    assert stderr.strip().splitlines()[-1] == f"farcast: error: interrupted by {name}; temporary files removed"
+    assert "Traceback" not in stderr
     assert_nothing_left(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_prints_the_same_line(run_dir, signum):
+    process = farcast_process("inspect", run_dir)
+    time.sleep(0.5)  # importing torch
+    process.send_signal(signum)
+    returncode, stderr = finish(process)
+    assert returncode == 128 + signum
+    assert stderr.strip() == f"farcast: error: interrupted by {signal.Signals(signum).name}; temporary files removed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_output_is_published_exits_0_and_says_so(run_dir, tmp_path, signum):
+    out = tmp_path / "out"
+    process = farcast_process("predict", run_dir, "-H", 40, "-o", out, "--plot", tmp_path / "plot.png", *FAST)
+    while not out.exists():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signum)  # while the plot is drawn, after publication
+    returncode, stderr = finish(process)
+    assert returncode == 0, stderr
+    name = signal.Signals(signum).name
+    assert stderr.strip().splitlines()[-1] == f"farcast: interrupted by {name} after {out} was published; it is complete"
+    assert (out / "farcast_report.json").exists()
 
 
 @pytest.mark.slow

@@ -117,6 +117,7 @@ class Report:
     verdict: str
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    skipped_checkpoints: list[dict] = field(default_factory=list)
     written: Written | None = None
     written_loss: float | None = None
     last_checkpoint_loss: float | None = None

@@ -24,11 +24,11 @@ from farcast_cli import commands
 from farcast_cli.errors import FarcastError, UsageError
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.report import Report
+from farcast_cli.io.output import RUN_SCRATCH as SCRATCH
 from farcast_cli.io.run import Jump, find_run, record_jump
 from farcast_cli.model.fit import FitSettings
 
 log = logging.getLogger("farcast")
-SCRATCH = ".farcast"
 
 
 @dataclass(frozen=True)

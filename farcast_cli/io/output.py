@@ -13,17 +13,19 @@ from pathlib import Path
 from typing import TypeVar
 
 from farcast_cli.distributed import ONE_PROCESS, World
-from farcast_cli.errors import OutputError
+from farcast_cli.errors import OutputError, publishing
 from farcast_cli.io.run import Checkpoint, Run
 from farcast_cli.io.writer import output_failure
 
 T = TypeVar("T")
+RUN_SCRATCH = ".farcast"  # the one folder inside a run that outputs may go into: the training-loop integration's scratch
 
 
 def check_output_location(out_dir: Path, run: Run, force: bool, resumable_name: str | None = None) -> None:
-    """Refuse an output that would overwrite, hide inside or swallow any of the run's checkpoints. Inside
-    the run, only a resumable forecast may go, named `resumable_name` (checkpoint-<its step>), as the
-    trainer expects; an earlier forecast of farcast's there is replaced only with --force."""
+    """Refuse an output inside the run's folder, where it would mix with the run or hide inside its
+    checkpoints, or one that would swallow the run. Inside the run, only a resumable forecast may go, named
+    `resumable_name` (checkpoint-<its step>), as the trainer expects (an earlier forecast of farcast's
+    there is replaced only with --force), and the training-loop integration's scratch (RUN_SCRATCH)."""
     out = out_dir.resolve()
     run_root = run.path.resolve()
     for checkpoint in run.checkpoints:
@@ -32,9 +34,12 @@ def check_output_location(out_dir: Path, run: Run, force: bool, resumable_name: 
             raise OutputError(f"{out_dir}: is inside checkpoint {checkpoint.path}; choose an output outside the run's checkpoints")
         if out in place.parents:
             raise OutputError(f"{out_dir}: contains the input checkpoint {checkpoint.path}; refusing to write over the run")
+    hint = f" (a resumable forecast goes in {run_root / resumable_name})" if resumable_name else ""
     if out.parent == run_root and (out.name.startswith("checkpoint-") or out.suffix == ".safetensors") and out.name != resumable_name:
-        hint = f" (a resumable forecast goes in {run_root / resumable_name})" if resumable_name else "; choose another name"
-        raise OutputError(f"{out_dir}: would look like a checkpoint of the run itself{hint}")
+        raise OutputError(f"{out_dir}: would look like a checkpoint of the run itself{hint or '; choose another name'}")
+    resumable_place = out.parent == run_root and out.name == resumable_name
+    if run_root in out.parents and not resumable_place and run_root / RUN_SCRATCH not in out.parents:
+        raise OutputError(f"{out_dir}: lies inside the run folder {run.path}; choose an output outside it{hint}")
     if out_dir.exists() and not force:
         raise OutputError(f"{out_dir}: already exists; choose a new folder or pass --force to replace it")
     if out_dir.exists() and not out_dir.is_dir():
@@ -62,7 +67,8 @@ def atomic_folder(out_dir: Path) -> Iterator[Path]:
         raise output_failure(out_dir, error) from None
     try:
         yield temporary
-        _replace(temporary, out_dir)
+        with publishing(out_dir):
+            _replace(temporary, out_dir)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         _remove_created(created)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from farcast_cli.errors import InputError
+from farcast_cli.errors import IncompleteCheckpoint, InputError
 
 MAX_HEADER_BYTES = 100_000_000
 MAX_JSON_DEPTH = 127
@@ -205,15 +205,15 @@ def pread_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
 
 def _read_raw_header(handle, file_size: int, path: Path) -> tuple[int, bytes]:
     if file_size < 8:
-        raise InputError(f"{path}: file is {file_size} bytes, too short to be safetensors (truncated?)")
+        raise IncompleteCheckpoint(f"{path}: file is {file_size} bytes, too short to be safetensors (truncated?)")
     (header_size,) = struct.unpack("<Q", handle.read(8))
     if header_size > MAX_HEADER_BYTES:
         raise InputError(f"{path}: header length {header_size} exceeds the 100 MB limit; not a safetensors file?")
     if 8 + header_size > file_size:
-        raise InputError(f"{path}: header length {header_size} runs past the end of the {file_size}-byte file (truncated?)")
+        raise IncompleteCheckpoint(f"{path}: header length {header_size} runs past the end of the {file_size}-byte file (truncated?)")
     raw = handle.read(header_size)
     if len(raw) != header_size:
-        raise InputError(f"{path}: file ended inside the header (truncated?)")
+        raise IncompleteCheckpoint(f"{path}: file ended inside the header (truncated?)")
     return header_size, raw
 
 
@@ -490,6 +490,6 @@ def _check_layout(tensors: dict[str, TensorInfo], data_start: int, file_size: in
             raise InputError(f"{path}: gap of {info.begin - position} bytes before tensor {info.name!r}")
         position = info.end
     if position > file_size:
-        raise InputError(f"{path}: data runs to byte {position} but the file has {file_size} bytes (truncated?)")
+        raise IncompleteCheckpoint(f"{path}: data runs to byte {position} but the file has {file_size} bytes (truncated?)")
     if position < file_size:
         raise InputError(f"{path}: {file_size - position} unexpected bytes after the last tensor")

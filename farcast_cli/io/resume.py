@@ -87,11 +87,11 @@ def write_trainer_state(last: Checkpoint, folder: Path, horizon: int, schedule: 
 
 def check_still_newest(run: Run, last: Checkpoint) -> None:
     """Publish only while `last` is still the run's newest checkpoint: a checkpoint-<N> folder past it that
-    was not there as a forecast when the run was read means training went on meanwhile."""
-    forecasts = {checkpoint.path for checkpoint in run.forecasts}
+    was not there (as a forecast, or skipped as incomplete) when the run was read means training went on meanwhile."""
+    known = {checkpoint.path for checkpoint in run.forecasts} | {Path(skipped["path"]) for skipped in run.skipped}
     for folder in sorted(run.path.iterdir()):
         match = TRAINER_FOLDER.match(folder.name)
-        if match and int(match.group(1)) > last.saved_step and folder not in forecasts:
+        if match and int(match.group(1)) > last.saved_step and folder not in known:
             raise OutputError(
                 f"{folder}: appeared while farcast was working (the run went on past {last.path.name}); nothing published: run it again"
             )

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from farcast_cli.errors import InputError
+from farcast_cli.errors import DamagedCheckpoint, IncompleteCheckpoint, InputError
 from farcast_cli.io.reader import SafetensorsFile, TensorInfo
 
 TRAINER_FOLDER = re.compile(r"^checkpoint-(\d+)$")
@@ -97,6 +98,7 @@ class Run:
     warnings: list[str] = field(default_factory=list)
     forecasts: list[Checkpoint] = field(default_factory=list)
     jumps: tuple[Jump, ...] = ()
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def steps(self) -> list[int]:
@@ -117,7 +119,7 @@ class Run:
         raise InputError(f"{self.path}: no checkpoint at step {step} (found {describe_steps(self.steps)})")
 
     def truncated(self, last_index: int) -> Run:
-        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps)
+        return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps, self.skipped)
 
 
 TRAINING_STATE_REASON = "the trainer's pickled state, which farcast never loads (copied as bytes only into a --resumable output)"
@@ -152,8 +154,13 @@ def describe_steps(steps: list[int]) -> str:
     return f"{len(steps)} checkpoints, steps {steps[0]}..{steps[-1]}" + (every if gaps else "")
 
 
-def find_run(path: Path) -> Run:
-    """Discover a run in the Trainer layout or as step-numbered safetensors files."""
+def find_run(path: Path, last_step: int | None = None, skip_damaged: bool = False) -> Run:
+    """Discover a run in the Trainer layout or as step-numbered safetensors files.
+
+    Checkpoints saved after `last_step` are not read at all. The newest checkpoints that are incomplete
+    (a file or shard missing or cut short: still being written when a job stopped) are skipped, each
+    named in `run.skipped`; a checkpoint that cannot be read anywhere else may be lost data and stops
+    the run (DamagedCheckpoint) unless `skip_damaged`."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such folder")
@@ -162,10 +169,11 @@ def find_run(path: Path) -> Run:
     _reject_partial_weights(path)
     warnings = [f"{p}: skipped, a checkpoint still being written" for p in sorted(path.glob("tmp-*"))]
     folders = [p for p in _list(path) if p.is_dir() and TRAINER_FOLDER.match(p.name)]
-    if folders:
-        run = Run(path, "trainer", sorted((_trainer_checkpoint(p) for p in folders), key=lambda c: c.step), warnings)
-    else:
-        run = Run(path, "files", _file_checkpoints(path), warnings)
+    found = [(int(TRAINER_FOLDER.match(p.name).group(1)), p, _trainer_checkpoint) for p in folders] or _step_files(path)
+    found = [(step, place, read) for step, place, read in found if last_step is None or step <= last_step]
+    skipped: list[dict[str, str]] = []
+    run = Run(path, "trainer" if folders else "files", _readable(found, skip_damaged, skipped), warnings, skipped=skipped)
+    run.warnings += [f"{s['path']}: skipped, {s['why']}" for s in skipped]
     run.forecasts = [c for c in run.checkpoints if c.is_forecast]
     run.checkpoints = [c for c in run.checkpoints if not c.is_forecast]
     _set_time_axis(run)
@@ -177,6 +185,34 @@ def find_run(path: Path) -> Run:
         raise InputError(f"{path}: only one checkpoint ({run.checkpoints[0].path.name}); farcast needs at least two")
     _check_same_model(run)
     return run
+
+
+def _readable(found: list[tuple[int, Path, Callable[[Path], Checkpoint]]], skip_damaged: bool, skipped: list[dict]) -> list[Checkpoint]:
+    """The checkpoints that can be read, by step. Those after the newest readable one that are incomplete
+    are left out, and so are all others that cannot be read with `skip_damaged` (without, the first one
+    stops the run), each added to `skipped` with why."""
+    results: list[tuple[Path, Checkpoint | InputError]] = []
+    for _, place, read in sorted(found, key=lambda item: item[0]):
+        try:
+            results.append((place, read(place)))
+        except InputError as error:
+            results.append((place, error))
+    newest = max((i for i, (_, got) in enumerate(results) if isinstance(got, Checkpoint)), default=None)
+    if newest is None and results:
+        raise results[0][1]
+    for i, (place, got) in enumerate(results):
+        if isinstance(got, Checkpoint):
+            continue
+        if i > newest and isinstance(got, IncompleteCheckpoint):
+            why = "incomplete, the newest checkpoints (still being written when the job stopped?)"
+        elif i > newest:
+            why = "unreadable, after the newest complete checkpoint"
+        else:
+            why = "unreadable, between complete checkpoints"
+        if why.startswith("unreadable") and not skip_damaged:
+            raise DamagedCheckpoint(f"{got}; {place.name} lies {why.removeprefix('unreadable, ')}")
+        skipped.append({"path": str(place), "why": f"{why}: {got}"})
+    return [got for _, got in results if isinstance(got, Checkpoint)]
 
 
 def _list(path: Path) -> list[Path]:
@@ -220,7 +256,7 @@ def _trainer_checkpoint(folder: Path) -> Checkpoint:
             f"{folder}: holds pickled weights only; farcast never loads pickles: save with safetensors (save_safetensors=True)"
         )
     else:
-        raise InputError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
+        raise IncompleteCheckpoint(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
     checkpoint.aux_files = [folder / n for n in sorted(names) if any(fnmatch(n, pattern) for pattern in AUX_PATTERNS)]
     checkpoint.jumps = _check_trainer_state(folder, step)
     return checkpoint
@@ -302,7 +338,7 @@ def _sharded_checkpoint(folder: Path, step: int) -> Checkpoint:
         if "/" in shard or shard.startswith("."):
             raise InputError(f"{index_path}: shard name {shard!r} points outside the checkpoint folder")
         if not (folder / shard).is_file():
-            raise InputError(f"{index_path}: names shard {shard} which does not exist")
+            raise IncompleteCheckpoint(f"{index_path}: names shard {shard} which does not exist")
         files[shard] = SafetensorsFile(folder / shard)
     holder: dict[str, str] = {}
     for shard, file in files.items():
@@ -327,7 +363,8 @@ def stray_shards(checkpoint: Checkpoint) -> list[str]:
     return [p.name for p in _list(checkpoint.path) if p.suffix == ".safetensors" and p.name not in checkpoint.files]
 
 
-def _file_checkpoints(folder: Path) -> list[Checkpoint]:
+def _step_files(folder: Path) -> list[tuple[int, Path, Callable[[Path], Checkpoint]]]:
+    """The run's step-numbered safetensors files, each with its step and how to read it."""
     by_step: dict[int, Path] = {}
     for path in _list(folder):
         if path.suffix != ".safetensors" or not path.is_file():
@@ -343,11 +380,12 @@ def _file_checkpoints(folder: Path) -> list[Checkpoint]:
         if step in by_step:
             raise InputError(f"{path}: step {step} also given by {by_step[step].name}")
         by_step[step] = path
-    checkpoints = []
-    for step, path in sorted(by_step.items()):
-        file = SafetensorsFile(path)
-        checkpoints.append(Checkpoint(step, path, {path.name: file}, {name: path.name for name in file.tensors}))
-    return checkpoints
+    return [(step, path, lambda p, step=step: _file_checkpoint(p, step)) for step, path in sorted(by_step.items())]
+
+
+def _file_checkpoint(path: Path, step: int) -> Checkpoint:
+    file = SafetensorsFile(path)
+    return Checkpoint(step, path, {path.name: file}, {name: path.name for name in file.tensors})
 
 
 def _check_same_model(run: Run) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from farcast_cli import __version__
-from farcast_cli.errors import InputError, OutputError, UsageError
+from farcast_cli.errors import InputError, OutputError, UsageError, publishing
 from farcast_cli.model.fit import FitSettings, fit_linear_map
 from farcast_cli.model.history import History
 from farcast_cli.model.linear import LinearMap
@@ -94,7 +94,8 @@ class Forecaster:
         temporary = Path(path).with_name(f".{Path(path).name}.tmp")
         try:
             temporary.write_text(json.dumps({"format": FORMAT, **self.as_dict()}, indent=1))
-            temporary.replace(path)
+            with publishing(Path(path)):
+                temporary.replace(path)
         except OSError as error:
             temporary.unlink(missing_ok=True)
             raise OutputError(f"{path}: cannot write: {error.strerror}") from None
