@@ -1,13 +1,16 @@
-"""What letting the loss decide costs beyond the eval commands' own time, on the sample run.
+"""What letting the loss decide costs, on the sample run: the eval command against the eval server.
 
-    python benchmarks/eval_overhead.py [--repeats 3]
+    python benchmarks/eval_overhead.py [--repeats 1] [--jobs 2] [--baseline-src DIR]
 
-Times `farcast predict sample_checkpoints/digits-mlp -H 300` three ways, as whole processes: without an
-eval command; with `--eval-cmd "python sample_checkpoints/eval_digits.py {checkpoint}"` and an empty
-cache (every candidate and checkpoint evaluated once, one at a time); and again with the cache filled.
-The eval commands' own time is the sum the report gives (loss.eval_seconds). Overhead = (time with the
-eval command - time without - the eval commands' time) / the eval commands' time: what writing,
-scoring and placing the candidates adds (target: under 25%).
+Times README's main command, `farcast predict sample_checkpoints/digits-mlp -H 300`, as whole processes,
+each with an empty cache: without a loss; with `--eval-cmd "python sample_checkpoints/eval_digits.py
+{checkpoint}"` (a Python process per evaluation); with `--eval-server "python
+sample_checkpoints/eval_digits.py --serve"` (one per job, kept); and, with --baseline-src (a checkout
+of an earlier farcast, e.g. `git archive 6f2846a | tar -x -C DIR`), that farcast's `--eval-cmd`, run
+from DIR with its own eval script: the grid it evaluated before the search. Then again with the cache
+filled. For each: wall seconds, evaluations (loss.evaluations), the evaluations' wall seconds and
+summed seconds (loss.eval_wall_seconds, loss.eval_seconds), and farcast's own time beyond the
+evaluations and a plain predict: (wall - plain - evaluations' wall) / evaluations' summed seconds.
 """
 
 from __future__ import annotations
@@ -24,44 +27,88 @@ from common import timed_farcast
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "sample_checkpoints" / "digits-mlp"
-EVAL = f"{sys.executable} {ROOT / 'sample_checkpoints' / 'eval_digits.py'} {{checkpoint}}"
 
 
-def predict(out: Path, *extra: str) -> tuple[float, dict]:
+def predict(out: Path, *extra: str, source: Path = ROOT) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
-    seconds, _, stdout = timed_farcast("predict", RUN, "-H", 300, "-o", out, "--quiet", "--json", *extra)
+    run = source / "sample_checkpoints" / "digits-mlp"
+    seconds, _, stdout = timed_farcast("predict", run, "-H", 300, "-o", out, "--quiet", "--json", *extra)
     return seconds, json.loads(stdout)
+
+
+def ways(jobs: int, baseline: Path | None) -> dict[str, tuple[Path, list[str]]]:
+    script = lambda source: f"{sys.executable} {source / 'sample_checkpoints' / 'eval_digits.py'}"  # noqa: E731
+    found = {
+        "eval command": (ROOT, ["--eval-cmd", f"{script(ROOT)} {{checkpoint}}", "--eval-jobs", str(jobs)]),
+        "eval server": (ROOT, ["--eval-server", f"{script(ROOT)} --serve", "--eval-jobs", str(jobs)]),
+    }
+    if baseline is not None:
+        before = ["--eval-cmd", f"{script(baseline)} {{checkpoint}}", "--eval-jobs", str(jobs)]
+        found = {"before (grid, eval command)": (baseline, before), **found}
+    return found
+
+
+def run_from(source: Path) -> None:
+    """Run farcast (and its eval scripts) from `source`: its package comes first on the path (`python -m`
+    puts the working directory first, so it moves there too)."""
+    os.chdir(source)
+    if source == ROOT:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = str(source)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument(
+        "--baseline-src", type=lambda text: Path(text).resolve(), help="an earlier farcast (farcast_cli/, sample_checkpoints/)"
+    )
     args = parser.parse_args()
-    rows = []
+    rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="farcast-overhead-") as scratch:
         work = Path(scratch)
         for repeat in range(args.repeats):
-            cache = work / f"cache-{repeat}"
+            run_from(ROOT)
             plain, _ = predict(work / "out")
-            extra = ["--eval-cmd", EVAL, "--eval-jobs", str(args.jobs)]
-            os.environ["FARCAST_CACHE_DIR"] = str(cache)
-            cold, report = predict(work / "out", *extra)
-            warm, again = predict(work / "out", *extra)
-            del os.environ["FARCAST_CACHE_DIR"]
-            evals = report["loss"]["eval_seconds"]
-            count = report["loss"]["evaluations"]
-            overhead = (cold - plain - evals / args.jobs) / (evals / args.jobs)
-            rows.append((plain, cold, warm, evals, count, overhead, again["loss"]["cache_hits"]))
-            print(
-                f"repeat {repeat}: without eval {plain:.1f} s; with eval {cold:.1f} s ({count} evaluations, {evals:.1f} s in the eval "
-                f"command, {args.jobs} at a time), overhead {overhead:+.0%}; again with the cache {warm:.1f} s "
-                f"({again['loss']['cache_hits']} from the cache)",
-                flush=True,
-            )
-    best = min(rows, key=lambda r: r[5])
-    print(f"\nbest of {args.repeats}: overhead {best[5]:+.0%} of the eval commands' {best[3]:.1f} s; median "
-          f"{sorted(r[5] for r in rows)[len(rows) // 2]:+.0%}")  # fmt: skip
+            print(f"repeat {repeat}: without a loss {plain:.1f} s", flush=True)
+            for name, (source, extra) in ways(args.jobs, args.baseline_src).items():
+                run_from(source)
+                os.environ["FARCAST_CACHE_DIR"] = str(work / f"cache-{repeat}-{len(rows)}-{name.replace(' ', '-')}")
+                cold, report = predict(work / "out", *extra, source=source)
+                warm, again = predict(work / "out", *extra, source=source)
+                del os.environ["FARCAST_CACHE_DIR"]
+                loss = report["loss"]
+                summed, count = loss["eval_seconds"], loss["evaluations"]
+                evals_wall = loss.get("eval_wall_seconds", summed / args.jobs)
+                own = (cold - plain - evals_wall) / summed
+                row = {
+                    "wall": cold,
+                    "evaluations": count,
+                    "eval_wall": evals_wall,
+                    "eval_summed": summed,
+                    "own": own,
+                    "warm": warm,
+                    "hits": again["loss"]["cache_hits"],
+                    "chosen": loss["chosen"],
+                    "steps_saved": report["steps_saved"],
+                }
+                rows.setdefault(name, []).append(row)
+                print(
+                    f"  {name}: {cold:.1f} s, {count} evaluations ({evals_wall:.1f} s wall, {summed:.1f} s summed, {args.jobs} at a time), "
+                    f"farcast's own time beyond them and a plain predict {own:+.1%} of theirs; chose {loss['chosen']['method']} "
+                    f"(anchor {loss['chosen']['anchor']}, shrink {loss['chosen']['shrink']}), steps saved {report['steps_saved']:+.3f}; "
+                    f"again with the cache {warm:.1f} s ({again['loss']['cache_hits']} from the cache)",
+                    flush=True,
+                )
+    run_from(ROOT)
+    median = lambda name, key: sorted(r[key] for r in rows[name])[len(rows[name]) // 2]  # noqa: E731
+    reference = "before (grid, eval command)" if args.baseline_src else "eval command"
+    print(f"\nmedian of {args.repeats}, wall time against {reference}:")
+    for name in rows:
+        wall = median(name, "wall")
+        print(f"  {name}: {wall:.1f} s ({wall / median(reference, 'wall'):.2f}x), {median(name, 'evaluations')} evaluations")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from farcast_cli.errors import (
     interrupted_by,
     signals_as_interrupt,
 )
-from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
+from farcast_cli.evaluate.evaluator import EVAL_TIMEOUT_SECONDS, EvalCommand, EvalOptions, EvalServer
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
 from farcast_cli.evaluate.render import plain_lines, render
 from farcast_cli.evaluate.report import Report
@@ -241,10 +241,16 @@ STREAM_OPTIONS = OptionGroup(
 )  # fmt: skip
 
 
-def _eval_options(eval_cmd: str | None, eval_jobs: int, eval_cache: bool) -> EvalOptions:
+def _eval_options(eval_cmd: str | None, eval_server: str | None, eval_jobs: int, eval_timeout: float, eval_cache: bool) -> EvalOptions:
     if eval_jobs < 1:
         raise UsageError(f"--eval-jobs {eval_jobs}: at least 1")
-    return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd), eval_jobs, eval_cache)
+    if eval_timeout <= 0:
+        raise UsageError(f"--eval-timeout {eval_timeout:g}: must be above 0 seconds")
+    if eval_cmd is not None and eval_server is not None:
+        raise UsageError("--eval-cmd and --eval-server: give one of them")
+    if eval_server is not None:
+        return EvalOptions(EvalServer(eval_server, eval_timeout), eval_jobs, eval_cache)
+    return EvalOptions(None if eval_cmd is None else EvalCommand(eval_cmd, eval_timeout), eval_jobs, eval_cache)
 
 
 EVAL_OPTIONS = OptionGroup(
@@ -252,7 +258,11 @@ EVAL_OPTIONS = OptionGroup(
     (
         _option("eval_cmd", str | None, None, "--eval-cmd", help="A command that prints a checkpoint's loss (the last number on its "
                 "stdout), with {checkpoint} for its folder: the backtest then decides by your loss."),
+        _option("eval_server", str | None, None, "--eval-server", help="Like --eval-cmd, but started once (--eval-jobs of them): "
+                "reads one checkpoint path per line on stdin, prints one line holding its loss per path.", panel=EVALUATION),
         _option("eval_jobs", int, 1, "--eval-jobs", help="Evaluations to run at once.", panel=EVALUATION),
+        _option("eval_timeout", float, EVAL_TIMEOUT_SECONDS, "--eval-timeout", help="Seconds one checkpoint's evaluation may take.",
+                panel=EVALUATION),
         _option("eval_cache", bool, True, "--eval-cache/--no-eval-cache", help="Remember losses by checkpoint content, across runs "
                 "(in $FARCAST_CACHE_DIR, else ~/.cache/farcast).", panel=EVALUATION),
     ),

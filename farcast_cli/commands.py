@@ -570,20 +570,19 @@ def _score_written(report: Report, judge: CandidateScores, run: Run, candidate: 
         report.written_loss = judge.checkpoint(kept, "written checkpoint").result().loss
     else:
         key = combination_key(candidate, [judge.fingerprint(c) for c in candidate.inputs], dtype)
-        report.written_loss = judge.scorer.submit(key, path, "written checkpoint").result().loss
+        report.written_loss = judge.written(key, path, "written checkpoint").result().loss
     report.last_checkpoint_loss = judge.checkpoint(last, f"checkpoint {last.step}").result().loss
 
 
 def _account_evaluations(report: Report, judge: CandidateScores | None, timings: dict[str, float]) -> None:
     if judge is None:
         return
-    timings["eval_commands"] = judge.scorer.seconds
+    scorer = judge.scorer
+    timings["eval_commands"] = scorer.seconds
+    timings["eval_wall"] = scorer.wall_seconds
     if report.loss is not None:
-        report.loss.evaluations, report.loss.cache_hits, report.loss.eval_seconds = (
-            judge.scorer.evaluations,
-            judge.scorer.cache_hits,
-            round(judge.scorer.seconds, 4),
-        )
+        report.loss.evaluations, report.loss.cache_hits = scorer.evaluations, scorer.cache_hits
+        report.loss.eval_seconds, report.loss.eval_wall_seconds = round(scorer.seconds, 4), round(scorer.wall_seconds, 4)
 
 
 def _backtest(run: Run, history: History, forecaster: Forecaster, options: StreamOptions, world: World = ONE_PROCESS) -> Backtest:

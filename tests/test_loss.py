@@ -69,11 +69,13 @@ def test_the_loss_chooses_the_forecast_and_its_settings(run_dir, farcast, tmp_pa
     report = predict_json(farcast, run_dir, "-H", 100, "-o", tmp_path / "out", "--eval-cmd", heading_loss)
     loss = report["loss"]
     assert report["criterion"] == "validation loss"
-    assert [step for step, _ in loss["curve"]] == [140, 160, 180, 200]
+    curve_steps = [step for step, _ in loss["curve"]]
+    assert curve_steps[0] == 140 and curve_steps[-1] == 200 and set(curve_steps) <= {140, 160, 180, 200}
     assert [value for _, value in loss["curve"]] == sorted((value for _, value in loss["curve"]), reverse=True)
     forecasts = [p for p in loss["points"] if p["method"] == "forecast"]
     assert {p["anchor"] for p in forecasts} == {1, 5}
-    assert {0.25, 0.5, 1.0, 1.5, 2.0} <= {p["shrink"] for p in forecasts}
+    assert {0.5, 1.0} <= {p["shrink"] for p in forecasts}
+    assert loss["evaluations"] <= 15 and loss["eval_wall_seconds"] <= loss["eval_seconds"] + 1e-3
     best = min(forecasts, key=lambda p: p["loss"])
     assert loss["best_forecast"] == best and loss["chosen"] == best
     assert report["forecaster"]["anchor"] == best["anchor"] and report["forecaster"]["fit"]["shrink"] == best["shrink"]
@@ -111,7 +113,7 @@ def test_a_forecast_that_loses_by_the_loss_is_not_written_unless_forced(tmp_path
     assert entry == {"version": entry["version"], "method": "keep last", "from_steps": [200], "stands_for_step": 300, "copy_of_step": 200}
     forced = predict_json(farcast, run, "-H", 100, "-o", tmp_path / "forced", "--eval-cmd", command, "--no-fallback")
     assert forced["written"]["method"] == "forecast" and "although keeping the last checkpoint did better" in forced["written"]["why"]
-    assert forced["loss"]["evaluations"] == 1 and forced["loss"]["cache_hits"] > 10
+    assert forced["loss"]["evaluations"] == 1 and forced["loss"]["cache_hits"] >= report["loss"]["evaluations"] - 1 > 5
 
 
 @pytest.mark.slow
@@ -128,17 +130,18 @@ def test_a_straight_line_tested_as_far_as_asked_is_written_when_it_wins(tmp_path
 
 
 @pytest.mark.slow
-def test_the_grid_spans_zero_to_two_and_refines_around_the_best(tmp_path, farcast):
+def test_the_shrink_search_stops_at_two(tmp_path, farcast):
     """Weights on a straight line; the loss is the distance to where the line is 40 jumps further on:
-    the largest factor wins, and the grid goes no further than 2 (larger factors did not carry over from
-    the backtest to the real jump on the benchmark workloads)."""
+    the largest factor wins, and the search goes no further than 2 (larger factors did not carry over
+    from the backtest to the real jump on the benchmark workloads)."""
     steps = list(range(0, 201, 20))
     start = torch.randn(8, 8, generator=torch.Generator().manual_seed(5))
     weights = {s: {"w": start * (1 + s / 100)} for s in steps}
     run = write_run(tmp_path / "run", steps=steps, weights=weights, extras=False)
     report = predict_json(farcast, run, "-H", 100, "-o", tmp_path / "out", "--eval-cmd", distance_command(tmp_path, {"w": start * 50}))
     shrinks = sorted(p["shrink"] for p in report["loss"]["points"] if p["method"] == "forecast" and p["anchor"] == 1)
-    assert shrinks == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 1.875, 2.0] and report["loss"]["best_forecast"]["shrink"] == 2.0
+    assert shrinks[:2] == [0.5, 1.0] and shrinks[-1] == 2.0 and len(shrinks) <= 5
+    assert report["loss"]["best_forecast"]["shrink"] == 2.0
 
 
 def test_a_win_within_the_runs_own_jitter_keeps_the_last_checkpoint():
@@ -159,7 +162,7 @@ def test_a_win_within_the_runs_own_jitter_keeps_the_last_checkpoint():
 def test_scores_are_cached_by_content_and_parallel_jobs_agree(run_dir, farcast, tmp_path, heading_loss):
     first = predict_json(farcast, run_dir, "-H", 100, "-o", tmp_path / "a", "--eval-cmd", heading_loss, "--eval-jobs", 2)
     second = predict_json(farcast, run_dir, "-H", 100, "-o", tmp_path / "b", "--eval-cmd", heading_loss)
-    assert first["loss"]["evaluations"] > 20 and first["loss"]["cache_hits"] == 0
+    assert first["loss"]["evaluations"] > 8 and first["loss"]["cache_hits"] == 0
     assert second["loss"]["evaluations"] == 0 and second["loss"]["cache_hits"] == first["loss"]["evaluations"]
     assert second["loss"]["points"] == first["loss"]["points"] and second["written_loss"] == first["written_loss"]
     uncached = predict_json(farcast, run_dir, "-H", 100, "-o", tmp_path / "c", "--eval-cmd", heading_loss, "--no-eval-cache")

@@ -2,10 +2,13 @@
 
 An evaluator takes a checkpoint (a folder in the Trainer layout, a .safetensors file in the files
 layout: the same kind of path as the run's own checkpoints) and returns its loss. `EvalCommand` runs a
-shell command that prints the loss as the last number on its stdout; the Python API also takes any
-callable. `Scorer` runs evaluations, several at once with `jobs`, prints progress lines in batch logs,
-and remembers scores in a cache keyed by the evaluator and the checkpoint's content, so that a
-checkpoint is never scored twice, within a run of farcast or across runs.
+shell command per checkpoint that prints the loss as the last number on its stdout; `EvalServer` starts
+a command once (one per evaluation running at once) and asks it for one checkpoint's loss per line; the
+Python API also takes any callable of a path, or `OnTensors(f)` for a callable of the tensors themselves
+(name -> torch.Tensor), which is given candidates computed in memory, never written. `Scorer` runs
+evaluations, several at once with `jobs`, prints progress lines in batch logs, and remembers scores in a
+cache keyed by the evaluator and the checkpoint's content, so that a checkpoint is never scored twice,
+within a run of farcast or across runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import re
 import shlex
 import signal
@@ -24,10 +28,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from farcast_cli.errors import UsageError
 from farcast_cli.io.run import Checkpoint
@@ -38,6 +44,8 @@ EVAL_TIMEOUT_SECONDS = 24 * 3600
 FINGERPRINT_PAGES = 16
 PAGE_BYTES = 4096
 Evaluator = Callable[[Path], float]
+TensorLoss = Callable[[Mapping[str, torch.Tensor]], float]
+Source = Path | Callable[[], Mapping[str, torch.Tensor]]
 
 
 def format_loss(loss: float | None) -> str:
@@ -45,11 +53,33 @@ def format_loss(loss: float | None) -> str:
     return "n/a" if loss is None else f"{loss:.5g}"
 
 
+class OnTensors:
+    """An evaluator that takes a checkpoint's tensors (a mapping of name to torch.Tensor, on the CPU, in
+    the checkpoint's dtypes) instead of its path: candidates are computed in memory and never written,
+    and run checkpoints are read once each. Losses are cached within a run of farcast only (a function
+    has no stable name to key a cache across runs)."""
+
+    takes_tensors = True
+
+    def __init__(self, loss: TensorLoss, name: str | None = None) -> None:
+        self.loss, self.name = loss, name or getattr(loss, "__qualname__", repr(loss))
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __call__(self, tensors: Mapping[str, torch.Tensor]) -> float:
+        return self.loss(tensors)
+
+
+def takes_tensors(evaluator: object) -> bool:
+    return bool(getattr(evaluator, "takes_tensors", False))
+
+
 class EvalCommand:
     """`--eval-cmd`: a shell command with {checkpoint} for the path (appended when absent)."""
 
-    def __init__(self, template: str) -> None:
-        self.template = template
+    def __init__(self, template: str, timeout: float = EVAL_TIMEOUT_SECONDS) -> None:
+        self.template, self.timeout = template, timeout
         self.cache_key = f"command:{template}"
         self.running: set[subprocess.Popen] = set()
         self.stopped = False
@@ -73,7 +103,7 @@ class EvalCommand:
             raise UsageError(f"--eval-cmd printed {numbers[-1]} as the loss of {checkpoint}; a loss must be a finite number")
         return loss
 
-    def start(self) -> None:
+    def start(self, jobs: int = 1) -> None:
         """Allow commands to run (again): a Scorer calls it, `stop` ends it."""
         with self.lock:
             self.stopped = False
@@ -96,16 +126,142 @@ class EvalCommand:
                 process = subprocess.Popen(command, shell=True, stdout=stdout, stderr=stderr, text=True, start_new_session=True)
                 self.running.add(process)
             try:
-                process.wait(timeout=EVAL_TIMEOUT_SECONDS)
+                process.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 _end([process])
-                raise UsageError(f"--eval-cmd took over {EVAL_TIMEOUT_SECONDS} s on {checkpoint}") from None
+                raise UsageError(f"--eval-cmd took over {self.timeout:g} s on {checkpoint}") from None
             finally:
                 with self.lock:
                     self.running.discard(process)
             stdout.seek(0)
             stderr.seek(0)
             return process.returncode, stdout.read(), stderr.read()
+
+
+class EvalServer:
+    """`--eval-server`: a command started once (one per evaluation running at once) that reads checkpoint
+    paths, one per line, on its stdin and answers each with one line on its stdout holding the loss (the
+    last number on the line, as for `EvalCommand`). Each server runs in its own process group; `stop` ends
+    them all. A server that exits, answers with no finite number, or takes over `timeout` seconds fails the
+    evaluation, and is ended."""
+
+    def __init__(self, command: str, timeout: float = EVAL_TIMEOUT_SECONDS) -> None:
+        self.command, self.timeout = command, timeout
+        self.cache_key = f"server:{command}"
+        self.idle: list[_ServerProcess] = []
+        self.running: set[_ServerProcess] = set()
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return self.command
+
+    def __call__(self, checkpoint: Path) -> float:
+        server = self._acquire(checkpoint)
+        try:
+            answer = server.ask(str(checkpoint), self.timeout)
+        except _ServerFailure as failure:
+            self._discard(server)
+            raise UsageError(f"eval server `{self.command}` on {checkpoint}: {failure}") from None
+        numbers = NUMBER.findall(answer)
+        loss = float(numbers[-1]) if numbers else math.nan
+        if not math.isfinite(loss):
+            self._discard(server)
+            raise UsageError(
+                f"eval server `{self.command}` answered {answer.strip()[:200]!r} for {checkpoint}; a loss must be a finite number"
+            )
+        with self.lock:
+            self.idle.append(server)
+        return loss
+
+    def start(self, jobs: int = 1) -> None:
+        """Allow servers to start (again): a Scorer calls it, `stop` ends them. Each starts with the first
+        evaluation that needs it, not before: a predict whose scores all come from the cache starts none."""
+        with self.lock:
+            self.stopped = False
+
+    def stop(self) -> None:
+        """End every server (farcast is done, or stopping): stdin closed, then SIGTERM and SIGKILL to its group."""
+        with self.lock:
+            self.stopped = True
+            servers = list(self.running)
+            self.running.clear()
+            self.idle.clear()
+        for server in servers:
+            server.close_input()
+        _end([server.process for server in servers])
+
+    def _acquire(self, checkpoint: Path) -> _ServerProcess:
+        """An idle server, else a new one: at most as many run as evaluations run at once."""
+        with self.lock:
+            if self.stopped:
+                raise UsageError(f"eval server `{self.command}` on {checkpoint}: not started, farcast is stopping")
+            if self.idle:
+                return self.idle.pop()
+            server = _ServerProcess(self.command)
+            self.running.add(server)
+            return server
+
+    def _discard(self, server: _ServerProcess) -> None:
+        with self.lock:
+            self.running.discard(server)
+        server.close_input()
+        _end([server.process])
+
+
+class _ServerFailure(Exception):
+    pass
+
+
+class _ServerProcess:
+    """One running server: a thread reads its stdout into a queue, so that an answer can be waited for
+    with a timeout; its stderr goes to a file, whose last line names a failure."""
+
+    def __init__(self, command: str) -> None:
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the server)
+        self.process = subprocess.Popen(
+            command,
+            shell=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True, name="farcast-eval-server").start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in self.process.stdout:
+                self.lines.put(line)
+        self.lines.put(None)
+
+    def ask(self, path: str, timeout: float) -> str:
+        try:
+            self.process.stdin.write(path + "\n")
+            self.process.stdin.flush()
+        except (OSError, ValueError):
+            raise _ServerFailure(self._exited()) from None
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise _ServerFailure(f"no answer within {timeout:g} s") from None
+        if line is None:
+            raise _ServerFailure(self._exited())
+        return line
+
+    def _exited(self) -> str:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=STOP_GRACE_SECONDS)
+        self.stderr.seek(0)
+        last_line = (self.stderr.read().strip().splitlines() or ["no message"])[-1][:200]
+        return f"the server exited (exit {self.process.returncode}): {last_line}"
+
+    def close_input(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.process.stdin.close()
 
 
 def _end(processes: list[subprocess.Popen]) -> None:
@@ -186,7 +342,7 @@ def default_cache_folder() -> Path:
 class EvalOptions:
     """The user's loss: an evaluator (None: decide by weight error), evaluations run at once, and the cache."""
 
-    evaluator: Evaluator | None = None
+    evaluator: Evaluator | OnTensors | None = None
     jobs: int = 1
     cache: bool = True
 
@@ -212,24 +368,29 @@ def raise_first_failure(futures: Iterable[Future]) -> None:
 
 class Scorer:
     """Scores checkpoints with an evaluator: `submit` returns a Future, so that several evaluations run
-    at once (`jobs`) while the caller writes the next candidate; each key is evaluated at most once."""
+    at once (`jobs`) while the caller writes the next candidate; each key is evaluated at most once.
 
-    def __init__(self, evaluator: Evaluator, jobs: int = 1, cache: ScoreCache | None = None, quiet: bool = False) -> None:
+    It keeps the honest cost: `evaluations` (run, not from the cache), `seconds` (their own times
+    summed), `wall_seconds` (the time during which at least one ran) and `cache_hits`."""
+
+    def __init__(self, evaluator: Evaluator | OnTensors, jobs: int = 1, cache: ScoreCache | None = None, quiet: bool = False) -> None:
         if jobs < 1:
-            raise UsageError(f"--eval-jobs must be at least 1, not {jobs}")
+            raise UsageError(f"evaluations at once (jobs) must be at least 1, not {jobs}")
         self.evaluator, self.jobs, self.quiet = evaluator, jobs, quiet
+        self.takes_tensors = takes_tensors(evaluator)
         self.cache = cache if getattr(evaluator, "cache_key", None) else None
         self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="farcast-eval")
         start = getattr(evaluator, "start", None)
         if start is not None:
-            start()
+            start(jobs)
         self.futures: dict[str, Future] = {}
-        self.evaluations = self.cache_hits = 0
-        self.seconds = 0.0
+        self.evaluations = self.cache_hits = self.submitted = self.running = 0
+        self.seconds = self.wall_seconds = 0.0
+        self.busy_since = 0.0
         self.lock = threading.Lock()
 
     def __str__(self) -> str:
-        return str(getattr(self.evaluator, "template", None) or getattr(self.evaluator, "__qualname__", repr(self.evaluator)))
+        return str(getattr(self.evaluator, "template", None) or getattr(self.evaluator, "command", None) or _callable_name(self.evaluator))
 
     def key(self, content: str) -> str:
         return hashlib.sha256(f"{getattr(self.evaluator, 'cache_key', id(self.evaluator))}\0{content}".encode()).hexdigest()
@@ -238,9 +399,10 @@ class Scorer:
         key = self.key(content)
         return key in self.futures or (self.cache is not None and self.cache.get(key) is not None)
 
-    def submit(self, content: str, path: Path, label: str, done: Callable[[], None] = lambda: None) -> Future:
-        """The loss of the checkpoint at `path`, whose content key is `content`; `done` runs once it is
-        evaluated (or found in the cache), to remove a scratch copy."""
+    def submit(self, content: str, source: Source, label: str, done: Callable[[], None] = lambda: None) -> Future:
+        """The loss of the checkpoint at `source` (a path, or for an evaluator of tensors a function that
+        computes them), whose content key is `content`; `done` runs once it is evaluated (or found in the
+        cache), to remove a scratch copy."""
         key = self.key(content)
         if key in self.futures:
             done()
@@ -252,7 +414,9 @@ class Scorer:
             future: Future = Future()
             future.set_result(Score(cached, 0.0, True))
         else:
-            future = self.pool.submit(self._evaluate, key, path, label, done)
+            with self.lock:
+                self.submitted += 1
+            future = self.pool.submit(self._evaluate, key, source, label, done)
         self.futures[key] = future
         return future
 
@@ -260,22 +424,39 @@ class Scorer:
         """Raise an evaluation's failure, if one has failed: no more candidates are worth writing."""
         raise_first_failure(self.futures.values())
 
-    def _evaluate(self, key: str, path: Path, label: str, done: Callable[[], None]) -> Score:
+    def _evaluate(self, key: str, source: Source, label: str, done: Callable[[], None]) -> Score:
+        self._begin()
         started = time.perf_counter()
         try:
-            loss = float(self.evaluator(path))
+            loss = float(self.evaluator(source() if callable(source) else source))
         finally:
             done()
-        seconds = time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self._end(seconds)
+        if self.cache is not None:
+            self.cache.put(key, loss, str(source))
         with self.lock:
             self.evaluations += 1
-            self.seconds += seconds
-            count = self.evaluations
-        if self.cache is not None:
-            self.cache.put(key, loss, str(path))
-        if not self.quiet:
-            print(f"farcast: eval {count}: {label}: loss {format_loss(loss)} ({seconds:.1f} s)", file=sys.stderr, flush=True)
+            if not self.quiet:
+                print(
+                    f"farcast: eval {self.evaluations} of {self.submitted}: {label}: loss {format_loss(loss)} ({seconds:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         return Score(loss, seconds, False)
+
+    def _begin(self) -> None:
+        with self.lock:
+            if self.running == 0:
+                self.busy_since = time.perf_counter()
+            self.running += 1
+
+    def _end(self, seconds: float) -> None:
+        with self.lock:
+            self.seconds += seconds
+            self.running -= 1
+            if self.running == 0:
+                self.wall_seconds += time.perf_counter() - self.busy_since
 
     def close(self) -> None:
         """End what is still running and cancel what has not started: after a success nothing is."""
@@ -283,3 +464,7 @@ class Scorer:
         if stop is not None:
             stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _callable_name(evaluator: object) -> str:
+    return str(getattr(evaluator, "name", None) or getattr(evaluator, "__qualname__", None) or repr(evaluator))

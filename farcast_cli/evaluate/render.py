@@ -66,7 +66,8 @@ def _loss_lines(report: Report) -> list[str]:
         how = " (extrapolated)" if point.extrapolated else ""
         lines.append(f"loss candidate: {point.label}: loss {format_loss(point.loss)}, saves {point.steps_saved:+.2f} of the jump{how}")
     lines.append(
-        f"loss chosen: {loss.chosen.label}; {loss.evaluations} evaluations ({loss.eval_seconds:.1f} s), {loss.cache_hits} from the cache"
+        f"loss chosen: {loss.chosen.label}; {loss.evaluations} evaluations in {loss.eval_wall_seconds:.1f} s "
+        f"({loss.eval_seconds:.1f} s summed over them), {loss.cache_hits} from the cache"
     )
     return lines
 

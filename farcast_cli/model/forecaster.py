@@ -183,11 +183,17 @@ def held_out_trial(history: History, horizon: int, settings: FitSettings, anchor
     """The unshrunk fit on the history up to the backtest's cut, forecasting the last checkpoint,
     or None when no cut can be fitted (or the cut leaves too few checkpoints for the anchor)."""
     steps = list(history.steps)
-    cut = choose_cut(steps, horizon / (steps[-1] - steps[0]))
+    cut = held_out_cut(history, horizon)
     if cut is None or cut < anchor:
         return None
     jump = int(steps[-1] - steps[cut])
     return fit_plain(history.truncated(cut), jump, [jump], settings, anchor)
+
+
+def held_out_cut(history: History, horizon: int) -> int | None:
+    """The checkpoint number at which `held_out_trial` cuts the history (None: no cut can be fitted)."""
+    steps = list(history.steps)
+    return choose_cut(steps, horizon / (steps[-1] - steps[0]))
 
 
 def choose_cut(steps: list[int], rho: float) -> int | None:
