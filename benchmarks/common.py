@@ -32,12 +32,34 @@ def make_run(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dtype:
     return folder
 
 
-def make_run_elsewhere(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dtype: str) -> Path:
+def make_dcp_run(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dtype: torch.dtype, steps_apart: int = 100) -> Path:
+    """make_run's weights saved by torch.distributed.checkpoint.save from one process, as accelerate
+    saves an FSDP model: checkpoint-N/pytorch_model_fsdp_0/ holding {"model": state_dict}."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    if folder.exists():
+        return folder
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = max(1, round(bytes_per_checkpoint / (TENSOR_ELEMENTS * itemsize)))
+    generator = torch.Generator().manual_seed(0)
+    bases = [torch.randn(TENSOR_ELEMENTS, generator=generator) * 0.02 for _ in range(count)]
+    drifts = [torch.randn(TENSOR_ELEMENTS, generator=generator) * 1e-4 for _ in range(count)]
+    for k in range(checkpoints):
+        tensors = {f"layers.{i}.weight": (bases[i] + drifts[i] * (k + 1)).to(dtype) for i in range(count)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"model": tensors}, checkpoint_id=folder / f"checkpoint-{(k + 1) * steps_apart}" / "pytorch_model_fsdp_0")
+    return folder
+
+
+def make_run_elsewhere(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dtype: str, maker: str = "make_run") -> Path:
     """make_run in a child process, so this process stays small: Linux carries a process's peak
     resident size across fork and exec, so a large parent would inflate every child's figure."""
     code = (
         f"import torch, common; "
-        f"common.make_run(__import__('pathlib').Path({str(folder)!r}), {checkpoints}, {bytes_per_checkpoint}, torch.{dtype})"
+        f"common.{maker}(__import__('pathlib').Path({str(folder)!r}), {checkpoints}, {bytes_per_checkpoint}, torch.{dtype})"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
     return folder
@@ -70,7 +92,11 @@ def raw_io_seconds(read_paths: list[Path], write_bytes: int, out: Path, block: i
 
 def timed_farcast(*args: object) -> tuple[float, float, str]:
     """Wall seconds and peak resident MB of one `farcast` process (its own rusage, via wait4)."""
-    command = [sys.executable, "-m", "farcast_cli", *map(str, args)]
+    return timed_command([sys.executable, "-m", "farcast_cli", *map(str, args)])
+
+
+def timed_command(command: list[str]) -> tuple[float, float, str]:
+    """Wall seconds and peak resident MB of one process (its own rusage, via wait4)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = process.stdout.read(), process.stderr.read()

@@ -11,6 +11,14 @@ seconds, GB/s and the ratio predict / raw I/O (target: at most 1.25), both for t
 (Python and torch start-up, sampling and fitting included) and for the streaming phases alone
 (writing the forecast, plus the fit and full backtest where there is one: the fits take about 0.15 s
 of it), from the report's `seconds`.
+
+    python benchmarks/throughput.py --format dcp --dtypes f32 [--gb-per-checkpoint 1]
+
+The same with the run saved by torch.distributed.checkpoint.save (accelerate's FSDP layout, one
+.distcp file a checkpoint), the raw I/O being plain reads of the same .distcp bytes; then the path a
+user takes without DCP support, side by side: each checkpoint consolidated by `dcp_to_torch_save`,
+loaded and saved as safetensors (one process for all, as a conversion script would), then
+`farcast predict` on the converted run; time and peak memory of each.
 """
 
 from __future__ import annotations
@@ -18,15 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
-from common import make_run_elsewhere, python_startup_seconds, raw_io_seconds, timed_farcast, warm_cache
+from common import make_run_elsewhere, python_startup_seconds, raw_io_seconds, timed_command, timed_farcast, warm_cache
 
 REPEATS = 4
 
 
 def measure(run: Path, work: Path, device: str, backtest: str) -> dict:
-    files = sorted(run.glob("checkpoint-*/model.safetensors"), key=lambda p: int(p.parent.name.split("-")[1]))
+    files = data_files(run)
     streamed = [files[0], files[-1]] if backtest == "sample" else [files[0], files[-1], files[0], files[1], files[2], files[3]]
     out_bytes = files[-1].stat().st_size
     warm_cache(files)
@@ -57,20 +66,67 @@ def measure(run: Path, work: Path, device: str, backtest: str) -> dict:
     }
 
 
+def data_files(run: Path) -> list[Path]:
+    """Each checkpoint's data file, by step: model.safetensors, or the .distcp of a one-process DCP save."""
+    found = list(run.glob("checkpoint-*/model.safetensors")) or list(run.glob("checkpoint-*/pytorch_model_fsdp_0/*.distcp"))
+    return sorted(found, key=lambda p: int(next(q for q in p.parents if q.name.startswith("checkpoint-")).name.split("-")[1]))
+
+
+CONSOLIDATE = """
+import sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+for folder in sorted(run.glob("checkpoint-*")):
+    (out / folder.name).mkdir(parents=True)
+    dcp_to_torch_save(folder / "pytorch_model_fsdp_0", out / "model.pt")
+    state = torch.load(out / "model.pt", weights_only=True)["model"]
+    save_file(state, out / folder.name / "model.safetensors", metadata={"format": "pt"})
+    (out / "model.pt").unlink()
+    del state
+"""
+
+
+def consolidation_path(run: Path, work: Path, device: str) -> dict:
+    """dcp_to_torch_save and a safetensors save of every checkpoint, then farcast predict on the result."""
+    converted = work / "consolidated"
+    shutil.rmtree(converted, ignore_errors=True)
+    warm_cache(data_files(run))
+    convert_seconds, convert_peak, _ = timed_command([sys.executable, "-c", CONSOLIDATE, str(run), str(converted)])
+    out = work / "forecast"
+    shutil.rmtree(out, ignore_errors=True)
+    predict_seconds, predict_peak, _ = timed_farcast(
+        "predict", converted, "-H", 100, "-o", out, "--backtest", "sample", "--device", device, "--quiet", "--json"
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(converted, ignore_errors=True)
+    return {
+        "convert_seconds": convert_seconds,
+        "convert_peak_mb": convert_peak,
+        "predict_seconds": predict_seconds,
+        "predict_peak_mb": predict_peak,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-bench"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gb-per-checkpoint", type=float, default=1.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--format", choices=["safetensors", "dcp"], default="safetensors")
+    parser.add_argument("--dtypes", default="f32,bf16")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     startup = python_startup_seconds()
     print(f"python + torch start-up: {startup:.2f} s (inside every farcast time below)")
     results = []
-    for name, dtype in (("f32", "float32"), ("bf16", "bfloat16")):
-        run = make_run_elsewhere(args.work / f"run-{name}", 4, args.gb_per_checkpoint * 1e9, dtype)
-        total = sum(p.stat().st_size for p in run.glob("checkpoint-*/model.safetensors"))
+    dtypes = {"f32": "float32", "bf16": "bfloat16"}
+    for name in args.dtypes.split(","):
+        maker = "make_dcp_run" if args.format == "dcp" else "make_run"
+        run = make_run_elsewhere(args.work / f"run-{args.format}-{name}", 4, args.gb_per_checkpoint * 1e9, dtypes[name], maker)
+        total = sum(p.stat().st_size for p in data_files(run))
         for backtest in ("sample", "full"):
             row = {"dtype": name, "run_gb": total / 1e9, "device": args.device, **measure(run, args.work, args.device, backtest)}
             results.append(row)
@@ -79,6 +135,16 @@ def main() -> None:
                 f"raw I/O {row['raw_seconds']:.2f} s ({row['raw_gb_s']:.2f} GB/s), "
                 f"farcast {row['farcast_seconds']:.2f} s ({row['farcast_gb_s']:.2f} GB/s), ratio {row['ratio']:.2f}; "
                 f"streaming phases {row['streaming_seconds']:.2f} s, ratio {row['streaming_ratio']:.2f}; peak {row['peak_mb']:.0f} MB",
+                flush=True,
+            )
+        if args.format == "dcp":
+            row = {"dtype": name, "run_gb": total / 1e9, "consolidation": consolidation_path(run, args.work, args.device)}
+            results.append(row)
+            c = row["consolidation"]
+            print(
+                f"{name:4s} run {row['run_gb']:.1f} GB, consolidating first: dcp_to_torch_save + safetensors "
+                f"{c['convert_seconds']:.1f} s (peak {c['convert_peak_mb']:.0f} MB), "
+                f"then predict --backtest sample {c['predict_seconds']:.2f} s (peak {c['predict_peak_mb']:.0f} MB)",
                 flush=True,
             )
     if args.json:

@@ -114,6 +114,11 @@ class Schedule(str, Enum):
     advance = "advance"
 
 
+class OutputFormat(str, Enum):
+    same = "same"
+    safetensors = "safetensors"
+
+
 class OutputDtype(str, Enum):
     bf16 = "bf16"
     f16 = "f16"
@@ -458,8 +463,29 @@ def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
     print(f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}")
     print(f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)")
     print(f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all")
+    if info["distributed"]:
+        _show_distributed(info["distributed"], every)
     _show_files(info)
     print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
+
+
+def _show_distributed(found: dict, every: bool) -> None:
+    """A DCP checkpoint's files, chunks, and the entries that are not model weights."""
+    chunks = sum(len(t["chunks"]) for t in found["tensors"])
+    place = "the checkpoint folder" if found["folder"] == "." else f"{found['folder']}/"
+    print(
+        f"distributed checkpoint in {place}: .metadata and {len(found['files'])} .distcp file(s), {found['bytes']:,} bytes; "
+        f"{len(found['tensors'])} model tensors in {chunks} chunks" + ("" if every else " (--all lists them)")
+    )
+    for tensor in found["tensors"] if every else []:
+        boxes = ", ".join(f"{offsets}+{sizes}" for offsets, sizes in tensor["chunks"])
+        print(f"  {tensor['name']} {tensor['dtype']} {tensor['shape']}: {len(tensor['chunks'])} chunk(s) at {boxes}")
+    reasons: dict[str, list[str]] = {}
+    for entry in found["left_out_entries"]:
+        reasons.setdefault(entry["why"], []).append(entry["name"])
+    for why, names in reasons.items():
+        shown = ", ".join(names if every else names[:3]) + ("" if every or len(names) <= 3 else ", ...")
+        print(f"left out of outputs: {len(names)} entries, {why}: {shown}")
 
 
 def _show_files(info: dict) -> None:
@@ -563,6 +589,15 @@ def predict(
     dtype: Annotated[
         OutputDtype | None, typer.Option(help="Store forecast tensors in this dtype instead of the input's.", rich_help_panel=OUTPUT)
     ] = None,  # fmt: skip
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--output-format",
+            help="same: the run's own format (a distributed checkpoint for a DCP run); "
+            "safetensors: whole tensors in a Hugging Face layout (model.safetensors, or shards and an index).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = OutputFormat.same,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.", rich_help_panel=OUTPUT),
@@ -602,7 +637,7 @@ def predict(
     if dry_run:
         _run(lambda world: commands.predict(run_dir, output, **given, dry_run=True), lambda plan: _show_plan(plan, writing.as_json))
         return
-    chosen = dict(evaluation=evaluation, min_skill=min_skill, fallback=fallback)
+    chosen = dict(evaluation=evaluation, min_skill=min_skill, fallback=fallback, output_format=output_format.value)
     _run(
         lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
         _show_report(writing),

@@ -26,6 +26,7 @@ from farcast_cli.evaluate.report import NAMES, REPORT_FILE, WRITTEN_NAMES, Backt
 from farcast_cli.evaluate.trajectories import sampled_trajectories
 from farcast_cli.forecast.candidates import LAWA_WINDOW, Combination, candidate_inputs, candidates, line_tested
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
+from farcast_cli.io.dcp import describe_dcp
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
 from farcast_cli.io.output import build_folder, check_file_location, check_output_location, write_text
@@ -82,7 +83,13 @@ def inspect_run(run_dir: Path, skip_damaged: bool = False) -> dict:
         "steps": steps,
         "steps_summary": describe_steps(steps),
         "checkpoints": [
-            {"step": c.step, "saved_step": c.saved_step, "path": str(c.path), "files": sorted(c.files), "bytes": c.nbytes}
+            {
+                "step": c.step,
+                "saved_step": c.saved_step,
+                "path": str(c.path),
+                "files": sorted(c.files) if c.dcp is None else [p.name for p in c.dcp.files],
+                "bytes": c.nbytes,
+            }
             for c in run.checkpoints
         ],
         "forecasts": [{"saved_step": c.saved_step, "path": str(c.path)} for c in run.forecasts],
@@ -100,6 +107,7 @@ def inspect_run(run_dir: Path, skip_damaged: bool = False) -> dict:
         "max_horizon": max_self_horizon(steps) if len(steps) > 2 else 0,
         "skipped_checkpoints": run.skipped,
         "warnings": run.warnings,
+        "distributed": None if run.last.dcp is None else describe_dcp(run.last),
     }
 
 
@@ -171,6 +179,7 @@ def predict(
     dry_run: bool = False,
     skip_damaged: bool = False,
     world: World = ONE_PROCESS,
+    output_format: str = "same",
 ) -> Report | dict:
     """`farcast predict`: fit (unless given a forecaster), backtest, then stream the chosen checkpoint.
     With `dry_run`, only the plan: what it would read and write, and its memory (`plan`).
@@ -180,7 +189,8 @@ def predict(
     written (the forecast, the last checkpoint, the straight line, the average of the last checkpoints);
     without it, the forecast, whatever the backtest says. A `resumable` output is a checkpoint the
     trainer resumes from, with its state advanced by the horizon and the LR `schedule` kept or advanced
-    (io/resume.py); it may be the run's own checkpoint-<last + horizon>. Under torchrun (`world`) every
+    (io/resume.py); it may be the run's own checkpoint-<last + horizon>. `output_format` "safetensors"
+    writes a DCP run's forecast as whole tensors in a Hugging Face layout. Under torchrun (`world`) every
     streaming pass divides its tensors among the ranks; rank 0 fits, runs any eval commands and publishes."""
     timings: dict[str, float] = {}
     options = _for_rank(options, world)
@@ -211,23 +221,36 @@ def predict(
         if resumable:
             _check_resumable_choice(report, run, last)
         share = _write_share(last, out_dir, world)
+        consolidate = output_format == "safetensors" and last.dcp is not None
 
         def write(folder: Path) -> None:
             share_bytes = last.nbytes if share is None else sum(last.tensor(name)[1].nbytes for name in share)
             phase(f"writing: {report.written.label} to {out_dir}", options.quiet)
             with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * share_bytes, options.quiet) as advance:
-                write_tensors(candidate, last, folder, options.engine(*predict_bytes(len(candidate.inputs)), advance), dtype, only=share)
+                write_tensors(
+                    candidate,
+                    last,
+                    folder,
+                    options.engine(*predict_bytes(len(candidate.inputs)), advance),
+                    dtype,
+                    only=share,
+                    consolidate=consolidate,
+                )
                 for checkpoint in whole.checkpoints:
                     checkpoint.check_unchanged()
 
         def finish(folder: Path) -> Report:
             with timed(timings, "write_forecast"):
-                written = finish_forecast(candidate, last, folder, dtype)
+                written = finish_forecast(candidate, last, folder, dtype, consolidate=consolidate)
             report.output = [str(out_dir / p.relative_to(folder)) if p != folder else str(out_dir) for p in written]
             if resumable:
                 provenance = {"method": report.written.method, "from_steps": report.written.from_steps}
                 report.resume = write_trainer_state(last, folder, forecaster.horizon, schedule, provenance)
-            if judge is not None:
+            if judge is not None and consolidate:
+                report.notes.append(
+                    "the written forecast is not scored: it is in safetensors, and the eval command reads the run's own format"
+                )
+            elif judge is not None:
                 with timed(timings, "eval_written"):
                     _score_written(report, judge, run, candidate, written[-1], dtype)
             _account_evaluations(report, judge, timings)

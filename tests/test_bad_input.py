@@ -231,7 +231,8 @@ def test_trainer_state_disagreeing_with_the_folder(run_dir, farcast, tmp_path):
     [
         ({"adapter_model.safetensors": b"", "adapter_config.json": b"{}"}, "PEFT adapter only"),
         ({"global_step100/mp_rank_00_model_states.pt": b"", "zero_to_fp32.py": b""}, "DeepSpeed ZeRO"),
-        ({"__0_0.distcp": b"", ".metadata": b""}, "FSDP sharded state"),
+        ({"__0_0.distcp": b""}, "its .metadata is missing"),
+        ({"__0_0.distcp": b"", ".metadata": b""}, "not a distributed checkpoint's metadata"),
         ({"pytorch_model.bin": b""}, "never loads pickles"),
     ],
 )

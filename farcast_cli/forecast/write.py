@@ -19,6 +19,13 @@ from farcast_cli import __version__
 from farcast_cli.distributed import balanced_shares
 from farcast_cli.errors import InputError, InternalError
 from farcast_cli.forecast.candidates import Combination
+from farcast_cli.io.dcp_writer import (
+    ConsolidatedWriter,
+    DcpWriter,
+    check_dcp_output,
+    write_consolidated_index,
+    write_dcp_metadata,
+)
 from farcast_cli.io.engine import (
     ChunkJob,
     EngineSettings,
@@ -116,6 +123,7 @@ def write_tensors(
     dtype: str | None = None,
     only: Set[str] | None = None,
     scratch: bool = False,
+    consolidate: bool = False,
 ) -> None:
     """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
     files, or with `only`, those tensors into files that other processes write the rest of (files
@@ -127,6 +135,9 @@ def write_tensors(
         except OSError as error:
             raise output_failure(place, error) from None
     buffers = Scratch(settings.chunk_elements)
+    if last.dcp is not None:
+        _write_dcp_tensors(candidate, last, folders, settings, buffers, dtype, only, durable=not scratch, consolidate=consolidate)
+        return
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
         if only is not None and file.tensors and only.isdisjoint(file.tensors):
@@ -158,9 +169,85 @@ def write_tensors(
             raise
 
 
-def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None, scratch: bool = False) -> list[Path]:
+def _dcp_place(place: Path, last: Checkpoint) -> Path:
+    """Where an output keeps its DCP folder: where the input checkpoint keeps it (pytorch_model_fsdp_0/ or itself)."""
+    return place / last.dcp.path.relative_to(last.path)
+
+
+def _output_dtypes(last: Checkpoint, dtype: str | None) -> dict[str, str]:
+    return {name: output_info(last.tensor(name)[1], dtype).dtype for name in last.shard_of}
+
+
+def _write_dcp_tensors(
+    candidate: Combination,
+    last: Checkpoint,
+    folders: list[Path],
+    settings: EngineSettings,
+    buffers: Scratch,
+    dtype: str | None,
+    only: Set[str] | None,
+    durable: bool,
+    consolidate: bool,
+) -> None:
+    """The DCP form of write_tensors: one writer per output, a DCP folder like the input's or (`consolidate`)
+    whole tensors in safetensors files, the tensors (or those in `only`) streamed into it."""
+    dtypes = _output_dtypes(last, dtype)
+    writers: list[DcpWriter | ConsolidatedWriter] = []
+    try:
+        for place, target in zip(folders, candidate.target_steps):
+            if consolidate:
+                metadata = {"format": "pt", "farcast": _provenance(candidate, target)}
+                writers.append(ConsolidatedWriter(place, last.dcp, dtypes, metadata, only))
+            else:
+                writers.append(DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only))
+        jobs = [
+            job
+            for name in last.dcp.tensors
+            if only is None or name in only
+            for job in forecast_jobs(candidate.inputs, last, name, settings.chunk_elements)
+        ]
+        for job, data in stream(jobs, settings):
+            for index, writer in enumerate(writers):
+                if job.raw:
+                    writer.write_bytes(job.name, job.start, data[0].numpy())
+                else:
+                    writer.write(job.name, job.start, _forecast_chunk(job, data, candidate, index, TORCH_DTYPES[dtypes[job.name]], buffers))
+        for writer in writers:
+            writer.close(durable)
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+
+
+def _finish_dcp(
+    candidate: Combination, last: Checkpoint, folders: list[Path], dtype: str | None, scratch: bool, consolidate: bool
+) -> list[Path]:
+    """The `.metadata` of each output (its layout is found again by writing the same archive headers
+    in place, which leaves the data alone), its config files, and a check that it reads back; or for
+    a consolidated output, the shard index, the config files and a check by the safetensors library."""
+    dtypes = _output_dtypes(last, dtype)
+    for place, target in zip(folders, candidate.target_steps):
+        if consolidate:
+            layout = write_consolidated_index(place, last.dcp, dtypes)
+            copy_aux_files(place, last, link=scratch)
+            _check_with_safetensors(place, {shard: {i.name: (i.dtype, list(i.shape)) for i in infos} for shard, infos in layout.items()})
+            continue
+        layout = DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only=())
+        layout.abort()
+        write_dcp_metadata(layout, _provenance(candidate, target))
+        copy_aux_files(place, last, link=scratch)
+        check_dcp_output(_dcp_place(place, last), last.dcp, dtypes)
+    return folders
+
+
+def finish_forecast(
+    candidate: Combination, last: Checkpoint, folder: Path, dtype: str | None = None, scratch: bool = False, consolidate: bool = False
+) -> list[Path]:
     """The shard index and the config and tokenizer files, once every tensor is written."""
     folders = output_folders(folder, candidate.target_steps)
+    if last.dcp is not None:
+        return _finish_dcp(candidate, last, folders, dtype, scratch, consolidate)
     sizes = {name: output_info(last.tensor(name)[1], dtype).nbytes for name in last.shard_of}
     for place in folders:
         write_index(place, last, sizes)
@@ -172,15 +259,27 @@ def finish_forecast(candidate: Combination, last: Checkpoint, folder: Path, dtyp
 def check_readable_by_safetensors(folder: Path, last: Checkpoint, dtype: str | None) -> None:
     """Open every written file with the safetensors library itself (its header only): the output must
     be what the user's own loader reads, with the last checkpoint's names, shapes and dtypes."""
-    for shard_name, file in last.files.items():
-        path = folder / (shard_name if last.index_name else SINGLE_FILE)
+    _check_with_safetensors(
+        folder,
+        {
+            shard_name if last.index_name else SINGLE_FILE: {
+                name: (output_info(info, dtype).dtype, list(info.shape)) for name, info in file.tensors.items()
+            }
+            for shard_name, file in last.files.items()
+        },
+    )
+
+
+def _check_with_safetensors(folder: Path, expected: dict[str, dict[str, tuple[str, list[int]]]]) -> None:
+    """Each file, opened by the safetensors library, holds the expected tensors (name: dtype, shape)."""
+    for file_name, tensors in expected.items():
+        path = folder / file_name
         try:
             with safe_open(path, framework="pt") as handle:
                 found = {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except Exception as error:
             raise InternalError(f"{path}: the safetensors library cannot read the written file ({error}); please report this") from None
-        expected = {name: (output_info(info, dtype).dtype, list(info.shape)) for name, info in file.tensors.items()}
-        if found != expected:
+        if found != tensors:
             raise InternalError(f"{path}: the safetensors library reads other tensors than were written; please report this")
 
 

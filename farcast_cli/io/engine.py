@@ -16,10 +16,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from farcast_cli.errors import InputError
+from farcast_cli.io.dcp import DcpTensor
 from farcast_cli.io.reader import TORCH_DTYPES, SafetensorsFile, TensorInfo, pread_exactly
 
 MAX_CHUNK_ELEMENTS = 4 * 1024 * 1024
@@ -87,18 +89,25 @@ class _Files:
         self.maps: dict[str, mmap.mmap] = {}
 
     def read_into(self, file: SafetensorsFile, begin: int, view: memoryview) -> None:
-        key = str(file.path)
+        if isinstance(file, DcpTensor):
+            for path, offset, at, count in file.pieces(begin, len(view)):
+                self._read_path(path, offset, view[at : at + count])
+            return
+        self._read_path(file.path, begin, view)
+
+    def _read_path(self, path: Path, begin: int, view: memoryview) -> None:
+        key = str(path)
         try:
             if key not in self.fds:
-                self.fds[key] = os.open(file.path, os.O_RDONLY)
-                if self.use_mmap and file.size:
+                self.fds[key] = os.open(path, os.O_RDONLY)
+                if self.use_mmap and os.fstat(self.fds[key]).st_size:
                     self.maps[key] = mmap.mmap(self.fds[key], 0, access=mmap.ACCESS_READ)
             if key in self.maps:
                 view[:] = self.maps[key][begin : begin + len(view)]
                 return
-            pread_exactly(self.fds[key], view, begin, file.path)
+            pread_exactly(self.fds[key], view, begin, path)
         except (OSError, ValueError) as error:
-            raise InputError(f"{file.path}: read failed: {getattr(error, 'strerror', None) or error}") from None
+            raise InputError(f"{path}: read failed: {getattr(error, 'strerror', None) or error}") from None
 
     def close(self) -> None:
         for view in self.maps.values():

@@ -51,6 +51,8 @@ def check_resumable(run: Run, schedule: str | None) -> None:
         raise UsageError(
             "--resumable needs --schedule keep or --schedule advance: farcast does not choose what the learning-rate schedule does"
         )
+    if run.layout == "dcp":
+        raise UsageError(f"{run.path}: --resumable is for safetensors Trainer checkpoints; this run holds distributed checkpoints (DCP)")
     if run.layout != "trainer":
         raise UsageError(f"{run.path}: --resumable writes a Trainer checkpoint folder; this run holds plain safetensors files")
     if not (run.last.path / TRAINER_STATE).exists():

@@ -18,6 +18,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from farcast_cli.errors import DamagedCheckpoint, IncompleteCheckpoint, InputError
+from farcast_cli.io import dcp
 from farcast_cli.io.reader import SafetensorsFile, TensorInfo
 
 TRAINER_FOLDER = re.compile(r"^checkpoint-(\d+)$")
@@ -67,6 +68,7 @@ class Checkpoint:
     aux_files: list[Path] = field(default_factory=list)
     saved_step: int | None = None
     jumps: tuple[Jump, ...] | None = None
+    dcp: dcp.DcpFolder | None = None
 
     def __post_init__(self) -> None:
         if self.saved_step is None:
@@ -86,6 +88,9 @@ class Checkpoint:
         return sum(file.size for file in self.files.values())
 
     def check_unchanged(self) -> None:
+        if self.dcp is not None:
+            self.dcp.check_unchanged()
+            return
         for file in self.files.values():
             file.check_unchanged()
 
@@ -135,6 +140,8 @@ def output_files(checkpoint: Checkpoint) -> tuple[list[str], list[tuple[str, str
     if checkpoint.path.is_file():
         return [], []
     weights = set(checkpoint.files) | ({checkpoint.index_name} if checkpoint.index_name else set())
+    if checkpoint.dcp is not None:
+        weights |= {path.name for path in checkpoint.dcp.files} | {dcp.METADATA_FILE, dcp.PROVENANCE_FILE}
     copied = sorted(path.name for path in checkpoint.aux_files)
     left_out = []
     for path in sorted(checkpoint.path.iterdir()):
@@ -166,25 +173,52 @@ def find_run(path: Path, last_step: int | None = None, skip_damaged: bool = Fals
         raise InputError(f"{path}: no such folder")
     if not path.is_dir():
         raise InputError(f"{path}: is a file; give the folder that holds the run's checkpoints")
+    if dcp.holds_dcp(path):
+        raise InputError(
+            f"{path}: is one distributed checkpoint; give the folder that holds the run's checkpoint-<step>/ or <name>-<step>/ folders"
+        )
     _reject_partial_weights(path)
     warnings = [f"{p}: skipped, a checkpoint still being written" for p in sorted(path.glob("tmp-*"))]
     folders = [p for p in _list(path) if p.is_dir() and TRAINER_FOLDER.match(p.name)]
-    found = [(int(TRAINER_FOLDER.match(p.name).group(1)), p, _trainer_checkpoint) for p in folders] or _step_files(path)
+    numbered = [] if folders else [p for p in _list(path) if p.is_dir() and dcp.NUMBERED_FOLDER.match(p.name) and dcp.looks_like_dcp(p)]
+    found = (
+        [(int(TRAINER_FOLDER.match(p.name).group(1)), p, _trainer_checkpoint) for p in folders]
+        or [(int(dcp.NUMBERED_FOLDER.match(p.name).group(2)), p, _numbered_dcp_checkpoint) for p in numbered]
+        or _step_files(path)
+    )
     found = [(step, place, read) for step, place, read in found if last_step is None or step <= last_step]
     skipped: list[dict[str, str]] = []
-    run = Run(path, "trainer" if folders else "files", _readable(found, skip_damaged, skipped), warnings, skipped=skipped)
+    checkpoints = _readable(found, skip_damaged, skipped)
+    layout = "dcp" if numbered or any(c.dcp for c in checkpoints) else "trainer" if folders else "files"
+    run = Run(path, layout, checkpoints, warnings, skipped=skipped)
     run.warnings += [f"{s['path']}: skipped, {s['why']}" for s in skipped]
     run.forecasts = [c for c in run.checkpoints if c.is_forecast]
     run.checkpoints = [c for c in run.checkpoints if not c.is_forecast]
     _set_time_axis(run)
     run.warnings += [f"{c.path}: a forecast farcast wrote; not used as history" for c in run.forecasts]
     if not run.checkpoints:
-        raise InputError(f"{path}: no checkpoints found (expected checkpoint-<step>/ folders or <name><step>.safetensors files)")
+        raise InputError(
+            f"{path}: no checkpoints found (expected checkpoint-<step>/ folders, <name><step>.safetensors files "
+            "or <name>-<step>/ folders of a distributed checkpoint)"
+        )
     run.warnings += [f"{c.path / name}: stray shard, not named by the index; ignored" for c in run.checkpoints for name in stray_shards(c)]
     if len(run.checkpoints) < 2:
         raise InputError(f"{path}: only one checkpoint ({run.checkpoints[0].path.name}); farcast needs at least two")
     _check_same_model(run)
     return run
+
+
+def _dcp_checkpoint(folder: Path, dcp_path: Path, step: int) -> Checkpoint:
+    """A checkpoint saved by torch.distributed.checkpoint (io/dcp.py): one virtual file per tensor."""
+    found = dcp.read_dcp_folder(dcp_path)
+    return Checkpoint(step, folder, dict(found.tensors), {name: name for name in found.tensors}, dcp=found)
+
+
+def _numbered_dcp_checkpoint(folder: Path) -> Checkpoint:
+    """A `<name>-<step>/` folder of a distributed checkpoint; without its .metadata (torch writes it last) it is incomplete."""
+    if not dcp.holds_dcp(folder):
+        raise IncompleteCheckpoint(f"{folder}: no {dcp.METADATA_FILE}; the distributed checkpoint is incomplete (still being saved?)")
+    return _dcp_checkpoint(folder, folder, int(dcp.NUMBERED_FOLDER.match(folder.name).group(2)))
 
 
 def _readable(found: list[tuple[int, Path, Callable[[Path], Checkpoint]]], skip_damaged: bool, skipped: list[dict]) -> list[Checkpoint]:
@@ -235,10 +269,10 @@ def _reject_partial_weights(folder: Path) -> None:
             f"{folder}: holds DeepSpeed ZeRO shards (global_step*/); "
             "convert them with the zero_to_fp32.py script DeepSpeed saved beside them, then save as safetensors"
         )
-    if any(n.endswith(".distcp") for n in names):
-        raise InputError(
+    if any(n.endswith(".distcp") for n in names) and dcp.METADATA_FILE not in names:
+        raise IncompleteCheckpoint(
             f"{folder}: holds an FSDP sharded state (*.distcp); "
-            "convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save, then save as safetensors"
+            f"its {dcp.METADATA_FILE} is missing, so it is incomplete or not written by torch.distributed.checkpoint"
         )
 
 
@@ -246,7 +280,10 @@ def _trainer_checkpoint(folder: Path) -> Checkpoint:
     step = int(TRAINER_FOLDER.match(folder.name).group(1))
     _reject_partial_weights(folder)
     names = {p.name for p in _list(folder)}
-    if INDEX_FILE in names:
+    dcp_path = dcp.dcp_folder_of(folder) if SINGLE_FILE not in names and INDEX_FILE not in names else None
+    if dcp_path is not None:
+        checkpoint = _dcp_checkpoint(folder, dcp_path, step)
+    elif INDEX_FILE in names:
         checkpoint = _sharded_checkpoint(folder, step)
     elif SINGLE_FILE in names:
         file = SafetensorsFile(folder / SINGLE_FILE)
@@ -391,6 +428,12 @@ def _file_checkpoint(path: Path, step: int) -> Checkpoint:
 def _check_same_model(run: Run) -> None:
     reference = {name: (info.dtype, info.shape) for name, info in ((n, run.last.tensor(n)[1]) for n in run.last.shard_of)}
     for checkpoint in run.checkpoints[:-1]:
+        if (checkpoint.dcp is None) != (run.last.dcp is None):
+            kinds = ("a distributed checkpoint", "safetensors") if checkpoint.dcp else ("safetensors", "a distributed checkpoint")
+            raise InputError(
+                f"{checkpoint.path}: is {kinds[0]} but the last checkpoint {run.last.path.name} is {kinds[1]}; "
+                "farcast reads one format per run"
+            )
         names = set(checkpoint.shard_of)
         for name in sorted(names - reference.keys()):
             raise InputError(f"{checkpoint.path}: tensor {name!r} is not in the last checkpoint {run.last.path.name}")
@@ -405,3 +448,5 @@ def _check_same_model(run: Run) -> None:
                 raise InputError(
                     f"{checkpoint.path}: tensor {name!r} has shape {list(info.shape)} but {list(shape)} in {run.last.path.name}"
                 )
+        if checkpoint.dcp is not None and run.last.dcp is not None:
+            dcp.check_same_chunks(run.last.dcp.tensors, checkpoint.dcp.tensors, checkpoint.path, run.last.path)

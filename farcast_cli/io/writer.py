@@ -27,7 +27,7 @@ def reference_order(tensors: list[TensorInfo]) -> list[TensorInfo]:
     return sorted(tensors, key=lambda info: (-REFERENCE_DTYPE_RANK[info.dtype], info.name))
 
 
-def _header_bytes(tensors: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, dict[str, TensorInfo]]:
+def header_bytes(tensors: list[TensorInfo], metadata: dict[str, str]) -> tuple[bytes, dict[str, TensorInfo]]:
     """The padded header and each tensor with offsets relative to the data section, in reference
     order: a pure function of the tensors' names, dtypes and shapes and of the metadata."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
@@ -59,7 +59,7 @@ class SafetensorsWriter:
 
     def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], only: Collection[str] | None = None) -> None:
         self.path = Path(path)
-        header, layout = _header_bytes(tensors, metadata)
+        header, layout = header_bytes(tensors, metadata)
         self._sequence = [layout[info.name] for info in tensors]
         self._data_start = len(header)
         self._only = None if only is None else frozenset(only)
