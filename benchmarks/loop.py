@@ -16,6 +16,14 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
 - inproc-ungated, inproc-unshrunk-ungated: the same two, every forecast applied (`gate=False`).
 - inproc-loss: the inproc way, gated by the loss on half of the validation set (the other half is what this
   benchmark reports, so the gate never sees it).
+- memory: the in-memory Farcaster (issue 21, the default source): it observes the model at every save
+  (a sample and the first weights), fits from that, gates by the weight backtest on the sample, and
+  jumps in place; nothing is read back from the checkpoints.
+- memory-loss: memory, verified by the loss on the gate half of the validation set (`loss_fn`): the
+  loss before and after the jump, the jump undone when it does not lower it.
+- memory-ungated: memory, every forecast applied (`gate=False`).
+- memory-cheap: memory with a cheaper fit (CHEAP_FIT: 2000 coordinates, one shared map, batches of
+  2048), the settings a user can pick where the fit's time matters.
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
   ungated: the forecast replaces the weights, the step counter moves on by the horizon, the next horizon
   batches of the data order are skipped (as a resumed Trainer skips them), the LR schedule kept or
@@ -47,14 +55,15 @@ from workloads.loops import SAVE_EVERY, STEPS, parts
 
 from farcast_cli import commands
 from farcast_cli.evaluate.evaluator import EvalOptions
-from farcast_cli.integrations.loop import load_into
+from farcast_cli.integrations.loop import Farcaster, load_into
 from farcast_cli.io.run import Jump, record_jump
 from farcast_cli.model.fit import FitSettings
 
 TARGETS = (0.4, 0.6, 0.8, 1.0)
+CHEAP_FIT = FitSettings(sample=2000, per_tensor=False, batch_size=2048)
 VARIANTS = (
-    "plain", "inproc", "inproc-unshrunk", "inproc-ungated", "inproc-unshrunk-ungated", "inproc-loss",
-    "resume-keep", "graft-keep", "resume-advance", "graft-advance",
+    "plain", "memory", "memory-loss", "memory-ungated", "memory-cheap", "inproc", "inproc-unshrunk", "inproc-ungated",
+    "inproc-unshrunk-ungated", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance",
 )  # fmt: skip
 
 
@@ -65,6 +74,10 @@ class Trace:
     seconds: list[float] = field(default_factory=list)
     jumps: list[tuple[int, int, bool]] = field(default_factory=list)
     farcast_seconds: float = 0.0
+    train_seconds: float = 0.0
+    jump_seconds: list[float] = field(default_factory=list)
+    loss_seconds: float = 0.0
+    observe_seconds: float = 0.0
 
 
 def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: float, work: Path) -> Trace:
@@ -76,6 +89,11 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
     total, save_every = STEPS[name], SAVE_EVERY[name]
     trace, elapsed, label, batch = Trace(), 0.0, 0, 0
     _save(run, p.model, label)
+    farcaster = _memory_farcaster(run, p, variant, every, jump, total)
+    if farcaster is not None:
+        started = time.perf_counter()
+        farcaster.step(p.model, 0)
+        elapsed += time.perf_counter() - started
     for real in range(1, total + 1):
         started = time.perf_counter()
         loss = p.batch_loss(batch)
@@ -86,11 +104,21 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
             p.scheduler.step()
         batch, label = batch + 1, label + 1
         elapsed += time.perf_counter() - started
+        trace.train_seconds += time.perf_counter() - started
         if real % save_every:
             continue
         _save(run, p.model, label)
         trace.steps.append(real), trace.losses.append(p.measure(p.model)), trace.seconds.append(elapsed)
-        if variant != "plain" and real % every == 0 and real < total:
+        if farcaster is not None:
+            started = time.perf_counter()
+            result = farcaster.step(p.model, label, p.scheduler)
+            elapsed += time.perf_counter() - started
+            trace.farcast_seconds += time.perf_counter() - started
+            if result is not None:
+                trace.jumps.append((real, result.horizon, result.applied))
+                trace.jump_seconds.append(result.seconds)
+                trace.loss_seconds += result.loss_seconds
+        elif variant != "plain" and real % every == 0 and real < total:
             started = time.perf_counter()
             outcome = _farcast(run, p, variant, jump, label, work)
             trace.farcast_seconds += time.perf_counter() - started
@@ -101,8 +129,19 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
                 if applied and variant.startswith(("resume", "graft")):
                     label, batch = label + horizon, batch + horizon
                     _advance(p, horizon, variant)
+    if farcaster is not None:
+        trace.observe_seconds = farcaster.observe_seconds
     shutil.rmtree(run, ignore_errors=True)
     return trace
+
+
+def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total: int) -> Farcaster | None:
+    """The in-memory Farcaster of a memory-* variant (None for the others)."""
+    if not variant.startswith("memory"):
+        return None
+    loss_fn = p.gate if variant == "memory-loss" else None
+    settings = CHEAP_FIT if variant == "memory-cheap" else FitSettings()
+    return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate=variant != "memory-ungated", max_steps=total, settings=settings)
 
 
 def _farcast(run: Path, p, variant: str, jump: float, label: int, work: Path) -> tuple[int, bool] | None:
@@ -164,6 +203,19 @@ def _on_a_save(every: float, save_every: int) -> int:
     return max(save_every, int(round(every / save_every)) * save_every)
 
 
+def jump_cost(trace: Trace, plain: Trace, every: int) -> dict[str, float]:
+    """A jump's own cost (fit + apply + verify, loss_fn excluded, plus the observations at the saves
+    since the last jump), against the plain run's optimizer step and its training time between jumps."""
+    saves = len(trace.steps)
+    observe = trace.observe_seconds / max(saves, 1)
+    jump = float(np.mean(trace.jump_seconds)) + observe * every / (trace.steps[1] - trace.steps[0])
+    step = plain.train_seconds / plain.steps[-1]
+    return {
+        "jump_ms": 1000 * jump, "observe_ms": 1000 * observe, "step_ms": 1000 * step, "optimizer_steps": jump / step,
+        "of_training_between": jump / (step * every), "loss_ms": 1000 * trace.loss_seconds / len(trace.jump_seconds),
+    }  # fmt: skip
+
+
 def reach(trace: Trace, loss: float) -> tuple[float, float] | None:
     """Real steps and seconds at the first checkpoint at or below `loss`."""
     for step, value, seconds in zip(trace.steps, trace.losses, trace.seconds):
@@ -222,6 +274,13 @@ def main() -> None:
                     final = f"final loss {trace.losses[-1]:.4f} (plain {plain.losses[-1]:.4f})"
                     print(f"seed {seed} {key}: x{by_steps:.2f} steps, x{by_time:.2f} time, {made}/{len(trace.jumps)} jumps, "
                           f"farcast {trace.farcast_seconds:.1f} s, {final}", flush=True)  # fmt: skip
+                    if trace.jump_seconds:
+                        cost = jump_cost(trace, plain, int(every))
+                        results[key][-1]["cost"] = cost
+                        print(f"  a jump's own cost {cost['jump_ms']:.1f} ms (observing {cost['observe_ms']:.2f} ms a save) = "
+                              f"{cost['optimizer_steps']:.0f} optimizer steps of {cost['step_ms']:.3f} ms, "
+                              f"{100 * cost['of_training_between']:.0f}% of the training between jumps; loss_fn "
+                              f"{cost['loss_ms']:.1f} ms a jump", flush=True)  # fmt: skip
     print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up to the plain run's losses")
     print("(mean, and min-max over seeds)\n")
     print("| variant | rhythm | by steps | by wall time | jumps made |\n|---|---|---|---|---|")

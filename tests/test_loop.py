@@ -39,6 +39,8 @@ def train_with(farcaster: Farcaster | None, run: Path, steps: int = 60, save_eve
     x, y = regression_data()
     results = []
     save(run, model, 0)
+    if farcaster is not None:
+        farcaster.step(model, 0)
     for step in range(1, steps + 1):
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
@@ -79,14 +81,16 @@ def test_a_losing_forecast_is_skipped_and_nothing_recorded(tmp_path):
     """Weights that oscillate: the trend a forecast follows is gone by the next checkpoint."""
     run = tmp_path / "run"
     model = torch.nn.Linear(8, 1)
+    farcaster = Farcaster(run, every=40, jump=1.0, settings=FAST_FIT)
     for step in range(0, 45, 5):
         with torch.no_grad():
             model.weight.fill_((-1) ** (step // 5) * (1 + step / 100))
         save(run, model, step)
+        result = farcaster.step(model, step)
     before = model.weight.detach().clone()
-    result = Farcaster(run, every=40, jump=1.0, settings=FAST_FIT).step(model, 40)
     assert result is not None and not result.applied and "did not beat keeping the last checkpoint" in result.why
     assert torch.equal(model.weight.detach(), before) and not (run / "farcast_jumps.json").exists()
+    assert sorted(p.name for p in run.iterdir()) == [f"checkpoint-{step}" for step in sorted(range(0, 45, 5), key=str)]
 
 
 def test_the_loss_gates_the_jump_when_given(tmp_path):
@@ -97,7 +101,7 @@ def test_the_loss_gates_the_jump_when_given(tmp_path):
         return float(torch.nn.functional.mse_loss(x @ weights["weight"].T + weights["bias"], y))
 
     run = tmp_path / "run"
-    farcaster = Farcaster(run, every=30, jump=0.5, evaluator=loss, settings=FAST_FIT)
+    farcaster = Farcaster(run, every=30, jump=0.5, evaluator=loss, settings=FAST_FIT, source="run")
     model, results = train_with(farcaster, run, steps=30)
     jumped = results[-1]
     assert jumped.report.criterion == "validation loss" and jumped.report.beats_last is True and jumped.applied
@@ -141,7 +145,7 @@ def test_a_run_farcast_cannot_read_is_a_warning_and_training_goes_on(tmp_path, c
     (run / "checkpoint-10" / "model.safetensors").write_bytes(b"\x0f\x00\x00\x00\x00\x00\x00\x00{broken header}")
     before = model.weight.detach().clone()
     with caplog.at_level("INFO", logger="farcast"):
-        result = Farcaster(run, every=10, jump=0.5, settings=FAST_FIT).step(model, 10)
+        result = Farcaster(run, every=10, jump=0.5, settings=FAST_FIT, source="run").step(model, 10)
     assert result is not None and not result.applied and result.why.startswith("farcast failed, training goes on")
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "checkpoint-10" in caplog.records[0].getMessage()
     assert torch.equal(model.weight.detach(), before)

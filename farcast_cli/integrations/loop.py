@@ -1,11 +1,18 @@
 """A training loop that farcasts as it goes: `Farcaster.step(model, step)` after each checkpoint save.
 
 Every `every` real steps it forecasts `jump` times the steps elapsed (on the run's time axis) past the
-newest checkpoint, through the same pipeline as `farcast predict` (streamed, backtested; by the user's
-loss when an evaluator is given). Where the backtest says the forecast beats keeping the last checkpoint,
-it copies the forecast into the model's parameters in place (no new tensors on the device), keeps the
-optimizer state, optionally moves the learning-rate schedule on, and records the jump in the run folder
-so that later checkpoints are read at their forecast-time step. A jump the backtest says loses is skipped.
+newest observation, and where the forecast wins it replaces the model's weights in place (no new tensors
+on the device), keeps the optimizer state, optionally moves the learning-rate schedule on, and records
+the jump in the run folder so that later checkpoints are read at their forecast-time step. A jump that
+loses is not made.
+
+Two sources of history. `source="memory"` (the default, integrations/memory.py): the model is observed at
+every call (a sample of its coordinates, and its first weights whole), fitted with the fit `farcast
+predict` uses, gated by the weight backtest on the sample or verified by the user's `loss_fn(model)`
+before and after the jump, and applied tensor by tensor; nothing is read back or written but the jump
+record. `source="run"`: the whole `farcast predict` pipeline through the run's checkpoints on disk
+(streamed, backtested on every coordinate, by the user's `evaluator` of a checkpoint folder when given).
+Under DDP, with either source, rank 0 decides and jumps and every rank gets its weights (memory.py).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,16 +32,24 @@ from farcast_cli import commands
 from farcast_cli.errors import FarcastError, UsageError
 from farcast_cli.evaluate.evaluator import EvalCommand, EvalOptions
 from farcast_cli.evaluate.report import Report
+from farcast_cli.integrations import memory
 from farcast_cli.io.output import RUN_SCRATCH as SCRATCH
 from farcast_cli.io.run import Jump, find_run, record_jump
 from farcast_cli.model.fit import FitSettings
+from farcast_cli.model.forecaster import SelfFit
+from farcast_cli.model.observed import ObservedRun
 
 log = logging.getLogger("farcast")
+SOURCES = ("memory", "run")
 
 
 @dataclass(frozen=True)
 class JumpResult:
-    """One farcast inside the loop: at which global step, how far, whether the weights were replaced, and why."""
+    """One farcast inside the loop: at which global step, how far, whether the weights were replaced, and why.
+
+    `seconds` is farcast's own time for the attempt, `loss_fn`'s excluded (that is `loss_seconds`);
+    `loss_before` and `loss_after` are `loss_fn`'s verdict where one was given and the jump was tried;
+    `report` is the `farcast predict` report of a jump made from the run on disk."""
 
     step: int
     horizon: int
@@ -41,18 +57,27 @@ class JumpResult:
     why: str
     seconds: float
     report: Report | None
+    loss_before: float | None = None
+    loss_after: float | None = None
+    loss_seconds: float = 0.0
 
 
 class Farcaster:
     """Farcast a run every `every` steps by `jump` x its elapsed steps (see the module docstring).
 
-    `evaluator`: a callable taking a checkpoint folder and returning its loss, or an eval command with
-    {checkpoint}; None decides by weight error. `schedule`: "keep" leaves the learning-rate scheduler
-    alone; "advance" steps it on by the horizon. `gate=False` applies every forecast, winning or not."""
+    `loss_fn(model) -> float` (memory): the model's loss on your held-out batches; a jump stays only where
+    it lowers that loss by more than `margin`, else the weights are put back exactly. Without it the
+    weight backtest on the sample gates. `evaluator` (run): a callable taking a checkpoint folder and
+    returning its loss, or an eval command with {checkpoint}; None decides by weight error.
+    `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
+    `gate=False` applies every forecast, winning or not. `max_steps`: the run's last step, at which no
+    jump is made (the weights saved there would not hold it). `keep_first_on`: where the first observed
+    weights are kept (memory): "cpu", or "device" (the model's). Options are checked here, not at the
+    first save."""
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: Path | str | None,
         every: int = 200,
         jump: float = 0.5,
         evaluator: Callable[[Path], float] | str | None = None,
@@ -63,33 +88,134 @@ class Farcaster:
         device: str = "cpu",
         eval_jobs: int = 1,
         quiet: bool = True,
+        source: str = "memory",
+        loss_fn: Callable[[torch.nn.Module], float] | None = None,
+        margin: float = 0.0,
+        max_steps: int | None = None,
+        keep_first_on: str = "cpu",
     ) -> None:
-        if schedule not in ("keep", "advance"):
-            raise UsageError(f"schedule must be keep or advance, not {schedule!r}")
-        if every < 1 or jump <= 0:
-            raise UsageError("every must be a positive number of steps and jump a positive fraction")
-        self.run_dir, self.every, self.jump, self.schedule, self.gate = Path(run_dir), every, jump, schedule, gate
-        self.min_checkpoints, self.settings = max(3, min_checkpoints), settings
+        _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.every, self.jump, self.schedule, self.gate = every, jump, schedule, gate
+        self.min_checkpoints, self.settings, self.source, self.max_steps = max(3, min_checkpoints), settings, source, max_steps
+        self.loss_fn, self.margin = loss_fn, margin
         self.evaluation = EvalOptions(EvalCommand(evaluator) if isinstance(evaluator, str) else evaluator, eval_jobs)
         self.options = commands.StreamOptions(device=device, quiet=quiet)
+        self.observed = ObservedRun(settings.sample, settings.seed, keep_first_on)
+        self.jumped = 0
+        self.observe_seconds = 0.0
         self.last_attempt: int | None = None
         self.history: list[JumpResult] = []
 
     def due(self, step: int) -> bool:
+        if self.max_steps is not None and step >= self.max_steps:
+            return False
         return step >= self.every and (self.last_attempt is None or step - self.last_attempt >= self.every)
 
     def step(self, model: torch.nn.Module, step: int, lr_scheduler=None) -> JumpResult | None:
-        """Call after saving the checkpoint of global step `step`; returns what was done, None when not due."""
-        if not self.due(step):
+        """Call after saving the checkpoint of global step `step` (on every rank under DDP); returns what
+        was done, None when not due."""
+        if self.run_dir is None:
+            raise UsageError("the Farcaster has no run folder to record its jumps in")
+        rank, ranks = memory.world()
+        due = self.due(step)
+        result = None
+        if rank == 0:
+            try:
+                result = self._on_rank_zero(model, step, due)
+            except BaseException as error:
+                if ranks > 1 and due:
+                    memory.from_rank_zero(error)
+                raise
+        if ranks > 1 and due:
+            result = memory.from_rank_zero(result)
+            if isinstance(result, BaseException):
+                raise RuntimeError(f"farcast failed on rank 0: {result}")
+            if result is not None and result.applied:
+                memory.share_weights(model)
+        if result is None:
             return None
+        self.last_attempt = step
+        if result.applied:
+            self.jumped += result.horizon
+            self._advance(lr_scheduler, result.horizon)
+        return self._logged(result)
+
+    def _on_rank_zero(self, model: torch.nn.Module, step: int, due: bool) -> JumpResult | None:
+        """Observe the model at this step, and jump where due (from the run on disk with source="run")."""
+        if self.source == "run":
+            return self._from_run(model, step) if due else None
+        started = time.perf_counter()
+        try:
+            self.observed.observe(model.state_dict(), step + self.jumped)
+            unobserved = None
+        except FarcastError as error:
+            unobserved = error
+        self.observe_seconds += time.perf_counter() - started
+        if not due or len(self.observed) < self.min_checkpoints:
+            return None
+        if unobserved is not None:
+            return JumpResult(step, 0, False, f"farcast failed, training goes on: {unobserved}", 0.0, None)
+        return self._from_memory(model, step)
+
+    def _from_memory(self, model: torch.nn.Module, step: int) -> JumpResult | None:
+        """Fit from the observed history, gate or verify, and jump in place (rank 0)."""
+        started, loss_seconds = time.perf_counter(), 0.0
+        steps = self.observed.steps
+        horizon = max(1, round(self.jump * (steps[-1] - steps[0])))
+        before = after = None
+        try:
+            fitted = memory.fit_in_memory(self.observed, horizon, self.settings)
+            applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
+            if applied:
+                backup = {} if self.loss_fn is not None and self.gate else None
+                if self.loss_fn is not None:
+                    before, seconds = _timed_loss(self.loss_fn, model)
+                    loss_seconds += seconds
+                memory.apply_jump(model, self.observed, fitted.forecaster, backup)
+                if self.loss_fn is not None:
+                    after, seconds = _timed_loss(self.loss_fn, model)
+                    loss_seconds += seconds
+                    applied, why = self._loss_decision(before, after)
+                    if not applied:
+                        memory.restore(model, backup)
+            if applied:
+                record_jump(self.run_dir, Jump(step, horizon))
+        except FarcastError as error:
+            applied, why = False, f"farcast failed, training goes on: {error}"
+        seconds = time.perf_counter() - started - loss_seconds
+        return JumpResult(step, horizon, applied, why, seconds, None, before, after, loss_seconds)
+
+    def _weight_decision(self, fitted: SelfFit, horizon: int) -> tuple[bool, str]:
+        if not self.gate:
+            return True, "applied without a gate"
+        verdict = memory.weight_verdict(self.observed, fitted, horizon)
+        if verdict.tested is None:
+            return False, "the history is too short to hold checkpoints out and test a jump"
+        if verdict.tested is False:
+            return False, "the history cannot test a jump this long"
+        how = f"by weight error on the sample (skill {verdict.skill:+.3f})"
+        if verdict.beats_last:
+            return True, f"the forecast beat keeping the last checkpoint {how}"
+        return False, f"the forecast did not beat keeping the last checkpoint {how}"
+
+    def _loss_decision(self, before: float, after: float) -> tuple[bool, str]:
+        losses = f"loss {before:.5g} -> {after:.5g}"
+        if not self.gate:
+            return True, f"applied without a gate ({losses})"
+        if after < before - self.margin:
+            return True, f"the jump lowered your loss ({losses})"
+        return False, f"the jump did not lower your loss by more than {self.margin:g} ({losses}); weights restored"
+
+    def _from_run(self, model: torch.nn.Module, step: int) -> JumpResult | None:
+        """The jump through `farcast predict` on the run's checkpoints (source="run")."""
         started = time.perf_counter()
         out = self.run_dir / SCRATCH / f"forecast-{step}"
-        horizon, report, failed = 0, None, False
+        horizon, report = 0, None
         try:
             run = find_run(self.run_dir)
             if len(run.checkpoints) < self.min_checkpoints:
                 return None
-            self.last_attempt = step
             horizon = max(1, round(self.jump * (run.last.step - run.steps[0])))
             report = commands.predict(
                 self.run_dir, out, horizon=horizon, settings=self.settings, options=self.options, evaluation=self.evaluation,
@@ -98,17 +224,23 @@ class Farcaster:
             applied, why = self._verdict(report)
             if applied:
                 load_into(model, out)
-                self._advance(lr_scheduler, horizon)
                 record_jump(self.run_dir, Jump(step, horizon))
         except FarcastError as error:
-            self.last_attempt = step
-            applied, why, failed = False, f"farcast failed, training goes on: {error}", True
+            applied, why = False, f"farcast failed, training goes on: {error}"
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        result = JumpResult(step, horizon, applied, why, time.perf_counter() - started, report)
+            with suppress(OSError):
+                out.parent.rmdir()
+        return JumpResult(step, horizon, applied, why, time.perf_counter() - started, report)
+
+    def _logged(self, result: JumpResult | None) -> JumpResult | None:
+        if result is None:
+            return None
         self.history.append(result)
+        failed = result.why.startswith("farcast failed")
         level = logging.WARNING if failed else logging.INFO
-        log.log(level, "farcast at step %d: %s a jump of %d steps (%s)", step, "made" if applied else "skipped", horizon, why)
+        made = "made" if result.applied else "skipped"
+        log.log(level, "farcast at step %d: %s a jump of %d steps (%s)", result.step, made, result.horizon, result.why)
         return result
 
     def _verdict(self, report: Report) -> tuple[bool, str]:
@@ -124,6 +256,32 @@ class Farcaster:
         if self.schedule == "advance" and lr_scheduler is not None:
             for _ in range(horizon):
                 lr_scheduler.step()
+
+
+def _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings) -> None:
+    if schedule not in ("keep", "advance"):
+        raise UsageError(f"schedule must be keep or advance, not {schedule!r}")
+    if every < 1 or jump <= 0:
+        raise UsageError("every must be a positive number of steps and jump a positive fraction")
+    if source not in SOURCES:
+        raise UsageError(f"source must be memory or run, not {source!r}")
+    if source == "memory" and evaluator is not None:
+        raise UsageError("evaluator scores checkpoint folders on disk: give it with source='run', or give loss_fn(model) instead")
+    if source == "run" and loss_fn is not None:
+        raise UsageError("loss_fn scores the model in memory: use it with source='memory', or give evaluator= with source='run'")
+    if loss_fn is not None and not callable(loss_fn):
+        raise UsageError("loss_fn must be a callable taking the model and returning its loss")
+    if margin < 0:
+        raise UsageError(f"margin must be a loss difference of 0 or more, not {margin}")
+    if not isinstance(settings, FitSettings):
+        raise UsageError("settings must be a FitSettings")
+
+
+def _timed_loss(loss_fn: Callable[[torch.nn.Module], float], model: torch.nn.Module) -> tuple[float, float]:
+    started = time.perf_counter()
+    with torch.no_grad():
+        loss = float(loss_fn(model))
+    return loss, time.perf_counter() - started
 
 
 def load_into(model: torch.nn.Module, folder: Path) -> None:

@@ -1,0 +1,67 @@
+"""What a jump in memory costs against an optimizer step: the in-memory Farcaster's own time (observe at
+each save + fit + apply + verify, the user's loss excluded) beside the workload's step time.
+
+    python benchmarks/loop_cost.py --workload minilm-finetune-adamw --saves 8 --save-every 2 --jumps 2
+
+Trains the workload (benchmarks/workloads/loops.py) from seed 0, observing the model every `save-every`
+steps (no checkpoint is written: the in-memory path reads none), and after `saves` observations jumps,
+verified by the loss on the gate half of the validation set; `jumps` times. The fit's cost grows with
+the observations (up to 16 of them start training pairs), not with their spacing, so a short spacing
+measures a long run's jump in a fraction of its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from workloads.loops import STEPS, parts
+
+from farcast_cli.integrations import Farcaster
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", required=True, choices=sorted(STEPS))
+    parser.add_argument("--saves", type=int, default=8)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--jumps", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    p = parts(args.workload, 0)
+    every = args.saves * args.save_every
+    with tempfile.TemporaryDirectory(prefix="farcast-cost-") as run:
+        farcaster = Farcaster(Path(run), every=every, jump=0.5, loss_fn=p.gate)
+        farcaster.step(p.model, 0)
+        step_seconds, results = [], []
+        for step in range(1, every * args.jumps + 1):
+            started = time.perf_counter()
+            loss = p.batch_loss(step)
+            p.optimizer.zero_grad()
+            loss.backward()
+            p.optimizer.step()
+            step_seconds.append(time.perf_counter() - started)
+            if step % args.save_every == 0:
+                result = farcaster.step(p.model, step)
+                if result is not None:
+                    results.append(result)
+        observations = len(farcaster.observed)
+        step = float(np.median(step_seconds))
+        observe = farcaster.observe_seconds / observations
+        print(f"{args.workload}: {sum(t.numel() for t in p.model.parameters()):,} parameters, optimizer step {1000 * step:.1f} ms (median)")
+        print(f"observing at a save: {1000 * observe:.2f} ms; first weights kept: {farcaster.observed.first_bytes / 1e6:.1f} MB on the CPU")
+        for result in results:
+            own = result.seconds + observe * args.saves
+            print(
+                f"jump at step {result.step} ({args.saves} saves since the last): fit + apply + verify {1000 * result.seconds:.0f} ms, "
+                f"with the {args.saves} observations {1000 * own:.0f} ms = {own / step:.1f} optimizer steps; "
+                f"loss_fn {1000 * result.loss_seconds:.0f} ms (2 calls); {'kept' if result.applied else 'undone'}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The run's history observed in memory while it trains, for the in-loop farcaster (integrations/).
+
+At each observation it keeps the sampled coordinates' values (bounded by the sample size, not the
+model's) and, at the first, the model's floating-point tensors whole: the forecaster's first input.
+The sample is drawn as `read_history` draws it from a checkpoint saved by safetensors (the same
+tensors in the same order, model/history.py's `sample_coordinates`), so the History it gives is the one
+`farcast predict` would read from the same checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from farcast_cli.errors import InputError, UsageError
+from farcast_cli.io.reader import SAFETENSORS_NAMES, TensorInfo
+from farcast_cli.model.history import History, sample_coordinates
+
+log = logging.getLogger("farcast")
+FILE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
+"""safetensors writes a file's tensors by dtype (these, widest first) and then by name; the sample
+follows the file's order."""
+KEEP_ON = ("cpu", "device")
+
+
+def forecast_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state's floating-point tensors farcast forecasts, in the order safetensors writes them."""
+    kept = {name: tensor for name, tensor in state.items() if SAFETENSORS_NAMES.get(tensor.dtype) in FILE_ORDER}
+    return dict(sorted(kept.items(), key=lambda item: (FILE_ORDER[SAFETENSORS_NAMES[item[1].dtype]], item[0])))
+
+
+def distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One name per storage: a tensor tied under two names (shared embeddings) is changed once."""
+    seen: set[tuple] = set()
+    result = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if key not in seen:
+            seen.add(key)
+            result[name] = tensor
+    return result
+
+
+class ObservedRun:
+    """The sampled history and the first weights of a model observed at increasing steps."""
+
+    def __init__(self, sample: int, seed: int, keep_first_on: str = "cpu") -> None:
+        if keep_first_on not in KEEP_ON:
+            raise UsageError(f"keep_first_on must be one of {', '.join(KEEP_ON)}, not {keep_first_on!r}")
+        self.sample, self.seed, self.keep_first_on = sample, seed, keep_first_on
+        self.steps: list[float] = []
+        self.columns: list[np.ndarray] = []
+        self.first: dict[str, torch.Tensor] = {}
+        self.picks: list[tuple[str, torch.Tensor]] = []
+        self.names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def first_bytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in self.first.values())
+
+    def observe(self, state: dict[str, torch.Tensor], step: float) -> None:
+        """Record the sampled coordinates at `step` (on the run's time axis); the first call also keeps
+        the whole weights. A step not after the last observed one is ignored."""
+        if self.steps and step <= self.steps[-1]:
+            return
+        tensors = forecast_tensors(state)
+        if not self.steps:
+            self._start(tensors)
+        column = self._sampled(tensors)
+        bad = np.nonzero(~np.isfinite(column))[0]
+        if len(bad):
+            raise InputError(f"the model holds {column[bad[0]]} in a sampled weight at step {step:g}; refusing to forecast from it")
+        self.steps.append(float(step))
+        self.columns.append(column)
+
+    def _start(self, tensors: dict[str, torch.Tensor]) -> None:
+        infos = [TensorInfo(name, SAFETENSORS_NAMES[t.dtype], tuple(t.shape), 0, t.nbytes) for name, t in tensors.items()]
+        picks = sample_coordinates(infos, self.sample, self.seed)
+        if not picks:
+            raise InputError("the model has no floating-point tensors to forecast")
+        self.picks = [(info.name, torch.from_numpy(indices).to(tensors[info.name].device)) for info, indices in picks]
+        self.names = [name for name, _ in self.picks]
+        with torch.no_grad():
+            for name, tensor in distinct(tensors).items():
+                device = "cpu" if self.keep_first_on == "cpu" else tensor.device
+                self.first[name] = tensor.detach().to(device, copy=True)
+        log.info(
+            "farcast keeps the first observed weights on %s (%.1f MB) and %d sampled coordinates per observation",
+            self.keep_first_on, self.first_bytes / 1e6, sum(len(i) for _, i in self.picks),
+        )  # fmt: skip
+
+    def _sampled(self, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+        with torch.no_grad():
+            parts = [tensors[name].detach().reshape(-1)[indices].to("cpu", torch.float64) for name, indices in self.picks]
+        return torch.cat(parts).numpy()
+
+    def history(self) -> History:
+        """The observations as the History `read_history` gives for a run's checkpoints."""
+        tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(self.picks)])
+        indices = np.concatenate([indices.cpu().numpy() for _, indices in self.picks])
+        return History(np.array(self.steps), np.stack(self.columns, axis=1), tensor_index, list(self.names), indices)

@@ -1,0 +1,224 @@
+"""The in-memory loop: jumps fitted from what the farcaster observed, applied and verified in the
+process, checked against `farcast predict` on the same checkpoints, and under DDP (2 processes, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_loop import FAST_FIT, regression_data, save, train_with
+
+from farcast_cli.errors import UsageError
+from farcast_cli.evaluate.report import REPORT_FILE
+from farcast_cli.integrations import Farcaster, memory
+
+FAST = ["--sample", "2000", "--max-epochs", "30", "--quiet"]
+
+
+def two_layers() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def sgd_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+
+
+def test_the_jump_in_memory_is_what_farcast_predict_writes_from_the_same_checkpoints(tmp_path, farcast):
+    run, x, y = tmp_path / "run", *regression_data()
+    model = two_layers()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    farcaster = Farcaster(run, every=30, jump=0.5, settings=FAST_FIT, gate=False)
+    for step in range(0, 31):
+        if step:
+            sgd_steps(model, optimizer, x, y)
+        if step % 5 == 0:
+            save(run, model, step)
+            if step == 30:
+                farcast("predict", run, "-H", 15, "-o", tmp_path / "forecast", "--backtest", "sample", "--no-fallback", *FAST)
+            result = farcaster.step(model, step)
+    assert result.applied and result.horizon == 15
+    written = load_file(tmp_path / "forecast" / "model.safetensors")
+    last = load_file(run / "checkpoint-30" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.allclose(tensor, written[name], rtol=1e-6, atol=1e-7), name
+        assert not torch.allclose(tensor, last[name], rtol=1e-4, atol=1e-5), name
+    report = json.loads((tmp_path / "forecast" / REPORT_FILE).read_text())
+    verdict = memory.weight_verdict(farcaster.observed, memory.fit_in_memory(farcaster.observed, 15, FAST_FIT), 15)
+    assert verdict.skill == pytest.approx(report["skill_vs_last"], rel=1e-9) and verdict.tested == report["tested"]
+    assert farcaster.observed.history().values.shape == (sum(p.numel() for p in model.parameters()), 7)
+
+
+def test_only_the_jump_record_is_written_and_the_history_is_bounded_by_the_sample(tmp_path):
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT.__class__(sample=5, max_epochs=30), gate=False)
+    train_with(farcaster, run, steps=40)
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("checkpoint-")) == ["farcast_jumps.json"]
+    assert farcaster.observed.history().values.shape == (5, 9) and farcaster.observed.first_bytes == 9 * 4
+
+
+def test_a_jump_your_loss_rejects_is_undone_bit_for_bit_and_not_recorded(tmp_path):
+    run = tmp_path / "run"
+    calls = []
+
+    def never_better(model: torch.nn.Module) -> float:
+        calls.append(model.weight.detach().clone())
+        return 1.0
+
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, loss_fn=never_better)
+    torch.manual_seed(0)
+    model, results = train_with(farcaster, run, steps=20)
+    result = results[-1]
+    assert not result.applied and result.loss_before == result.loss_after == 1.0 and "weights restored" in result.why
+    before, during = calls
+    assert not torch.equal(before, during), "the loss saw the jumped model"
+    saved = load_file(run / "checkpoint-20" / "model.safetensors")["weight"]
+    assert torch.equal(model.weight.detach(), before) and torch.equal(model.weight.detach(), saved)
+    assert not (run / "farcast_jumps.json").exists()
+
+
+def test_a_jump_that_lowers_your_loss_stays(tmp_path):
+    x, y = regression_data()
+
+    def loss(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(model(x), y))
+
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=30, jump=0.5, settings=FAST_FIT, loss_fn=loss)
+    model, results = train_with(farcaster, run, steps=30)
+    result = results[-1]
+    assert result.applied and result.loss_after < result.loss_before and loss(model) == pytest.approx(result.loss_after)
+    assert result.loss_seconds > 0 and result.seconds > 0
+    assert json.loads((run / "farcast_jumps.json").read_text()) == {"jumps": [{"at_step": 30, "horizon": 15}]}
+
+
+def test_no_jump_at_the_last_step(tmp_path):
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, gate=False, max_steps=20)
+    model, results = train_with(farcaster, run, steps=20)
+    assert results[-1] is None
+    assert torch.equal(model.weight.detach(), load_file(run / "checkpoint-20" / "model.safetensors")["weight"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"evaluatr": "x"}, "unexpected keyword argument 'evaluatr'"),
+        ({"schedule": "advanced"}, "schedule must be keep or advance"),
+        ({"source": "disk"}, "source must be memory or run"),
+        ({"evaluator": "python eval.py {checkpoint}"}, "evaluator scores checkpoint folders on disk"),
+        ({"source": "run", "loss_fn": len}, "loss_fn scores the model in memory"),
+        ({"loss_fn": 3}, "loss_fn must be a callable"),
+        ({"keep_first_on": "gpu"}, "keep_first_on must be one of cpu, device"),
+    ],
+)
+def test_options_are_checked_when_the_farcaster_is_built(tmp_path, options, message):
+    with pytest.raises((TypeError, UsageError), match=message):
+        Farcaster(tmp_path, **options)
+
+
+def test_the_trainer_callback_checks_its_options_when_built():
+    pytest.importorskip("transformers")
+    from farcast_cli.integrations import FarcastCallback
+
+    with pytest.raises(TypeError, match="evaluatr"):
+        FarcastCallback(every=10, evaluatr="python eval.py {checkpoint}")
+    with pytest.raises(UsageError, match="eval_batches takes"):
+        FarcastCallback(every=10, eval_batches=2)
+
+
+def test_the_run_source_leaves_no_scratch_folder(tmp_path):
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, source="run")
+    _, results = train_with(farcaster, run, steps=20)
+    assert results[-1].applied and results[-1].report is not None
+    assert not (run / ".farcast").exists()
+
+
+def _ddp_rank(rank: int, port: int, run: str, out: str) -> None:
+    """One rank of a DDP run (gloo, CPU): each rank trains on its own half of the data and farcasts."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    x, y = regression_data()
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(two_layers())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    called_on = []
+
+    def loss(module: torch.nn.Module) -> float:
+        called_on.append(rank)
+        return float(torch.nn.functional.mse_loss(module(x), y))
+
+    farcaster = Farcaster(run, every=15, jump=0.5, settings=FAST_FIT, loss_fn=loss, gate=False)
+    applied = []
+    for step in range(0, 46):
+        if step:
+            sgd_steps(model, optimizer, x[rank::2], y[rank::2])
+        if step % 5 == 0:
+            if rank == 0:
+                save(Path(run), model.module, step)
+            result = farcaster.step(model.module, step)
+            if result is not None:
+                applied.append(result.applied)
+    torch.save(
+        {"state": model.module.state_dict(), "applied": applied, "called_on": called_on, "observed": len(farcaster.observed)},
+        Path(out) / f"rank{rank}.pt",
+    )
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_ends_with_rank_zeros_weights(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert zero["applied"] == one["applied"] == [True, True, True]
+    assert set(zero["called_on"]) == {0} and one["called_on"] == [] and one["observed"] == 0 and zero["observed"] == 10
+    for name, tensor in zero["state"].items():
+        assert torch.equal(tensor, one["state"][name]), name
+
+
+@pytest.mark.slow
+def test_the_trainer_callback_verifies_jumps_by_the_trainers_eval_set(tmp_path):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "trainer"))
+    import train as example
+
+    from farcast_cli.integrations import FarcastCallback
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    trainer = example.trainer(run, max_steps=20, save_steps=5, schedule="constant")
+    trainer.eval_dataset = example.StandardLibraryText(64)
+    callback = FarcastCallback(every=10, jump=0.5, settings=FAST_FIT, eval_batches=2, trainer=trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+    (result,) = callback.farcaster.history
+    assert result.step == 15 and result.loss_before is not None and result.loss_after is not None and "loss" in result.why
+    assert trainer.model.training
+    loss = callback.farcaster.loss_fn
+    assert len(loss.kept) == 2 and loss(trainer.model) > 0
+    assert [e["step"] for e in trainer.state.log_history if "farcast_why" in e] == [15]
+
+
+def test_first_weights_kept_on_the_device_are_a_copy_the_jumps_leave_alone(tmp_path):
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, gate=False, keep_first_on="device")
+    model, results = train_with(farcaster, run, steps=40)
+    first = load_file(run / "checkpoint-0" / "model.safetensors")
+    assert [r.applied for r in results if r is not None] == [True, True]
+    for name, kept in farcaster.observed.first.items():
+        assert torch.equal(kept, first[name]) and kept.data_ptr() != model.state_dict()[name].data_ptr()
