@@ -216,7 +216,7 @@ def apply_forecaster(run: Run, cut: int, forecaster: Forecaster) -> np.ndarray:
     return result
 
 
-def farcast_predict(run: Run, cut: int, horizon: int, by_loss: bool, costs: dict) -> np.ndarray:
+def farcast_predict(run: Run, cut: int, horizon: int, by_loss: bool, costs: dict, settings: FitSettings = FitSettings()) -> np.ndarray:
     """`farcast predict --last-step CUT -H H` as shipped, through commands.predict: by weight error, or
     with the validation loss as its evaluator (in-process, uncached). `costs` gets the evaluations,
     their seconds, the whole call's seconds and what was written."""
@@ -228,8 +228,9 @@ def farcast_predict(run: Run, cut: int, horizon: int, by_loss: bool, costs: dict
     with tempfile.TemporaryDirectory(dir=run.run_dir.parent) as scratch:
         started = time.perf_counter()
         report = commands.predict(
-            run.run_dir, Path(scratch) / "out", horizon=horizon, last_step=int(run.steps[cut]), evaluation=evaluation, options=options
-        )
+            run.run_dir, Path(scratch) / "out", horizon=horizon, last_step=int(run.steps[cut]), evaluation=evaluation, options=options,
+            settings=settings,
+        )  # fmt: skip
         costs.update(seconds=time.perf_counter() - started, written=report.written.label)
         if report.loss is not None:
             costs.update(evaluations=report.loss.evaluations, eval_seconds=report.loss.eval_seconds)
@@ -329,7 +330,14 @@ def steps_saved(run: Run, cut: int, target: int, loss: float) -> float:
     return 1.0 if reached is None else (reached - run.steps[cut]) / horizon
 
 
-def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, methods: tuple[str, ...] = DEFAULT_METHODS) -> list[dict]:
+def evaluate(
+    run: Run,
+    nominal: int,
+    save_every: int,
+    rng: np.random.Generator,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
+    fit: FitSettings = FitSettings(),
+) -> list[dict]:
     rows = sampled_rows(run, rng)
     results = []
     for fraction, cut_step, jump, horizon, cut, target in settings_of(run, nominal, save_every):
@@ -347,8 +355,8 @@ def evaluate(run: Run, nominal: int, save_every: int, rng: np.random.Generator, 
             "shared+shrink": lambda: farcast_fit(run, cut, horizon, rows, FitSettings(per_tensor=False)),
             "lr-time": lambda: lr_time(run, cut, horizon, rows),
             "per-tensor+shrink": lambda: farcast_fit(run, cut, horizon, rows),
-            "farcast": lambda: farcast_predict(run, cut, horizon, False, costs.setdefault("farcast", {})),
-            "farcast+loss": lambda: farcast_predict(run, cut, horizon, True, costs.setdefault("farcast+loss", {})),
+            "farcast": lambda: farcast_predict(run, cut, horizon, False, costs.setdefault("farcast", {}), fit),
+            "farcast+loss": lambda: farcast_predict(run, cut, horizon, True, costs.setdefault("farcast+loss", {}), fit),
             "oracle-shared": lambda: oracle(run, cut, target, per_tensor=False),
             "oracle-per-tensor": lambda: oracle(run, cut, target, per_tensor=True),
             "oracle-loss": lambda: oracle_by_loss(run, cut, target, per_tensor=False),
@@ -412,7 +420,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-accuracy"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--methods", help="comma-separated, from: " + ", ".join(METHODS) + " (default: all but the oracles)")
+    parser.add_argument(
+        "--objective", choices=("l1", "l2"), default=FitSettings.objective, help="the fit objective of farcast, farcast+loss"
+    )
     args = parser.parse_args()
+    fit = FitSettings(objective=args.objective)
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     torch.set_num_threads(1)
     everything = {}
@@ -424,7 +436,7 @@ def main() -> None:
             workload.train(run_dir)
         print(f"{name}:", flush=True)
         run = Run(run_dir, workload)
-        everything[name] = evaluate(run, workload.STEPS, workload.SAVE_EVERY, np.random.default_rng(0), methods)
+        everything[name] = evaluate(run, workload.STEPS, workload.SAVE_EVERY, np.random.default_rng(0), methods, fit)
         print(table(name, everything[name]))
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))

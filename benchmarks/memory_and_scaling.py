@@ -24,22 +24,24 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-bench"))
     parser.add_argument("--sizes", default="0.5,2,8")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--fit-only", action="store_true", help="only `fit`, at the default --max-memory (fit time on a big run)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for size in [float(s) for s in args.sizes.split(",")]:
         run = make_run_elsewhere(args.work / f"scale-{size:g}GB", 4, size * 1e9 / 4, "float32")
-        for max_memory in ("1GiB", "256MB"):
+        for max_memory in ("1GiB",) if args.fit_only else ("1GiB", "256MB"):
             out, forecaster = args.work / "scale-out", args.work / "scale-forecaster.json"
             shutil.rmtree(out, ignore_errors=True)
-            predict_s, predict_mb, _ = timed_farcast(
-                "predict", run, "-H", 100, "-o", out, "--max-memory", max_memory, "--device", "cpu", "--quiet", "--json"
-            )
+            predict_s, predict_mb = 0.0, 0.0
+            if not args.fit_only:
+                predict_s, predict_mb, _ = timed_farcast(
+                    "predict", run, "-H", 100, "-o", out, "--max-memory", max_memory, "--device", "cpu", "--quiet", "--json"
+                )
             fit_s, fit_mb, stdout = timed_farcast(
                 "fit", run, "-H", 100, "-o", forecaster, "--force", "--backtest", "sample", "--max-memory", max_memory, "--quiet", "--json"
             )
-            seconds = json.loads(stdout)["seconds"]
-            seconds["fit"] = seconds["fit_and_backtest"]
+            seconds, fit_info = json.loads(stdout)["seconds"], json.loads(stdout)["forecaster"]["fit"]
             shutil.rmtree(out, ignore_errors=True)
             row = {
                 "run_gb": size,
@@ -50,14 +52,19 @@ def main() -> None:
                 "fit_peak_mb": fit_mb,
                 "fit_read_sample_seconds": seconds["read_sample"],
                 "fit_fit_seconds": seconds["fit"],
+                "fit_backtest_seconds": seconds["backtest"],
+                "fit_stopped": fit_info["stopped"],
+                "fit_updates": fit_info["updates"],
             }
             rows.append(row)
             print(
                 f"run {size:4g} GB, --max-memory {max_memory:5s}: predict {predict_s:6.1f} s, peak {predict_mb:5.0f} MB | "
-                f"fit {fit_s:5.1f} s (sample read {seconds['read_sample']:.2f} s, fitting {seconds['fit']:.2f} s), peak {fit_mb:5.0f} MB",
+                f"fit {fit_s:5.1f} s (sample read {seconds['read_sample']:.2f} s, fitting {seconds['fit']:.2f} s, "
+                f"sample backtest {seconds['backtest']:.2f} s), peak {fit_mb:5.0f} MB; shared fit {fit_info['stopped']} "
+                f"after {fit_info['updates']} updates",
                 flush=True,
             )
-    for max_memory in ("1GiB", "256MB"):
+    for max_memory in () if args.fit_only else ("1GiB", "256MB"):
         peaks = [r["predict_peak_mb"] for r in rows if r["max_memory"] == max_memory]
         print(f"--max-memory {max_memory}: predict peak max/min across sizes = {max(peaks) / min(peaks):.2f}")
     if args.json:

@@ -63,6 +63,30 @@ MUTATIONS = [
     ),
     ("L1 gradient halved", "farcast_cli/model/fit.py", "np.sign(error) / error.size", "0.5 * np.sign(error) / error.size"),
     (
+        "Adam from zero instead of the least-squares start",
+        "farcast_cli/model/fit.py",
+        "_adam_from(problem, _least_squares(problem, train), train, held, settings)",
+        "_adam_from(problem, np.zeros((3, pairs.targets.shape[1])), train, held, settings)",
+    ),
+    (
+        "the fit keeps Adam's last coefficients, not the best held-out ones",
+        "farcast_cli/model/fit.py",
+        'return best, {"objective": "l1"',
+        'return coefficients, {"objective": "l1"',
+    ),
+    (
+        "a fit stopped by its budget counts as converged",
+        "farcast_cli/model/fit.py",
+        'stopped = "converged" if stale >= settings.patience else "budget"',
+        'stopped = "converged"',
+    ),
+    (
+        "the validation run is read but not used",
+        "farcast_cli/model/forecaster.py",
+        "fit_linear_map(pairs, settings, None if held is None else held.pairs)",
+        "fit_linear_map(pairs, settings, None)",
+    ),
+    (
         "bias dropped from the map",
         "farcast_cli/model/linear.py",
         "return out.add_(self.bias[output]) if self.bias[output] else out",

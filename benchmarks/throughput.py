@@ -49,7 +49,7 @@ def measure(run: Path, work: Path, device: str, backtest: str) -> dict:
         )
         phases = json.loads(stdout)["seconds"]
         seconds.append(elapsed)
-        streaming.append(phases["write_forecast"] + (phases["fit_and_backtest"] if backtest == "full" else 0.0))
+        streaming.append(phases["write_forecast"] + (phases["fit"] + phases["backtest"] if backtest == "full" else 0.0))
     shutil.rmtree(out, ignore_errors=True)
     moved = sum(p.stat().st_size for p in streamed) + out_bytes
     return {

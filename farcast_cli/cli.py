@@ -46,7 +46,7 @@ from farcast_cli.evaluate.render import plain_lines, render
 from farcast_cli.evaluate.report import Report
 from farcast_cli.io.device import parse_size
 from farcast_cli.io.resume import SCHEDULES
-from farcast_cli.model.fit import FitSettings
+from farcast_cli.model.fit import OBJECTIVES, FitSettings
 
 
 class _PlainHelp:
@@ -165,16 +165,27 @@ def with_options(*groups: OptionGroup) -> Callable[[Callable], Callable]:
 
 
 def _fit_settings(
-    sample: int, seed: int, lam: float, lr: float, batch_size: int, max_epochs: int, patience: int, shrink: str, per_tensor: bool
+    sample: int,
+    seed: int,
+    lam: float,
+    lr: float,
+    batch_size: int,
+    max_updates: int,
+    patience: int,
+    shrink: str,
+    per_tensor: bool,
+    objective: str,
 ) -> FitSettings:
-    if sample < 2 or batch_size < 1 or max_epochs < 1 or patience < 1 or not 0 < lr < math.inf or not 0 <= lam < math.inf or seed < 0:
+    if sample < 2 or batch_size < 1 or max_updates < 1 or patience < 1 or not 0 < lr < math.inf or not 0 <= lam < math.inf or seed < 0:
         raise UsageError(
-            "--sample must be at least 2; --batch-size, --max-epochs, --patience and --lr positive and finite; "
+            "--sample must be at least 2; --batch-size, --max-updates, --patience and --lr positive and finite; "
             "--lambda finite and not negative; --seed not negative"
         )
+    if objective not in OBJECTIVES:
+        raise UsageError(f"--objective {objective!r}: expected {' or '.join(OBJECTIVES)}")
     return FitSettings(
-        sample=sample, seed=seed, lam=lam, lr=lr, batch_size=batch_size, max_epochs=max_epochs, patience=patience,
-        shrink=_shrink(shrink), per_tensor=per_tensor,
+        sample=sample, seed=seed, lam=lam, lr=lr, batch_size=batch_size, max_updates=max_updates, patience=patience,
+        shrink=_shrink(shrink), per_tensor=per_tensor, objective=objective,
     )  # fmt: skip
 
 
@@ -205,8 +216,12 @@ FIT_OPTIONS = OptionGroup(
         _option("lam", float, FitSettings.lam, "--lambda", help="Weight of the first-order-optimality regulariser.", panel=FITTING),
         _option("lr", float, FitSettings.lr, "--lr", help="Adam learning rate.", panel=FITTING),
         _option("batch_size", int, FitSettings.batch_size, help="Adam batch size.", panel=FITTING),
-        _option("max_epochs", int, FitSettings.max_epochs, help="Most epochs of Adam.", panel=FITTING),
-        _option("patience", int, FitSettings.patience, help="Epochs without validation gain before stopping.", panel=FITTING),
+        _option("max_updates", int, FitSettings.max_updates, help="Most Adam updates (the report says when a fit stopped there).",
+                panel=FITTING),
+        _option("patience", int, FitSettings.patience, help="Held-out checks (every 20 updates, or every epoch when shorter) "
+                "without gain before the fit counts as converged.", panel=FITTING),
+        _option("objective", str, FitSettings.objective, help="l1: the paper's L1 + regulariser, by Adam from the least-squares "
+                "solution; l2: the exact least-squares solution alone (instant, deterministic).", panel=FITTING),
     ),
     _fit_settings,
 )  # fmt: skip
@@ -522,6 +537,14 @@ def fit(
     context_end: Annotated[
         int | None, typer.Option(help="Fit on a complete reference run: learn (step s_0, this step) -> this step + horizon.")
     ] = None,  # fmt: skip
+    validation_run: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --context-end: a second complete run whose pairs decide when the fit has converged "
+            "(the paper's protocol), instead of held-out coordinates of the reference run.",
+            rich_help_panel=FITTING,
+        ),
+    ] = None,  # fmt: skip
     emit: Emit = None,
     anchor: Anchor = None,
     skip_damaged: SkipDamaged = False,
@@ -533,7 +556,12 @@ def fit(
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
     if horizon is None:
         _fail(UsageError("--horizon is required: how many steps past the run's newest checkpoint to forecast"))
-    given = dict(horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force, skip_damaged=skip_damaged)
+    if validation_run is not None and context_end is None:
+        _fail(UsageError("--validation-run is for fitting on a reference run: give --context-end too"))
+    given = dict(
+        horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force, skip_damaged=skip_damaged,
+        validation_run=validation_run,
+    )  # fmt: skip
     _run(
         lambda world: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation, world=world),
         _show_report(writing),

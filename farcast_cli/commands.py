@@ -136,9 +136,14 @@ def fit(
     force: bool = False,
     skip_damaged: bool = False,
     world: World = ONE_PROCESS,
+    validation_run: Path | None = None,
 ) -> Report:
     """`farcast fit`: fit on a reference run (with context_end) or on the run itself; save the forecaster.
+    A reference fit stops early on `validation_run` where given (the paper's protocol), else on
+    held-out coordinates of the reference run.
     Under torchrun (`world`) the ranks share the reads; rank 0 fits, runs any eval commands and saves."""
+    if validation_run is not None and context_end is None:
+        raise UsageError(f"{validation_run}: a validation run is for fitting on a reference run (context_end), not on the run itself")
     if out_file.exists() and not force:
         raise UsageError(f"{out_file}: already exists; choose a new name or pass {parameter('force=True')}")
     _check_horizon(horizon)
@@ -154,7 +159,7 @@ def fit(
         if context_end is None:
             found = _fit_and_evaluate(run, horizon, offsets, settings, options, judge, anchor, timings, world, judged)
         else:
-            found = _fit_reference(run, context_end, offsets, settings, options, judge, anchor or 1, timings, world, judged)
+            found = _fit_reference(run, context_end, offsets, settings, options, judge, anchor or 1, timings, world, judged, validation_run)
         counts = _count_evaluations(judge, timings)
     forecaster = found.forecaster
     forecaster.report = assemble("fit", run, found, counts=counts, seconds=timings).to_json()
@@ -451,9 +456,10 @@ def _fit_and_evaluate(
     with timed(timings, "read_sample"):
         phase(_sampling(run, settings), options.quiet)
         history = read_history(run, settings.sample, settings.seed, world)
-    with timed(timings, "fit_and_backtest"):
+    with timed(timings, "fit"):
         phase("fitting: the forecaster and its held-out trial", options.quiet)
         fitted = world.on_main(lambda: fit_on_run(history, horizon, offsets, settings, anchor or 1))
+    with timed(timings, "backtest"):
         backtest = None if fitted.scored is None else _backtest(run, history, fitted.scored, options, world)
     forecaster, loss, loss_unavailable = fitted.forecaster, None, None
     if judged:
@@ -499,14 +505,20 @@ def _fit_reference(
     timings: dict[str, float],
     world: World = ONE_PROCESS,
     judged: bool = False,
+    validation_dir: Path | None = None,
 ) -> Evaluation:
     """The paper's protocol on a complete reference run, scored on that run, where the truth at E + H is known."""
+    validation_run = None
+    if validation_dir is not None:
+        validation_run = world.together(lambda: find_run(validation_dir))
+        _check_validation_run(validation_run, run, context_end, context_end + offsets[-1])
     with timed(timings, "read_sample"):
         phase(_sampling(run, settings), options.quiet)
         history = read_history(run, settings.sample, settings.seed, world)
+        validation = None if validation_run is None else read_history(validation_run, settings.sample, settings.seed, world)
     with timed(timings, "fit"):
         phase("fitting: the forecaster on the reference run", options.quiet)
-        forecaster = world.on_main(lambda: fit_on_reference(history, context_end, offsets, settings, anchor))
+        forecaster = world.on_main(lambda: fit_on_reference(history, context_end, offsets, settings, anchor, validation))
     with timed(timings, "backtest"):
         backtest = _backtest(run, history, forecaster, options, world)
     loss, loss_unavailable = None, None
@@ -520,6 +532,22 @@ def _fit_reference(
         else:
             loss_unavailable = f"step {target} is not a checkpoint of the reference run"
     return Evaluation(forecaster, backtest, None, loss, loss_unavailable)
+
+
+def _check_validation_run(validation: Run, reference: Run, context_end: int, target: int) -> None:
+    """A validation run must hold tensors of the reference run's names (their sizes may differ: the
+    pairs are per coordinate, per tensor), a checkpoint at the context end and one at or past the
+    target, so that it gives pairs of the kind the fit learns from."""
+    expected = {info.name for info in reference.tensor_infos()}
+    found = {info.name for info in validation.tensor_infos()}
+    if found != expected:
+        differing = sorted(expected ^ found)
+        raise InputError(f"{validation.path}: the validation run's tensors differ from the reference run's ({', '.join(differing[:3])})")
+    if context_end not in validation.steps or validation.steps[-1] < target or validation.steps[0] >= context_end:
+        raise InputError(
+            f"{validation.path}: a validation run needs checkpoints from before step {context_end}, at it, and up to step {target}; "
+            f"found {describe_steps(validation.steps)}"
+        )
 
 
 def _saved_evaluation(run: Run, forecaster: Forecaster, forecaster_file: Path) -> Evaluation:
@@ -708,7 +736,7 @@ def assemble(
         loss=loss,
         loss_unavailable=found.loss_unavailable,
         notes=_notes(run) + _shrink_note(forecaster) + list(found.notes) + list(outcome.notes),
-        warnings=run.warnings,
+        warnings=run.warnings + _fit_warnings(forecaster),
         written=outcome.written,
         written_loss=outcome.written_loss,
         last_checkpoint_loss=outcome.last_checkpoint_loss,
@@ -719,6 +747,16 @@ def assemble(
         skipped_checkpoints=run.skipped,
         **headline(backtest, found.backtest_unavailable, loss, forecaster.horizon, _line_tested(run, forecaster, backtest)),
     )
+
+
+def _fit_warnings(forecaster: Forecaster) -> list[str]:
+    fit = forecaster.fit_info
+    if fit.get("stopped") != "budget":
+        return []
+    return [
+        f"the forecaster's fit stopped at its budget of {fit['updates']} updates before the held-out pairs "
+        f"stopped improving (best at update {fit['best_update']}): it may be under-fitted; raise the update budget"
+    ]
 
 
 def _line_tested(run: Run, forecaster: Forecaster, backtest: Backtest | None) -> bool:

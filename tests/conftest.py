@@ -122,7 +122,7 @@ def farcast() -> Farcast:
     return Farcast()
 
 
-FAST = ["--sample", "2000", "--max-epochs", "30", "--quiet"]
+FAST = ["--sample", "2000", "--max-updates", "100", "--quiet"]
 PROGRESS_LINE = re.compile(r"farcast: (sampling|fitting|backtest|writing|forecast): ")
 
 

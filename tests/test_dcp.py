@@ -231,7 +231,7 @@ def test_the_loss_decides_on_a_dcp_run_and_the_evaluator_gets_loadable_folders(f
         fsdp_run,
         tmp_path / "out",
         horizon=100,
-        settings=commands.FitSettings(sample=2000, max_epochs=30),
+        settings=commands.FitSettings(sample=2000, max_updates=100),
         options=commands.StreamOptions(quiet=True),
         evaluation=commands.EvalOptions(distance_to_step_400, cache=False),
     )

@@ -131,7 +131,7 @@ def test_an_evaluator_of_tensors_decides_as_the_same_loss_from_files(tmp_path):
         return distance(load_file(path / "model.safetensors"))
 
     settings = commands.StreamOptions(quiet=True)
-    fast = commands.FitSettings(sample=2000, max_epochs=30)
+    fast = commands.FitSettings(sample=2000, max_updates=100)
     in_memory = commands.predict(
         run, tmp_path / "a", horizon=100, settings=fast, options=settings, evaluation=EvalOptions(OnTensors(distance))
     )

@@ -116,7 +116,7 @@ def test_fit_recovers_a_known_linear_map():
     last = first + rng.normal(scale=0.3, size=4000)
     targets = (0.3 * first + 0.9 * last + 0.01)[:, None]
     pairs = Pairs(first, last, targets, np.abs(last - first), np.ones(4000), np.arange(4000))
-    linear, info = fit_linear_map(pairs, FitSettings(lam=0.0, max_epochs=200))
+    linear, info = fit_linear_map(pairs, FitSettings(lam=0.0, max_updates=2000))
     assert linear.weight[0][0] == pytest.approx(0.3, abs=0.01)
     assert linear.weight[1][0] == pytest.approx(0.9, abs=0.01)
     assert linear.bias[0] == pytest.approx(0.01, abs=0.005)
@@ -242,3 +242,87 @@ def test_fitting_does_not_pull_in_torch_compiler(run_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert (tmp_path / "f.json").exists()
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def _contracting(steps: list[int], shapes: dict[str, tuple[int, ...]], seed: int = 5) -> dict[int, dict[str, torch.Tensor]]:
+    """GD on a 1-d quadratic per coordinate: w_t = w* + 0.99^t (w_0 - w*), exactly linear in (w_0, w_t0)."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = {"dtype": torch.float64, "generator": generator}
+    ends = {name: (torch.rand(shape, **draw), torch.randn(shape, **draw)) for name, shape in shapes.items()}
+    return {s: {name: optimum + 0.99**s * (start - optimum) for name, (start, optimum) in ends.items()} for s in steps}
+
+
+def test_a_tensor_of_64_coordinates_reaches_the_exact_coefficients(tmp_path, farcast):
+    """Per-tensor fits on few coordinates converge: the closed-form start is exact and Adam keeps it."""
+    steps = list(range(0, 201, 10))
+    reference = write_run(tmp_path / "reference", steps=steps, dtype=torch.float64, extras=False,
+                          weights=_contracting(steps, {"small.weight": (8, 8), "big.weight": (40, 50)}))  # fmt: skip
+    forecaster_file = tmp_path / "forecaster.json"
+    result = farcast("fit", reference, "--context-end", 20, "--horizon", 180, "-o", forecaster_file, "--json", "--quiet")
+    (a_first,), (a_last,) = json.loads(forecaster_file.read_text())["per_tensor"]["small.weight"][0]
+    r20, r200 = 0.99**20, 0.99**200
+    assert a_last == pytest.approx((1 - r200) / (1 - r20), abs=1e-6)
+    assert a_first == pytest.approx(r200 - r20 * (1 - r200) / (1 - r20), abs=1e-6)
+    assert json.loads(result.stdout)["forecaster"]["fit"]["stopped"] == "converged"
+
+
+def test_l2_objective_is_the_closed_form_and_a_small_budget_is_reported(tmp_path, farcast):
+    rng = np.random.default_rng(0)
+    first, last = rng.normal(size=3000), rng.normal(size=3000)
+    targets = (0.3 * first + 0.9 * last + 0.01 + rng.laplace(scale=0.05, size=3000))[:, None]
+    pairs = Pairs(first, last, targets, np.abs(last - first), np.ones(3000), np.arange(3000))
+    validation = pairs.subset(np.arange(500))
+    linear, info = fit_linear_map(pairs, FitSettings(objective="l2", lam=0.0), validation)
+    exact = np.linalg.lstsq(np.stack([first, last, np.ones(3000)], axis=1), targets[:, 0], rcond=None)[0]
+    assert [linear.weight[0][0], linear.weight[1][0], linear.bias[0]] == pytest.approx(exact.tolist(), abs=1e-10)
+    assert info["stopped"] == "closed form" and info["updates"] == 0
+    assert (info["pairs"], info["held_out_pairs"], info["held_out"]) == (3000, 500, "validation run")
+    residual = exact[0] * first[:500] + exact[1] * last[:500] + exact[2] - targets[:500, 0]
+    assert info["validation_l1"] == pytest.approx(np.abs(residual).mean(), rel=1e-9)
+    _, budget = fit_linear_map(pairs, FitSettings(max_updates=3, patience=1000))
+    assert budget["stopped"] == "budget" and budget["updates"] == 3
+
+    run = write_run(tmp_path / "run")
+    report = json.loads(farcast("predict", run, "-H", 100, "-o", tmp_path / "out", "--json", "--sample", "2000", "--max-updates", 1,
+                                "--patience", 1000, "--quiet").stdout)  # fmt: skip
+    assert report["forecaster"]["fit"]["stopped"] == "budget"
+    assert any("stopped at its budget of 1 updates" in warning for warning in report["warnings"])
+    result = farcast("predict", run, "-H", 100, "-o", tmp_path / "bad", "--objective", "l3", "--quiet", expect=2)
+    assert "--objective" in result.stderr
+
+
+def test_a_validation_run_decides_when_a_reference_fit_has_converged(tmp_path, farcast):
+    """The paper's protocol: every reference coordinate is fitted, and a second run's pairs stop the fit
+    (its tensors may be of other sizes: pairs are per coordinate)."""
+    steps = list(range(0, 201, 10))
+    sizes = {"reference": {"small.weight": (8, 8), "big.weight": (40, 50)}, "validation": {"small.weight": (4, 8), "big.weight": (20, 50)}}
+    runs = {
+        name: write_run(tmp_path / name, steps=steps, dtype=torch.float64, extras=False, weights=_contracting(steps, sizes[name], seed))
+        for name, seed in (("reference", 5), ("validation", 6))
+    }
+    forecaster_file = tmp_path / "forecaster.json"
+    fitted = farcast("fit", runs["reference"], "--context-end", 20, "--horizon", 180, "--validation-run", runs["validation"],
+                     "-o", forecaster_file, "--json", "--quiet")  # fmt: skip
+    fit = json.loads(fitted.stdout)["forecaster"]["fit"]
+    assert (fit["held_out"], fit["pairs"], fit["held_out_pairs"], fit["stopped"]) == ("validation run", 2064, 1032, "converged")
+    assert fit["validation_l1"] < 1e-9
+    (a_first,), (a_last,) = json.loads(forecaster_file.read_text())["per_tensor"]["small.weight"][0]
+    r20, r200 = 0.99**20, 0.99**200
+    assert (a_first, a_last) == pytest.approx((r200 - r20 * (1 - r200) / (1 - r20), (1 - r200) / (1 - r20)), abs=1e-6)
+
+    own = json.loads(farcast("fit", runs["reference"], "--context-end", 20, "-H", 180, "-o", tmp_path / "own.json", "--json").stdout)
+    assert (own["forecaster"]["fit"]["held_out"], own["forecaster"]["fit"]["held_out_pairs"]) == ("coordinates", 413)
+
+
+def test_a_validation_run_that_does_not_match_is_one_error_line(tmp_path, farcast):
+    steps, shapes = list(range(0, 201, 10)), {"small.weight": (8, 8)}
+    reference = write_run(tmp_path / "reference", steps=steps, extras=False, weights=_contracting(steps, shapes))
+    other = write_run(tmp_path / "other", steps=steps, extras=False, weights=_contracting(steps, {"small.weight": (8, 8), "x": (3,)}))
+    short = write_run(tmp_path / "short", steps=steps[:11], extras=False, weights=_contracting(steps[:11], shapes))
+    out = tmp_path / "f.json"
+    for validation, expected in ((other, "tensors differ from the reference run's (x)"), (short, "up to step 200")):
+        result = farcast("fit", reference, "--context-end", 20, "-H", 180, "--validation-run", validation, "-o", out, expect=3)
+        assert result.stderr.startswith(f"farcast: error: {validation}: ") and expected in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    result = farcast("fit", reference, "-H", 100, "--validation-run", reference, "-o", out, expect=2)
+    assert "--validation-run" in result.stderr and "--context-end" in result.stderr and not out.exists()

@@ -14,7 +14,7 @@ from farcast_cli.integrations import Farcaster
 from farcast_cli.io.run import find_run
 from farcast_cli.model.fit import FitSettings
 
-FAST_FIT = FitSettings(sample=2000, max_epochs=30)
+FAST_FIT = FitSettings(sample=2000, max_updates=100)
 
 
 def regression_data() -> tuple[torch.Tensor, torch.Tensor]:

@@ -217,7 +217,7 @@ def test_a_python_callable_is_an_evaluator(run_dir, tmp_path):
         return sum(float((weights[n] - t).abs().sum()) for n, t in target.items())
 
     report = commands.predict(
-        run_dir, tmp_path / "out", horizon=100, settings=FitSettings(sample=2000, max_epochs=30),
+        run_dir, tmp_path / "out", horizon=100, settings=FitSettings(sample=2000, max_updates=100),
         options=commands.StreamOptions(quiet=True), evaluation=EvalOptions(distance),
     )  # fmt: skip
     assert report.criterion == "validation loss" and report.loss.chosen.method == "forecast"

@@ -50,7 +50,7 @@ def big_run(tmp_path_factory) -> Path:
 
 
 def start_slow_predict(run: Path, out: Path, **kwargs) -> subprocess.Popen:
-    return farcast_process("predict", run, "-H", 5, "-o", out, "--max-memory", "16KB", "--sample", "500", "--max-epochs", "3", **kwargs)
+    return farcast_process("predict", run, "-H", 5, "-o", out, "--max-memory", "16KB", "--sample", "500", "--max-updates", "10", **kwargs)
 
 
 def wait_for_temporary_folder(out: Path, process: subprocess.Popen) -> None:
@@ -102,7 +102,7 @@ def test_disk_full_while_writing(big_run, tmp_path):
         pytest.skip(f"cannot mount a size-limited tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         out = small / "out"
-        code, stderr = finish(farcast_process("predict", big_run, "-H", 5, "-o", out, "--sample", "500", "--max-epochs", "3"))
+        code, stderr = finish(farcast_process("predict", big_run, "-H", 5, "-o", out, "--sample", "500", "--max-updates", "10"))
         assert code == 5, stderr
         assert stderr.strip().endswith("disk full while writing; nothing was kept")
         assert list(small.iterdir()) == []
@@ -118,7 +118,7 @@ def _limit_file_size() -> None:
 @pytest.mark.slow
 def test_file_size_limit_while_writing(big_run, tmp_path):
     out = tmp_path / "out"
-    process = farcast_process("predict", big_run, "-H", 5, "-o", out, "--sample", "500", "--max-epochs", "3", preexec_fn=_limit_file_size)
+    process = farcast_process("predict", big_run, "-H", 5, "-o", out, "--sample", "500", "--max-updates", "10", preexec_fn=_limit_file_size)
     code, stderr = finish(process)
     assert code == 5, stderr
     assert "cannot write: File too large" in stderr

@@ -165,7 +165,7 @@ def test_help_shows_no_bool_type_and_names_arguments_plainly(farcast, command):
 
 
 def test_a_batch_log_shows_each_phase_as_it_starts(run_dir, farcast, tmp_path):
-    result = farcast("predict", run_dir, "-H", 40, "-o", tmp_path / "out", "--sample", 2000, "--max-epochs", 30)
+    result = farcast("predict", run_dir, "-H", 40, "-o", tmp_path / "out", "--sample", 2000)
     phases = [line.split(":")[1].strip() for line in result.stderr.splitlines() if line.startswith("farcast: ")]
     assert phases == ["sampling", "fitting", "backtest", "writing"], result.stderr
 

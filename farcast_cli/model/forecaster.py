@@ -151,12 +151,32 @@ def fit_on_run(history: History, horizon: int, offsets: list[int], settings: Fit
     return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings)))
 
 
-def fit_on_reference(history: History, context_end: int, offsets: list[int], settings: FitSettings, anchor: int = 1) -> Forecaster:
-    """The paper's protocol: learn (w at s_0, w at E) -> w at E + H from a complete reference run.
-    Shrinks only by a number given in settings.shrink: here the fit already saw the truth."""
+def fit_on_reference(
+    history: History, context_end: int, offsets: list[int], settings: FitSettings, anchor: int = 1, validation: History | None = None
+) -> Forecaster:
+    """The paper's protocol: learn (w at s_0, w at E) -> w at E + H from a complete reference run,
+    stopped early on a separate `validation` run's pairs where one is given (else on held-out
+    coordinates of the reference run). Shrinks only by a number given in settings.shrink: here the fit
+    already saw the truth."""
     pairs = reference_pairs(history, context_end, offsets, anchor)
-    forecaster = _forecaster("reference", history, context_end, offsets, pairs, settings, anchor)
+    held = None if validation is None else _Held(validation, reference_pairs(validation, context_end, offsets, anchor))
+    forecaster = _forecaster("reference", history, context_end, offsets, pairs, settings, anchor, held)
     return forecaster.shrunk(1.0 if settings.shrink is None else settings.shrink)
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A validation run's sampled history and its pairs, which decide when a fit has converged."""
+
+    history: History
+    pairs: Pairs
+
+    def of_tensor(self, name: str) -> Pairs | None:
+        """The pairs of one tensor's coordinates, or None when the validation run sampled none of it."""
+        if name not in self.history.tensor_names:
+            return None
+        rows = np.isin(self.pairs.coordinate, self.history.rows_of(self.history.tensor_names.index(name)))
+        return self.pairs.subset(rows) if rows.any() else None
 
 
 def held_out_trial(history: History, horizon: int, settings: FitSettings, anchor: int = 1) -> Forecaster | None:
@@ -213,10 +233,17 @@ def fit_plain(history: History, horizon: int, offsets: list[int], settings: FitS
 
 
 def _forecaster(
-    mode: str, history: History, context_end: int, offsets: list[int], pairs: Pairs, settings: FitSettings, anchor: int
+    mode: str,
+    history: History,
+    context_end: int,
+    offsets: list[int],
+    pairs: Pairs,
+    settings: FitSettings,
+    anchor: int,
+    held: _Held | None = None,
 ) -> Forecaster:
-    shared, info = fit_linear_map(pairs, settings)
-    per_tensor = {name: _spread(linear, anchor) for name, linear in _fit_per_tensor(history, pairs, settings).items()}
+    shared, info = fit_linear_map(pairs, settings, None if held is None else held.pairs)
+    per_tensor = {name: _spread(linear, anchor) for name, linear in _fit_per_tensor(history, pairs, settings, held).items()}
     return Forecaster(
         mode,
         int(history.steps[0]),
@@ -236,14 +263,15 @@ def _spread(linear: LinearMap, anchor: int) -> LinearMap:
     return LinearMap.of([first, *[[w / anchor for w in mean]] * anchor], linear.bias)
 
 
-def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings) -> dict[str, LinearMap]:
+def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings, held: _Held | None = None) -> dict[str, LinearMap]:
     """With settings.per_tensor: a map for each tensor with at least MIN_TENSOR_SAMPLE sampled
-    coordinates; the others keep the shared map."""
+    coordinates, stopped early on the same tensor's pairs in `held` where it has any; the others keep
+    the shared map."""
     if not settings.per_tensor:
         return {}
     owner = history.tensor_index[pairs.coordinate]
     fitted = {}
     for index, name in enumerate(history.tensor_names):
         if len(history.rows_of(index)) >= MIN_TENSOR_SAMPLE:
-            fitted[name] = fit_linear_map(pairs.subset(owner == index), settings)[0]
+            fitted[name] = fit_linear_map(pairs.subset(owner == index), settings, None if held is None else held.of_tensor(name))[0]
     return fitted

@@ -44,6 +44,13 @@ class Pairs:
             self.first[rows], self.last[rows], self.targets[rows], self.first_rate[rows], self.last_dt[rows], self.coordinate[rows]
         )
 
+    def joined(self, other: Pairs) -> Pairs:
+        """These rows, then `other`'s (whose coordinates are numbered after these)."""
+        shift = int(self.coordinate.max()) + 1 if len(self.coordinate) else 0
+        fields = ("first", "last", "targets", "first_rate", "last_dt")
+        joined = {name: np.concatenate([getattr(self, name), getattr(other, name)]) for name in fields}
+        return Pairs(**joined, coordinate=np.concatenate([self.coordinate, other.coordinate + shift]))
+
 
 def interpolate(history: History, time: float) -> np.ndarray:
     """Every sampled coordinate's value at `time`, linear between the two checkpoints around it."""
