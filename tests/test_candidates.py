@@ -23,7 +23,7 @@ from farcast_cli.forecast.candidates import CANDIDATES, Candidate, register, unr
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.linear import LinearMap
 
-FIT = FitSettings(sample=2000, max_epochs=30)
+FIT = FitSettings(sample=2000, max_updates=300)
 QUIET = commands.StreamOptions(quiet=True)
 
 RESTART = Candidate(

@@ -17,7 +17,7 @@ from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.io.run import LAYOUTS, Found, Layout, find_run, folder_checkpoint
 from farcast_cli.model.fit import FitSettings
 
-FIT = FitSettings(sample=2000, max_epochs=30)
+FIT = FitSettings(sample=2000, max_updates=300)
 QUIET = commands.StreamOptions(quiet=True)
 
 
