@@ -18,7 +18,7 @@ from farcast_cli.errors import UsageError
 from farcast_cli.evaluate.report import REPORT_FILE
 from farcast_cli.integrations import Farcaster, memory
 
-FAST = ["--sample", "2000", "--max-epochs", "30", "--quiet"]
+FAST = ["--sample", "2000", "--max-updates", "100", "--quiet"]
 
 
 def two_layers() -> torch.nn.Module:
@@ -59,7 +59,7 @@ def test_the_jump_in_memory_is_what_farcast_predict_writes_from_the_same_checkpo
 
 def test_only_the_jump_record_is_written_and_the_history_is_bounded_by_the_sample(tmp_path):
     run = tmp_path / "run"
-    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT.__class__(sample=5, max_epochs=30), gate=False)
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT.__class__(sample=5, max_updates=100), gate=False)
     train_with(farcaster, run, steps=40)
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("checkpoint-")) == ["farcast_jumps.json"]
     assert farcaster.observed.history().values.shape == (5, 9) and farcaster.observed.first_bytes == 9 * 4
