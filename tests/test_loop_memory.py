@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,14 +37,16 @@ def test_the_jump_in_memory_is_what_farcast_predict_writes_from_the_same_checkpo
     run, x, y = tmp_path / "run", *regression_data()
     model = two_layers()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    farcaster = Farcaster(run, every=30, jump=0.5, settings=FAST_FIT, gate=False)
+    unshrunk = replace(FAST_FIT, shrink=1.0)  # a backtest that picks shrink 0 would write the last checkpoint: a jump of nothing
+    farcaster = Farcaster(run, every=30, jump=0.5, settings=unshrunk, gate=False)
     for step in range(0, 31):
         if step:
             sgd_steps(model, optimizer, x, y)
         if step % 5 == 0:
             save(run, model, step)
             if step == 30:
-                farcast("predict", run, "-H", 15, "-o", tmp_path / "forecast", "--backtest", "sample", "--no-fallback", *FAST)
+                options = ["--backtest", "sample", "--no-fallback", "--shrink", 1, *FAST]
+                farcast("predict", run, "-H", 15, "-o", tmp_path / "forecast", *options)
             result = farcaster.step(model, step)
     assert result.applied and result.horizon == 15
     written = load_file(tmp_path / "forecast" / "model.safetensors")
@@ -52,7 +55,7 @@ def test_the_jump_in_memory_is_what_farcast_predict_writes_from_the_same_checkpo
         assert torch.allclose(tensor, written[name], rtol=1e-6, atol=1e-7), name
         assert not torch.allclose(tensor, last[name], rtol=1e-4, atol=1e-5), name
     report = json.loads((tmp_path / "forecast" / REPORT_FILE).read_text())
-    verdict = memory.weight_verdict(farcaster.observed, memory.fit_in_memory(farcaster.observed, 15, FAST_FIT), 15)
+    verdict = memory.weight_verdict(farcaster.observed, memory.fit_in_memory(farcaster.observed, 15, unshrunk), 15)
     assert verdict.skill == pytest.approx(report["skill_vs_last"], rel=1e-9) and verdict.tested == report["tested"]
     assert farcaster.observed.history().values.shape == (sum(p.numel() for p in model.parameters()), 7)
 
