@@ -123,13 +123,11 @@ def _save_worker(rank: int, ranks: int, port: int, root: str, weights_file: str,
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=ranks)
-    try:
-        mesh = init_device_mesh("cpu", (ranks,))
-        weights = torch.load(weights_file, weights_only=True)
-        for step, tensors in weights.items():
-            dcp.save(_state_dict(tensors, layout, step, mesh), checkpoint_id=folder_for(Path(root), layout, step)[1])
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (ranks,))
+    weights = torch.load(weights_file, weights_only=True)
+    for step, tensors in weights.items():
+        dcp.save(_state_dict(tensors, layout, step, mesh), checkpoint_id=folder_for(Path(root), layout, step)[1])
+    _end_rank()
 
 
 def fsdp_model() -> torch.nn.Module:
@@ -155,26 +153,31 @@ def _train_worker(rank: int, ranks: int, port: int, root: str, steps: int, every
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=ranks)
-    try:
-        mesh = init_device_mesh("cpu", (ranks,))
-        model = fsdp_model()
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        generator = torch.Generator().manual_seed(rank)
-        target = torch.nn.Linear(16, 4)
-        for step in range(1, steps + 1):
-            x = torch.randn(32, 16, generator=generator)
-            loss = (model(x) - target(x).detach()).pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if step % every == 0:
-                folder = Path(root) / f"checkpoint-{step}"
-                dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=folder / "pytorch_model_fsdp_0")
-                if rank == 0:
-                    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (ranks,))
+    model = fsdp_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(rank)
+    target = torch.nn.Linear(16, 4)
+    for step in range(1, steps + 1):
+        x = torch.randn(32, 16, generator=generator)
+        loss = (model(x) - target(x).detach()).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % every == 0:
+            folder = Path(root) / f"checkpoint-{step}"
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=folder / "pytorch_model_fsdp_0")
+            if rank == 0:
+                (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    _end_rank()
+
+
+def _end_rank() -> None:
+    """Every rank's files are written: end the process without tearing gloo down, whose destructor can
+    abort ("terminate called without an active exception") or deadlock when ranks leave at once."""
+    dist.barrier()
+    os._exit(0)

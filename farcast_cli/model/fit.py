@@ -105,11 +105,13 @@ def _adam_from(problem: _Problem, start: np.ndarray, train: np.ndarray, held: np
 def _least_squares(problem: _Problem, rows: np.ndarray) -> np.ndarray:
     """The exact least-squares coefficients over `rows`: the 3 x 3 normal equations in float64, solved
     once and refined once on their residual (which recovers the digits squaring the design loses), by
-    lstsq so that a singular system (a constant input) still has its minimum-norm solution."""
+    lstsq so that a singular system (a constant input) still has its minimum-norm solution. The sums
+    over rows are einsum's own loops, not BLAS, so that they do not depend on the thread count (torchrun
+    gives each rank one thread, and its forecaster must be one process's, byte for byte)."""
     x, y = problem.inputs[rows], problem.residual[rows]
-    gram = x.T @ x
-    coefficients = np.linalg.lstsq(gram, x.T @ y, rcond=None)[0]
-    return coefficients + np.linalg.lstsq(gram, x.T @ (y - x @ coefficients), rcond=None)[0]
+    gram = np.einsum("ri,rj->ij", x, x)
+    coefficients = np.linalg.lstsq(gram, np.einsum("ri,rm->im", x, y), rcond=None)[0]
+    return coefficients + np.linalg.lstsq(gram, np.einsum("ri,rm->im", x, y - x @ coefficients), rcond=None)[0]
 
 
 class _Problem:
@@ -157,7 +159,7 @@ class _Problem:
         d_predicted[:, -1] += d_step
         if d_predicted.shape[1] > 1:
             d_predicted[:, -2] -= d_step
-        return x.T @ d_predicted
+        return np.einsum("ri,rm->im", x, d_predicted)
 
     def as_linear_map(self, coefficients: np.ndarray) -> LinearMap:
         """Back from (p, q, c) to y = first * A[0] + last * A[1] + b."""
