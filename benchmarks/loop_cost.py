@@ -22,6 +22,7 @@ import torch
 from workloads.loops import STEPS, parts
 
 from farcast_cli.integrations import Farcaster
+from farcast_cli.model.fit import FitSettings
 
 
 def main() -> None:
@@ -30,12 +31,19 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=8)
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--jumps", type=int, default=2)
+    parser.add_argument("--objectives", default="l1", help="comma-separated fit objectives to time one after the other (l1, l2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    for objective in args.objectives.split(","):
+        measure(args, objective)
+
+
+def measure(args: argparse.Namespace, objective: str) -> None:
+    """Train from seed 0 with a farcaster whose fit uses `objective`, and print a jump's own cost."""
     p = parts(args.workload, 0)
     every = args.saves * args.save_every
     with tempfile.TemporaryDirectory(prefix="farcast-cost-") as run:
-        farcaster = Farcaster(Path(run), every=every, jump=0.5, loss_fn=p.gate)
+        farcaster = Farcaster(Path(run), every=every, jump=0.5, loss_fn=p.gate, settings=FitSettings(objective=objective))
         farcaster.step(p.model, 0)
         step_seconds, results = [], []
         for step in range(1, every * args.jumps + 1):
@@ -52,7 +60,8 @@ def main() -> None:
         observations = len(farcaster.observed)
         step = float(np.median(step_seconds))
         observe = farcaster.observe_seconds / observations
-        print(f"{args.workload}: {sum(t.numel() for t in p.model.parameters()):,} parameters, optimizer step {1000 * step:.1f} ms (median)")
+        parameters = sum(t.numel() for t in p.model.parameters())
+        print(f"{args.workload}, objective {objective}: {parameters:,} parameters, optimizer step {1000 * step:.1f} ms (median)")
         print(f"observing at a save: {1000 * observe:.2f} ms; first weights kept: {farcaster.observed.first_bytes / 1e6:.1f} MB on the CPU")
         for result in results:
             own = result.seconds + observe * args.saves
