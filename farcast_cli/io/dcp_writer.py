@@ -37,7 +37,30 @@ from farcast_cli.io.run import INDEX_FILE, SINGLE_FILE
 from farcast_cli.io.writer import header_bytes, output_failure
 
 
-class DcpWriter:
+class _OpenFiles:
+    """Output files held open by descriptor while a writer fills them: fsynced (when durable) and closed
+    together."""
+
+    folder: Path
+    _fds: dict
+
+    def close(self, durable: bool = True) -> None:
+        try:
+            for fd in self._fds.values():
+                if durable:
+                    os.fsync(fd)
+        except OSError as error:
+            raise output_failure(self.folder, error) from None
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+class DcpWriter(_OpenFiles):
     """Writes one DCP folder: `write(name, start, values)` puts values at element `start` of a tensor's
     stream (its chunks in offset order, as io/dcp.py reads them), in any order."""
 
@@ -103,21 +126,6 @@ class DcpWriter:
                 _pwrite_all(self._fds[path], view[at : at + count], offset)
             except OSError as error:
                 raise output_failure(path, error) from None
-
-    def close(self, durable: bool = True) -> None:
-        try:
-            for fd in self._fds.values():
-                if durable:
-                    os.fsync(fd)
-        except OSError as error:
-            raise output_failure(self.folder, error) from None
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
 
 
 def _data_offset(handle, offset: int, length: int) -> int:
@@ -210,7 +218,7 @@ def consolidated_layout(source: DcpFolder, dtypes: dict[str, str]) -> dict[str, 
     return {f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors": infos for k, infos in enumerate(shards)}
 
 
-class ConsolidatedWriter:
+class ConsolidatedWriter(_OpenFiles):
     """Writes a DCP source's tensors as whole tensors into safetensors files (consolidated_layout), with
     the interface of DcpWriter: each piece of a tensor's stream (its chunks in offset order) goes to its
     place in the tensor's row-major data, by positional writes (runs of a chunk's rows where the chunk
@@ -270,21 +278,6 @@ class ConsolidatedWriter:
             position = 0
             if not len(view):
                 return
-
-    def close(self, durable: bool = True) -> None:
-        try:
-            for fd in self._fds.values():
-                if durable:
-                    os.fsync(fd)
-        except OSError as error:
-            raise output_failure(self.folder, error) from None
-        finally:
-            self.abort()
-
-    def abort(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
 
 
 def _row_major_runs(chunk: Chunk, shape: tuple[int, ...], itemsize: int, start: int, count: int) -> list[tuple[int, int, int]]:
