@@ -171,15 +171,20 @@ def _parsed(parser: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
+def _serve_or_print(evaluator, args: argparse.Namespace) -> None:
+    """With --serve, losses of the checkpoint paths read on stdin; else the one checkpoint's loss."""
+    if args.serve:
+        serve(evaluator)
+    else:
+        print(f"{evaluator(args.checkpoint).loss():.6f}")
+
+
 def causal_lm_main() -> None:
     parser = _arguments("Print a causal LM checkpoint's mean loss per predicted token on a text file.", "--text")
     parser.add_argument("--context", type=int, default=512)
     args = _parsed(parser)
     evaluator = lambda checkpoint: CausalLM(checkpoint, args.text, args.tokenizer, args.context, args.batch, args.device)  # noqa: E731
-    if args.serve:
-        serve(evaluator)
-    else:
-        print(f"{evaluator(args.checkpoint).loss():.6f}")
+    _serve_or_print(evaluator, args)
 
 
 def sequence_classification_main() -> None:
@@ -187,10 +192,7 @@ def sequence_classification_main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     args = _parsed(parser)
     evaluator = lambda checkpoint: SequenceClassifier(checkpoint, args.csv, args.tokenizer, args.max_length, args.batch, args.device)  # noqa: E731
-    if args.serve:
-        serve(evaluator)
-    else:
-        print(f"{evaluator(args.checkpoint).loss():.6f}")
+    _serve_or_print(evaluator, args)
 
 
 if __name__ == "__main__":

@@ -38,11 +38,22 @@ from farcast_cli.io.writer import header_bytes, output_failure
 
 
 class _OpenFiles:
-    """Output files held open by descriptor while a writer fills them: fsynced (when durable) and closed
-    together."""
+    """Output files held open by descriptor while a writer fills them by tensor (`write_bytes`, the
+    writer's own placement): fsynced (when durable) and closed together."""
 
     folder: Path
+    dtypes: dict[str, str]
     _fds: dict
+
+    def write(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Elements from `start` of the tensor's stream; their dtype must be the output's."""
+        if values.dtype != TORCH_DTYPES[self.dtypes[name]]:
+            raise ValueError(f"chunk of {values.dtype} for tensor {name} of {self.dtypes[name]}")
+        data = values.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self.write_bytes(name, start * values.element_size(), memoryview(data))
+
+    def write_bytes(self, name: str, begin: int, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
 
     def close(self, durable: bool = True) -> None:
         try:
@@ -111,13 +122,6 @@ class DcpWriter(_OpenFiles):
                 self.items.setdefault(name, []).append((relative, placed, _StorageInfo(relative, offset, length)))
         for name in self.chunks:
             self.chunks[name].sort(key=lambda c: c.offsets)
-
-    def write(self, name: str, start: int, values: torch.Tensor) -> None:
-        """Elements from `start` of the tensor's stream; their dtype must be the output's."""
-        if values.dtype != TORCH_DTYPES[self.dtypes[name]]:
-            raise ValueError(f"chunk of {values.dtype} for tensor {name} of {self.dtypes[name]}")
-        data = values.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self.write_bytes(name, start * values.element_size(), memoryview(data))
 
     def write_bytes(self, name: str, begin: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -250,12 +254,6 @@ class ConsolidatedWriter(_OpenFiles):
         except OSError as error:
             self.abort()
             raise output_failure(self.folder, error) from None
-
-    def write(self, name: str, start: int, values: torch.Tensor) -> None:
-        if values.dtype != TORCH_DTYPES[self.dtypes[name]]:
-            raise ValueError(f"chunk of {values.dtype} for tensor {name} of {self.dtypes[name]}")
-        data = values.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self.write_bytes(name, start * values.element_size(), memoryview(data))
 
     def write_bytes(self, name: str, begin: int, data: bytes | bytearray | memoryview) -> None:
         """Bytes from `begin` of the tensor's stream, each run at its row-major place."""
