@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,18 +15,22 @@ from safetensors.torch import save_file
 TENSOR_ELEMENTS = 16 * 1024 * 1024
 
 
-def make_run(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dtype: torch.dtype, steps_apart: int = 100) -> Path:
-    """A Trainer-layout run whose weights drift linearly plus noise; tensors of 16M elements."""
-    if folder.exists():
-        return folder
+def drifting_weights(checkpoints: int, bytes_per_checkpoint: float, dtype: torch.dtype, steps_apart: int) -> Iterator[tuple[int, dict]]:
+    """(step, tensors) of a run whose weights drift linearly from seeded random bases; tensors of 16M elements."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     count = max(1, round(bytes_per_checkpoint / (TENSOR_ELEMENTS * itemsize)))
     generator = torch.Generator().manual_seed(0)
     bases = [torch.randn(TENSOR_ELEMENTS, generator=generator) * 0.02 for _ in range(count)]
     drifts = [torch.randn(TENSOR_ELEMENTS, generator=generator) * 1e-4 for _ in range(count)]
     for k in range(checkpoints):
-        step = (k + 1) * steps_apart
-        tensors = {f"layers.{i}.weight": (bases[i] + drifts[i] * (k + 1)).to(dtype) for i in range(count)}
+        yield (k + 1) * steps_apart, {f"layers.{i}.weight": (bases[i] + drifts[i] * (k + 1)).to(dtype) for i in range(count)}
+
+
+def make_run(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dtype: torch.dtype, steps_apart: int = 100) -> Path:
+    """A Trainer-layout run whose weights drift linearly plus noise; tensors of 16M elements."""
+    if folder.exists():
+        return folder
+    for step, tensors in drifting_weights(checkpoints, bytes_per_checkpoint, dtype, steps_apart):
         target = folder / f"checkpoint-{step}"
         target.mkdir(parents=True)
         save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
@@ -41,16 +46,10 @@ def make_dcp_run(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dt
 
     if folder.exists():
         return folder
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    count = max(1, round(bytes_per_checkpoint / (TENSOR_ELEMENTS * itemsize)))
-    generator = torch.Generator().manual_seed(0)
-    bases = [torch.randn(TENSOR_ELEMENTS, generator=generator) * 0.02 for _ in range(count)]
-    drifts = [torch.randn(TENSOR_ELEMENTS, generator=generator) * 1e-4 for _ in range(count)]
-    for k in range(checkpoints):
-        tensors = {f"layers.{i}.weight": (bases[i] + drifts[i] * (k + 1)).to(dtype) for i in range(count)}
+    for step, tensors in drifting_weights(checkpoints, bytes_per_checkpoint, dtype, steps_apart):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.save({"model": tensors}, checkpoint_id=folder / f"checkpoint-{(k + 1) * steps_apart}" / "pytorch_model_fsdp_0")
+            dcp.save({"model": tensors}, checkpoint_id=folder / f"checkpoint-{step}" / "pytorch_model_fsdp_0")
     return folder
 
 
