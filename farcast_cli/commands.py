@@ -34,7 +34,16 @@ from farcast_cli.forecast.candidates import (
     candidates,
     line_tested,
 )
-from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
+from farcast_cli.forecast.write import (
+    Share,
+    combination_key,
+    finish_forecast,
+    output_info,
+    share_nbytes,
+    split_files,
+    split_work,
+    write_tensors,
+)
 from farcast_cli.io.dcp import describe_dcp
 from farcast_cli.io.device import resolve_device
 from farcast_cli.io.engine import EngineSettings, plan_chunk_elements
@@ -228,11 +237,11 @@ def predict(
         last = run.at_step(forecaster.context_end)
         if resumable:
             _check_resumable_choice(assemble("predict", run, found, Outcome(written=chosen)), run, last)
-        share = _write_share(last, out_dir, world)
+        share = _write_share(last, out_dir, world, options.engine(*predict_bytes(len(candidate.inputs))).chunk_elements)
         consolidate = output_format == "safetensors" and last.dcp is not None
 
         def write(folder: Path) -> None:
-            share_bytes = last.nbytes if share is None else sum(last.tensor(name)[1].nbytes for name in share)
+            share_bytes = share_nbytes(last, share)
             phase(f"writing: {chosen.label} to {out_dir}", options.quiet)
             with timed(timings, "write_forecast"), byte_progress("forecast", len(candidate.inputs) * share_bytes, options.quiet) as advance:
                 write_tensors(
@@ -300,14 +309,16 @@ def _for_rank(options: StreamOptions, world: World) -> StreamOptions:
     return replace(options, device=world.device(options.device), quiet=options.quiet or not world.is_main)
 
 
-def _write_share(last: Checkpoint, out_dir: Path, world: World) -> frozenset[str] | None:
-    """The tensors this rank writes (None: all of them, one process): shares of every file where the
-    output's file system takes writes to one file from several nodes, else whole files; rank 0 decides,
-    so that the shares agree even where nodes mount the output differently."""
+def _write_share(last: Checkpoint, out_dir: Path, world: World, grain: int) -> Share | None:
+    """What this rank writes (None: all of it, one process): shares of every file (a large tensor in
+    ranges of `grain` elements) where the output's file system takes writes to one file from several
+    nodes, else whole files; rank 0 decides, so that the shares agree even where nodes mount the
+    output differently."""
     if world.size == 1:
         return None
-    split = split_work if world.on_main(lambda: shared_file_writes(world, out_dir)) else split_files
-    return split(last, world.size)[world.rank]
+    if world.on_main(lambda: shared_file_writes(world, out_dir)):
+        return split_work(last, world.size, grain)[world.rank]
+    return split_files(last, world.size)[world.rank]
 
 
 def plan(
@@ -623,7 +634,8 @@ def _backtest(run: Run, history: History, forecaster: Forecaster, options: Strea
     phase(f"backtest: weight error of every candidate at step {forecaster.target_steps[-1]:g}", options.quiet)
     if options.backtest == "sample":
         return backtest_sample(history, scored)
-    with byte_progress("backtest", streamed_bytes(run, scored, world), options.quiet) as advance:
+    grain = options.engine(INPUT_BYTES_PER_ELEMENT, scratch_bytes_per_element()).chunk_elements
+    with byte_progress("backtest", streamed_bytes(run, scored, grain, world), options.quiet) as advance:
         return backtest_streaming(run, scored, options.engine(INPUT_BYTES_PER_ELEMENT, scratch_bytes_per_element(), advance), world)
 
 

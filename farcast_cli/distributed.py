@@ -3,11 +3,12 @@
 torchrun (or srun with torchrun's environment) starts one farcast per rank with WORLD_SIZE, RANK,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; `join_world` joins them into a torch.distributed process
 group. Each streaming pass divides its tensors among the ranks (`World.divided`, the same division on
-every rank); work that is small and must happen once runs on rank 0 (`World.on_main`) and its result
-goes to every rank; `World.together` is the all-ranks-succeeded check. Each of these is one collective
-that carries every rank's outcome, so an error on any rank becomes the same `RanksFailed` on every
-rank, which rank 0 alone prints. A rank that dies or hangs breaks the collective: the others get
-`LostContact` at once (the connection closes) or after FARCAST_DIST_TIMEOUT seconds.
+every rank), a tensor larger than a rank's fair share in pieces (`tensor_pieces`); work that is
+small and must happen once runs on rank 0 (`World.on_main`) and its result goes to every rank;
+`World.together` is the all-ranks-succeeded check. Each of these is one collective that carries
+every rank's outcome, so an error on any rank becomes the same `RanksFailed` on every rank, which
+rank 0 alone prints. A rank that dies or hangs breaks the collective: the others get `LostContact`
+at once (the connection closes) or after FARCAST_DIST_TIMEOUT seconds.
 
 One process (WORLD_SIZE unset or 1) gets `ONE_PROCESS`, which runs every step in place and never
 imports torch.distributed.
@@ -16,6 +17,7 @@ imports torch.distributed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -23,9 +25,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from farcast_cli.errors import EXIT_INTERNAL, FarcastError, LostContact, UsageError, parameter
+
+if TYPE_CHECKING:
+    from farcast_cli.io.run import Checkpoint
 
 TIMEOUT_VARIABLE = "FARCAST_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_SECONDS = 1800.0
@@ -44,6 +49,65 @@ def balanced_shares(weights: Sequence[int], parts: int) -> list[list[int]]:
         shares[lightest].append(index)
         loads[lightest] += weights[index]
     return [sorted(share) for share in shares]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [start, stop) of item `item` (a whole item, or a range of a large one), weighing `weight`."""
+
+    item: int
+    start: int
+    stop: int
+    weight: int
+
+
+def cut_in_pieces(
+    lengths: Sequence[int],
+    weights: Sequence[int],
+    parts: int,
+    grain: int,
+    natural_cuts: Sequence[Sequence[int]] = (),
+    divisible: Sequence[bool] = (),
+) -> list[Piece]:
+    """The items (item i: lengths[i] elements weighing weights[i]) as pieces to divide among `parts`, in
+    item order: whole, or, for an item heavier than a part's fair share (1/parts of the total), about
+    equal ranges of about that share, so that one huge item (an embedding) still spreads over the parts.
+
+    Cuts fall on multiples of `grain` elements: where the streaming's chunks of the whole item begin,
+    so that the pieces stream exactly the chunks one process streams. Where an item has natural
+    boundaries (`natural_cuts[i]`: a DCP tensor's saved chunks), a cut is the boundary nearest the
+    even split, moved to the nearest multiple of grain. Items not `divisible` stay whole."""
+    total = sum(weights)
+    pieces = []
+    for item, (length, weight) in enumerate(zip(lengths, weights)):
+        cut = parts > 1 and weight * parts > total and (item >= len(divisible) or divisible[item])
+        count = math.ceil(weight * parts / total) if cut else 1
+        natural = natural_cuts[item] if item < len(natural_cuts) else ()
+        cuts = {_cut_near(length * k // count, natural, grain, length) for k in range(1, count)}
+        bounds = sorted({0, length} | cuts)
+        pieces += [Piece(item, a, b, weight * (b - a) // max(length, 1)) for a, b in zip(bounds, bounds[1:])] or [Piece(item, 0, 0, 0)]
+    return pieces
+
+
+def _cut_near(target: int, natural: Sequence[int], grain: int, length: int) -> int:
+    if natural:
+        target = min(natural, key=lambda cut: (abs(cut - target), cut))
+    return min(length, round(target / grain) * grain)
+
+
+def tensor_pieces(checkpoint: Checkpoint, names: Sequence[str], parts: int, grain: int) -> list[Piece]:
+    """The named tensors of the checkpoint cut in pieces for `parts` ranks (cut_in_pieces; item i is
+    names[i], weighing its bytes), a DCP tensor's cuts at its saved chunks; only tensors farcast
+    forecasts are cut (the others are copied as bytes, and may pack several elements in a byte)."""
+    tensors = [checkpoint.tensor(name) for name in names]
+    return cut_in_pieces(
+        [info.numel for _, info in tensors],
+        [info.nbytes for _, info in tensors],
+        parts,
+        grain,
+        [getattr(file, "chunk_bounds", ()) for file, _ in tensors],
+        [info.is_forecast for _, info in tensors],
+    )
 
 
 @dataclass(frozen=True)

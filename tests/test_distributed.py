@@ -25,10 +25,12 @@ from farcast_cli.distributed import (
     ONE_PROCESS,
     SHARED_WRITE_FILE_SYSTEMS,
     Failure,
+    Piece,
     RanksFailed,
     World,
     balanced_shares,
     collective_timeout,
+    cut_in_pieces,
     file_system_type,
     join_world,
     shared_file_writes,
@@ -96,20 +98,37 @@ def test_whole_files_to_each_rank(tmp_path):
     shares = split_files(last, 2)
     assert sorted(name for share in shares for name in share) == sorted(last.shard_of)
     for share in shares:
-        assert {last.shard_of[name] for name in share}.isdisjoint({last.shard_of[name] for name in set(last.shard_of) - share})
+        assert {last.shard_of[name] for name in share}.isdisjoint({last.shard_of[name] for name in set(last.shard_of) - share.keys()})
 
 
 def test_the_busiest_rank_streams_about_its_share_of_the_backtest(tmp_path):
+    """encoder.weight is 3/4 of the bytes: its pieces spread over the ranks."""
     run = find_run(write_run(tmp_path / "run", shards=2))
     forecaster = Forecaster("self", 0, 160, [40], LinearMap.of([[0.5], [0.5]], [0.0]), {})
     scored = candidates(run, forecaster)
-    whole = streamed_bytes(run, scored)
+    whole = streamed_bytes(run, scored, 16)
     largest = max(info.nbytes for info in scored_tensors(run)) * len(checkpoints_read(run.steps, scored))
     for size in (2, 3):
         worlds = [type("Rank", (World,), {"rank": rank, "size": size})() for rank in range(size)]
-        shares = [streamed_bytes(run, scored, world) for world in worlds]
+        shares = [streamed_bytes(run, scored, 16, world) for world in worlds]
         assert sum(shares) == whole
-        assert max(shares) <= whole / size + largest
+        assert max(shares) <= whole / size + largest / size + 16 * 4 * len(checkpoints_read(run.steps, scored))
+        assert max(shares) < 0.6 * whole
+
+
+def test_pieces_cover_each_item_once_at_multiples_of_the_grain_and_at_natural_cuts():
+    pieces = cut_in_pieces([1000, 10, 30], [4000, 40, 120], 4, grain=8)
+    assert [(p.item, p.start, p.stop) for p in pieces if p.item > 0] == [(1, 0, 10), (2, 0, 30)]
+    big = [p for p in pieces if p.item == 0]
+    assert big[0].start == 0 and big[-1].stop == 1000 and all(a.stop == b.start for a, b in zip(big, big[1:]))
+    assert len(big) == 4 and all(p.start % 8 == 0 for p in big) and sum(p.weight for p in pieces) == 4160
+    loads = [sum(pieces[i].weight for i in share) for share in balanced_shares([p.weight for p in pieces], 4)]
+    assert max(loads) <= 4160 / 4 + max(p.weight for p in pieces) and max(loads) < 0.3 * 4160
+    natural = cut_in_pieces([1000, 10], [4000, 40], 2, grain=8, natural_cuts=[[125, 250, 375, 625, 750, 875]])
+    assert [(p.start, p.stop) for p in natural if p.item == 0] == [(0, 376), (376, 1000)]
+    assert cut_in_pieces([1000, 10], [4000, 40], 2, grain=8, divisible=[False, True])[0].stop == 1000
+    assert len(cut_in_pieces([1000, 10], [4000, 40], 1, grain=8)) == 2
+    assert cut_in_pieces([0, 10], [0, 40], 2, grain=8)[0] == Piece(0, 0, 0, 0)
 
 
 def test_the_environment_torchrun_sets_is_checked(monkeypatch):

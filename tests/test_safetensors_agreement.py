@@ -412,11 +412,21 @@ def test_writers_sharing_a_file_lay_it_out_as_one_writer_does(tmp_path):
         writer.write_bytes(payload[info.name])
     writer.close()
     shared = tmp_path / "shared.safetensors"
-    for share in ({"a", "d"}, {"b", "c"}):
+    for share in ({"a": ((0, 3),), "d": ((0, 1),)}, {"b": ((0, 2),), "c": ((0, 4),)}):
         writer = SafetensorsWriter(shared, infos, {"format": "pt"}, only=share)
         for info in infos:
             if info.name in share:
                 writer.write_bytes(payload[info.name])
+        writer.close()
+    assert one.read_bytes() == shared.read_bytes()
+    shared.unlink()
+    for share in ({"a": ((0, 3),), "b": ((1, 2),)}, {"b": ((0, 1),), "c": ((0, 4),), "d": ((0, 1),)}):  # b in two processes
+        writer = SafetensorsWriter(shared, infos, {"format": "pt"}, only=share)
+        for info in infos:
+            for start, stop in share.get(info.name, ()):
+                writer.write_bytes(
+                    payload[info.name][start * info.itemsize : stop * info.itemsize] if info.dtype == "F64" else payload[info.name]
+                )
         writer.close()
     assert one.read_bytes() == shared.read_bytes()
     assert [entry[0] for entry in layout_of(one)] == [info.name for info in reference_order(infos)] == ["b", "d", "c", "a"]

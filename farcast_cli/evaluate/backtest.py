@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from farcast_cli.distributed import ONE_PROCESS, World
+from farcast_cli.distributed import ONE_PROCESS, Piece, World, tensor_pieces
 from farcast_cli.evaluate.report import Backtest, BacktestPlan, ErrorTable, MethodError
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, STRAIGHT_LINE, Combination
 from farcast_cli.io.engine import EngineSettings, Scratch, Source, chunk_jobs, raise_for_non_finite_input, stream
@@ -118,15 +118,19 @@ def _truth(values: dict[int, torch.Tensor], steps: list[int], parts: list[tuple[
 
 def backtest_streaming(run: Run, candidates: Mapping[str, Combination], settings: EngineSettings, world: World = ONE_PROCESS) -> Backtest:
     """Evaluate over every coordinate of every float tensor, chunk by chunk; under torchrun each rank
-    sums its share of the tensors, and the sums are merged in the tensors' order, as one process does."""
+    sums its share of the tensors' pieces (tensor_pieces), chunk by chunk, and the chunks' sums are
+    added up in the tensors' order, as one process adds them."""
     infos = scored_tensors(run)
+    pieces = tensor_pieces(run.last, [info.name for info in infos], world.size, settings.chunk_elements)
 
-    def share(mine: list[int]) -> dict[int, _Sums]:
-        sums = _tensor_sums(run, candidates, settings, [infos[i] for i in mine])
-        return {i: sums[infos[i].name] for i in mine}
+    def share(mine: list[int]) -> dict[int, list[_Sums]]:
+        return _chunk_sums(run, candidates, settings, infos, {i: pieces[i] for i in mine})
 
-    sums = world.divided([info.nbytes for info in infos], share)
-    return _backtest("all coordinates", candidates, {info.name: tensor_sums for info, tensor_sums in zip(infos, sums)})
+    per_tensor = {info.name: _Sums(candidates) for info in infos}
+    for piece, chunk_sums in zip(pieces, world.divided([piece.weight for piece in pieces], share)):
+        for sums in chunk_sums:
+            per_tensor[infos[piece.item].name].merge(sums)
+    return _backtest("all coordinates", candidates, per_tensor)
 
 
 def scored_tensors(run: Run) -> list[TensorInfo]:
@@ -134,35 +138,39 @@ def scored_tensors(run: Run) -> list[TensorInfo]:
     return [info for info in run.tensor_infos() if info.is_forecast and info.numel > 0]
 
 
-def streamed_bytes(run: Run, candidates: Mapping[str, Combination], world: World = ONE_PROCESS) -> int:
-    """Bytes the full backtest reads on this rank."""
-    infos = scored_tensors(run)
-    return len(checkpoints_read(run.steps, candidates)) * sum(infos[i].nbytes for i in world.share([info.nbytes for info in infos]))
+def streamed_bytes(run: Run, candidates: Mapping[str, Combination], grain: int, world: World = ONE_PROCESS) -> int:
+    """Bytes the full backtest reads on this rank, in chunks of `grain` elements."""
+    pieces = tensor_pieces(run.last, [info.name for info in scored_tensors(run)], world.size, grain)
+    return len(checkpoints_read(run.steps, candidates)) * sum(pieces[i].weight for i in world.share([piece.weight for piece in pieces]))
 
 
-def _tensor_sums(run: Run, candidates: Mapping[str, Combination], settings: EngineSettings, infos: list[TensorInfo]) -> dict[str, _Sums]:
+def _chunk_sums(
+    run: Run, candidates: Mapping[str, Combination], settings: EngineSettings, infos: list[TensorInfo], pieces: dict[int, Piece]
+) -> dict[int, list[_Sums]]:
+    """Each piece's sums, one per chunk (so that they add up as one process adds them, whatever the pieces)."""
     steps = run.steps
     truth_parts = _truth_weights(steps, candidates[FORECAST.key].target_steps[-1])
     needed = checkpoints_read(steps, candidates)
-    jobs = [
-        job
-        for info in infos
-        for job in chunk_jobs(
-            info.name, info.numel, settings.chunk_elements, tuple(Source(*run.checkpoints[i].tensor(info.name)) for i in needed)
-        )
-    ]
+    jobs, owners = [], []
+    for index, piece in pieces.items():
+        name = infos[piece.item].name
+        sources = tuple(Source(*run.checkpoints[i].tensor(name)) for i in needed)
+        for job in chunk_jobs(name, piece.stop, settings.chunk_elements, sources, first=piece.start):
+            jobs.append(job)
+            owners.append(index)
     scratch = Scratch(settings.chunk_elements)
-    per_tensor: dict[str, _Sums] = {info.name: _Sums(candidates) for info in infos}
+    found: dict[int, list[_Sums]] = {index: [] for index in pieces}
     truth_slot, work_slot = len(candidates), len(candidates) + 1
-    for job, data in stream(jobs, settings):
+    for owner, (job, data) in zip(owners, stream(jobs, settings)):
         values = {steps[i]: value for i, value in zip(needed, data)}
         count, like = data[0].numel(), data[0]
         truth = _truth(values, steps, truth_parts, scratch.get(count, like.dtype, like.device, slot=truth_slot))
-        sums = per_tensor[job.name]
+        sums = _Sums(candidates)
         sums.add(truth, _predictions(candidates, values, scratch, job.name), scratch.get(count, like.dtype, like.device, slot=work_slot))
         if not sums.finite():
             raise_for_non_finite_input(job, data)
-    return per_tensor
+        found[owner].append(sums)
+    return found
 
 
 def backtest_sample(history: History, candidates: Mapping[str, Combination]) -> Backtest:

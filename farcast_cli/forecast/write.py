@@ -1,22 +1,23 @@
 """Write a candidate's checkpoint: read a chunk of each tensor from its input checkpoints, combine it
 (forecast/candidates.py), check it, write it; laid out like the last checkpoint, shard for shard.
 
-The work divides by tensor among processes: split_work gives each a share, write_tensors(only=share)
-writes it at its offsets into the shared output files, and finish_forecast adds the index.
+The work divides by tensor among processes, a large tensor by range: split_work gives each a share,
+write_tensors(only=share) writes it at its offsets into the shared output files, and finish_forecast
+adds the index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Set
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from farcast_cli import __version__
-from farcast_cli.distributed import balanced_shares
+from farcast_cli.distributed import Piece, balanced_shares, tensor_pieces
 from farcast_cli.errors import InputError, InternalError
 from farcast_cli.forecast.candidates import FORECAST, Combination
 from farcast_cli.io.dcp_writer import (
@@ -43,6 +44,8 @@ from farcast_cli.io.run import SINGLE_FILE, TRAINER, Checkpoint
 from farcast_cli.io.writer import SafetensorsWriter, output_failure
 
 RAW_CHUNK_BYTES_PER_ELEMENT = 4
+Share = Mapping[str, tuple[tuple[int, int], ...]]
+"""A process's part of the writing: the element ranges it writes of each tensor it writes."""
 
 
 def output_folders(folder: Path, target_steps: tuple[int, ...]) -> list[Path]:
@@ -59,20 +62,17 @@ def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
     return TensorInfo(info.name, dtype, info.shape, 0, tensor_nbytes(dtype, info.shape))
 
 
-def forecast_jobs(
-    inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int, only: Collection[str] | None = None
-) -> list[ChunkJob]:
-    """One shard's tensors (or those of them in `only`) in file order: forecast chunks read every
+def forecast_jobs(inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int, only: Share | None = None) -> list[ChunkJob]:
+    """One shard's tensors (or the ranges of them in `only`) in file order: forecast chunks read every
     input, others copy the last's bytes."""
     file = last.files[shard]
     jobs: list[ChunkJob] = []
     for info in sorted(file.tensors.values(), key=lambda t: t.begin):
-        if only is not None and info.name not in only:
-            continue
-        if info.is_forecast:
-            jobs += chunk_jobs(info.name, info.numel, chunk, tuple(Source(*c.tensor(info.name)) for c in inputs))
-        else:
-            jobs += chunk_jobs(info.name, info.nbytes, chunk * RAW_CHUNK_BYTES_PER_ELEMENT, (Source(file, info),), raw=True)
+        for start, stop in ((0, info.numel),) if only is None else only.get(info.name, ()):
+            if info.is_forecast:
+                jobs += chunk_jobs(info.name, stop, chunk, tuple(Source(*c.tensor(info.name)) for c in inputs), first=start)
+            else:
+                jobs += chunk_jobs(info.name, info.nbytes, chunk * RAW_CHUNK_BYTES_PER_ELEMENT, (Source(file, info),), raw=True)
     return jobs
 
 
@@ -99,21 +99,44 @@ def combination_key(candidate: Combination, input_keys: list[str], dtype: str | 
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def split_work(last: Checkpoint, parts: int) -> list[frozenset[str]]:
+def split_work(last: Checkpoint, parts: int, grain: int) -> list[Share]:
     """The checkpoint's tensors divided among `parts` processes with about equal bytes each (the
-    largest tensor first, to the lightest part), the same on every process: each gives its share to
-    write_tensors, then one calls finish_forecast once all are done."""
+    largest first, to the lightest part; a tensor larger than a part's share in pieces cut at
+    multiples of `grain` elements, distributed.tensor_pieces), the same on every process: each gives
+    its share to write_tensors, then one calls finish_forecast once all are done."""
     names = sorted(last.shard_of)
-    shares = balanced_shares([last.tensor(name)[1].nbytes for name in names], parts)
-    return [frozenset(names[i] for i in share) for share in shares]
+    pieces = tensor_pieces(last, names, parts, grain)
+    shares = balanced_shares([piece.weight for piece in pieces], parts)
+    return [_share_of(names, [pieces[i] for i in share]) for share in shares]
 
 
-def split_files(last: Checkpoint, parts: int) -> list[frozenset[str]]:
+def _share_of(names: list[str], pieces: list[Piece]) -> Share:
+    """The pieces (in item order) as element ranges by tensor name, adjacent ranges joined."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for piece in pieces:
+        held = ranges.setdefault(names[piece.item], [])
+        if held and held[-1][1] == piece.start:
+            held[-1] = (held[-1][0], piece.stop)
+        else:
+            held.append((piece.start, piece.stop))
+    return {name: tuple(held) for name, held in ranges.items()}
+
+
+def split_files(last: Checkpoint, parts: int) -> list[Share]:
     """Like split_work, but whole files to each process, so that no two write into one file (for file
     systems that cannot take writes to one file from several nodes); a single file goes to one."""
     shards = sorted(last.files)
     shares = balanced_shares([last.files[shard].size for shard in shards], parts)
-    return [frozenset(name for i in share for name in last.files[shards[i]].tensors) for share in shares]
+    return [{name: ((0, info.numel),) for i in share for name, info in last.files[shards[i]].tensors.items()} for share in shares]
+
+
+def share_nbytes(last: Checkpoint, share: Share | None) -> int:
+    """The input bytes of the last checkpoint a share covers (all of them for None)."""
+    if share is None:
+        return last.nbytes
+    infos = {name: last.tensor(name)[1] for name in share}
+    return sum(infos[name].nbytes if (a, b) == (0, infos[name].numel) else (b - a) * infos[name].itemsize
+               for name, ranges in share.items() for a, b in ranges)  # fmt: skip
 
 
 def write_tensors(
@@ -122,13 +145,13 @@ def write_tensors(
     folder: Path,
     settings: EngineSettings,
     dtype: str | None = None,
-    only: Set[str] | None = None,
+    only: Share | None = None,
     scratch: bool = False,
     consolidate: bool = False,
 ) -> None:
     """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
-    files, or with `only`, those tensors into files that other processes write the rest of (files
-    holding none of them are left to the others)."""
+    files, or with `only`, those ranges of tensors into files that other processes write the rest of
+    (files holding none of them are left to the others)."""
     folders = output_folders(folder, candidate.target_steps)
     for place in folders:
         try:
@@ -141,7 +164,7 @@ def write_tensors(
         return
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
-        if only is not None and file.tensors and only.isdisjoint(file.tensors):
+        if only is not None and file.tensors and only.keys().isdisjoint(file.tensors):
             continue
         if scratch and dtype is None and not any(info.is_forecast for info in file.tensors.values()):
             for place in folders:
@@ -186,7 +209,7 @@ def _write_dcp_tensors(
     settings: EngineSettings,
     buffers: Scratch,
     dtype: str | None,
-    only: Set[str] | None,
+    only: Share | None,
     durable: bool,
     consolidate: bool,
 ) -> None:
@@ -201,12 +224,7 @@ def _write_dcp_tensors(
                 writers.append(ConsolidatedWriter(place, last.dcp, dtypes, metadata, only))
             else:
                 writers.append(DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only))
-        jobs = [
-            job
-            for name in last.dcp.tensors
-            if only is None or name in only
-            for job in forecast_jobs(candidate.inputs, last, name, settings.chunk_elements)
-        ]
+        jobs = [job for name in last.dcp.tensors for job in forecast_jobs(candidate.inputs, last, name, settings.chunk_elements, only)]
         for job, data in stream(jobs, settings):
             for index, writer in enumerate(writers):
                 if job.raw:

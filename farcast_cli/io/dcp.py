@@ -164,6 +164,12 @@ class DcpTensor:
     def boxes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         return [(chunk.offsets, chunk.sizes) for chunk in self.chunks]
 
+    @property
+    def chunk_bounds(self) -> list[int]:
+        """Elements of the stream where a saved chunk other than the first begins: where work on the
+        tensor divides naturally (distributed.tensor_pieces)."""
+        return [start // self.info.itemsize for start in self._starts[1:-1]]
+
     def check_unchanged(self) -> None:
         self.folder.check_unchanged()
 

@@ -75,8 +75,9 @@ def plan_chunk_elements(max_memory: int, input_bytes: int, scratch_bytes: int, d
     return int(max(1024, min(MAX_CHUNK_ELEMENTS, max_memory // per_element)))
 
 
-def chunk_jobs(name: str, numel: int, chunk: int, sources: tuple[Source, ...], raw: bool = False) -> Iterator[ChunkJob]:
-    for start in range(0, numel, chunk):
+def chunk_jobs(name: str, numel: int, chunk: int, sources: tuple[Source, ...], raw: bool = False, first: int = 0) -> Iterator[ChunkJob]:
+    """Elements [first, numel) of the tensor in jobs of `chunk` elements (bytes, for raw jobs)."""
+    for start in range(first, numel, chunk):
         yield ChunkJob(name, start, min(numel, start + chunk), sources, raw)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -48,29 +48,42 @@ def output_failure(path: Path, error: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write: {error.strerror or error}")
 
 
+def _byte_range(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:
+    """Elements [start, stop) of the tensor as bytes of its data (all of them for a whole tensor of any dtype)."""
+    if (start, stop) == (0, info.numel):
+        return 0, info.nbytes
+    return start * info.itemsize, stop * info.itemsize
+
+
 class SafetensorsWriter:
     """Writes one file: takes the tensors in the given order (that of the reads feeding it), each in
     one or more chunks, and puts each at its offset in the reference layout; it seeks only where the
     two orders differ.
 
-    With `only`, it writes just those tensors into a file that other writers (other processes) fill
-    with the rest: every writer writes the same header and sets the same size, so the work on one file
-    divides by tensor. Without it, the file must not exist yet."""
+    With `only` (tensor name: element ranges), it writes just those ranges, in that order, into a file
+    that other writers (other processes) fill with the rest: every writer writes the same header and
+    sets the same size, so the work on one file divides by tensor, or by range of a large tensor.
+    Without it, the file must not exist yet."""
 
-    def __init__(self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], only: Collection[str] | None = None) -> None:
+    def __init__(
+        self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], only: Mapping[str, Sequence[tuple[int, int]]] | None = None
+    ) -> None:
         self.path = Path(path)
         header, layout = header_bytes(tensors, metadata)
-        self._sequence = [layout[info.name] for info in tensors]
+        self._sequence = [
+            (layout[info.name], *_byte_range(info, start, stop))
+            for info in tensors
+            for start, stop in (((0, info.numel),) if only is None else only.get(info.name, ()))
+        ]
         self._data_start = len(header)
-        self._only = None if only is None else frozenset(only)
         self._next = 0
         self._written = 0
         try:
-            if self._only is None:
+            if only is None:
                 self._handle = open(self.path, "xb")  # noqa: SIM115 (held open until close or abort)
             else:
                 self._handle = open(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644), "wb")  # noqa: SIM115
-                os.ftruncate(self._handle.fileno(), len(header) + sum(info.nbytes for info in self._sequence))
+                os.ftruncate(self._handle.fileno(), len(header) + sum(layout[info.name].nbytes for info in tensors))
             self._handle.write(header)
         except OSError as error:
             raise output_failure(self.path, error) from None
@@ -78,17 +91,18 @@ class SafetensorsWriter:
 
     def write(self, chunk: torch.Tensor) -> None:
         """Write the next chunk of the current tensor; its dtype must be the tensor's."""
-        info = self._sequence[self._next]
+        info = self._sequence[self._next][0]
         if chunk.dtype != TORCH_DTYPES[info.dtype]:
             raise ValueError(f"chunk of {chunk.dtype} for tensor {info.name} of {info.dtype}")
         data = chunk.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._write_raw(memoryview(data), info)
+        self._write_raw(memoryview(data))
 
     def write_bytes(self, data: bytes | bytearray | memoryview) -> None:
-        self._write_raw(memoryview(data), self._sequence[self._next])
+        self._write_raw(memoryview(data))
 
-    def _write_raw(self, data: memoryview, info: TensorInfo) -> None:
-        if self._written + len(data) > info.nbytes:
+    def _write_raw(self, data: memoryview) -> None:
+        info, start, stop = self._sequence[self._next]
+        if start + self._written + len(data) > stop:
             raise ValueError(f"too many bytes for tensor {info.name}")
         try:
             self._handle.write(data)
@@ -98,11 +112,12 @@ class SafetensorsWriter:
         self._advance_past_full_tensors()
 
     def _advance_past_full_tensors(self) -> None:
-        while self._next < len(self._sequence) and self._nothing_left_to_write(self._sequence[self._next]):
+        while self._next < len(self._sequence) and self._written == self._sequence[self._next][2] - self._sequence[self._next][1]:
             self._next += 1
             self._written = 0
         if self._next < len(self._sequence) and self._written == 0:
-            self._move_to(self._data_start + self._sequence[self._next].begin)
+            info, start, _ = self._sequence[self._next]
+            self._move_to(self._data_start + info.begin + start)
 
     def _move_to(self, position: int) -> None:
         try:
@@ -111,15 +126,12 @@ class SafetensorsWriter:
         except OSError as error:
             raise output_failure(self.path, error) from None
 
-    def _nothing_left_to_write(self, info: TensorInfo) -> bool:
-        return self._written == info.nbytes or not (self._only is None or info.name in self._only)
-
     def close(self, durable: bool = True) -> None:
         """Flush (and fsync, when `durable`); every tensor must have been written in full."""
         self._advance_past_full_tensors()
         if self._next != len(self._sequence):
             self._handle.close()
-            raise ValueError(f"{self.path}: closed before tensor {self._sequence[self._next].name} was complete")
+            raise ValueError(f"{self.path}: closed before tensor {self._sequence[self._next][0].name} was complete")
         try:
             self._handle.flush()
             if durable:
