@@ -266,6 +266,32 @@ def test_predict_under_torchrun_writes_what_one_process_writes_on_a_split_run(sp
 
 
 @pytest.mark.slow
+def test_a_dominant_tensor_saved_by_two_ranks_is_divided_at_its_saved_chunks_under_torchrun(tmp_path, farcast):
+    """The embedding (97% of the bytes) is saved in two chunks of 128 rows: two farcast ranks each take
+    one (the cut is the saved chunks' boundary), and write what one process writes, in both formats."""
+    from test_distributed import dominated_weights, figures, files_of, finish, launched
+
+    from farcast_cli.distributed import tensor_pieces
+    from farcast_cli.evaluate.report import REPORT_FILE
+    from farcast_cli.io.run import find_run
+
+    run = save_dcp_run(tmp_path / "run", dominated_weights(STEPS), "titan", ranks=2)
+    last = find_run(run).last
+    assert last.tensor("embed.weight")[0].chunk_bounds == [128 * 64]
+    pieces = tensor_pieces(last, ["embed.weight", "head.weight"], 2, 1024)
+    assert [(p.start, p.stop) for p in pieces if p.item == 0] == [(0, 128 * 64), (128 * 64, 256 * 64)]
+    options = ["-H", 60, "--max-memory", "64KB", *FAST]
+    for output in ([], ["--output-format", "safetensors"]):
+        one, all_ranks = tmp_path / f"one{len(output)}", tmp_path / f"all{len(output)}"
+        farcast("predict", run, *options, *output, "-o", one)
+        code, _, stderr = finish(launched("predict", run, *options, *output, "-o", all_ranks, ranks=2))
+        assert code == 0, stderr
+        assert files_of(all_ranks) == files_of(one)
+        reports = [json.loads((folder / REPORT_FILE).read_text()) for folder in (one, all_ranks)]
+        assert figures(reports[1]) == figures(reports[0]) and reports[0]["backtest"]["scope"] == "all coordinates"
+
+
+@pytest.mark.slow
 def test_safetensors_output_is_a_hugging_face_layout_that_from_pretrained_loads(tmp_path, farcast, monkeypatch):
     """A GPT-2 built from a config (tied input and output embeddings), saved as accelerate's FSDP does
     ({"model": state_dict} in checkpoint-N/pytorch_model_fsdp_0/), moving on a straight line."""

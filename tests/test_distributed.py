@@ -39,7 +39,7 @@ from farcast_cli.errors import UsageError
 from farcast_cli.evaluate.backtest import SUM_BLOCK, blockwise_sum, checkpoints_read, scored_tensors, streamed_bytes
 from farcast_cli.evaluate.report import REPORT_FILE
 from farcast_cli.forecast.candidates import candidates
-from farcast_cli.forecast.write import split_files
+from farcast_cli.forecast.write import split_files, split_work
 from farcast_cli.io.run import find_run
 from farcast_cli.model.forecaster import Forecaster
 from farcast_cli.model.history import sample_coordinates
@@ -232,6 +232,33 @@ def test_predict_under_torchrun_writes_what_one_process_writes(tmp_path, farcast
     assert figures(written) == figures(json.loads((tmp_path / "one" / REPORT_FILE).read_text()))
     assert json.loads(stdout) == written | {"output": written["output"]}
     assert len([p for p in tmp_path.iterdir() if p.name.startswith(".")]) == 0
+
+
+def dominated_weights(steps: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """An embedding of 16384 elements (97% of the bytes) and two small tensors, drifting with noise."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"embed.weight": (256, 64), "head.weight": (4, 64), "head.bias": (4,)}
+    start = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    slope = {name: torch.randn(shape, generator=generator) * 0.01 for name, shape in shapes.items()}
+    return {s: {n: start[n] + slope[n] * s + 0.01 * torch.randn(start[n].shape, generator=generator) for n in shapes} for s in steps}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_one_dominant_tensor_is_divided_among_the_ranks_and_the_output_is_what_one_process_writes(tmp_path, farcast, ranks):
+    """With chunks of 1024 elements (--max-memory 64KB), the embedding is cut in ranges among the
+    ranks, for the backtest and for the writing: the files and the report's figures are one process's."""
+    run = write_run(tmp_path / "run", steps=list(range(0, 201, 20)), weights=dominated_weights(list(range(0, 201, 20))), shards=2)
+    last = find_run(run).last
+    assert all("embed.weight" in share for share in split_work(last, ranks, 1024))
+    options = ["-H", 60, "--max-memory", "64KB", *QUICK]
+    farcast("predict", run, *options, "-o", tmp_path / "one", "--quiet")
+    code, _, stderr = finish(launched("predict", run, *options, "-o", tmp_path / "all", "--quiet", ranks=ranks))
+    assert code == 0, stderr
+    assert files_of(tmp_path / "all") == files_of(tmp_path / "one")
+    reports = [json.loads((tmp_path / name / REPORT_FILE).read_text()) for name in ("one", "all")]
+    assert figures(reports[1]) == figures(reports[0])
+    assert reports[0]["backtest"]["scope"] == "all coordinates"
 
 
 @pytest.mark.slow
