@@ -1,9 +1,12 @@
 """farcast predict under torchrun: wall time and bytes read per rank for 1, 2 and 4 processes.
 
     python benchmarks/distributed.py --work /var/tmp/farcast-bench [--ranks 1 2 4] [--device cpu]
+        [--gb-per-checkpoint 1] [--dominant 0.8] [--format safetensors|dcp]
 
 On a generated 4-checkpoint run of about 1 GB per checkpoint (f32, 16M-element tensors, the run
-throughput.py uses), page cache warmed: `farcast predict RUN -H 100` (full backtest, the default) as
+throughput.py uses; with --dominant F, one `embed.weight` holding F of the bytes and four equal
+tensors the rest; with --format dcp, saved by torch.distributed.checkpoint.save as accelerate saves
+an FSDP model), page cache warmed: `farcast predict RUN -H 100` (full backtest, the default) as
 one plain process, then under `torchrun --standalone --nproc-per-node N`. Each rank runs through
 this file (`--as-rank`), which records the rank's /proc/self/io when it exits: `rchar` (bytes its
 read calls returned, from the page cache or the disk) less what start-up alone reads (`farcast
@@ -112,25 +115,73 @@ def measure(run: Path, work: Path, ranks: int, device: str, baseline_rchar: int,
     return best
 
 
+def make_dominated_run(folder: Path, checkpoints: int, bytes_per_checkpoint: float, dominant: float, format: str) -> Path:
+    """A run whose `embed.weight` holds `dominant` of each checkpoint's f32 bytes, four equal tensors
+    the rest, drifting linearly; safetensors (Trainer layout) or DCP (checkpoint-N/pytorch_model_fsdp_0/)."""
+    import warnings
+
+    import torch
+    from safetensors.torch import save_file
+
+    if folder.exists():
+        return folder
+    elements = bytes_per_checkpoint / 4
+    sizes = {"embed.weight": int(elements * dominant), **{f"layers.{i}.weight": int(elements * (1 - dominant) / 4) for i in range(4)}}
+    generator = torch.Generator().manual_seed(0)
+    bases = {name: torch.randn(size, generator=generator) * 0.02 for name, size in sizes.items()}
+    drifts = {name: torch.randn(size, generator=generator) * 1e-4 for name, size in sizes.items()}
+    for k in range(checkpoints):
+        step = (k + 1) * 100
+        tensors = {name: bases[name] + drifts[name] * (k + 1) for name in sizes}
+        if format == "dcp":
+            import torch.distributed.checkpoint as dcp
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.save({"model": tensors}, checkpoint_id=folder / f"checkpoint-{step}" / "pytorch_model_fsdp_0")
+        else:
+            (folder / f"checkpoint-{step}").mkdir(parents=True)
+            save_file(tensors, folder / f"checkpoint-{step}" / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def make_run(work: Path, gb: float, dominant: float | None, format: str) -> tuple[Path, list[Path]]:
+    """The run (made in a child process, to keep this one small) and its tensor files."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import make_run_elsewhere
+
+    if dominant is None:
+        maker = "make_dcp_run" if format == "dcp" else "make_run"
+        name = f"run-{'dcp-' if format == 'dcp' else ''}f32" + ("" if gb == 1.0 else f"-{gb:g}")
+        run = make_run_elsewhere(work / name, 4, gb * 1e9, "float32", maker)
+    else:
+        run = work / f"run-{format}-f32-{gb:g}gb-dominant-{dominant:g}"
+        made = f"distributed.make_dominated_run(pathlib.Path({str(run)!r}), 4, {gb * 1e9}, {dominant}, {format!r})"
+        code = f"import distributed, pathlib; {made}"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)
+    files = sorted(run.glob("checkpoint-*/model.safetensors")) + sorted(run.glob("checkpoint-*/pytorch_model_fsdp_0/*.distcp"))
+    return run, files
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--as-rank":
         as_rank(sys.argv[2:])
         return
     sys.path.insert(0, str(Path(__file__).parent))
-    from common import make_run_elsewhere, warm_cache
+    from common import warm_cache
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-bench"))
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gb-per-checkpoint", type=float, default=1.0)
+    parser.add_argument("--dominant", type=float, help="the fraction of each checkpoint's bytes in one tensor")
+    parser.add_argument("--format", choices=["safetensors", "dcp"], default="safetensors")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    run = make_run_elsewhere(args.work / ("run-f32" if args.gb_per_checkpoint == 1.0 else f"run-f32-{args.gb_per_checkpoint:g}"), 4,
-                             args.gb_per_checkpoint * 1e9, "float32")  # fmt: skip
-    files = sorted(run.glob("checkpoint-*/model.safetensors"))
-    print(f"run: {run}, {sum(p.stat().st_size for p in files) / 1e9:.1f} GB in {len(files)} checkpoints; {os.cpu_count()} CPUs; "
+    run, files = make_run(args.work, args.gb_per_checkpoint, args.dominant, args.format)
+    print(f"run: {run}, {sum(p.stat().st_size for p in files) / 1e9:.1f} GB in {len(files)} files; {os.cpu_count()} CPUs; "
           f"device {args.device}")  # fmt: skip
     baseline = startup_rchar(args.work / "io-startup")
     print(f"start-up alone reads {baseline / 1e6:.0f} MB (rchar), subtracted below")

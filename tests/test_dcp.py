@@ -163,6 +163,25 @@ def test_a_damaged_dcp_checkpoint_is_one_line_naming_the_file_and_nothing_is_wri
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
+def test_finding_a_run_opens_no_chunk_archive_and_the_first_read_of_a_damaged_one_names_its_file(fsdp_run, tmp_path):
+    """Archives are opened when their chunk is read: a run is found (and inspected) without loading any."""
+    from farcast_cli.errors import InputError
+    from farcast_cli.io.run import find_run
+
+    run = _copy_run(fsdp_run, tmp_path / "run")
+    expected = _break_overwritten_chunk(run / "checkpoint-100" / "pytorch_model_fsdp_0")
+    found = find_run(run)
+    assert all(chunk.begin_at is None for c in found.checkpoints for t in c.dcp.tensors.values() for chunk in t.chunks)
+    assert commands.inspect_run(run)["steps"] == STEPS
+    damaged = found.at_step(100).dcp.tensors
+    with pytest.raises(InputError, match="the chunk of .* is not a tensor torch can load") as raised:
+        for tensor in damaged.values():
+            tensor.read_ranges([(0, tensor.size)])
+    assert str(raised.value).startswith(expected)
+    head = found.last.dcp.tensors["model.head.weight"]
+    assert bytes(head.read_ranges([(0, head.size)])[0]) == model_state(linear_weights([200])[200])["head.weight"].numpy().tobytes()
+
+
 def test_one_checkpoint_given_as_the_run_says_what_to_give(fsdp_run, farcast):
     folder = fsdp_run / "checkpoint-20" / "pytorch_model_fsdp_0"
     result = farcast("inspect", folder, expect=3)

@@ -15,7 +15,10 @@ machinery, never by parsing their bytes here:
 - Each chunk's archive is opened by `torch.load(weights_only=True, map_location="meta")` on its byte
   range, which reads the archive's index and pickle but no data, and gives the storage's offset in the
   archive (`untyped_storage()._checkpoint_offset`, what torch's own `mmap` loading uses). The chunk's
-  data is then read with positional reads, chunk by chunk, like a safetensors tensor's.
+  data is then read with positional reads, chunk by chunk, like a safetensors tensor's. Archives are
+  opened when their chunk is first read, not when the run is found (half a millisecond each: tens of
+  seconds for a run of many ranks, tensors and checkpoints); finding the run checks the metadata,
+  the files' names and sizes only.
 
 A tensor is seen as one stream of elements: its chunks one after the other in the order of their
 offsets, each in row-major order (for chunks that split the first dimension only, as FSDP's do, that
@@ -113,21 +116,33 @@ def load_metadata(folder: Path) -> dcp_metadata.Metadata:
     return metadata
 
 
-@dataclass(frozen=True)
+@dataclass
 class Chunk:
     """One box of a tensor: `offsets` and `sizes` per dimension; its data is `nbytes` bytes of `path`
-    from byte `begin`, in row-major order."""
+    from byte `begin`, in row-major order.
+
+    An input chunk (`item`: its archive's byte range) is located when its bytes are first read: its
+    archive is opened then (locate_chunk), so that finding a run opens no archive, and a rank under
+    torchrun opens only the archives of its share."""
 
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     path: Path
-    begin: int
     nbytes: int
-    item: _StorageInfo | None
+    item: _StorageInfo | None = None
+    name: str = ""
+    dtype: torch.dtype | None = None
+    begin_at: int | None = None
 
     @property
     def numel(self) -> int:
         return math.prod(self.sizes)
+
+    @property
+    def begin(self) -> int:
+        if self.begin_at is None:
+            self.begin_at = locate_chunk(self)
+        return self.begin_at
 
 
 class DcpTensor:
@@ -321,7 +336,7 @@ def read_dcp_folder(path: Path) -> DcpFolder:
             if item is None:
                 raise InputError(f"{path / METADATA_FILE}: no storage recorded for the chunk of {name!r} at offsets {list(offsets)}")
             sizes = tuple(int(s) for s in chunk_entry.sizes)
-            chunks.append(_locate_chunk(folder, name, entry.properties.dtype, offsets, sizes, item))
+            chunks.append(_checked_chunk(folder, name, entry.properties.dtype, offsets, sizes, item))
         nbytes = math.prod(shape) * torch.tensor([], dtype=entry.properties.dtype).element_size()
         folder.tensors[name] = DcpTensor(folder, TensorInfo(name, dtype, shape, 0, nbytes), chunks, entry)
     return folder
@@ -369,10 +384,11 @@ def _check_tiling(name: str, entry: dcp_metadata.TensorStorageMetadata, where: P
         raise InputError(f"{where}: the chunks of {name!r} do not cover its shape {list(shape)}")
 
 
-def _locate_chunk(
+def _checked_chunk(
     folder: DcpFolder, name: str, dtype: torch.dtype, offsets: tuple[int, ...], sizes: tuple[int, ...], item: _StorageInfo
 ) -> Chunk:
-    """Where the chunk's data lies in its file, from torch's loader of the chunk's archive (no data read)."""
+    """The chunk as the metadata places it, checked against its file's name and size (its archive is
+    opened later, by locate_chunk)."""
     relative = item.relative_path
     if not isinstance(relative, str) or "/" in relative or relative.startswith("."):
         raise InputError(f"{folder.path / METADATA_FILE}: names the file {relative!r}, outside its folder")
@@ -394,26 +410,33 @@ def _locate_chunk(
         raise InputError(
             f"{path}: the chunk of {name!r} runs to byte {item.offset + item.length} but the file has {size} bytes (truncated?)"
         )
+    nbytes = math.prod(sizes) * dtype.itemsize
+    return Chunk(offsets, sizes, path, nbytes, item, name, dtype)
+
+
+def locate_chunk(chunk: Chunk) -> int:
+    """Where the chunk's data begins in its file, from torch's loader of the chunk's archive (no data read)."""
+    path, name, item = chunk.path, chunk.name, chunk.item
     try:
         with open(path, "rb") as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             stored = torch.load(_create_file_view(handle, item.offset, item.length), map_location="meta", weights_only=True)
+    except OSError as error:
+        raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
     except Exception as error:
         raise InputError(
             f"{path}: the chunk of {name!r} at bytes {item.offset}..{item.offset + item.length} is not a tensor torch can load "
             f"({str(error).splitlines()[0][:100]})"
         ) from None
-    if not isinstance(stored, torch.Tensor) or stored.dtype != dtype or tuple(stored.shape) != sizes:
+    if not isinstance(stored, torch.Tensor) or stored.dtype != chunk.dtype or tuple(stored.shape) != chunk.sizes:
         found = f"{stored.dtype} {list(stored.shape)}" if isinstance(stored, torch.Tensor) else type(stored).__name__
-        raise InputError(f"{path}: the chunk of {name!r} holds {found}, but the metadata says {dtype} {list(sizes)}")
+        raise InputError(f"{path}: the chunk of {name!r} holds {found}, but the metadata says {chunk.dtype} {list(chunk.sizes)}")
     if stored.numel() and not stored.is_contiguous():
         raise InputError(f"{path}: the chunk of {name!r} is stored in a non-row-major layout, which farcast does not read")
-    storage = stored.untyped_storage()
-    begin = item.offset + storage._checkpoint_offset + stored.storage_offset() * stored.element_size()
-    nbytes = stored.numel() * stored.element_size()
-    if begin + nbytes > item.offset + item.length:
+    begin = item.offset + stored.untyped_storage()._checkpoint_offset + stored.storage_offset() * stored.element_size()
+    if begin + chunk.nbytes > item.offset + item.length:
         raise InputError(f"{path}: the chunk of {name!r} claims data past its own byte range (corrupt?)")
-    return Chunk(offsets, sizes, path, begin, nbytes, item)
+    return begin
 
 
 def check_same_chunks(reference: dict[str, DcpTensor], other: dict[str, DcpTensor], other_path: Path, reference_path: Path) -> None:

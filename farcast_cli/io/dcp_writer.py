@@ -98,7 +98,7 @@ class DcpWriter(_OpenFiles):
         for name, tensor in self.source.tensors.items():
             for chunk in tensor.chunks:
                 by_file.setdefault(chunk.path.name, []).append((name, chunk))
-        return {relative: sorted(members, key=lambda member: member[1].begin) for relative, members in sorted(by_file.items())}
+        return {relative: sorted(members, key=lambda member: member[1].item.offset) for relative, members in sorted(by_file.items())}
 
     def _write_archives(self, relative: str, members: list[tuple[str, Chunk]]) -> None:
         """Every chunk's archive, data left in place, one after the other as torch's writer lays them out."""
@@ -117,7 +117,7 @@ class DcpWriter(_OpenFiles):
         with open(path, "rb") as handle:
             for name, chunk, offset, length in written:
                 begin = offset + _data_offset(handle, offset, length)
-                placed = Chunk(chunk.offsets, chunk.sizes, path, begin, chunk.numel * TORCH_DTYPES[self.dtypes[name]].itemsize, None)
+                placed = Chunk(chunk.offsets, chunk.sizes, path, chunk.numel * TORCH_DTYPES[self.dtypes[name]].itemsize, begin_at=begin)
                 self.chunks[name].append(placed)
                 self.items.setdefault(name, []).append((relative, placed, _StorageInfo(relative, offset, length)))
         for name in self.chunks:
@@ -179,9 +179,13 @@ def _chunk_index(entry: dcp_metadata.TensorStorageMetadata, offsets: tuple[int, 
 
 
 def check_dcp_output(folder: Path, source: DcpFolder, dtypes: dict[str, str]) -> None:
-    """Read the written folder back as an input: the same tensors, dtypes, shapes and chunks."""
+    """Read the written folder back as an input: the same tensors, dtypes, shapes and chunks, each
+    chunk's archive loaded by torch."""
     try:
         written = read_dcp_folder(folder)
+        for tensor in written.tensors.values():
+            for chunk in tensor.chunks:
+                chunk.begin  # noqa: B018 (locating the chunk loads its archive)
     except Exception as error:
         raise InternalError(f"{folder}: the written distributed checkpoint cannot be read back ({error}); please report this") from None
     expected = {name: (dtypes[name], tensor.info.shape, tensor.boxes) for name, tensor in source.tensors.items()}
