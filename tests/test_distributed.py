@@ -42,7 +42,7 @@ from farcast_cli.forecast.candidates import candidates
 from farcast_cli.forecast.write import split_files, split_work
 from farcast_cli.io.run import find_run
 from farcast_cli.model.forecaster import Forecaster
-from farcast_cli.model.history import sample_coordinates
+from farcast_cli.model.history import sample_coordinates, sample_pieces
 from farcast_cli.model.linear import LinearMap
 
 BIG = 10_000_000
@@ -287,9 +287,11 @@ def test_a_nan_in_one_ranks_share_fails_every_rank_with_one_line(tmp_path, farca
     weights[100]["head.weight"][1, 2] = float("nan")
     run = write_run(tmp_path / "run", steps=steps, weights=weights)
     alone = farcast("predict", run, "-H", 60, "-o", tmp_path / "one", "--quiet", expect=3)
-    picks = [info.name for info, _ in sample_coordinates(find_run(run).tensor_infos(), 8192, 0)]
-    shares = balanced_shares([len(indices) for _, indices in sample_coordinates(find_run(run).tensor_infos(), 8192, 0)], 2)
-    reader = next(rank for rank, share in enumerate(shares) if picks.index("head.weight") in share)
+    picks = sample_coordinates(find_run(run).tensor_infos(), 8192, 0)
+    pieces = sample_pieces(picks, 2)
+    shares = balanced_shares([piece.weight for piece in pieces], 2)
+    head = [info.name for info, _ in picks].index("head.weight")
+    reader = next(rank for rank, share in enumerate(shares) if any(pieces[i].item == head for i in share))
 
     results = [finish(p) for p in ranks_started_by_hand("predict", run, "-H", 60, "-o", tmp_path / "out", *QUICK, ranks=2)]
     assert [code for code, _, _ in results] == [3, 3]

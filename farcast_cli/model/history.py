@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from farcast_cli.distributed import ONE_PROCESS, World
+from farcast_cli.distributed import ONE_PROCESS, Piece, World, cut_in_pieces
 from farcast_cli.errors import InputError
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo
 from farcast_cli.io.run import Checkpoint, Run
@@ -103,14 +103,25 @@ def read_sampled_values(checkpoint: Checkpoint, info: TensorInfo, indices: np.nd
 
 def read_history(run: Run, size: int, seed: int, world: World = ONE_PROCESS) -> History:
     """The sampled coordinates' values at every checkpoint of the run; under torchrun each rank reads
-    its share of the sampled tensors and every rank gets the whole sample."""
+    its share of the sampled coordinates (sample_pieces) and every rank gets the whole sample."""
     picks = sample_coordinates(run.tensor_infos(), size, seed)
     if not picks:
         raise InputError(f"{run.path}: no floating-point tensors to forecast")
-    rows = world.divided([len(indices) for _, indices in picks], lambda mine: _read_rows(run, [(i, picks[i]) for i in mine]))
+    pieces = sample_pieces(picks, world.size)
+
+    def read(mine: list[int]) -> dict[int, np.ndarray]:
+        return _read_rows(run, [(i, (picks[pieces[i].item][0], picks[pieces[i].item][1][pieces[i].start : pieces[i].stop])) for i in mine])
+
+    rows = world.divided([piece.weight for piece in pieces], read)
     tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
     names, indices = [info.name for info, _ in picks], np.concatenate([indices for _, indices in picks])
     return History(np.array(run.steps, dtype=np.float64), np.concatenate(rows), tensor_index, names, indices)
+
+
+def sample_pieces(picks: list[tuple[TensorInfo, np.ndarray]], parts: int) -> list[Piece]:
+    """The sampled coordinates divided for `parts` ranks: by tensor, a tensor holding more than a rank's
+    share of them in ranges of its coordinates."""
+    return cut_in_pieces([len(indices) for _, indices in picks], [len(indices) for _, indices in picks], parts, grain=1)
 
 
 def _read_rows(run: Run, picks: list[tuple[int, tuple[TensorInfo, np.ndarray]]]) -> dict[int, np.ndarray]:
