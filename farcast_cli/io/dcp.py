@@ -193,14 +193,20 @@ class DcpTensor:
         return stream_pieces(self.chunks, self._starts, begin, length)
 
     def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytearray]:
-        """Several byte ranges of the stream, as positional reads of the chunks' files."""
-        buffers = []
-        for begin, end in ranges:
-            buffer = bytearray(end - begin)
-            view = memoryview(buffer)
-            for path, offset, at, count in self.pieces(begin, end - begin):
-                read_file_range(path, offset, view[at : at + count])
-            buffers.append(buffer)
+        """Several byte ranges of the stream, as positional reads of the chunks' files (each opened once)."""
+        buffers, fds = [], {}
+        try:
+            for begin, end in ranges:
+                buffer = bytearray(end - begin)
+                view = memoryview(buffer)
+                for path, offset, at, count in self.pieces(begin, end - begin):
+                    if path not in fds:
+                        fds[path] = _open_for_reading(path)
+                    _read_exactly(fds[path], path, offset, view[at : at + count])
+                buffers.append(buffer)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         return buffers
 
 
@@ -227,17 +233,18 @@ def stream_pieces(chunks: list[Chunk], starts: list[int], begin: int, length: in
     return found
 
 
-def read_file_range(path: Path, offset: int, view: memoryview) -> None:
+def _open_for_reading(path: Path) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY)
     except OSError as error:
         raise InputError(f"{path}: cannot open: {error.strerror}") from None
+
+
+def _read_exactly(fd: int, path: Path, offset: int, view: memoryview) -> None:
     try:
         pread_exactly(fd, view, offset, path)
     except OSError as error:
         raise InputError(f"{path}: read failed: {error.strerror}") from None
-    finally:
-        os.close(fd)
 
 
 @dataclass
