@@ -134,9 +134,11 @@ def share_nbytes(last: Checkpoint, share: Share | None) -> int:
     """The input bytes of the last checkpoint a share covers (all of them for None)."""
     if share is None:
         return last.nbytes
-    infos = {name: last.tensor(name)[1] for name in share}
-    return sum(infos[name].nbytes if (a, b) == (0, infos[name].numel) else (b - a) * infos[name].itemsize
-               for name, ranges in share.items() for a, b in ranges)  # fmt: skip
+    total = 0
+    for name, ranges in share.items():
+        info = last.tensor(name)[1]
+        total += sum(info.nbytes if (a, b) == (0, info.numel) else (b - a) * info.itemsize for a, b in ranges)
+    return total
 
 
 def write_tensors(
