@@ -20,13 +20,17 @@ included.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from farcast_cli.errors import UsageError, parameter
 from farcast_cli.model.linear import LinearMap
 from farcast_cli.model.pairs import Pairs
+
+OBJECTIVES = ("l1", "l2")
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,21 @@ class FitSettings:
     per_tensor: bool = True
     objective: str = "l1"
 
+    def __post_init__(self) -> None:
+        """Every value a user can get wrong, refused once, naming the parameter."""
+        counts = (self.batch_size, self.max_updates, self.patience)
+        if self.sample < 2 or min(counts) < 1 or not 0 < self.lr < math.inf or not 0 <= self.lam < math.inf or self.seed < 0:
+            raise UsageError(
+                f"{parameter('sample')} must be at least 2; {parameter('batch_size')}, {parameter('max_updates')}, "
+                f"{parameter('patience')} and {parameter('lr')} positive and finite; {parameter('lam')} finite and not negative; "
+                f"{parameter('seed')} not negative"
+            )
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"{parameter('objective')} {self.objective!r}: expected {' or '.join(OBJECTIVES)}")
+        if self.shrink is not None and not 0.0 <= self.shrink <= 10.0:
+            raise UsageError(f"{parameter('shrink')} {self.shrink:g}: expected a factor between 0 and 10")
 
-OBJECTIVES = ("l1", "l2")
+
 CHECK_EVERY = 20
 
 
@@ -55,8 +72,6 @@ def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None
 
     The held-out rows are `validation`'s pairs where given (a separate validation run, the paper's
     protocol), every pair then being fitted; else a share of the coordinates of `pairs` itself."""
-    if settings.objective not in OBJECTIVES:
-        raise ValueError(f"objective {settings.objective!r}: expected one of {', '.join(OBJECTIVES)}")
     count = len(pairs.first)
     if validation is None:
         train, held = _split_coordinates(pairs, settings.validation_fraction, settings.seed)
