@@ -41,8 +41,8 @@ from farcast_cli.errors import (
 )
 from farcast_cli.evaluate.evaluator import EVAL_TIMEOUT_SECONDS, EvalCommand, EvalOptions, EvalServer
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
-from farcast_cli.evaluate.render import plain_lines, render
-from farcast_cli.evaluate.report import Report
+from farcast_cli.evaluate.render import inspection_lines, plain_lines, plan_lines, render
+from farcast_cli.evaluate.report import Inspection, Plan, Report
 from farcast_cli.io.device import parse_size
 from farcast_cli.io.resume import SCHEDULES
 from farcast_cli.model.fit import FitSettings
@@ -441,61 +441,10 @@ def inspect_command(
     _run(lambda world: commands.inspect_run(run_dir, skip_damaged), lambda info: _show_inspection(info, as_json, every))
 
 
-def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
-    for warning in info["warnings"]:
+def _show_inspection(info: Inspection, as_json: bool, every: bool) -> None:
+    for warning in info.warnings:
         _stderr(f"warning: {warning}")
-    if as_json:
-        print(json.dumps(info, indent=1))
-        return
-    print(f"run: {info['run']} ({info['layout']} layout)")
-    print(f"checkpoints: {info['steps_summary']}" + ("" if every else " (--all lists them)"))
-    for checkpoint in info["checkpoints"] if every else []:
-        saved = "" if checkpoint["saved_step"] == checkpoint["step"] else f", saved as step {checkpoint['saved_step']}"
-        print(
-            f"  step {checkpoint['step']}{saved}: {checkpoint['path']} ({len(checkpoint['files'])} file(s), {checkpoint['bytes']:,} bytes)"
-        )
-    for forecast in info["forecasts"]:
-        print(f"forecast farcast wrote (not history): {forecast['path']}")
-    for jump in info["jumps"]:
-        print(f"jump farcast made in the training loop: at step {jump['at_step']}, {jump['horizon']} steps ahead")
-    copied = info["tensors"] - info["forecast_tensors"]
-    kinds = (
-        f"all {info['tensors']} forecast"
-        if not copied
-        else f"{info['forecast_tensors']} forecast, {copied} copied unchanged ({', '.join(info['copied_dtypes'])})"
-    )
-    print(f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}")
-    print(f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)")
-    print(f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all")
-    if info["distributed"]:
-        _show_distributed(info["distributed"], every)
-    _show_files(info)
-    print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
-
-
-def _show_distributed(found: dict, every: bool) -> None:
-    """A DCP checkpoint's files, chunks, and the entries that are not model weights."""
-    chunks = sum(len(t["chunks"]) for t in found["tensors"])
-    place = "the checkpoint folder" if found["folder"] == "." else f"{found['folder']}/"
-    print(
-        f"distributed checkpoint in {place}: .metadata and {len(found['files'])} .distcp file(s), {found['bytes']:,} bytes; "
-        f"{len(found['tensors'])} model tensors in {chunks} chunks" + ("" if every else " (--all lists them)")
-    )
-    for tensor in found["tensors"] if every else []:
-        boxes = ", ".join(f"{offsets}+{sizes}" for offsets, sizes in tensor["chunks"])
-        print(f"  {tensor['name']} {tensor['dtype']} {tensor['shape']}: {len(tensor['chunks'])} chunk(s) at {boxes}")
-    reasons: dict[str, list[str]] = {}
-    for entry in found["left_out_entries"]:
-        reasons.setdefault(entry["why"], []).append(entry["name"])
-    for why, names in reasons.items():
-        shown = ", ".join(names if every else names[:3]) + ("" if every or len(names) <= 3 else ", ...")
-        print(f"left out of outputs: {len(names)} entries, {why}: {shown}")
-
-
-def _show_files(info: dict) -> None:
-    print(f"copied into outputs: {', '.join(info['copied_files']) or 'nothing beside the weights'}")
-    for left in info["left_out_files"]:
-        print(f"left out of outputs: {left['name']}: {left['why']}")
+    print(json.dumps(info.to_json(), indent=1) if as_json else "\n".join(inspection_lines(info, every)))
 
 
 FIT_EXAMPLES = """Examples:
@@ -640,26 +589,8 @@ def predict(
     _run(lambda world: commands.run_predict(request, world), _show_report(writing), join=lambda: join_world(options.device))
 
 
-def _show_plan(plan: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(plan, indent=1))
-        return
-    reads, writes, memory = plan["reads"], plan["writes"], plan["memory"]
-    print(f"dry run: {plan['run']} ({len(plan['steps'])} checkpoints), device {plan['device']}")
-    if "sample" in reads:
-        print(f"read: {reads['sample']['coordinates']:,} sampled coordinates from each of {reads['sample']['checkpoints']} checkpoints")
-    backtest = reads.get("backtest", {})
-    if "checkpoints" in backtest:
-        print(f"read for the backtest: checkpoints {backtest['checkpoints']}, {backtest['bytes']:,} bytes")
-    elif backtest:
-        print(f"read for the backtest: {backtest.get('unavailable', 'only the sampled coordinates')}")
-    print(f"read for the forecast: checkpoints {reads['forecast']['checkpoints']}, {reads['forecast']['bytes']:,} bytes")
-    print(f"write: {writes['folder']}: step(s) {writes['checkpoints']}, {writes['bytes']:,} bytes")
-    _show_files(plan)
-    print(
-        f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
-        f"scratch {memory['scratch_bytes']:,} bytes, within --max-memory {memory['max_memory']:,}"
-    )
+def _show_plan(plan: Plan, as_json: bool) -> None:
+    print(json.dumps(plan.to_json(), indent=1) if as_json else "\n".join(plan_lines(plan)))
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from farcast_cli.assemble import Outcome, assemble
 from farcast_cli.distributed import ONE_PROCESS, World
 from farcast_cli.evaluate.evaluator import EvalOptions as EvalOptions
-from farcast_cli.evaluate.report import Report
+from farcast_cli.evaluate.report import Inspection, LeftOut, ListedCheckpoint, Plan, Report, SeenForecast, SeenJump
 from farcast_cli.io.dcp import describe_dcp
 from farcast_cli.io.run import describe_steps, find_run, output_files
 from farcast_cli.model.fit import FitSettings as FitSettings
@@ -34,7 +34,7 @@ from farcast_cli.stages import (
 )
 
 
-def predict(run_dir: Path, out_dir: Path, *, dry_run: bool = False, world: World = ONE_PROCESS, **fields: Any) -> Report | dict:
+def predict(run_dir: Path, out_dir: Path, *, dry_run: bool = False, world: World = ONE_PROCESS, **fields: Any) -> Report | Plan:
     """`farcast predict` from keywords: the fields of `PredictRequest` (checked there). With `dry_run`,
     only the plan (`plan_predict`): what it would read and write, and its memory."""
     request = PredictRequest(run_dir, out_dir, **fields)
@@ -58,7 +58,7 @@ def run_predict(request: PredictRequest, world: World = ONE_PROCESS) -> Report:
         return write(request, opened, found, selection, session)
 
 
-def plan_predict(request: PredictRequest) -> dict:
+def plan_predict(request: PredictRequest) -> Plan:
     """`farcast predict --dry-run`: what `run_predict` would read and write, and its memory plan, from
     the run as opened (refusing what the real run refuses), without reading any tensor data."""
     session = Session.for_rank(request.options)
@@ -85,41 +85,38 @@ def run_fit(request: FitRequest, world: World = ONE_PROCESS) -> Report:
     return assemble("fit", run, found, Outcome(output=[str(request.out_file)], counts=saved.counts, seconds=saved.seconds))
 
 
-def inspect_run(run_dir: Path, skip_damaged: bool = False) -> dict:
+def inspect_run(run_dir: Path, skip_damaged: bool = False) -> Inspection:
+    """`farcast inspect`: the run's checkpoints, tensors, parameters and bytes, and what an output
+    copies and leaves out; no tensor data is read."""
     run = find_run(run_dir, skip_damaged=skip_damaged)
     infos = run.tensor_infos()
     forecast = [i for i in infos if i.is_forecast]
-    steps = run.steps
     copied, left_out = output_files(run.last)
-    return {
-        "run": str(run.path),
-        "layout": run.layout.name,
-        "steps": steps,
-        "steps_summary": describe_steps(steps),
-        "checkpoints": [
-            {
-                "step": c.step,
-                "saved_step": c.saved_step,
-                "path": str(c.path),
-                "files": sorted(c.files) if c.dcp is None else [p.name for p in c.dcp.files],
-                "bytes": c.nbytes,
-            }
+    return Inspection(
+        run=str(run.path),
+        layout=run.layout.name,
+        steps=run.steps,
+        steps_summary=describe_steps(run.steps),
+        checkpoints=[
+            ListedCheckpoint(
+                c.step, c.saved_step, str(c.path), sorted(c.files) if c.dcp is None else [p.name for p in c.dcp.files], c.nbytes
+            )
             for c in run.checkpoints
         ],
-        "forecasts": [{"saved_step": c.saved_step, "path": str(c.path)} for c in run.forecasts],
-        "jumps": [{"at_step": j.at_step, "horizon": j.horizon} for j in run.jumps],
-        "copied_files": copied,
-        "left_out_files": [{"name": name, "why": why} for name, why in left_out],
-        "tensors": len(infos),
-        "forecast_tensors": len(forecast),
-        "copied_dtypes": sorted({i.dtype for i in infos if not i.is_forecast}),
-        "parameters": sum(i.numel for i in infos),
-        "forecast_parameters": sum(i.numel for i in forecast),
-        "dtypes": sorted({i.dtype for i in infos}),
-        "bytes_per_checkpoint": run.last.nbytes,
-        "total_bytes": sum(c.nbytes for c in run.checkpoints),
-        "max_horizon": max_self_horizon(steps) if len(steps) > 2 else 0,
-        "skipped_checkpoints": run.skipped,
-        "warnings": run.warnings,
-        "distributed": None if run.last.dcp is None else describe_dcp(run.last),
-    }
+        forecasts=[SeenForecast(c.saved_step, str(c.path)) for c in run.forecasts],
+        jumps=[SeenJump(j.at_step, j.horizon) for j in run.jumps],
+        copied_files=copied,
+        left_out_files=[LeftOut(name, why) for name, why in left_out],
+        tensors=len(infos),
+        forecast_tensors=len(forecast),
+        copied_dtypes=sorted({i.dtype for i in infos if not i.is_forecast}),
+        parameters=sum(i.numel for i in infos),
+        forecast_parameters=sum(i.numel for i in forecast),
+        dtypes=sorted({i.dtype for i in infos}),
+        bytes_per_checkpoint=run.last.nbytes,
+        total_bytes=sum(c.nbytes for c in run.checkpoints),
+        max_horizon=max_self_horizon(run.steps) if len(run.steps) > 2 else 0,
+        skipped_checkpoints=run.skipped,
+        warnings=run.warnings,
+        distributed=None if run.last.dcp is None else describe_dcp(run.last),
+    )

@@ -24,7 +24,18 @@ from farcast_cli.evaluate.backtest import (
 )
 from farcast_cli.evaluate.evaluator import EvalOptions
 from farcast_cli.evaluate.loss import ANCHORS, CandidateScores, LossBacktest, loss_backtest, reference_loss_backtest
-from farcast_cli.evaluate.report import REPORT_FILE, Backtest, Report, Written, name_of
+from farcast_cli.evaluate.report import (
+    REPORT_FILE,
+    Backtest,
+    BacktestRead,
+    LeftOut,
+    MemoryPlan,
+    Plan,
+    Read,
+    Report,
+    Written,
+    name_of,
+)
 from farcast_cli.evaluate.trajectories import sampled_trajectories
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, REFERENCE, Combination, baselines, candidate_inputs, candidates
 from farcast_cli.forecast.write import combination_key, finish_forecast, output_info, split_files, split_work, write_tensors
@@ -472,7 +483,7 @@ def _existing_parent(path: Path) -> Path:
 # -- plan (--dry-run) ---------------------------------------------------------------------------
 
 
-def plan(request: PredictRequest, run: Run, options: StreamOptions) -> dict:
+def plan(request: PredictRequest, run: Run, options: StreamOptions) -> Plan:
     """What `predict` would read and write from the run as opened (so refusing what the real run refuses
     before reading), and its memory plan, without reading any tensor data."""
     anchor = request.anchor
@@ -488,31 +499,35 @@ def plan(request: PredictRequest, run: Run, options: StreamOptions) -> dict:
     out_bytes = sum(output_info(info, request.dtype).nbytes for info in infos)
     read_bytes, scratch_bytes = predict_bytes(max(1 + (anchor or max(ANCHORS)), *(c.most_inputs for c in baselines())))
     engine = options.engine(read_bytes, scratch_bytes)
-    plan: dict = {
-        "run": str(run.path),
-        "steps": run.steps,
-        "device": str(engine.device),
-        "reads": {"forecast": {"checkpoints": [first.step, last.step], "bytes": first.nbytes + last.nbytes}},
-        "writes": {"folder": str(request.out_dir), "checkpoints": [context_end + o for o in offsets], "bytes": out_bytes * len(offsets)},
-        "copied_files": output_files(last)[0],
-        "left_out_files": [{"name": name, "why": why} for name, why in output_files(last)[1]],
-        "memory": {
-            "max_memory": options.max_memory,
-            "chunk_elements": engine.chunk_elements,
-            "read_buffers_bytes": (engine.depth + 1) * read_bytes * engine.chunk_elements,
-            "scratch_bytes": scratch_bytes * engine.chunk_elements,
-        },
-    }
-    if fits:
-        coordinates = min(request.settings.sample, sum(i.numel for i in infos if i.is_forecast))
-        plan["reads"]["sample"] = {"coordinates": coordinates, "checkpoints": len(run.steps)}
-        cut = choose_cut(run.steps, offsets[-1] / (run.steps[-1] - run.steps[0]))
-        if cut is None:
-            plan["reads"]["backtest"] = {"unavailable": "too few checkpoints"}
-        elif options.backtest == "full":
-            inputs = {c.step for group in candidate_inputs(run, cut).values() for c in group}
-            used = sorted(run.steps.index(step) for step in inputs | {run.steps[-1]})
-            plan["reads"]["backtest"] = {"checkpoints": [run.steps[i] for i in used], "bytes": sum(run.checkpoints[i].nbytes for i in used)}
-        else:
-            plan["reads"]["backtest"] = {"sampled coordinates only": True, "bytes": 0}
-    return plan
+    copied, left_out = output_files(last)
+    return Plan(
+        run=str(run.path),
+        steps=run.steps,
+        device=str(engine.device),
+        forecast_read=Read([first.step, last.step], first.nbytes + last.nbytes),
+        sample_coordinates=min(request.settings.sample, sum(i.numel for i in infos if i.is_forecast)) if fits else None,
+        backtest_read=_backtest_read(run, offsets[-1], options) if fits else None,
+        folder=str(request.out_dir),
+        written_steps=[context_end + o for o in offsets],
+        written_bytes=out_bytes * len(offsets),
+        copied_files=copied,
+        left_out_files=[LeftOut(name, why) for name, why in left_out],
+        memory=MemoryPlan(
+            options.max_memory,
+            engine.chunk_elements,
+            (engine.depth + 1) * read_bytes * engine.chunk_elements,
+            scratch_bytes * engine.chunk_elements,
+        ),
+    )
+
+
+def _backtest_read(run: Run, horizon: int, options: StreamOptions) -> BacktestRead:
+    """The checkpoints the weight backtest of a fit on the run would read whole."""
+    cut = choose_cut(run.steps, horizon / (run.steps[-1] - run.steps[0]))
+    if cut is None:
+        return BacktestRead(unavailable="too few checkpoints")
+    if options.backtest != "full":
+        return BacktestRead()
+    inputs = {c.step for group in candidate_inputs(run, cut).values() for c in group}
+    used = sorted(run.steps.index(step) for step in inputs | {run.steps[-1]})
+    return BacktestRead(Read([run.steps[i] for i in used], sum(run.checkpoints[i].nbytes for i in used)))
