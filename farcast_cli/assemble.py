@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from farcast_cli.evaluate.loss import LossBacktest
-from farcast_cli.evaluate.report import Backtest, Report, Written, headline
+from farcast_cli.evaluate.report import Backtest, Context, FittedMap, Report, Written, headline
 from farcast_cli.forecast.candidates import line_tested
 from farcast_cli.io.resume import Resume
 from farcast_cli.io.run import Run
@@ -74,16 +74,10 @@ def assemble(command: str, run: Run, found: Evaluation, outcome: Outcome = Outco
         layout=run.layout.name,
         steps=run.steps,
         mode=forecaster.mode,
-        context={"first_step": forecaster.first_step, "last_step": forecaster.context_end},
+        context=Context(forecaster.first_step, forecaster.context_end),
         horizon=forecaster.horizon,
         target_steps=forecaster.target_steps,
-        forecaster={
-            "anchor": forecaster.anchor,
-            "weight": weight,
-            "bias": bias,
-            "per_tensor": forecaster.as_dict()["per_tensor"],
-            "fit": forecaster.fit_info,
-        },
+        forecaster=FittedMap(forecaster.anchor, weight, bias, forecaster.as_dict()["per_tensor"], forecaster.fit_info),
         backtest=backtest,
         backtest_unavailable=found.backtest_unavailable,
         loss=loss,
@@ -118,9 +112,9 @@ def _shrink_note(forecaster: Forecaster) -> list[str]:
     alpha = forecaster.shrink
     if alpha == 1.0:
         return []
-    if forecaster.settings.get("shrink") is not None:
+    if forecaster.settings.shrink is not None:
         how = "set by --shrink"
-    elif forecaster.fit_info.get("chosen_by") == "validation loss":
+    elif forecaster.fit_info.chosen_by == "validation loss":
         how = "chosen by your loss in the backtest"
     else:
         how = "chosen by a backtest on the run's history (weight error)"
@@ -129,11 +123,11 @@ def _shrink_note(forecaster: Forecaster) -> list[str]:
 
 def _fit_warnings(forecaster: Forecaster) -> list[str]:
     fit = forecaster.fit_info
-    if fit.get("stopped") != "budget":
+    if fit.stopped != "budget":
         return []
     return [
-        f"the forecaster's fit stopped at its budget of {fit['updates']} updates before the held-out pairs "
-        f"stopped improving (best at update {fit['best_update']}): it may be under-fitted; raise the update budget"
+        f"the forecaster's fit stopped at its budget of {fit.updates} updates before the held-out pairs "
+        f"stopped improving (best at update {fit.best_update}): it may be under-fitted; raise the update budget"
     ]
 
 

@@ -199,7 +199,7 @@ def _decided_by_loss(
     if loss.best_forecast is not None:
         best = loss.best_forecast
         forecaster = fit_plain(history, request.horizon, request.offsets, request.settings, best.anchor).shrunk(best.shrink)
-        forecaster.fit_info["chosen_by"] = "validation loss"
+        forecaster = replace(forecaster, fit_info=replace(forecaster.fit_info, chosen_by="validation loss"))
     return forecaster, loss, None
 
 
@@ -369,8 +369,8 @@ def _choose(report: Report, options: dict[str, Combination], fallback: bool) -> 
 def _written_label(report: Report, method: str) -> str:
     if method != FORECAST.key:
         return CANDIDATES[method].written
-    fit = report.forecaster
-    return f"the forecast (anchor {fit['anchor']}, shrink {fit['fit'].get('shrink', 1.0):g})"
+    fitted = report.forecaster
+    return f"the forecast (anchor {fitted.anchor}, shrink {fitted.fit.shrink:g})"
 
 
 def _check_resumable_choice(report: Report, run: Run, last: Checkpoint) -> None:

@@ -147,7 +147,7 @@ def test_shrinking_moves_the_forecast_towards_the_last_checkpoint():
     full = forecaster.shared.apply([first, last], 0)
     assert torch.allclose(forecaster.shrunk(0.0).shared.apply([first, last], 0), last)
     assert torch.allclose(forecaster.shrunk(0.5).shared.apply([first, last], 0), last + 0.5 * (full - last))
-    assert forecaster.shrunk(0.5).fit_info["shrink"] == 0.5
+    assert forecaster.shrunk(0.5).fit_info.shrink == 0.5
 
 
 def test_shrink_option(run_dir, farcast, tmp_path):

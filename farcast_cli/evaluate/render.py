@@ -48,12 +48,12 @@ def _tensor_rows(report: Report) -> list[tuple[str, ErrorTable]]:
 
 
 def _head(report: Report) -> list[str]:
-    fit = report.forecaster
+    fitted, context = report.forecaster, report.context
     lines = [
         f"farcast {report.command}: {report.run} ({len(report.steps)} checkpoints, steps {report.steps[0]}..{report.steps[-1]}), "
         f"mode {report.mode}",
-        f"forecast: step {', '.join(map(str, report.target_steps))} from steps {report.context['first_step']} and "
-        f"{report.context['last_step']} (horizon {report.horizon}), anchor {fit['anchor']}, shrink {fit['fit'].get('shrink', 1.0):g}",
+        f"forecast: step {', '.join(map(str, report.target_steps))} from steps {context.first_step} and "
+        f"{context.last_step} (horizon {report.horizon}), anchor {fitted.anchor}, shrink {fitted.fit.shrink:g}",
     ]
     if report.backtest is not None:
         plan = report.backtest.plan

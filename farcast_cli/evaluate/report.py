@@ -14,6 +14,7 @@ from farcast_cli.evaluate.evaluator import format_loss
 from farcast_cli.evaluate.loss import LossBacktest
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, REFERENCE, baselines
 from farcast_cli.io.resume import Resume
+from farcast_cli.model.fit import FitInfo
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "farcast_report.json"
@@ -85,6 +86,33 @@ class Written:
     why: str
 
 
+@dataclass(frozen=True)
+class Context:
+    """The checkpoints the forecast starts from: the first one and the last (the context end)."""
+
+    first_step: int
+    last_step: int
+
+
+@dataclass(frozen=True)
+class FittedMap:
+    """The forecaster as the report shows it: its anchor, the shared map (weight: 1 + anchor inputs x
+    the forecast steps; bias), the per-tensor maps ([weight, bias] by tensor) and how it was fitted."""
+
+    anchor: int
+    weight: list[list[float]]
+    bias: list[float]
+    per_tensor: dict[str, list]
+    fit: FitInfo
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "fit": self.fit.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FittedMap:
+        return cls(**{**data, "fit": FitInfo.from_json(data["fit"])})
+
+
 @dataclass
 class Report:
     command: str
@@ -92,10 +120,10 @@ class Report:
     layout: str
     steps: list[int]
     mode: str
-    context: dict
+    context: Context
     horizon: int
     target_steps: list[int]
-    forecaster: dict
+    forecaster: FittedMap
     backtest: Backtest | None
     backtest_unavailable: str | None
     loss: LossBacktest | None
@@ -132,6 +160,7 @@ class Report:
             else:
                 data[key] = value
         data["backtest"] = None if self.backtest is None else self.backtest.to_json()
+        data["forecaster"] = self.forecaster.to_json()
         return data
 
     @classmethod
@@ -140,6 +169,8 @@ class Report:
         fields = {key: value for key, value in data.items() if not key.startswith((SKILL, BEATS))}
         fields["skills"] = {key.removeprefix(SKILL): value for key, value in data.items() if key.startswith(SKILL)}
         fields["beats"] = {key.removeprefix(BEATS): value for key, value in data.items() if key.startswith(BEATS)}
+        fields["context"] = Context(**data["context"])
+        fields["forecaster"] = FittedMap.from_json(data["forecaster"])
         fields["backtest"] = Backtest.from_json(data["backtest"]) if data.get("backtest") else None
         fields["loss"] = LossBacktest.from_json(data["loss"]) if data.get("loss") else None
         fields["written"] = Written(**data["written"]) if data.get("written") else None

@@ -21,7 +21,7 @@ included.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -65,7 +65,39 @@ class FitSettings:
 CHECK_EVERY = 20
 
 
-def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None = None) -> tuple[LinearMap, dict]:
+@dataclass(frozen=True)
+class FitInfo:
+    """How a forecaster's shared map was fitted (`fit_linear_map`: the pairs, what was held out, how the
+    fit stopped and its held-out L1), and how the forecaster was settled after it: the shrink factor
+    towards the last checkpoint, and "validation loss" where the user's loss chose it. A forecaster
+    file written by hand may hold none of the fit's measurements (None, left out of the JSON)."""
+
+    pairs: int | None = None
+    held_out_pairs: int | None = None
+    held_out: str | None = None
+    objective: str | None = None
+    stopped: str | None = None
+    updates: int | None = None
+    best_update: int | None = None
+    validation_l1: float | None = None
+    shrink: float = 1.0
+    chosen_by: str | None = None
+
+    def to_json(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FitInfo:
+        return from_known(cls, data)
+
+
+def from_known(kind: type, data: dict):
+    """A `kind` dataclass from the keys of `data` it knows: a file from another version may hold others."""
+    known = {f.name for f in fields(kind)}
+    return kind(**{key: value for key, value in data.items() if key in known})
+
+
+def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None = None) -> tuple[LinearMap, FitInfo]:
     """The least-squares start, then (objective "l1") Adam on L1 + lam * L_grad over the training
     coordinates, stopped early on held-out ones, returning the map with the best held-out loss and a
     summary of the fit: how it ended ("closed form", "converged" or "budget") and at which update.
@@ -80,21 +112,26 @@ def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None
         pairs = pairs.joined(validation)
     problem = _Problem(pairs, settings.lam)
     if settings.objective == "l2":
-        coefficients = _least_squares(problem, train)
-        info = {"objective": "l2", "stopped": "closed form", "updates": 0, "best_update": 0}
+        coefficients, stopped, updates, best_update = _least_squares(problem, train), "closed form", 0, 0
     else:
-        coefficients, info = _adam_from(problem, _least_squares(problem, train), train, held, settings)
-    info = {
-        "pairs": count,
-        "held_out_pairs": len(held),
-        "held_out": "coordinates" if validation is None else "validation run",
-        **info,
-        "validation_l1": problem.loss(coefficients, held) * problem.s_out,
-    }
+        coefficients, stopped, updates, best_update = _adam_from(problem, _least_squares(problem, train), train, held, settings)
+    info = FitInfo(
+        pairs=count,
+        held_out_pairs=len(held),
+        held_out="coordinates" if validation is None else "validation run",
+        objective=settings.objective,
+        stopped=stopped,
+        updates=updates,
+        best_update=best_update,
+        validation_l1=problem.loss(coefficients, held) * problem.s_out,
+    )
     return problem.as_linear_map(coefficients), info
 
 
-def _adam_from(problem: _Problem, start: np.ndarray, train: np.ndarray, held: np.ndarray, settings: FitSettings) -> tuple[np.ndarray, dict]:
+def _adam_from(
+    problem: _Problem, start: np.ndarray, train: np.ndarray, held: np.ndarray, settings: FitSettings
+) -> tuple[np.ndarray, str, int, int]:
+    """Adam from `start`: the best held-out coefficients, how the fit stopped, its updates and the best one."""
     coefficients = start.copy()
     optimizer = _Adam(coefficients, settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -114,7 +151,7 @@ def _adam_from(problem: _Problem, start: np.ndarray, train: np.ndarray, held: np
             if updates >= settings.max_updates or stale >= settings.patience:
                 break
     stopped = "converged" if stale >= settings.patience else "budget"
-    return best, {"objective": "l1", "stopped": stopped, "updates": updates, "best_update": best_update}
+    return best, stopped, updates, best_update
 
 
 def _least_squares(problem: _Problem, rows: np.ndarray) -> np.ndarray:
