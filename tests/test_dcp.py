@@ -172,7 +172,7 @@ def test_finding_a_run_opens_no_chunk_archive_and_the_first_read_of_a_damaged_on
     expected = _break_overwritten_chunk(run / "checkpoint-100" / "pytorch_model_fsdp_0")
     found = find_run(run)
     assert all(chunk.begin_at is None for c in found.checkpoints for t in c.dcp.tensors.values() for chunk in t.chunks)
-    assert commands.inspect_run(run)["steps"] == STEPS
+    assert commands.inspect_run(run).steps == STEPS
     damaged = found.at_step(100).dcp.tensors
     with pytest.raises(InputError, match="the chunk of .* is not a tensor torch can load") as raised:
         for tensor in damaged.values():
