@@ -166,7 +166,7 @@ class Farcaster:
         horizon = max(1, round(self.jump * (steps[-1] - steps[0])))
         before = after = None
         try:
-            fitted = memory.fit_in_memory(self.observed, horizon, self.settings)
+            fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
             applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
             if applied:
                 backup = {} if self.loss_fn is not None and self.gate else None
