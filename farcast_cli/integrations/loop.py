@@ -42,6 +42,10 @@ from farcast_cli.model.observed import ObservedRun
 
 log = logging.getLogger("farcast")
 SOURCES = ("memory", "run")
+LOOP_FIT = FitSettings(objective="l2")
+"""The loop's default fit: the closed-form least squares (`farcast predict --objective l2`), not PAPER.md's
+L1 by Adam that `farcast predict` defaults to. In the loop table (benchmarks/RESULTS.md, "The loop in
+memory") it saved as many steps as L1 on every workload and rhythm measured, at a third of a jump's cost."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ class Farcaster:
 
     `loss_fn(model) -> float` (memory): the model's loss on your held-out batches; a jump stays only where
     it lowers that loss by more than `margin`, else the weights are put back exactly. Without it the
-    weight backtest on the sample gates. `evaluator` (run): a callable taking a checkpoint folder and
+    weight backtest on the sample gates. `settings`: the fit's (LOOP_FIT, the closed form, by default;
+    `FitSettings(objective="l1")` for the fit `farcast predict` makes by default). `evaluator` (run): a callable taking a checkpoint folder and
     returning its loss, or an eval command with {checkpoint}; None decides by weight error.
     `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
     `gate=False` applies every forecast, winning or not. `max_steps`: the run's last step, at which no
@@ -85,7 +90,7 @@ class Farcaster:
         schedule: str = "keep",
         gate: bool = True,
         min_checkpoints: int = 3,
-        settings: FitSettings = FitSettings(),
+        settings: FitSettings = LOOP_FIT,
         device: str = "cpu",
         eval_jobs: int = 1,
         quiet: bool = True,
