@@ -73,8 +73,9 @@ class Farcaster:
     `loss_fn(model) -> float` (memory): the model's loss on your held-out batches; a jump stays only where
     it lowers that loss by more than `margin`, else the weights are put back exactly. Without it the
     weight backtest on the sample gates. `settings`: the fit's (LOOP_FIT, the closed form, by default;
-    `FitSettings(objective="l1")` for the fit `farcast predict` makes by default). `evaluator` (run): a callable taking a checkpoint folder and
-    returning its loss, or an eval command with {checkpoint}; None decides by weight error.
+    `FitSettings(objective="l1")` for the fit `farcast predict` makes by default). `evaluator` (run): a
+    callable taking a checkpoint folder and returning its loss, or an eval command with {checkpoint};
+    None decides by weight error.
     `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
     `gate=False` applies every forecast, winning or not. `max_steps`: the run's last step, at which no
     jump is made (the weights saved there would not hold it). `keep_first_on`: where the first observed
