@@ -138,9 +138,7 @@ class SelfFit:
     scored: Forecaster | None
 
 
-def fit_on_run(
-    history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1, scored: bool = True
-) -> SelfFit:
+def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1, scored: bool = True) -> SelfFit:
     """The default mode: learn the jump from the run's own history (model/pairs.py's time rule),
     then shrink towards the last checkpoint by settings.shrink, or (None) by the factor that did best
     in a backtest on this same history (benchmarks/RESULTS.md: the most robust variant). With
