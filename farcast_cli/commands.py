@@ -42,7 +42,7 @@ from farcast_cli.io.output import build_folder, check_file_location, check_outpu
 from farcast_cli.io.resume import Resume, check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
 from farcast_cli.io.run import Checkpoint, Run, describe_steps, find_run, output_files
 from farcast_cli.model.fit import FitSettings
-from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
+from farcast_cli.model.forecaster import Forecaster, SelfFit, choose_cut, fit_on_reference, fit_on_run, fit_plain
 from farcast_cli.model.history import History, read_history
 from farcast_cli.model.pairs import max_self_horizon
 from farcast_cli.progress import byte_progress, phase
@@ -465,7 +465,7 @@ def _fit_and_evaluate(
     if judged:
         with timed(timings, "loss_backtest"):
             forecaster, loss, loss_unavailable = world.on_main(
-                lambda: _decided_by_loss(run, history, horizon, offsets, settings, judge, anchor, forecaster), patient=True
+                lambda: _decided_by_loss(run, history, horizon, offsets, settings, judge, anchor, fitted), patient=True
             )
     unavailable = None if backtest else _too_few_to_hold_out(run)
     trajectories = sampled_trajectories(history, {i.name: i.numel for i in run.tensor_infos()}, fitted.scored, forecaster)
@@ -480,16 +480,20 @@ def _decided_by_loss(
     settings: FitSettings,
     judge: CandidateScores,
     anchor: int | None,
-    forecaster: Forecaster,
+    fitted: SelfFit,
 ) -> tuple[Forecaster, LossBacktest | None, str | None]:
-    """The loss backtest, the forecaster refitted with the settings of its best forecast, and why
-    there is no loss backtest (or None)."""
-    loss = loss_backtest(run, history, horizon, settings, judge, anchors=(anchor,) if anchor else ANCHORS)
+    """The loss backtest, the forecaster with the settings of its best forecast (`fitted`'s fit and
+    trial are reused where its anchor is the best, not fitted again), and why there is no loss
+    backtest (or None)."""
+    plain = fitted.plain
+    loss = loss_backtest(run, history, horizon, settings, judge, (anchor,) if anchor else ANCHORS, {plain.anchor: fitted.trial})
     if loss is None:
-        return forecaster, None, _too_few_to_hold_out(run)
+        return fitted.forecaster, None, _too_few_to_hold_out(run)
+    forecaster = fitted.forecaster
     if loss.best_forecast is not None:
         best = loss.best_forecast
-        forecaster = fit_plain(history, horizon, offsets, settings, best.anchor).shrunk(best.shrink)
+        plain = plain if best.anchor == plain.anchor else fit_plain(history, horizon, offsets, settings, best.anchor)
+        forecaster = plain.shrunk(best.shrink)
         forecaster.fit_info["chosen_by"] = "validation loss"
     return forecaster, loss, None
 
