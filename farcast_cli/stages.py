@@ -14,7 +14,7 @@ from pathlib import Path
 
 from farcast_cli.assemble import EvalCounts, Evaluation, Outcome, assemble
 from farcast_cli.distributed import ONE_PROCESS, World, shared_file_writes
-from farcast_cli.errors import InputError, LowSkillError, UsageError, parameter
+from farcast_cli.errors import InputError, LowSkillError, UsageError, named, parameter
 from farcast_cli.evaluate.backtest import (
     INPUT_BYTES_PER_ELEMENT,
     backtest_sample,
@@ -357,18 +357,18 @@ def _enforce_min_skill(report: Report, min_skill: float | None) -> None:
 def _choose(report: Report, options: dict[str, Combination], fallback: bool) -> tuple[Written, Combination]:
     """The candidate to write, and why: the backtest's winner with `fallback` (the last checkpoint where
     the backtest could not test a jump this long), else the forecast."""
-    method = FORECAST.key
+    method, asked = FORECAST.key, parameter("fallback=True")
     if fallback and report.tested is False:
-        method, why = REFERENCE, "the backtest could not test a jump this long, so --fallback keeps the last checkpoint"
+        method, why = REFERENCE, f"the backtest could not test a jump this long, so {asked} keeps the last checkpoint"
     elif fallback and report.best not in (None, FORECAST.key):
         method = report.best
-        why = f"{name_of(method)} did best in the backtest ({report.criterion}), so --fallback writes it instead of the forecast"
+        why = f"{name_of(method)} did best in the backtest ({report.criterion}), so {asked} writes it instead of the forecast"
     elif report.best not in (None, FORECAST.key):
         why = f"the forecast, as asked, although {name_of(report.best)} did better in the backtest ({report.criterion})"
     else:
         why = "the forecast, which did best in the backtest" if report.best == FORECAST.key else "the forecast (no backtest)"
     chosen = options[method]
-    return Written(method, _written_label(report, method), chosen.from_steps, why), chosen
+    return Written(method, _written_label(report, method), chosen.from_steps, named(why)), chosen
 
 
 def _written_label(report: Report, method: str) -> str:
