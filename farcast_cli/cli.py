@@ -9,7 +9,6 @@ import contextlib
 import functools
 import inspect
 import json
-import math
 import os
 import re
 import signal
@@ -42,11 +41,12 @@ from farcast_cli.errors import (
 )
 from farcast_cli.evaluate.evaluator import EVAL_TIMEOUT_SECONDS, EvalCommand, EvalOptions, EvalServer
 from farcast_cli.evaluate.plot import check_plot_target, write_plot
-from farcast_cli.evaluate.render import plain_lines, render
-from farcast_cli.evaluate.report import Report
+from farcast_cli.evaluate.render import inspection_lines, plain_lines, plan_lines, render
+from farcast_cli.evaluate.report import Inspection, Plan, Report
 from farcast_cli.io.device import parse_size
 from farcast_cli.io.resume import SCHEDULES
-from farcast_cli.model.fit import OBJECTIVES, FitSettings
+from farcast_cli.model.fit import FitSettings
+from farcast_cli.requests import OUTPUT_DTYPES, OUTPUT_FORMATS
 
 
 class _PlainHelp:
@@ -114,16 +114,8 @@ class Scope(str, Enum):
 Schedule = Enum("Schedule", {name: name for name in SCHEDULES}, type=str)
 
 
-class OutputFormat(str, Enum):
-    same = "same"
-    safetensors = "safetensors"
-
-
-class OutputDtype(str, Enum):
-    bf16 = "bf16"
-    f16 = "f16"
-    f32 = "f32"
-    f64 = "f64"
+OutputFormat = Enum("OutputFormat", {name: name for name in OUTPUT_FORMATS}, type=str)
+OutputDtype = Enum("OutputDtype", {name.lower(): name.lower() for name in OUTPUT_DTYPES}, type=str)
 
 
 @dataclass(frozen=True)
@@ -164,29 +156,8 @@ def with_options(*groups: OptionGroup) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def _fit_settings(
-    sample: int,
-    seed: int,
-    lam: float,
-    lr: float,
-    batch_size: int,
-    max_updates: int,
-    patience: int,
-    shrink: str,
-    per_tensor: bool,
-    objective: str,
-) -> FitSettings:
-    if sample < 2 or batch_size < 1 or max_updates < 1 or patience < 1 or not 0 < lr < math.inf or not 0 <= lam < math.inf or seed < 0:
-        raise UsageError(
-            "--sample must be at least 2; --batch-size, --max-updates, --patience and --lr positive and finite; "
-            "--lambda finite and not negative; --seed not negative"
-        )
-    if objective not in OBJECTIVES:
-        raise UsageError(f"--objective {objective!r}: expected {' or '.join(OBJECTIVES)}")
-    return FitSettings(
-        sample=sample, seed=seed, lam=lam, lr=lr, batch_size=batch_size, max_updates=max_updates, patience=patience,
-        shrink=_shrink(shrink), per_tensor=per_tensor, objective=objective,
-    )  # fmt: skip
+def _fit_settings(shrink: str, **values: Any) -> FitSettings:
+    return FitSettings(shrink=_shrink(shrink), **values)
 
 
 def _shrink(text: str) -> float | None:
@@ -195,12 +166,9 @@ def _shrink(text: str) -> float | None:
     if text == "none":
         return 1.0
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise UsageError(f"--shrink {text!r}: expected auto, none or a number") from None
-    if not 0.0 <= value <= 10.0:
-        raise UsageError(f"--shrink {text!r}: expected a factor between 0 and 10")
-    return value
 
 
 FIT_OPTIONS = OptionGroup(
@@ -311,6 +279,15 @@ Anchor = Annotated[int | None, typer.Option("--anchor", help="Average the last K
 AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 SkipDamaged = Annotated[bool, typer.Option("--skip-damaged", help="Skip checkpoints that cannot be read anywhere in the run, "
                         "not only the newest ones still being written (each is named in a warning and the report).")]  # fmt: skip
+
+
+def _request(build: Callable[[], Any]) -> Any:
+    """The command's request: every check of the values given is made in its constructor, and a failed
+    one is this command's error, before any rank joins the others."""
+    try:
+        return build()
+    except FarcastError as error:
+        _fail(error, launched_rank() == 0)
 
 
 def _stderr(message: str) -> None:
@@ -464,61 +441,10 @@ def inspect_command(
     _run(lambda world: commands.inspect_run(run_dir, skip_damaged), lambda info: _show_inspection(info, as_json, every))
 
 
-def _show_inspection(info: dict, as_json: bool, every: bool) -> None:
-    for warning in info["warnings"]:
+def _show_inspection(info: Inspection, as_json: bool, every: bool) -> None:
+    for warning in info.warnings:
         _stderr(f"warning: {warning}")
-    if as_json:
-        print(json.dumps(info, indent=1))
-        return
-    print(f"run: {info['run']} ({info['layout']} layout)")
-    print(f"checkpoints: {info['steps_summary']}" + ("" if every else " (--all lists them)"))
-    for checkpoint in info["checkpoints"] if every else []:
-        saved = "" if checkpoint["saved_step"] == checkpoint["step"] else f", saved as step {checkpoint['saved_step']}"
-        print(
-            f"  step {checkpoint['step']}{saved}: {checkpoint['path']} ({len(checkpoint['files'])} file(s), {checkpoint['bytes']:,} bytes)"
-        )
-    for forecast in info["forecasts"]:
-        print(f"forecast farcast wrote (not history): {forecast['path']}")
-    for jump in info["jumps"]:
-        print(f"jump farcast made in the training loop: at step {jump['at_step']}, {jump['horizon']} steps ahead")
-    copied = info["tensors"] - info["forecast_tensors"]
-    kinds = (
-        f"all {info['tensors']} forecast"
-        if not copied
-        else f"{info['forecast_tensors']} forecast, {copied} copied unchanged ({', '.join(info['copied_dtypes'])})"
-    )
-    print(f"tensors: {kinds}; dtypes {', '.join(info['dtypes'])}")
-    print(f"parameters: {info['parameters']:,} ({info['forecast_parameters']:,} forecast)")
-    print(f"bytes: {info['bytes_per_checkpoint']:,} per checkpoint, {info['total_bytes']:,} in all")
-    if info["distributed"]:
-        _show_distributed(info["distributed"], every)
-    _show_files(info)
-    print(f"largest --horizon when fitting on this run: {info['max_horizon']} steps")
-
-
-def _show_distributed(found: dict, every: bool) -> None:
-    """A DCP checkpoint's files, chunks, and the entries that are not model weights."""
-    chunks = sum(len(t["chunks"]) for t in found["tensors"])
-    place = "the checkpoint folder" if found["folder"] == "." else f"{found['folder']}/"
-    print(
-        f"distributed checkpoint in {place}: .metadata and {len(found['files'])} .distcp file(s), {found['bytes']:,} bytes; "
-        f"{len(found['tensors'])} model tensors in {chunks} chunks" + ("" if every else " (--all lists them)")
-    )
-    for tensor in found["tensors"] if every else []:
-        boxes = ", ".join(f"{offsets}+{sizes}" for offsets, sizes in tensor["chunks"])
-        print(f"  {tensor['name']} {tensor['dtype']} {tensor['shape']}: {len(tensor['chunks'])} chunk(s) at {boxes}")
-    reasons: dict[str, list[str]] = {}
-    for entry in found["left_out_entries"]:
-        reasons.setdefault(entry["why"], []).append(entry["name"])
-    for why, names in reasons.items():
-        shown = ", ".join(names if every else names[:3]) + ("" if every or len(names) <= 3 else ", ...")
-        print(f"left out of outputs: {len(names)} entries, {why}: {shown}")
-
-
-def _show_files(info: dict) -> None:
-    print(f"copied into outputs: {', '.join(info['copied_files']) or 'nothing beside the weights'}")
-    for left in info["left_out_files"]:
-        print(f"left out of outputs: {left['name']}: {left['why']}")
+    print(json.dumps(info.to_json(), indent=1) if as_json else "\n".join(inspection_lines(info, every)))
 
 
 FIT_EXAMPLES = """Examples:
@@ -554,19 +480,13 @@ def fit(
     evaluation: EvalOptions = None,
 ) -> None:
     """Fit the forecaster and save it, with its evaluation, for `predict --forecaster`."""
-    if horizon is None:
-        _fail(UsageError("--horizon is required: how many steps past the run's newest checkpoint to forecast"))
-    if validation_run is not None and context_end is None:
-        _fail(UsageError("--validation-run is for fitting on a reference run: give --context-end too"))
-    given = dict(
-        horizon=horizon, context_end=context_end, emit=emit or [], anchor=anchor, force=writing.force, skip_damaged=skip_damaged,
-        validation_run=validation_run,
+    request = _request(
+        lambda: commands.FitRequest(
+            run_dir, output, horizon=horizon, context_end=context_end, emit=emit or (), settings=settings, options=options,
+            evaluation=evaluation, anchor=anchor, force=writing.force, skip_damaged=skip_damaged, validation_run=validation_run,
+        )
     )  # fmt: skip
-    _run(
-        lambda world: commands.fit(run_dir, output, **given, settings=settings, options=options, evaluation=evaluation, world=world),
-        _show_report(writing),
-        join=lambda: join_world(options.device),
-    )
+    _run(lambda world: commands.run_fit(request, world), _show_report(writing), join=lambda: join_world(options.device))
 
 
 PREDICT_EXAMPLES = """Examples:
@@ -624,7 +544,7 @@ def predict(
             "safetensors: whole tensors in a Hugging Face layout (model.safetensors, or shards and an index).",
             rich_help_panel=OUTPUT,
         ),
-    ] = OutputFormat.same,
+    ] = OutputFormat("same"),
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would be read and written and the memory plan; do nothing.", rich_help_panel=OUTPUT),
@@ -655,43 +575,22 @@ def predict(
     evaluation: EvalOptions = None,
 ) -> None:
     """Forecast the weights HORIZON steps past the last checkpoint and write them as a checkpoint."""
-    if schedule is not None and not resumable:
-        _fail(UsageError(f"--schedule {schedule.value} applies only to a --resumable output; add --resumable or drop --schedule"))
-    out_dtype = None if dtype is None else dtype.value.upper()
-    given = dict(horizon=horizon, forecaster_file=forecaster, emit=emit or [], settings=settings, options=options, dtype=out_dtype)
-    given.update(anchor=anchor, last_step=last_step, force=writing.force, skip_damaged=skip_damaged)
-    given.update(resumable=resumable, schedule=None if schedule is None else schedule.value)
+    request = _request(
+        lambda: commands.PredictRequest(
+            run_dir, output, horizon=horizon, forecaster_file=forecaster, emit=emit or (), settings=settings, options=options,
+            evaluation=evaluation, anchor=anchor, last_step=last_step, dtype=None if dtype is None else dtype.value.upper(),
+            force=writing.force, min_skill=min_skill, fallback=fallback, resumable=resumable,
+            schedule=None if schedule is None else schedule.value, skip_damaged=skip_damaged, output_format=output_format.value,
+        )
+    )  # fmt: skip
     if dry_run:
-        _run(lambda world: commands.predict(run_dir, output, **given, dry_run=True), lambda plan: _show_plan(plan, writing.as_json))
+        _run(lambda world: commands.plan_predict(request), lambda plan: _show_plan(plan, writing.as_json))
         return
-    chosen = dict(evaluation=evaluation, min_skill=min_skill, fallback=fallback, output_format=output_format.value)
-    _run(
-        lambda world: commands.predict(run_dir, output, **given, **chosen, world=world),
-        _show_report(writing),
-        join=lambda: join_world(options.device),
-    )
+    _run(lambda world: commands.run_predict(request, world), _show_report(writing), join=lambda: join_world(options.device))
 
 
-def _show_plan(plan: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(plan, indent=1))
-        return
-    reads, writes, memory = plan["reads"], plan["writes"], plan["memory"]
-    print(f"dry run: {plan['run']} ({len(plan['steps'])} checkpoints), device {plan['device']}")
-    if "sample" in reads:
-        print(f"read: {reads['sample']['coordinates']:,} sampled coordinates from each of {reads['sample']['checkpoints']} checkpoints")
-    backtest = reads.get("backtest", {})
-    if "checkpoints" in backtest:
-        print(f"read for the backtest: checkpoints {backtest['checkpoints']}, {backtest['bytes']:,} bytes")
-    elif backtest:
-        print(f"read for the backtest: {backtest.get('unavailable', 'only the sampled coordinates')}")
-    print(f"read for the forecast: checkpoints {reads['forecast']['checkpoints']}, {reads['forecast']['bytes']:,} bytes")
-    print(f"write: {writes['folder']}: step(s) {writes['checkpoints']}, {writes['bytes']:,} bytes")
-    _show_files(plan)
-    print(
-        f"memory: chunks of {memory['chunk_elements']:,} elements; read buffers {memory['read_buffers_bytes']:,} bytes, "
-        f"scratch {memory['scratch_bytes']:,} bytes, within --max-memory {memory['max_memory']:,}"
-    )
+def _show_plan(plan: Plan, as_json: bool) -> None:
+    print(json.dumps(plan.to_json(), indent=1) if as_json else "\n".join(plan_lines(plan)))
 
 
 def main() -> None:

@@ -132,8 +132,8 @@ def test_the_dry_run_plans_for_every_candidates_inputs(tmp_path):
         after = plan()
     finally:
         unregister(wide.key)
-    assert set(after["reads"]["backtest"]["checkpoints"]) > set(before["reads"]["backtest"]["checkpoints"])
-    assert after["memory"]["read_buffers_bytes"] > before["memory"]["read_buffers_bytes"]
+    assert set(after.backtest_read.read.checkpoints) > set(before.backtest_read.read.checkpoints)
+    assert after.memory.read_buffers_bytes > before.memory.read_buffers_bytes
 
 
 def test_a_candidate_every_report_needs_cannot_be_removed():

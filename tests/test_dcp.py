@@ -100,7 +100,7 @@ def test_a_forecast_inside_a_dcp_run_is_not_history(fsdp_run, farcast, tmp_path)
     farcast("predict", run, "-H", 20, "-o", tmp_path / "out", *FAST)
     (tmp_path / "out").rename(run / "checkpoint-220")
     (run / "checkpoint-220" / "farcast_report.json").unlink()
-    info = commands.inspect_run(run)
+    info = commands.inspect_run(run).to_json()
     assert info["steps"] == [160, 180, 200]
     assert [Path(f["path"]).name for f in info["forecasts"]] == ["checkpoint-220"]
 
@@ -356,7 +356,7 @@ def test_the_newest_dcp_checkpoint_without_its_metadata_is_skipped_as_incomplete
     """torch writes .metadata last: a checkpoint without it is still being saved (or was cut off)."""
     run = _copy_run(fsdp_run, tmp_path / "run")
     (run / "checkpoint-200" / "pytorch_model_fsdp_0" / ".metadata").unlink()
-    info = commands.inspect_run(run)
+    info = commands.inspect_run(run).to_json()
     assert info["steps"] == STEPS[:-1]
     assert any("checkpoint-200: skipped, incomplete" in warning for warning in info["warnings"])
 

@@ -120,7 +120,7 @@ def test_fit_recovers_a_known_linear_map():
     assert linear.weight[0][0] == pytest.approx(0.3, abs=0.01)
     assert linear.weight[1][0] == pytest.approx(0.9, abs=0.01)
     assert linear.bias[0] == pytest.approx(0.01, abs=0.005)
-    assert info["held_out_pairs"] == 800
+    assert info.held_out_pairs == 800
 
 
 def test_regulariser_shrinks_a_forecast_that_outruns_the_first_step():
@@ -147,7 +147,7 @@ def test_shrinking_moves_the_forecast_towards_the_last_checkpoint():
     full = forecaster.shared.apply([first, last], 0)
     assert torch.allclose(forecaster.shrunk(0.0).shared.apply([first, last], 0), last)
     assert torch.allclose(forecaster.shrunk(0.5).shared.apply([first, last], 0), last + 0.5 * (full - last))
-    assert forecaster.shrunk(0.5).fit_info["shrink"] == 0.5
+    assert forecaster.shrunk(0.5).fit_info.shrink == 0.5
 
 
 def test_shrink_option(run_dir, farcast, tmp_path):
@@ -275,12 +275,12 @@ def test_l2_objective_is_the_closed_form_and_a_small_budget_is_reported(tmp_path
     linear, info = fit_linear_map(pairs, FitSettings(objective="l2", lam=0.0), validation)
     exact = np.linalg.lstsq(np.stack([first, last, np.ones(3000)], axis=1), targets[:, 0], rcond=None)[0]
     assert [linear.weight[0][0], linear.weight[1][0], linear.bias[0]] == pytest.approx(exact.tolist(), abs=1e-10)
-    assert info["stopped"] == "closed form" and info["updates"] == 0
-    assert (info["pairs"], info["held_out_pairs"], info["held_out"]) == (3000, 500, "validation run")
+    assert info.stopped == "closed form" and info.updates == 0
+    assert (info.pairs, info.held_out_pairs, info.held_out) == (3000, 500, "validation run")
     residual = exact[0] * first[:500] + exact[1] * last[:500] + exact[2] - targets[:500, 0]
-    assert info["validation_l1"] == pytest.approx(np.abs(residual).mean(), rel=1e-9)
+    assert info.validation_l1 == pytest.approx(np.abs(residual).mean(), rel=1e-9)
     _, budget = fit_linear_map(pairs, FitSettings(max_updates=3, patience=1000))
-    assert budget["stopped"] == "budget" and budget["updates"] == 3
+    assert budget.stopped == "budget" and budget.updates == 3
 
     run = write_run(tmp_path / "run")
     report = json.loads(farcast("predict", run, "-H", 100, "-o", tmp_path / "out", "--json", "--sample", "2000", "--max-updates", 1,

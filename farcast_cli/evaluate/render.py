@@ -1,5 +1,7 @@
-"""The report for a person: on a terminal with a table of the weight backtest; in a batch log as plain
-lines, each starting with what it is, that grep and tail can read."""
+"""What farcast prints for a person: the report, on a terminal with a table of the weight backtest and
+in a batch log as plain lines, each starting with what it is, that grep and tail can read; and as plain
+lines, what `inspect` found and what `predict --dry-run` would do. Options named in a line are marked
+parameters (errors.parameter), printed as the CLI's flags within errors.flag_names."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from farcast_cli.errors import named, parameter
 from farcast_cli.evaluate.evaluator import format_loss
-from farcast_cli.evaluate.report import ErrorTable, Report
+from farcast_cli.evaluate.report import ErrorTable, Inspection, LeftOut, Plan, Report
 from farcast_cli.forecast.candidates import FORECAST, REFERENCE
 
 TENSOR_ROWS = 15
@@ -45,12 +48,12 @@ def _tensor_rows(report: Report) -> list[tuple[str, ErrorTable]]:
 
 
 def _head(report: Report) -> list[str]:
-    fit = report.forecaster
+    fitted, context = report.forecaster, report.context
     lines = [
         f"farcast {report.command}: {report.run} ({len(report.steps)} checkpoints, steps {report.steps[0]}..{report.steps[-1]}), "
         f"mode {report.mode}",
-        f"forecast: step {', '.join(map(str, report.target_steps))} from steps {report.context['first_step']} and "
-        f"{report.context['last_step']} (horizon {report.horizon}), anchor {fit['anchor']}, shrink {fit['fit'].get('shrink', 1.0):g}",
+        f"forecast: step {', '.join(map(str, report.target_steps))} from steps {context.first_step} and "
+        f"{context.last_step} (horizon {report.horizon}), anchor {fitted.anchor}, shrink {fitted.fit.shrink:g}",
     ]
     if report.backtest is not None:
         plan = report.backtest.plan
@@ -188,3 +191,75 @@ def render(report: Report, console: Console) -> None:
             console.print(escape(more))
     for line in _loss_lines(report) + _tail(report):
         console.print(f"[bold]{escape(line)}[/bold]" if line.startswith(("verdict:", "written:")) else escape(line))
+
+
+def inspection_lines(info: Inspection, every: bool = False) -> list[str]:
+    """What `inspect` found; with `every`, each checkpoint (and each distributed tensor's chunks)."""
+    more = "" if every else f" ({parameter('every')} lists them)"
+    lines = [f"run: {info.run} ({info.layout} layout)", f"checkpoints: {info.steps_summary}{more}"]
+    for checkpoint in info.checkpoints if every else []:
+        saved = "" if checkpoint.saved_step == checkpoint.step else f", saved as step {checkpoint.saved_step}"
+        lines.append(f"  step {checkpoint.step}{saved}: {checkpoint.path} ({len(checkpoint.files)} file(s), {checkpoint.bytes:,} bytes)")
+    lines += [f"forecast farcast wrote (not history): {forecast.path}" for forecast in info.forecasts]
+    lines += [f"jump farcast made in the training loop: at step {jump.at_step}, {jump.horizon} steps ahead" for jump in info.jumps]
+    copied = info.tensors - info.forecast_tensors
+    kinds = (
+        f"all {info.tensors} forecast"
+        if not copied
+        else f"{info.forecast_tensors} forecast, {copied} copied unchanged ({', '.join(info.copied_dtypes)})"
+    )
+    lines.append(f"tensors: {kinds}; dtypes {', '.join(info.dtypes)}")
+    lines.append(f"parameters: {info.parameters:,} ({info.forecast_parameters:,} forecast)")
+    lines.append(f"bytes: {info.bytes_per_checkpoint:,} per checkpoint, {info.total_bytes:,} in all")
+    if info.distributed:
+        lines += _distributed_lines(info.distributed, more)
+    lines += _file_lines(info.copied_files, info.left_out_files)
+    lines.append(f"largest {parameter('horizon')} when fitting on this run: {info.max_horizon} steps")
+    return [named(line) for line in lines]
+
+
+def _distributed_lines(found: dict, more: str) -> list[str]:
+    """A DCP checkpoint's files, chunks (each listed where `more` is empty), and the entries that are
+    not model weights."""
+    chunks = sum(len(t["chunks"]) for t in found["tensors"])
+    place = "the checkpoint folder" if found["folder"] == "." else f"{found['folder']}/"
+    lines = [
+        f"distributed checkpoint in {place}: .metadata and {len(found['files'])} .distcp file(s), {found['bytes']:,} bytes; "
+        f"{len(found['tensors'])} model tensors in {chunks} chunks{more}"
+    ]
+    for tensor in found["tensors"] if not more else []:
+        boxes = ", ".join(f"{offsets}+{sizes}" for offsets, sizes in tensor["chunks"])
+        lines.append(f"  {tensor['name']} {tensor['dtype']} {tensor['shape']}: {len(tensor['chunks'])} chunk(s) at {boxes}")
+    reasons: dict[str, list[str]] = {}
+    for entry in found["left_out_entries"]:
+        reasons.setdefault(entry["why"], []).append(entry["name"])
+    for why, names in reasons.items():
+        shown = ", ".join(names[:3] if more else names) + (", ..." if more and len(names) > 3 else "")
+        lines.append(f"left out of outputs: {len(names)} entries, {why}: {shown}")
+    return lines
+
+
+def _file_lines(copied: list[str], left_out: list[LeftOut]) -> list[str]:
+    return [f"copied into outputs: {', '.join(copied) or 'nothing beside the weights'}"] + [
+        f"left out of outputs: {left.name}: {left.why}" for left in left_out
+    ]
+
+
+def plan_lines(plan: Plan) -> list[str]:
+    """What `predict --dry-run` would read and write, and its memory."""
+    memory, backtest = plan.memory, plan.backtest_read
+    lines = [f"dry run: {plan.run} ({len(plan.steps)} checkpoints), device {plan.device}"]
+    if plan.sample_coordinates is not None:
+        lines.append(f"read: {plan.sample_coordinates:,} sampled coordinates from each of {len(plan.steps)} checkpoints")
+    if backtest is not None and backtest.read is not None:
+        lines.append(f"read for the backtest: checkpoints {backtest.read.checkpoints}, {backtest.read.bytes:,} bytes")
+    elif backtest is not None:
+        lines.append(f"read for the backtest: {backtest.unavailable or 'only the sampled coordinates'}")
+    lines.append(f"read for the forecast: checkpoints {plan.forecast_read.checkpoints}, {plan.forecast_read.bytes:,} bytes")
+    lines.append(f"write: {plan.folder}: step(s) {plan.written_steps}, {plan.written_bytes:,} bytes")
+    lines += _file_lines(plan.copied_files, plan.left_out_files)
+    lines.append(
+        f"memory: chunks of {memory.chunk_elements:,} elements; read buffers {memory.read_buffers_bytes:,} bytes, "
+        f"scratch {memory.scratch_bytes:,} bytes, within {parameter('max_memory')} {memory.max_memory:,}"
+    )
+    return [named(line) for line in lines]

@@ -14,6 +14,7 @@ from farcast_cli.evaluate.evaluator import format_loss
 from farcast_cli.evaluate.loss import LossBacktest
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, REFERENCE, baselines
 from farcast_cli.io.resume import Resume
+from farcast_cli.model.fit import FitInfo
 
 SCHEMA_VERSION = 1
 REPORT_FILE = "farcast_report.json"
@@ -85,6 +86,33 @@ class Written:
     why: str
 
 
+@dataclass(frozen=True)
+class Context:
+    """The checkpoints the forecast starts from: the first one and the last (the context end)."""
+
+    first_step: int
+    last_step: int
+
+
+@dataclass(frozen=True)
+class FittedMap:
+    """The forecaster as the report shows it: its anchor, the shared map (weight: 1 + anchor inputs x
+    the forecast steps; bias), the per-tensor maps ([weight, bias] by tensor) and how it was fitted."""
+
+    anchor: int
+    weight: list[list[float]]
+    bias: list[float]
+    per_tensor: dict[str, list]
+    fit: FitInfo
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "fit": self.fit.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FittedMap:
+        return cls(**{**data, "fit": FitInfo.from_json(data["fit"])})
+
+
 @dataclass
 class Report:
     command: str
@@ -92,10 +120,10 @@ class Report:
     layout: str
     steps: list[int]
     mode: str
-    context: dict
+    context: Context
     horizon: int
     target_steps: list[int]
-    forecaster: dict
+    forecaster: FittedMap
     backtest: Backtest | None
     backtest_unavailable: str | None
     loss: LossBacktest | None
@@ -132,6 +160,7 @@ class Report:
             else:
                 data[key] = value
         data["backtest"] = None if self.backtest is None else self.backtest.to_json()
+        data["forecaster"] = self.forecaster.to_json()
         return data
 
     @classmethod
@@ -140,11 +169,144 @@ class Report:
         fields = {key: value for key, value in data.items() if not key.startswith((SKILL, BEATS))}
         fields["skills"] = {key.removeprefix(SKILL): value for key, value in data.items() if key.startswith(SKILL)}
         fields["beats"] = {key.removeprefix(BEATS): value for key, value in data.items() if key.startswith(BEATS)}
+        fields["context"] = Context(**data["context"])
+        fields["forecaster"] = FittedMap.from_json(data["forecaster"])
         fields["backtest"] = Backtest.from_json(data["backtest"]) if data.get("backtest") else None
         fields["loss"] = LossBacktest.from_json(data["loss"]) if data.get("loss") else None
         fields["written"] = Written(**data["written"]) if data.get("written") else None
         fields["resume"] = Resume(**data["resume"]) if data.get("resume") else None
         return cls(**fields)
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A file an output does not copy from the last checkpoint, and why."""
+
+    name: str
+    why: str
+
+
+@dataclass(frozen=True)
+class ListedCheckpoint:
+    step: int
+    saved_step: int
+    path: str
+    files: list[str]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SeenForecast:
+    """A forecast farcast wrote inside the run: not history."""
+
+    saved_step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class SeenJump:
+    """A jump farcast made in the training loop."""
+
+    at_step: int
+    horizon: int
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What `farcast inspect` found (`inspect --json`, in field order): the checkpoints, tensors,
+    parameters and bytes of a run, what an output copies and leaves out, and for a distributed
+    checkpoint its files and chunks (io/dcp.py, describe_dcp)."""
+
+    run: str
+    layout: str
+    steps: list[int]
+    steps_summary: str
+    checkpoints: list[ListedCheckpoint]
+    forecasts: list[SeenForecast]
+    jumps: list[SeenJump]
+    copied_files: list[str]
+    left_out_files: list[LeftOut]
+    tensors: int
+    forecast_tensors: int
+    copied_dtypes: list[str]
+    parameters: int
+    forecast_parameters: int
+    dtypes: list[str]
+    bytes_per_checkpoint: int
+    total_bytes: int
+    max_horizon: int
+    skipped_checkpoints: list[dict]
+    warnings: list[str]
+    distributed: dict | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Read:
+    """Checkpoints read whole for a pass, and their bytes."""
+
+    checkpoints: list[int]
+    bytes: int
+
+
+@dataclass(frozen=True)
+class BacktestRead:
+    """What the weight backtest would read: checkpoints whole (`read`), the sampled coordinates only,
+    or nothing and why (`unavailable`)."""
+
+    read: Read | None = None
+    unavailable: str | None = None
+
+    def to_json(self) -> dict:
+        if self.unavailable is not None:
+            return {"unavailable": self.unavailable}
+        return {"sampled coordinates only": True, "bytes": 0} if self.read is None else asdict(self.read)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    max_memory: int
+    chunk_elements: int
+    read_buffers_bytes: int
+    scratch_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `predict --dry-run` would read and write, and its memory (`--dry-run --json`): the forecast's
+    inputs, and when fitting the sample (`sample_coordinates` from each checkpoint) and the backtest."""
+
+    run: str
+    steps: list[int]
+    device: str
+    forecast_read: Read
+    sample_coordinates: int | None
+    backtest_read: BacktestRead | None
+    folder: str
+    written_steps: list[int]
+    written_bytes: int
+    copied_files: list[str]
+    left_out_files: list[LeftOut]
+    memory: MemoryPlan
+
+    def to_json(self) -> dict:
+        reads: dict = {"forecast": asdict(self.forecast_read)}
+        if self.sample_coordinates is not None:
+            reads["sample"] = {"coordinates": self.sample_coordinates, "checkpoints": len(self.steps)}
+        if self.backtest_read is not None:
+            reads["backtest"] = self.backtest_read.to_json()
+        return {
+            "run": self.run,
+            "steps": self.steps,
+            "device": self.device,
+            "reads": reads,
+            "writes": {"folder": self.folder, "checkpoints": self.written_steps, "bytes": self.written_bytes},
+            "copied_files": self.copied_files,
+            "left_out_files": [asdict(left) for left in self.left_out_files],
+            "memory": asdict(self.memory),
+        }
 
 
 TESTED_FRACTION = 0.5

@@ -46,13 +46,9 @@ def resumable_folder_name(run: Run, horizon: int) -> str | None:
     return run.layout.resumable_name(run.last.saved_step + horizon)
 
 
-def check_resumable(run: Run, schedule: str | None) -> None:
-    """Refuse a resumable output where the trainer could not resume from it, before any work."""
-    if schedule not in SCHEDULES:
-        raise UsageError(
-            f"{parameter('resumable=True')} needs {parameter('schedule')} keep or {parameter('schedule')} advance: "
-            "farcast does not choose what the learning-rate schedule does"
-        )
+def check_resumable(run: Run) -> None:
+    """Refuse a resumable output where the trainer could not resume from it, before any work (the
+    schedule is checked with the request, requests.py)."""
     if not run.layout.resumable:
         raise UsageError(
             f"{run.path}: {parameter('resumable=True')} writes a Trainer checkpoint folder; this run holds {run.layout.description}"

@@ -20,13 +20,17 @@ included.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
+from farcast_cli.errors import UsageError, parameter
 from farcast_cli.model.linear import LinearMap
 from farcast_cli.model.pairs import Pairs
+
+OBJECTIVES = ("l1", "l2")
 
 
 @dataclass(frozen=True)
@@ -43,20 +47,63 @@ class FitSettings:
     per_tensor: bool = True
     objective: str = "l1"
 
+    def __post_init__(self) -> None:
+        """Every value a user can get wrong, refused once, naming the parameter."""
+        counts = (self.batch_size, self.max_updates, self.patience)
+        if self.sample < 2 or min(counts) < 1 or not 0 < self.lr < math.inf or not 0 <= self.lam < math.inf or self.seed < 0:
+            raise UsageError(
+                f"{parameter('sample')} must be at least 2; {parameter('batch_size')}, {parameter('max_updates')}, "
+                f"{parameter('patience')} and {parameter('lr')} positive and finite; {parameter('lam')} finite and not negative; "
+                f"{parameter('seed')} not negative"
+            )
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"{parameter('objective')} {self.objective!r}: expected {' or '.join(OBJECTIVES)}")
+        if self.shrink is not None and not 0.0 <= self.shrink <= 10.0:
+            raise UsageError(f"{parameter('shrink')} {self.shrink:g}: expected a factor between 0 and 10")
 
-OBJECTIVES = ("l1", "l2")
+
 CHECK_EVERY = 20
 
 
-def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None = None) -> tuple[LinearMap, dict]:
+@dataclass(frozen=True)
+class FitInfo:
+    """How a forecaster's shared map was fitted (`fit_linear_map`: the pairs, what was held out, how the
+    fit stopped and its held-out L1), and how the forecaster was settled after it: the shrink factor
+    towards the last checkpoint, and "validation loss" where the user's loss chose it. A forecaster
+    file written by hand may hold none of the fit's measurements (None, left out of the JSON)."""
+
+    pairs: int | None = None
+    held_out_pairs: int | None = None
+    held_out: str | None = None
+    objective: str | None = None
+    stopped: str | None = None
+    updates: int | None = None
+    best_update: int | None = None
+    validation_l1: float | None = None
+    shrink: float = 1.0
+    chosen_by: str | None = None
+
+    def to_json(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> FitInfo:
+        return from_known(cls, data)
+
+
+def from_known(kind: type, data: dict):
+    """A `kind` dataclass from the keys of `data` it knows: a file from another version may hold others."""
+    known = {f.name for f in fields(kind)}
+    return kind(**{key: value for key, value in data.items() if key in known})
+
+
+def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None = None) -> tuple[LinearMap, FitInfo]:
     """The least-squares start, then (objective "l1") Adam on L1 + lam * L_grad over the training
     coordinates, stopped early on held-out ones, returning the map with the best held-out loss and a
     summary of the fit: how it ended ("closed form", "converged" or "budget") and at which update.
 
     The held-out rows are `validation`'s pairs where given (a separate validation run, the paper's
     protocol), every pair then being fitted; else a share of the coordinates of `pairs` itself."""
-    if settings.objective not in OBJECTIVES:
-        raise ValueError(f"objective {settings.objective!r}: expected one of {', '.join(OBJECTIVES)}")
     count = len(pairs.first)
     if validation is None:
         train, held = _split_coordinates(pairs, settings.validation_fraction, settings.seed)
@@ -65,21 +112,26 @@ def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None
         pairs = pairs.joined(validation)
     problem = _Problem(pairs, settings.lam)
     if settings.objective == "l2":
-        coefficients = _least_squares(problem, train)
-        info = {"objective": "l2", "stopped": "closed form", "updates": 0, "best_update": 0}
+        coefficients, stopped, updates, best_update = _least_squares(problem, train), "closed form", 0, 0
     else:
-        coefficients, info = _adam_from(problem, _least_squares(problem, train), train, held, settings)
-    info = {
-        "pairs": count,
-        "held_out_pairs": len(held),
-        "held_out": "coordinates" if validation is None else "validation run",
-        **info,
-        "validation_l1": problem.loss(coefficients, held) * problem.s_out,
-    }
+        coefficients, stopped, updates, best_update = _adam_from(problem, _least_squares(problem, train), train, held, settings)
+    info = FitInfo(
+        pairs=count,
+        held_out_pairs=len(held),
+        held_out="coordinates" if validation is None else "validation run",
+        objective=settings.objective,
+        stopped=stopped,
+        updates=updates,
+        best_update=best_update,
+        validation_l1=problem.loss(coefficients, held) * problem.s_out,
+    )
     return problem.as_linear_map(coefficients), info
 
 
-def _adam_from(problem: _Problem, start: np.ndarray, train: np.ndarray, held: np.ndarray, settings: FitSettings) -> tuple[np.ndarray, dict]:
+def _adam_from(
+    problem: _Problem, start: np.ndarray, train: np.ndarray, held: np.ndarray, settings: FitSettings
+) -> tuple[np.ndarray, str, int, int]:
+    """Adam from `start`: the best held-out coefficients, how the fit stopped, its updates and the best one."""
     coefficients = start.copy()
     optimizer = _Adam(coefficients, settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -99,7 +151,7 @@ def _adam_from(problem: _Problem, start: np.ndarray, train: np.ndarray, held: np
             if updates >= settings.max_updates or stale >= settings.patience:
                 break
     stopped = "converged" if stale >= settings.patience else "budget"
-    return best, {"objective": "l1", "stopped": stopped, "updates": updates, "best_update": best_update}
+    return best, stopped, updates, best_update
 
 
 def _least_squares(problem: _Problem, rows: np.ndarray) -> np.ndarray:

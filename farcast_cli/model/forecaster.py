@@ -20,7 +20,7 @@ import torch
 
 from farcast_cli import __version__
 from farcast_cli.errors import InputError, OutputError, UsageError, parameter, publishing
-from farcast_cli.model.fit import FitSettings, fit_linear_map
+from farcast_cli.model.fit import FitInfo, FitSettings, fit_linear_map, from_known
 from farcast_cli.model.history import History
 from farcast_cli.model.linear import LinearMap
 from farcast_cli.model.pairs import Pairs, reference_pairs, self_pairs
@@ -39,8 +39,8 @@ class Forecaster:
     context_end: int
     offsets: list[int]
     shared: LinearMap
-    settings: dict
-    fit_info: dict = field(default_factory=dict)
+    settings: FitSettings
+    fit_info: FitInfo = FitInfo()
     report: dict | None = None
     version: str = __version__
     per_tensor: dict[str, LinearMap] = field(default_factory=dict)
@@ -56,7 +56,7 @@ class Forecaster:
 
     @property
     def shrink(self) -> float:
-        return self.fit_info.get("shrink", 1.0)
+        return self.fit_info.shrink
 
     def input_indices(self, end: int) -> list[int]:
         """Positions of the input checkpoints among a run's, forecasting from checkpoint number `end`."""
@@ -72,7 +72,7 @@ class Forecaster:
         """The forecast moved towards the last checkpoint: last + alpha * (forecast - last), still linear."""
         last = self.anchor
         per_tensor = {name: linear.shrunk(alpha, last) for name, linear in self.per_tensor.items()}
-        return replace(self, shared=self.shared.shrunk(alpha, last), per_tensor=per_tensor, fit_info={**self.fit_info, "shrink": alpha})
+        return replace(self, shared=self.shared.shrunk(alpha, last), per_tensor=per_tensor, fit_info=replace(self.fit_info, shrink=alpha))
 
     def on_history(self, history: History, end: int, output: int) -> np.ndarray:
         """The forecast of every sampled coordinate from history column `end` (and the columns before it)."""
@@ -87,6 +87,7 @@ class Forecaster:
     def as_dict(self) -> dict:
         """The saved form, farcast-forecaster/1: maps as weight (1 + anchor inputs x m outputs) and bias (m) lists."""
         data = {key: value for key, value in asdict(self).items() if key not in ("shared", "per_tensor")}
+        data["fit_info"] = self.fit_info.to_json()
         weight, bias = self.shared.as_lists()
         return {**data, "weight": weight, "bias": bias, "per_tensor": {name: linear.as_lists() for name, linear in self.per_tensor.items()}}
 
@@ -112,8 +113,9 @@ class Forecaster:
             outputs, inputs = len(data["offsets"]), 1 + data.get("anchor", 1)
             shared = _linear_map(data.pop("weight"), data.pop("bias"), inputs, outputs)
             per_tensor = {name: _linear_map(*pair, inputs, outputs) for name, pair in data.pop("per_tensor", {}).items()}
-            return cls(shared=shared, per_tensor=per_tensor, **data)
-        except (KeyError, TypeError, ValueError) as error:
+            settings, fit_info = from_known(FitSettings, data.pop("settings")), FitInfo.from_json(data.pop("fit_info", {}))
+            return cls(shared=shared, per_tensor=per_tensor, settings=settings, fit_info=fit_info, **data)
+        except (KeyError, TypeError, ValueError, UsageError) as error:
             raise InputError(f"{path}: forecaster file is incomplete or from another version ({error})") from None
 
 
@@ -250,7 +252,7 @@ def _forecaster(
         context_end,
         offsets,
         _spread(shared, anchor),
-        asdict(settings),
+        settings,
         info,
         per_tensor=per_tensor,
         anchor=anchor,
