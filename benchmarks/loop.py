@@ -22,8 +22,10 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
 - memory-loss: memory, verified by the loss on the gate half of the validation set (`loss_fn`): the
   loss before and after the jump, the jump undone when it does not lower it.
 - memory-ungated: memory, every forecast applied (`gate=False`).
-- memory-cheap: memory with a cheaper fit (CHEAP_FIT: 2000 coordinates, one shared map, batches of
-  2048), the settings a user can pick where the fit's time matters.
+- memory-l1, memory-l2, memory-cheap (a suffix, also after memory-loss or memory-ungated): memory with
+  the fit's settings given (FITS): PAPER.md's L1 by Adam from the least-squares start (the CLI's
+  default), the closed-form least squares, and the closed form on 2000 coordinates; without a suffix,
+  the Farcaster's default settings.
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
   ungated: the forecast replaces the weights, the step counter moves on by the horizon, the next horizon
   batches of the data order are skipped (as a resumed Trainer skips them), the LR schedule kept or
@@ -35,7 +37,11 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
 For each variant: real optimizer steps to reach the plain run's validation loss at 40%, 60%, 80% and 100%
 of its steps (the first checkpoint at or below it); speed-up = plain steps / variant steps, its mean over
 the targets (a target never reached counts as reached at the last step: an upper bound); and the same in
-wall time (training plus farcast, not the benchmark's own evaluations or saves). Mean and spread over seeds.
+wall time (training plus farcast, not the benchmark's own evaluations or saves), and by wall time at the
+plain run's pace (`paced`: only farcast's own time counted against the loop). Mean and spread over seeds.
+
+`--traces DIR` keeps each training run's trace there and reads it back instead of training again, so that
+a long table can be measured in several short runs (the plain runs once, the variants in later runs).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +66,10 @@ from farcast_cli.io.run import Jump, record_jump
 from farcast_cli.model.fit import FitSettings
 
 TARGETS = (0.4, 0.6, 0.8, 1.0)
-CHEAP_FIT = FitSettings(sample=2000, per_tensor=False, batch_size=2048)
+FITS = {"l1": FitSettings(), "l2": FitSettings(objective="l2"), "cheap": FitSettings(objective="l2", sample=2000)}
 VARIANTS = (
-    "plain", "memory", "memory-loss", "memory-ungated", "memory-cheap", "inproc", "inproc-unshrunk", "inproc-ungated",
+    "plain", "memory", "memory-loss", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
+    "inproc", "inproc-unshrunk", "inproc-ungated",
     "inproc-unshrunk-ungated", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance",
 )  # fmt: skip
 
@@ -135,13 +142,26 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
     return trace
 
 
+def trained(traces: Path | None, name: str, variant: str, seed: int, schedule: str, every: int, jump: float, work: Path) -> Trace:
+    """`train`'s trace, read from `traces` where an earlier run kept it (and kept there when trained)."""
+    kept = None if traces is None else traces / f"{name}-{schedule}-{variant}-{every}-{jump:g}-{seed}.json"
+    if kept is not None and kept.exists():
+        return Trace(**json.loads(kept.read_text()))
+    trace = train(name, variant, seed, schedule, every, jump, work)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(asdict(trace)))
+    return trace
+
+
 def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total: int) -> Farcaster | None:
     """The in-memory Farcaster of a memory-* variant (None for the others)."""
     if not variant.startswith("memory"):
         return None
-    loss_fn = p.gate if variant == "memory-loss" else None
-    settings = CHEAP_FIT if variant == "memory-cheap" else FitSettings()
-    return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate=variant != "memory-ungated", max_steps=total, settings=settings)
+    words = variant.split("-")
+    options = {"settings": FITS[words[-1]]} if words[-1] in FITS else {}
+    loss_fn = p.gate if "loss" in words else None
+    return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=total, **options)
 
 
 def _farcast(run: Path, p, variant: str, jump: float, label: int, work: Path) -> tuple[int, bool] | None:
@@ -240,6 +260,20 @@ def speedups(plain: Trace, other: Trace) -> tuple[float, float]:
     return float(np.mean(steps)), float(np.mean(seconds))
 
 
+def paced(plain: Trace, other: Trace, by_steps: float) -> float:
+    """The speed-up by wall time had the variant trained at the plain run's pace: the speed-up by steps
+    times the plain step over the plain step plus farcast's time per step of the variant. Two runs'
+    own step times differ by a few percent on a shared machine (MiniLM: 7% between two runs of the same
+    steps), which the raw wall time counts as the loop's; this counts only farcast's own time."""
+    step = plain.train_seconds / plain.steps[-1]
+    return by_steps * step / (step + other.farcast_seconds / other.steps[-1])
+
+
+def _spread(values: list[float], form: str) -> str:
+    low, high = form.format(min(values)), form.format(max(values))
+    return low if low == high else f"{low}-{high}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", required=True, choices=sorted(STEPS))
@@ -250,6 +284,7 @@ def main() -> None:
     )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--traces", type=Path, help="keep each training run's trace here, and reuse those kept by an earlier run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     total = STEPS[args.workload]
@@ -260,20 +295,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="farcast-loop-") as scratch:
         work = Path(scratch)
         for seed in range(args.seeds):
-            plain = train(args.workload, "plain", seed, args.schedule, 1, 0.0, work)
+            plain = trained(args.traces, args.workload, "plain", seed, args.schedule, 1, 0.0, work)
             for every, jump in rhythms:
                 for variant in variants[1:] if variants[0] == "plain" else variants:
-                    trace = train(args.workload, variant, seed, args.schedule, int(every), jump, work)
+                    trace = trained(args.traces, args.workload, variant, seed, args.schedule, int(every), jump, work)
                     by_steps, by_time = speedups(plain, trace)
+                    by_pace = paced(plain, trace, by_steps)
                     key = f"{variant} every {int(every)} jump {jump:g}"
                     results.setdefault(key, []).append(
-                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "jumps": trace.jumps,
+                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "speedup_paced": by_pace, "jumps": trace.jumps,
                          "farcast_seconds": trace.farcast_seconds, "final_loss": trace.losses[-1], "plain_final_loss": plain.losses[-1]}
                     )  # fmt: skip
                     made = sum(applied for _, _, applied in trace.jumps)
                     final = f"final loss {trace.losses[-1]:.4f} (plain {plain.losses[-1]:.4f})"
-                    print(f"seed {seed} {key}: x{by_steps:.2f} steps, x{by_time:.2f} time, {made}/{len(trace.jumps)} jumps, "
-                          f"farcast {trace.farcast_seconds:.1f} s, {final}", flush=True)  # fmt: skip
+                    print(f"seed {seed} {key}: x{by_steps:.2f} steps, x{by_time:.2f} time (x{by_pace:.2f} at plain's pace), "
+                          f"{made}/{len(trace.jumps)} jumps, farcast {trace.farcast_seconds:.1f} s, {final}", flush=True)  # fmt: skip
                     if trace.jump_seconds:
                         cost = jump_cost(trace, plain, int(every))
                         results[key][-1]["cost"] = cost
@@ -283,14 +319,23 @@ def main() -> None:
                               f"{cost['loss_ms']:.1f} ms a jump", flush=True)  # fmt: skip
     print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up to the plain run's losses")
     print("(mean, and min-max over seeds)\n")
-    print("| variant | rhythm | by steps | by wall time | jumps made |\n|---|---|---|---|---|")
+    print("| variant | rhythm | by steps | by wall time | time / steps | at plain's pace | paced / steps | jumps made | a jump's own cost "
+          "| = optimizer steps | of the training between jumps |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for key, rows in results.items():
         variant, rhythm = key.split(" ", 1)
         steps, times = [r["speedup_steps"] for r in rows], [r["speedup_time"] for r in rows]
+        paces = [r["speedup_paced"] for r in rows]
         made = np.mean([sum(a for _, _, a in r["jumps"]) for r in rows])
         tried = np.mean([len(r["jumps"]) for r in rows])
+        costs = [r["cost"] for r in rows if "cost" in r]
+        cost = " | | |"
+        if costs:
+            jump_ms, steps_of = _spread([c["jump_ms"] for c in costs], "{:.0f}"), _spread([c["optimizer_steps"] for c in costs], "{:.1f}")
+            cost = f" {jump_ms} ms | {steps_of} | {_spread([100 * c['of_training_between'] for c in costs], '{:.0f}')}% |"
         print(f"| {variant} | {rhythm} | x{np.mean(steps):.2f} ({min(steps):.2f}-{max(steps):.2f}) | "
-              f"x{np.mean(times):.2f} ({min(times):.2f}-{max(times):.2f}) | {made:.1f} of {tried:.1f} |")  # fmt: skip
+              f"x{np.mean(times):.2f} ({min(times):.2f}-{max(times):.2f}) | {np.mean(times) / np.mean(steps):.2f} | "
+              f"x{np.mean(paces):.2f} ({min(paces):.2f}-{max(paces):.2f}) | {np.mean(paces) / np.mean(steps):.2f} | "
+              f"{made:.1f} of {tried:.1f} |{cost}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"workload": args.workload, "schedule": args.schedule, "results": results}, indent=1))
 

@@ -71,8 +71,8 @@ MUTATIONS = [
     (
         "the fit keeps Adam's last coefficients, not the best held-out ones",
         "farcast_cli/model/fit.py",
-        'return best, {"objective": "l1"',
-        'return coefficients, {"objective": "l1"',
+        "return best, stopped, updates, best_update",
+        "return coefficients, stopped, updates, best_update",
     ),
     (
         "a fit stopped by its budget counts as converged",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from farcast_cli.errors import named, parameter
 from farcast_cli.evaluate.loss import LossBacktest
 from farcast_cli.evaluate.report import Backtest, Context, FittedMap, Report, Written, headline
 from farcast_cli.forecast.candidates import line_tested
@@ -113,7 +114,7 @@ def _shrink_note(forecaster: Forecaster) -> list[str]:
     if alpha == 1.0:
         return []
     if forecaster.settings.shrink is not None:
-        how = "set by --shrink"
+        how = named(f"set by {parameter('shrink')}")
     elif forecaster.fit_info.chosen_by == "validation loss":
         how = "chosen by your loss in the backtest"
     else:

@@ -313,7 +313,7 @@ def _show_report(writing: Writing) -> Callable[[Report], None]:
     return show
 
 
-API_NAMES = {"forecaster_file": "forecaster", "jobs": "eval_jobs"}
+API_NAMES = {"forecaster_file": "forecaster", "jobs": "eval_jobs", "evaluation": "eval_cmd"}
 """The Python API's parameters that the CLI names otherwise."""
 
 

@@ -8,10 +8,11 @@ arguments into the requests (requests.py) these take.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from farcast_cli.assemble import Outcome, assemble
+from farcast_cli.assemble import assemble
 from farcast_cli.distributed import ONE_PROCESS, World
 from farcast_cli.evaluate.evaluator import EvalOptions as EvalOptions
 from farcast_cli.evaluate.report import Inspection, LeftOut, ListedCheckpoint, Plan, Report, SeenForecast, SeenJump
@@ -82,7 +83,7 @@ def run_fit(request: FitRequest, world: World = ONE_PROCESS) -> Report:
     forecaster = found.forecaster
     forecaster.report = assemble("fit", run, found, saved).to_json()
     world.on_main(lambda: forecaster.save(request.out_file))
-    return assemble("fit", run, found, Outcome(output=[str(request.out_file)], counts=saved.counts, seconds=saved.seconds))
+    return assemble("fit", run, found, replace(saved, output=[str(request.out_file)]))
 
 
 def inspect_run(run_dir: Path, skip_damaged: bool = False) -> Inspection:

@@ -61,6 +61,15 @@ def test_the_jump_in_memory_is_what_farcast_predict_writes_from_the_same_checkpo
     assert farcaster.observed.history().values.shape == (sum(p.numel() for p in model.parameters()), 7)
 
 
+def test_a_jump_verified_by_your_loss_skips_only_the_backtests_scored_fit(tmp_path):
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=100, jump=0.5, settings=FAST_FIT)
+    train_with(farcaster, run, steps=40)
+    scored, unscored = (memory.fit_in_memory(farcaster.observed, 20, FAST_FIT, scored=flag) for flag in (True, False))
+    assert scored.scored is not None and unscored.scored is None
+    assert unscored.forecaster.shared == scored.forecaster.shared and unscored.forecaster.shrink == scored.forecaster.shrink
+
+
 def test_only_the_jump_record_is_written_and_the_history_is_bounded_by_the_sample(tmp_path):
     run = tmp_path / "run"
     farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT.__class__(sample=5, max_updates=300), gate=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from farcast_cli import __version__
+from farcast_cli.errors import named, parameter
 from farcast_cli.evaluate.evaluator import format_loss
 from farcast_cli.evaluate.loss import LossBacktest
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, REFERENCE, baselines
@@ -312,7 +313,7 @@ class Plan:
 TESTED_FRACTION = 0.5
 WEIGHT_CAVEAT = (
     "This backtest measures weight error, not your loss: on the benchmark workloads a lower weight error went with a "
-    "lower validation loss on some runs and not on others (benchmarks/RESULTS.md); give --eval-cmd to decide by your loss."
+    f"lower validation loss on some runs and not on others (benchmarks/RESULTS.md); give {parameter('evaluation')} to decide by your loss."
 )
 
 
@@ -385,7 +386,7 @@ def _weight_verdict(backtest: Backtest, line_tested: bool) -> dict:
             s = skills[key] or 0.0
             parts.append(f"{name_of(key)} by {_percent(s)}" if beats[key] else f"but NOT {name_of(key)} (error {_percent(s)} higher)")
         words = ", ".join(parts) + " (backtest MAE)."
-    return {"beats": beats, "best": best_method(backtest, line_tested), "verdict": f"{words} {WEIGHT_CAVEAT}"}
+    return {"beats": beats, "best": best_method(backtest, line_tested), "verdict": f"{words} {named(WEIGHT_CAVEAT)}"}
 
 
 def _loss_verdict(loss: LossBacktest) -> dict:

@@ -42,6 +42,10 @@ from farcast_cli.model.observed import ObservedRun
 
 log = logging.getLogger("farcast")
 SOURCES = ("memory", "run")
+LOOP_FIT = FitSettings(objective="l2")
+"""The loop's default fit: the closed-form least squares (`farcast predict --objective l2`), not PAPER.md's
+L1 by Adam that `farcast predict` defaults to. In the loop table (benchmarks/RESULTS.md, "The loop in
+memory") it saved as many steps as L1 on every workload and rhythm measured, at a third of a jump's cost."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,10 @@ class Farcaster:
 
     `loss_fn(model) -> float` (memory): the model's loss on your held-out batches; a jump stays only where
     it lowers that loss by more than `margin`, else the weights are put back exactly. Without it the
-    weight backtest on the sample gates. `evaluator` (run): a callable taking a checkpoint folder and
-    returning its loss, or an eval command with {checkpoint}; None decides by weight error.
+    weight backtest on the sample gates. `settings`: the fit's (LOOP_FIT, the closed form, by default;
+    `FitSettings(objective="l1")` for the fit `farcast predict` makes by default). `evaluator` (run): a
+    callable taking a checkpoint folder and returning its loss, or an eval command with {checkpoint};
+    None decides by weight error.
     `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
     `gate=False` applies every forecast, winning or not. `max_steps`: the run's last step, at which no
     jump is made (the weights saved there would not hold it). `keep_first_on`: where the first observed
@@ -85,7 +91,7 @@ class Farcaster:
         schedule: str = "keep",
         gate: bool = True,
         min_checkpoints: int = 3,
-        settings: FitSettings = FitSettings(),
+        settings: FitSettings = LOOP_FIT,
         device: str = "cpu",
         eval_jobs: int = 1,
         quiet: bool = True,
@@ -166,7 +172,7 @@ class Farcaster:
         horizon = max(1, round(self.jump * (steps[-1] - steps[0])))
         before = after = None
         try:
-            fitted = memory.fit_in_memory(self.observed, horizon, self.settings)
+            fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
             applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
             if applied:
                 backup = {} if self.loss_fn is not None and self.gate else None

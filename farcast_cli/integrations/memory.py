@@ -39,9 +39,11 @@ class WeightVerdict:
         return self.skill is not None and self.skill > 0
 
 
-def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings) -> SelfFit:
-    """The fit `farcast predict` makes on the same history: on the run itself, one forecast `horizon` on."""
-    return fit_on_run(observed.history(), horizon, [horizon], settings)
+def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings, scored: bool = True) -> SelfFit:
+    """The fit `farcast predict` makes on the same history: on the run itself, one forecast `horizon` on;
+    without the backtest's scored trial (one fit of three) where `scored` is False: a jump verified by
+    the user's loss, or not gated, needs no weight verdict."""
+    return fit_on_run(observed.history(), horizon, [horizon], settings, scored=scored)
 
 
 def weight_verdict(observed: ObservedRun, fitted: SelfFit, horizon: int) -> WeightVerdict:

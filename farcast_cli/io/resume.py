@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
-from farcast_cli.errors import InputError, OutputError, UsageError, parameter
+from farcast_cli.errors import InputError, OutputError, UsageError, named, parameter
 from farcast_cli.io.output import copy_file, write_text
 from farcast_cli.io.run import TRAINER_STATE, TRAINING_STATE_FILES, Checkpoint, Run, read_json
 from farcast_cli.io.writer import output_failure
@@ -106,16 +106,18 @@ def _advice(last: Checkpoint, horizon: int, schedule: str, missing: list[str], n
     rate = "unknown" if next_lr is None else f"{next_lr:.6g}"
     if schedule == "keep":
         lines.append(
-            f"--schedule keep: the learning-rate schedule resumes where the run left it at step {last.saved_step}; next rate {rate}"
+            f"{parameter('schedule')} keep: the learning-rate schedule resumes where the run left it at step {last.saved_step}; "
+            f"next rate {rate}"
         )
     else:
         lines.append(
-            f"--schedule advance: the schedule is moved on {horizon} steps, to step {step}; the first resumed step still uses the "
+            f"{parameter('schedule')} advance: the schedule is moved on {horizon} steps, to step {step}; "
+            "the first resumed step still uses the "
             f"stored rate {rate}, then the schedule's rate at step {step + 1}"
         )
     if missing:
         lines.append(f"{' and '.join(missing)} missing in {last.path.name}: a Trainer then restarts both the optimizer and the schedule")
-    return lines
+    return [named(line) for line in lines]
 
 
 def _load_scheduler(path: Path, required: bool) -> dict | None:

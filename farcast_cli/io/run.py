@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from farcast_cli.errors import DamagedCheckpoint, IncompleteCheckpoint, InputError
+from farcast_cli.errors import DamagedCheckpoint, IncompleteCheckpoint, InputError, named, parameter
 from farcast_cli.io import dcp
 from farcast_cli.io.reader import SafetensorsFile, TensorInfo
 
@@ -234,11 +234,12 @@ class Run:
         return Run(self.path, self.layout, self.checkpoints[: last_index + 1], self.warnings, self.forecasts, self.jumps, self.skipped)
 
 
-TRAINING_STATE_REASON = "the trainer's pickled state, which farcast never loads (copied as bytes only into a --resumable output)"
+RESUMABLE = parameter("resumable=True")
+TRAINING_STATE_REASON = f"the trainer's pickled state, which farcast never loads (copied as bytes only into a {RESUMABLE} output)"
 TRAINING_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin")
 LEFT_OUT = {
     **dict.fromkeys(TRAINING_STATE_FILES, TRAINING_STATE_REASON),
-    TRAINER_STATE: "the trainer's state at the last step, not the forecast's (written anew, advanced, into a --resumable output)",
+    TRAINER_STATE: f"the trainer's state at the last step, not the forecast's (written anew, advanced, into a {RESUMABLE} output)",
 }
 
 
@@ -257,7 +258,7 @@ def output_files(checkpoint: Checkpoint) -> tuple[list[str], list[tuple[str, str
         reason = next(
             (why for pattern, why in LEFT_OUT.items() if fnmatch(path.name, pattern)), "not a model or tokenizer file farcast knows"
         )
-        left_out.append((path.name, reason))
+        left_out.append((path.name, named(reason)))
     return copied, left_out
 
 

@@ -222,11 +222,17 @@ class _Problem:
 
 
 def _split_coordinates(pairs: Pairs, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole coordinates, so validation measures generalisation to unseen weights."""
-    coordinates = np.unique(pairs.coordinate)
+    """Hold out whole coordinates, so validation measures generalisation to unseen weights. The
+    coordinates are marked in a mask over their numbers (np.unique and np.isin hashed them: a quarter of
+    a closed-form fit's time)."""
+    present = np.zeros(int(pairs.coordinate.max()) + 1 if len(pairs.coordinate) else 0, dtype=bool)
+    present[pairs.coordinate] = True
+    coordinates = np.nonzero(present)[0]
     rng = np.random.default_rng(seed + 1)
     held = rng.permutation(coordinates)[: max(1, int(round(len(coordinates) * fraction)))]
-    is_held = np.isin(pairs.coordinate, held)
+    is_held = np.zeros_like(present)
+    is_held[held] = True
+    is_held = is_held[pairs.coordinate]
     if is_held.all():
         return np.nonzero(is_held)[0], np.nonzero(is_held)[0]
     return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
