@@ -308,9 +308,11 @@ def sampled_rows(run: Run, rng: np.random.Generator) -> np.ndarray:
     return rows if len(rows) <= SAMPLE else np.sort(rng.choice(rows, SAMPLE, replace=False))
 
 
-def settings_of(run: Run, nominal: int, save_every: int) -> Iterator[tuple[float, int, float, int, int, int]]:
-    """(cut fraction, cut step, jump, horizon, cut index, target index) for each cut and jump the run holds."""
-    for fraction in CUTS:
+def settings_of(
+    run: Run, nominal: int, save_every: int, cuts: tuple[float, ...] = CUTS
+) -> Iterator[tuple[float, int, float, int, int, int]]:
+    """(cut fraction, cut step, jump, horizon, cut index, target index) for each of `cuts` and each jump the run holds."""
+    for fraction in cuts:
         cut_step = round(fraction * nominal / save_every) * save_every
         for jump in JUMPS:
             horizon = round(jump * cut_step / save_every) * save_every
@@ -337,10 +339,11 @@ def evaluate(
     rng: np.random.Generator,
     methods: tuple[str, ...] = DEFAULT_METHODS,
     fit: FitSettings = FitSettings(),
+    cuts: tuple[float, ...] = CUTS,
 ) -> list[dict]:
     rows = sampled_rows(run, rng)
     results = []
-    for fraction, cut_step, jump, horizon, cut, target in settings_of(run, nominal, save_every):
+    for fraction, cut_step, jump, horizon, cut, target in settings_of(run, nominal, save_every, cuts):
         last = run.vectors[cut]
         costs: dict[str, dict] = {}
         makers = {
@@ -423,7 +426,14 @@ def main() -> None:
     parser.add_argument(
         "--objective", choices=("l1", "l2"), default=FitSettings.objective, help="the fit objective of farcast, farcast+loss"
     )
+    parser.add_argument(
+        "--cuts", type=lambda text: tuple(float(c) for c in text.split(",")), default=CUTS,
+        help="comma-separated, from: " + ", ".join(map(str, CUTS)) + " (all by default; the same figures as a whole run, "
+        "to split a slow workload over several runs)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if not set(args.cuts) <= set(CUTS):
+        parser.error(f"--cuts: from {', '.join(map(str, CUTS))}")
     fit = FitSettings(objective=args.objective)
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     torch.set_num_threads(1)
@@ -436,7 +446,7 @@ def main() -> None:
             workload.train(run_dir)
         print(f"{name}:", flush=True)
         run = Run(run_dir, workload)
-        everything[name] = evaluate(run, workload.STEPS, workload.SAVE_EVERY, np.random.default_rng(0), methods, fit)
+        everything[name] = evaluate(run, workload.STEPS, workload.SAVE_EVERY, np.random.default_rng(0), methods, fit, args.cuts)
         print(table(name, everything[name]))
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))

@@ -10,7 +10,11 @@ of an earlier farcast, e.g. `git archive 6f2846a | tar -x -C DIR`), that farcast
 from DIR with its own eval script: the grid it evaluated before the search. Then again with the cache
 filled. For each: wall seconds, evaluations (loss.evaluations), the evaluations' wall seconds and
 summed seconds (loss.eval_wall_seconds, loss.eval_seconds), and farcast's own time beyond the
-evaluations and a plain predict: (wall - plain - evaluations' wall) / evaluations' summed seconds.
+evaluations, as a share of their summed seconds, measured two ways: from outside, (wall - plain -
+evaluations' wall), a difference of two processes' times, so it carries their noise; and from
+inside, the time of the loss decision (the report's seconds.loss_backtest, with the search's trial
+fits, scratch writes, waits between rounds and the final fit, and seconds.eval_written) during which
+no evaluation ran.
 """
 
 from __future__ import annotations
@@ -83,12 +87,15 @@ def main() -> None:
                 summed, count = loss["eval_seconds"], loss["evaluations"]
                 evals_wall = loss.get("eval_wall_seconds", summed / args.jobs)
                 own = (cold - plain - evals_wall) / summed
+                phases = report.get("seconds", {})
+                inside = phases.get("loss_backtest", 0.0) + phases.get("eval_written", 0.0) - evals_wall
                 row = {
                     "wall": cold,
                     "evaluations": count,
                     "eval_wall": evals_wall,
                     "eval_summed": summed,
                     "own": own,
+                    "own_inside": inside / summed,
                     "warm": warm,
                     "hits": again["loss"]["cache_hits"],
                     "chosen": loss["chosen"],
@@ -97,7 +104,8 @@ def main() -> None:
                 rows.setdefault(name, []).append(row)
                 print(
                     f"  {name}: {cold:.1f} s, {count} evaluations ({evals_wall:.1f} s wall, {summed:.1f} s summed, {args.jobs} at a time), "
-                    f"farcast's own time beyond them and a plain predict {own:+.1%} of theirs; chose {loss['chosen']['method']} "
+                    f"farcast's own time beyond them and a plain predict {own:+.1%} of theirs, inside the loss decision "
+                    f"{inside:.3f} s ({inside / summed:+.1%}); chose {loss['chosen']['method']} "
                     f"(anchor {loss['chosen']['anchor']}, shrink {loss['chosen']['shrink']}), steps saved {report['steps_saved']:+.3f}; "
                     f"again with the cache {warm:.1f} s ({again['loss']['cache_hits']} from the cache)",
                     flush=True,
@@ -108,7 +116,11 @@ def main() -> None:
     print(f"\nmedian of {args.repeats}, wall time against {reference}:")
     for name in rows:
         wall = median(name, "wall")
-        print(f"  {name}: {wall:.1f} s ({wall / median(reference, 'wall'):.2f}x), {median(name, 'evaluations')} evaluations")
+        print(
+            f"  {name}: {wall:.1f} s ({wall / median(reference, 'wall'):.2f}x), {median(name, 'evaluations')} evaluations, "
+            f"farcast's own time {median(name, 'own'):+.1%} of the evaluations' summed seconds from outside, "
+            f"{median(name, 'own_inside'):+.1%} inside the loss decision"
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ For each dtype (f32, bf16): a 4-checkpoint run of about 1 GB per checkpoint (4 G
 the page cache warmed, then (1) plain reads of the two checkpoints predict streams plus a plain
 fsynced write of the output's size, (2) `farcast predict --backtest sample`, (3) `farcast predict`
 with the full backtest, whose raw baseline also reads the checkpoints the backtest reads. Prints
-the best of 4 timings each (page-cache writeback makes single timings vary up to 3x here):
+the best of 4 timings each (--repeats) (page-cache writeback makes single timings vary up to 3x here):
 seconds, GB/s and the ratio predict / raw I/O (target: at most 1.25), both for the whole process
 (Python and torch start-up, sampling and fitting included) and for the streaming phases alone
 (writing the forecast, plus the fit and full backtest where there is one: the fits take about 0.15 s
@@ -34,15 +34,15 @@ from common import make_run_elsewhere, python_startup_seconds, raw_io_seconds, t
 REPEATS = 4
 
 
-def measure(run: Path, work: Path, device: str, backtest: str) -> dict:
+def measure(run: Path, work: Path, device: str, backtest: str, repeats: int = REPEATS) -> dict:
     files = data_files(run)
     streamed = [files[0], files[-1]] if backtest == "sample" else [files[0], files[-1], files[0], files[1], files[2], files[3]]
     out_bytes = files[-1].stat().st_size
     warm_cache(files)
-    raw = min(raw_io_seconds(streamed, out_bytes, work / "raw.bin") for _ in range(REPEATS))
+    raw = min(raw_io_seconds(streamed, out_bytes, work / "raw.bin") for _ in range(repeats))
     out = work / "forecast"
     seconds, streaming = [], []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         shutil.rmtree(out, ignore_errors=True)
         elapsed, peak_mb, stdout = timed_farcast(
             "predict", run, "-H", 100, "-o", out, "--backtest", backtest, "--device", device, "--quiet", "--json"
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--format", choices=["safetensors", "dcp"], default="safetensors")
     parser.add_argument("--dtypes", default="f32,bf16")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timings of each row, the best is kept")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     startup = python_startup_seconds()
@@ -128,7 +129,8 @@ def main() -> None:
         run = make_run_elsewhere(args.work / f"run-{args.format}-{name}", 4, args.gb_per_checkpoint * 1e9, dtypes[name], maker)
         total = sum(p.stat().st_size for p in data_files(run))
         for backtest in ("sample", "full"):
-            row = {"dtype": name, "run_gb": total / 1e9, "device": args.device, **measure(run, args.work, args.device, backtest)}
+            timings = measure(run, args.work, args.device, backtest, args.repeats)
+            row = {"dtype": name, "run_gb": total / 1e9, "device": args.device, **timings}
             results.append(row)
             print(
                 f"{name:4s} run {row['run_gb']:.1f} GB, backtest {backtest:6s}: "

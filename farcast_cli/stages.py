@@ -43,7 +43,7 @@ from farcast_cli.io.device import resolve_device
 from farcast_cli.io.output import build_folder, check_file_location, check_output_location, write_text
 from farcast_cli.io.resume import check_resumable, check_still_newest, resumable_folder_name, write_trainer_state
 from farcast_cli.io.run import Checkpoint, Run, describe_steps, find_run, output_files
-from farcast_cli.model.forecaster import Forecaster, choose_cut, fit_on_reference, fit_on_run, fit_plain
+from farcast_cli.model.forecaster import Forecaster, SelfFit, choose_cut, fit_on_reference, fit_on_run, fit_plain
 from farcast_cli.model.history import History, read_history
 from farcast_cli.progress import byte_progress, phase
 from farcast_cli.requests import FitRequest, PredictRequest, StreamOptions
@@ -180,7 +180,7 @@ def fit_on_itself(run: Run, request: PredictRequest | FitRequest, session: Sessi
     if request.judged:
         with session.timed("loss_backtest"):
             forecaster, loss, loss_unavailable = world.on_main(
-                lambda: _decided_by_loss(run, history, request, session.judge, forecaster), patient=True
+                lambda: _decided_by_loss(run, history, request, session.judge, fitted), patient=True
             )
     unavailable = None if backtest else _too_few_to_hold_out(run)
     trajectories = sampled_trajectories(history, {i.name: i.numel for i in run.tensor_infos()}, fitted.scored, forecaster)
@@ -188,17 +188,22 @@ def fit_on_itself(run: Run, request: PredictRequest | FitRequest, session: Sessi
 
 
 def _decided_by_loss(
-    run: Run, history: History, request: PredictRequest | FitRequest, judge: CandidateScores, forecaster: Forecaster
+    run: Run, history: History, request: PredictRequest | FitRequest, judge: CandidateScores, fitted: SelfFit
 ) -> tuple[Forecaster, LossBacktest | None, str | None]:
-    """The loss backtest, the forecaster refitted with the settings of its best forecast, and why
-    there is no loss backtest (or None)."""
+    """The loss backtest, the forecaster with the settings of its best forecast (`fitted`'s fit and
+    trial are reused where its anchor is the best, not fitted again), and why there is no loss
+    backtest (or None)."""
     anchors = (request.anchor,) if request.anchor else ANCHORS
-    loss = loss_backtest(run, history, request.horizon, request.settings, judge, anchors=anchors)
+    plain = fitted.plain
+    loss = loss_backtest(run, history, request.horizon, request.settings, judge, anchors, {plain.anchor: fitted.trial})
     if loss is None:
-        return forecaster, None, _too_few_to_hold_out(run)
+        return fitted.forecaster, None, _too_few_to_hold_out(run)
+    forecaster = fitted.forecaster
     if loss.best_forecast is not None:
         best = loss.best_forecast
-        forecaster = fit_plain(history, request.horizon, request.offsets, request.settings, best.anchor).shrunk(best.shrink)
+        if best.anchor != plain.anchor:
+            plain = fit_plain(history, request.horizon, request.offsets, request.settings, best.anchor)
+        forecaster = plain.shrunk(best.shrink)
         forecaster = replace(forecaster, fit_info=replace(forecaster.fit_info, chosen_by="validation loss"))
     return forecaster, loss, None
 

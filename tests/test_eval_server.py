@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,18 @@ def test_a_server_gives_the_same_losses_as_the_eval_command_from_one_process_per
 
 
 @pytest.mark.slow
+def test_progress_lines_count_the_evaluations_in_order(tmp_path, farcast):
+    run = write_run(tmp_path / "run")
+    server = server_command(tmp_path)
+    quiet_free = [option for option in FAST if option != "--quiet"]
+    result = farcast("predict", run, "-H", 100, "-o", tmp_path / "out", "--json", "--eval-server", server, "--eval-jobs", 2, *quiet_free)
+    counts = [tuple(map(int, found)) for found in re.findall(r"^farcast: eval (\d+) of (\d+): ", result.stderr, re.MULTILINE)]
+    evaluations = json.loads(result.stdout)["loss"]["evaluations"]
+    assert [k for k, _ in counts] == list(range(1, evaluations + 1))
+    assert all(k <= n for k, n in counts) and [n for _, n in counts] == sorted(n for _, n in counts)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "each, options, message",
     [
@@ -102,7 +115,9 @@ def test_a_failing_server_ends_farcast_naming_command_and_checkpoint(tmp_path, f
 
 
 @pytest.mark.slow
-def test_sigterm_while_servers_run_ends_them_and_publishes_nothing(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_while_servers_run_ends_them_and_publishes_nothing(tmp_path, signum, code):
+    """Ctrl-C reaches farcast's process group, as from a terminal (the servers run in groups of their own)."""
     run = write_run(tmp_path / "run")
     server = server_command(tmp_path, each="import time; time.sleep(60)")
     process = farcast_process("predict", run, "-H", 100, "-o", tmp_path / "out", "--eval-server", server, "--eval-jobs", 2, *FAST)
@@ -110,9 +125,9 @@ def test_sigterm_while_servers_run_ends_them_and_publishes_nothing(tmp_path):
     while len(server_pids(tmp_path)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(server_pids(tmp_path)) == 2
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signum)
     _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 143, stderr
+    assert process.returncode == code, stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".farcast-*"))
     assert not any(alive(pid) for pid in server_pids(tmp_path))
 
@@ -165,6 +180,26 @@ def test_the_shrink_search_finds_the_grids_optimum(surface):
     found = min((a for a in tried if a > 0), key=tried.get)
     assert found == best_on_grid or loss(found) <= loss(best_on_grid) + 1e-12
     assert len(tried) - 1 <= 7 < len(GRID)
+
+
+def test_the_search_over_two_anchors_finds_the_grids_best_forecast():
+    """Each anchor's search stops once its parabola cannot beat the best forecast of either anchor
+    (loss.py, _next_shrinks): the best forecast found is still the grid's, over both anchors."""
+    pairs = [("parabola at 0.7", "parabola at 1.6"), ("steep on the left (the sample run's shape)", "quartic at 1.25")]
+    for first, second in [*pairs, *[(b, a) for a, b in pairs]]:
+        one, other = SURFACES[first], SURFACES[second]
+        losses = {1: one, 5: lambda a, f=one, g=other: g(a) - g(0.0) + f(0.0)}  # keeping the checkpoint (0) is either anchor's
+        tried = {anchor: {0.0: loss(0.0), 0.5: loss(0.5), 1.0: loss(1.0)} for anchor, loss in losses.items()}
+        while True:
+            best = min(v for found in tried.values() for a, v in found.items() if a > 0)
+            asked = {anchor: next_shrink(found, best) for anchor, found in tried.items()}
+            if all(alpha is None for alpha in asked.values()):
+                break
+            for anchor, alpha in asked.items():
+                if alpha is not None:
+                    tried[anchor][alpha] = losses[anchor](alpha)
+        grid_best = min(loss(a) for loss in losses.values() for a in GRID)
+        assert min(v for found in tried.values() for a, v in found.items() if a > 0) == pytest.approx(grid_best, abs=1e-12)
 
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_checkpoints"

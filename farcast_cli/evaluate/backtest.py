@@ -17,7 +17,16 @@ import torch
 from farcast_cli.distributed import ONE_PROCESS, World
 from farcast_cli.evaluate.report import Backtest, BacktestPlan, ErrorTable, MethodError
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, STRAIGHT_LINE, Combination
-from farcast_cli.io.engine import EngineSettings, Scratch, Source, chunk_jobs, raise_for_non_finite_input, stream
+from farcast_cli.io.engine import (
+    EngineSettings,
+    Scratch,
+    Source,
+    block_ranges,
+    chunk_jobs,
+    compute_block,
+    raise_for_non_finite_input,
+    stream,
+)
 from farcast_cli.io.reader import TensorInfo
 from farcast_cli.io.run import Run
 from farcast_cli.model.history import History
@@ -151,18 +160,57 @@ def _tensor_sums(run: Run, candidates: Mapping[str, Combination], settings: Engi
             info.name, info.numel, settings.chunk_elements, tuple(Source(*run.checkpoints[i].tensor(info.name)) for i in needed)
         )
     ]
-    scratch = Scratch(settings.chunk_elements)
+    scratch, converted = Scratch(settings.block_elements), Scratch(settings.block_elements)
     per_tensor: dict[str, _Sums] = {info.name: _Sums(candidates) for info in infos}
     truth_slot, work_slot = len(candidates), len(candidates) + 1
     for job, data in stream(jobs, settings):
-        values = {steps[i]: value for i, value in zip(needed, data)}
-        count, like = data[0].numel(), data[0]
-        truth = _truth(values, steps, truth_parts, scratch.get(count, like.dtype, like.device, slot=truth_slot))
+        errors = _ChunkErrors(candidates, data[0].numel(), data[0].device)
+        for start, stop in block_ranges(data[0].numel(), settings):
+            block = [compute_block(values, start, stop, converted, slot) for slot, values in enumerate(data)]
+            values = {steps[i]: value for i, value in zip(needed, block)}
+            count, like = stop - start, block[0]
+            truth = _truth(values, steps, truth_parts, scratch.get(count, like.dtype, like.device, slot=truth_slot))
+            predictions = _predictions(candidates, values, scratch, job.name)
+            errors.add(start, truth, predictions, scratch.get(count, like.dtype, like.device, slot=work_slot))
         sums = per_tensor[job.name]
-        sums.add(truth, _predictions(candidates, values, scratch, job.name), scratch.get(count, like.dtype, like.device, slot=work_slot))
+        errors.add_to(sums)
         if not sums.finite():
             raise_for_non_finite_input(job, data)
     return per_tensor
+
+
+class _ChunkErrors:
+    """A chunk's absolute and squared errors by candidate, summed block by block as blockwise_sum sums
+    the whole chunk: each row of SUM_BLOCK elements by itself, the rows' sums in float64 once the chunk
+    is done, so the figures do not depend on the block size."""
+
+    def __init__(self, keys: Iterable[str], count: int, device: torch.device) -> None:
+        self.whole = count // SUM_BLOCK * SUM_BLOCK
+        self.rows = {key: torch.zeros(2, self.whole // SUM_BLOCK, device=device) for key in keys}
+        self.tails = {key: [0.0, 0.0] for key in keys}
+        self.count = count
+
+    def add(self, start: int, truth: torch.Tensor, predictions: dict[str, torch.Tensor], work: torch.Tensor) -> None:
+        """The errors of elements [start, start + len(truth)) of the chunk (start a multiple of SUM_BLOCK)."""
+        full = max(0, min(truth.numel(), self.whole - start))
+        rows = slice(start // SUM_BLOCK, (start + full) // SUM_BLOCK)
+        for key, predicted in predictions.items():
+            error = torch.sub(predicted, truth, out=work)
+            self._add_rows(key, 0, error.abs_(), full, rows)
+            self._add_rows(key, 1, error.square_(), full, rows)
+
+    def _add_rows(self, key: str, k: int, values: torch.Tensor, full: int, rows: slice) -> None:
+        if full:
+            torch.sum(values[:full].view(-1, SUM_BLOCK), dim=1, out=self.rows[key][k, rows])
+        if full < values.numel():
+            self.tails[key][k] = float(values[full:].sum())
+
+    def add_to(self, sums: _Sums) -> None:
+        for key, rows in self.rows.items():
+            for k in range(2):
+                total = float(rows[k].sum(dtype=torch.float64)) if self.whole else 0.0
+                sums.values[key][k] += total + self.tails[key][k]
+        sums.count += self.count
 
 
 def backtest_sample(history: History, candidates: Mapping[str, Combination]) -> Backtest:

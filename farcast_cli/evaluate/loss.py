@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -214,15 +215,18 @@ def loss_backtest(
     settings: FitSettings,
     scores: CandidateScores,
     anchors: Sequence[int] = ANCHORS,
+    fitted: Mapping[int, Forecaster | None] = MappingProxyType({}),
 ) -> LossBacktest | None:
     """Search the candidates on the held-out jump by the evaluator and choose the best (module
-    docstring). None when the run is too short to hold checkpoints out."""
+    docstring). None when the run is too short to hold checkpoints out. `fitted`: held-out trials
+    (model/forecaster.py, `held_out_trial`) already fitted with these settings, by anchor, which are
+    not fitted again; the others are fitted while the curve's two ends are evaluated."""
     cut = held_out_cut(history, horizon)
     if cut is None:
         return None
     curve = SparseCurve(run, cut, scores)
     curve.at(0), curve.at(len(curve.checkpoints) - 1)
-    trials = {anchor: held_out_trial(history, horizon, settings, anchor) for anchor in anchors}
+    trials = {anchor: fitted[anchor] if anchor in fitted else held_out_trial(history, horizon, settings, anchor) for anchor in anchors}
     trials = {anchor: trial for anchor, trial in trials.items() if trial is not None}
     if not trials:
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection, Set
+from collections.abc import Collection, Iterator, Set
 from pathlib import Path
 
 import torch
@@ -31,7 +31,9 @@ from farcast_cli.io.engine import (
     EngineSettings,
     Scratch,
     Source,
+    block_ranges,
     chunk_jobs,
+    compute_block,
     first_non_finite,
     raise_for_non_finite_input,
     stream,
@@ -135,7 +137,7 @@ def write_tensors(
             place.mkdir(exist_ok=True)
         except OSError as error:
             raise output_failure(place, error) from None
-    buffers = Scratch(settings.chunk_elements)
+    buffers = Scratch(settings.block_elements)
     if last.dcp is not None:
         _write_dcp_tensors(candidate, last, folders, settings, buffers, dtype, only, durable=not scratch, consolidate=consolidate)
         return
@@ -160,8 +162,8 @@ def write_tensors(
                         writer.write_bytes(data[0].numpy())
                     continue
                 out_dtype = TORCH_DTYPES[out_infos[job.name].dtype]
-                for index, writer in enumerate(writers):
-                    writer.write(_forecast_chunk(job, data, candidate, index, out_dtype, buffers))
+                for index, _, forecast in _forecast_blocks(job, data, candidate, out_dtype, buffers, settings):
+                    writers[index].write(forecast)
             for writer in writers:
                 writer.close(durable=not scratch)
         except BaseException:
@@ -208,11 +210,12 @@ def _write_dcp_tensors(
             for job in forecast_jobs(candidate.inputs, last, name, settings.chunk_elements)
         ]
         for job, data in stream(jobs, settings):
-            for index, writer in enumerate(writers):
-                if job.raw:
+            if job.raw:
+                for writer in writers:
                     writer.write_bytes(job.name, job.start, data[0].numpy())
-                else:
-                    writer.write(job.name, job.start, _forecast_chunk(job, data, candidate, index, TORCH_DTYPES[dtypes[job.name]], buffers))
+                continue
+            for index, start, forecast in _forecast_blocks(job, data, candidate, TORCH_DTYPES[dtypes[job.name]], buffers, settings):
+                writers[index].write(job.name, job.start + start, forecast)
         for writer in writers:
             writer.close(durable)
     except BaseException:
@@ -284,18 +287,38 @@ def _check_with_safetensors(folder: Path, expected: dict[str, dict[str, tuple[st
             raise InternalError(f"{path}: the safetensors library reads other tensors than were written; please report this")
 
 
-def _forecast_chunk(
-    job: ChunkJob, data: list[torch.Tensor], candidate: Combination, index: int, out_dtype: torch.dtype, scratch: Scratch
+def _forecast_blocks(
+    job: ChunkJob, data: list[torch.Tensor], candidate: Combination, out_dtype: torch.dtype, scratch: Scratch, settings: EngineSettings
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(output, start in the chunk, values) of each block of the chunk's forecast, for each of the
+    candidate's outputs in turn: in `out_dtype`, checked finite, on the host. The values live in reused
+    buffers: write them before asking for the next."""
+    outputs = len(candidate.target_steps)
+    for start, stop in block_ranges(data[0].numel(), settings):
+        inputs = [compute_block(values, start, stop, scratch, slot) for slot, values in enumerate(data)]
+        for index in range(outputs):
+            yield index, start, _forecast_block(job, data, inputs, start, candidate, index, out_dtype, scratch)
+
+
+def _forecast_block(
+    job: ChunkJob,
+    data: list[torch.Tensor],
+    inputs: list[torch.Tensor],
+    start: int,
+    candidate: Combination,
+    index: int,
+    out_dtype: torch.dtype,
+    scratch: Scratch,
 ) -> torch.Tensor:
-    count = data[0].numel()
-    forecast = candidate.apply(data, index, out=scratch.get(count, data[0].dtype, data[0].device), name=job.name)
+    count, slot = inputs[0].numel(), len(inputs)
+    forecast = candidate.apply(inputs, index, out=scratch.get(count, inputs[0].dtype, inputs[0].device, slot=slot), name=job.name)
     if out_dtype != forecast.dtype:
-        forecast = scratch.get(count, out_dtype, forecast.device).copy_(forecast)
+        forecast = scratch.get(count, out_dtype, forecast.device, slot=slot).copy_(forecast)
     if first_non_finite(forecast) is not None:
         raise_for_non_finite_input(job, data)
         where = first_non_finite(forecast)
         raise InputError(
-            f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {job.start + where}"
+            f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {job.start + start + where}"
         )
     return to_host(forecast, scratch)
 

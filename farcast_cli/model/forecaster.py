@@ -133,11 +133,14 @@ class SelfFit:
     """A fit on the run itself. `forecaster` is fitted on the whole history and shrunk; `trial` is the
     same fit, unshrunk, on the history up to a held-out cut (None when the run is too short to hold
     any checkpoints out); `scored` is the trial shrunk the way `forecaster` was, by a factor chosen
-    without the held-out checkpoints: the backtest scores it, so its figures stay out of sample."""
+    without the held-out checkpoints: the backtest scores it, so its figures stay out of sample.
+    `plain` is `forecaster` before its shrink, for a caller that shrinks it by a factor of its own
+    (the loss decision) without fitting it again."""
 
     forecaster: Forecaster
     trial: Forecaster | None
     scored: Forecaster | None
+    plain: Forecaster | None = None
 
 
 def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1, scored: bool = True) -> SelfFit:
@@ -147,12 +150,13 @@ def fit_on_run(history: History, horizon: int, offsets: list[int], settings: Fit
     scored=False the trial is not shrunk for the backtest (`scored` None): one fit fewer, for a caller
     that judges the forecast otherwise (the in-loop farcaster verified by the user's loss)."""
     trial = held_out_trial(history, horizon, settings, anchor)
-    forecaster = fit_plain(history, horizon, offsets, settings, anchor).shrunk(_shrink_factor(history, trial, settings))
+    plain = fit_plain(history, horizon, offsets, settings, anchor)
+    forecaster = plain.shrunk(_shrink_factor(history, trial, settings))
     if trial is None or not scored:
-        return SelfFit(forecaster, trial, None)
+        return SelfFit(forecaster, trial, None, plain)
     held_out = history.truncated(history.column(trial.context_end))
     inner = held_out_trial(held_out, trial.horizon, settings, anchor) if settings.shrink is None else None
-    return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings)))
+    return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings)), plain)
 
 
 def fit_on_reference(
