@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import math
 import os
 import pathlib
 import pickle
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,14 +44,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch._weights_only_unpickler as weights_only
-from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.utils import _create_file_view
 
 from farcast_cli.errors import IncompleteCheckpoint, InputError
 from farcast_cli.io.reader import SAFETENSORS_NAMES, TensorInfo, pread_exactly
 
 if TYPE_CHECKING:
+    from torch.distributed.checkpoint import metadata as dcp_metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
     from farcast_cli.io.run import Checkpoint
 
 METADATA_FILE = ".metadata"
@@ -71,21 +73,37 @@ TRAINING_STATE_GROUPS = {
     "rng_state": "random number generator state",
     "scaler": "gradient scaler state",
 }
-_METADATA_CLASSES = (
-    dcp_metadata.Metadata,
-    dcp_metadata.TensorStorageMetadata,
-    dcp_metadata.BytesStorageMetadata,
-    dcp_metadata.ChunkStorageMetadata,
-    dcp_metadata.TensorProperties,
-    dcp_metadata._MEM_FORMAT_ENCODING,
-    dcp_metadata.MetadataIndex,
-    dcp_metadata.StorageMeta,
-    _StorageInfo,
-    pathlib.PosixPath,
-    pathlib.PurePosixPath,
-    collections.OrderedDict,
-)
-_ALLOWED_CLASSES = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in _METADATA_CLASSES}
+
+
+@functools.cache
+def torch_dcp() -> types.SimpleNamespace:
+    """torch's distributed-checkpoint classes, imported at the first DCP read or write: importing that
+    package takes half a second (its planners pull in sympy), which every other command would pay."""
+    from torch.distributed.checkpoint import metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.utils import _create_file_view
+
+    return types.SimpleNamespace(metadata=metadata, StorageInfo=_StorageInfo, create_file_view=_create_file_view)
+
+
+@functools.cache
+def _allowed_classes() -> dict[str, type]:
+    metadata = torch_dcp().metadata
+    classes = (
+        metadata.Metadata,
+        metadata.TensorStorageMetadata,
+        metadata.BytesStorageMetadata,
+        metadata.ChunkStorageMetadata,
+        metadata.TensorProperties,
+        metadata._MEM_FORMAT_ENCODING,
+        metadata.MetadataIndex,
+        metadata.StorageMeta,
+        torch_dcp().StorageInfo,
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+        collections.OrderedDict,
+    )
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in classes}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -96,8 +114,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         allowed = weights_only._get_allowed_globals()
         if key in allowed:
             return allowed[key]
-        if key in _ALLOWED_CLASSES:
-            return _ALLOWED_CLASSES[key]
+        if key in _allowed_classes():
+            return _allowed_classes()[key]
         raise pickle.UnpicklingError(f"refusing to load {key}, which is not part of a checkpoint's metadata")
 
 
@@ -111,7 +129,7 @@ def load_metadata(folder: Path) -> dcp_metadata.Metadata:
         raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
     except Exception as error:
         raise InputError(f"{path}: not a distributed checkpoint's metadata ({str(error).splitlines()[0][:120]})") from None
-    if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict):
+    if not isinstance(metadata, torch_dcp().metadata.Metadata) or not isinstance(metadata.storage_data, dict):
         raise InputError(f"{path}: not a distributed checkpoint's metadata written by torch's file-system writer")
     return metadata
 
@@ -311,7 +329,7 @@ def _group(metadata: dcp_metadata.Metadata, name: str) -> str:
 
 def why_left_out(metadata: dcp_metadata.Metadata, name: str, entry: object) -> str | None:
     """Why an entry is not a model weight farcast forecasts or copies, or None if it is one."""
-    if not isinstance(entry, dcp_metadata.TensorStorageMetadata):
+    if not isinstance(entry, torch_dcp().metadata.TensorStorageMetadata):
         return "not a tensor (saved as pickled bytes, never loaded)"
     group = _group(metadata, name)
     if group in TRAINING_STATE_GROUPS:
@@ -363,7 +381,7 @@ def _read_provenance(path: Path) -> dict[str, str]:
 def _storage_by_chunk(metadata: dcp_metadata.Metadata, path: Path) -> dict[tuple[str, tuple[int, ...]], _StorageInfo]:
     found = {}
     for index, item in metadata.storage_data.items():
-        if not isinstance(index, dcp_metadata.MetadataIndex) or not isinstance(item, _StorageInfo):
+        if not isinstance(index, torch_dcp().metadata.MetadataIndex) or not isinstance(item, torch_dcp().StorageInfo):
             raise InputError(f"{path / METADATA_FILE}: storage entries are not those of torch's file-system writer")
         if index.offset is not None:
             found[(index.fqn, tuple(int(o) for o in index.offset))] = item
@@ -427,7 +445,7 @@ def locate_chunk(chunk: Chunk) -> int:
     try:
         with open(path, "rb") as handle, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            stored = torch.load(_create_file_view(handle, item.offset, item.length), map_location="meta", weights_only=True)
+            stored = torch.load(torch_dcp().create_file_view(handle, item.offset, item.length), map_location="meta", weights_only=True)
     except OSError as error:
         raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
     except Exception as error:

@@ -23,18 +23,20 @@ import warnings
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.utils import _create_file_view
 
 from farcast_cli.errors import InternalError
-from farcast_cli.io.dcp import METADATA_FILE, PROVENANCE_FILE, Chunk, DcpFolder, read_dcp_folder, stream_pieces, stream_starts
+from farcast_cli.io.dcp import METADATA_FILE, PROVENANCE_FILE, Chunk, DcpFolder, read_dcp_folder, stream_pieces, stream_starts, torch_dcp
 from farcast_cli.io.output import write_text
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 from farcast_cli.io.run import INDEX_FILE, SINGLE_FILE
 from farcast_cli.io.writer import header_bytes, output_failure
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import metadata as dcp_metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 
 class _OpenFiles:
@@ -119,7 +121,7 @@ class DcpWriter(_OpenFiles):
                 begin = offset + _data_offset(handle, offset, length)
                 placed = Chunk(chunk.offsets, chunk.sizes, path, chunk.numel * TORCH_DTYPES[self.dtypes[name]].itemsize, begin_at=begin)
                 self.chunks[name].append(placed)
-                self.items.setdefault(name, []).append((relative, placed, _StorageInfo(relative, offset, length)))
+                self.items.setdefault(name, []).append((relative, placed, torch_dcp().StorageInfo(relative, offset, length)))
         for name in self.chunks:
             self.chunks[name].sort(key=lambda c: c.offsets)
 
@@ -136,7 +138,7 @@ def _data_offset(handle, offset: int, length: int) -> int:
     """Where torch's loader finds the archive's data, relative to the archive (no data read)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stored = torch.load(_create_file_view(handle, offset, length), map_location="meta", weights_only=True)
+        stored = torch.load(torch_dcp().create_file_view(handle, offset, length), map_location="meta", weights_only=True)
     return stored.untyped_storage()._checkpoint_offset
 
 
@@ -154,13 +156,13 @@ def write_dcp_metadata(writer: DcpWriter, provenance: str) -> None:
         dtype = TORCH_DTYPES[writer.dtypes[name]]
         entries[name] = replace(tensor.entry, properties=replace(tensor.entry.properties, dtype=dtype))
         for _, chunk, item in writer.items.get(name, []):
-            storage[dcp_metadata.MetadataIndex(name, chunk.offsets, _chunk_index(tensor.entry, chunk.offsets))] = item
+            storage[torch_dcp().metadata.MetadataIndex(name, chunk.offsets, _chunk_index(tensor.entry, chunk.offsets))] = item
     planner_data = source.planner_data if isinstance(source.planner_data, dict) else {}
-    metadata = dcp_metadata.Metadata(
+    metadata = torch_dcp().metadata.Metadata(
         state_dict_metadata=entries,
         planner_data={name: planner_data[name] for name in entries if name in planner_data},
         storage_data=storage,
-        storage_meta=dcp_metadata.StorageMeta(),
+        storage_meta=torch_dcp().metadata.StorageMeta(),
         version=source.version,
     )
     path = writer.folder / METADATA_FILE
