@@ -8,6 +8,7 @@ element size and a file saved by `save_file` comes out in the same order it went
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -141,4 +142,7 @@ class SafetensorsWriter:
             raise output_failure(self.path, error) from None
 
     def abort(self) -> None:
-        self._handle.close()
+        """Close without raising: the failure that made the caller abort is the one to report (closing
+        flushes what the buffer still holds, which fails again on a full disk)."""
+        with contextlib.suppress(OSError):
+            self._handle.close()
