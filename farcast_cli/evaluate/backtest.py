@@ -21,9 +21,8 @@ from farcast_cli.io.engine import (
     EngineSettings,
     Scratch,
     Source,
-    block_ranges,
+    chunk_blocks,
     chunk_jobs,
-    compute_block,
     raise_for_non_finite_input,
     stream,
 )
@@ -172,8 +171,7 @@ def _chunk_sums(
     truth_slot, work_slot = len(candidates), len(candidates) + 1
     for owner, (job, data) in zip(owners, stream(jobs, settings)):
         errors = _ChunkErrors(candidates, data[0].numel(), data[0].device)
-        for start, stop in block_ranges(data[0].numel(), settings):
-            block = [compute_block(values, start, stop, converted, slot) for slot, values in enumerate(data)]
+        for start, stop, block in chunk_blocks(data, settings, converted):
             values = {steps[i]: value for i, value in zip(needed, block)}
             count, like = stop - start, block[0]
             truth = _truth(values, steps, truth_parts, scratch.get(count, like.dtype, like.device, slot=truth_slot))

@@ -32,9 +32,8 @@ from farcast_cli.io.engine import (
     EngineSettings,
     Scratch,
     Source,
-    block_ranges,
+    chunk_blocks,
     chunk_jobs,
-    compute_block,
     first_non_finite,
     raise_for_non_finite_input,
     stream,
@@ -314,8 +313,7 @@ def _forecast_blocks(
     candidate's outputs in turn: in `out_dtype`, checked finite, on the host. The values live in reused
     buffers: write them before asking for the next."""
     outputs = len(candidate.target_steps)
-    for start, stop in block_ranges(data[0].numel(), settings):
-        inputs = [compute_block(values, start, stop, scratch, slot) for slot, values in enumerate(data)]
+    for start, _, inputs in chunk_blocks(data, settings, scratch):
         for index in range(outputs):
             yield index, start, _forecast_block(job, data, inputs, start, candidate, index, out_dtype, scratch)
 
@@ -334,9 +332,9 @@ def _forecast_block(
     forecast = candidate.apply(inputs, index, out=scratch.get(count, inputs[0].dtype, inputs[0].device, slot=slot), name=job.name)
     if out_dtype != forecast.dtype:
         forecast = scratch.get(count, out_dtype, forecast.device, slot=slot).copy_(forecast)
-    if first_non_finite(forecast) is not None:
+    where = first_non_finite(forecast)
+    if where is not None:
         raise_for_non_finite_input(job, data)
-        where = first_non_finite(forecast)
         raise InputError(
             f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {job.start + start + where}"
         )
