@@ -20,7 +20,7 @@ import torch
 
 from farcast_cli import __version__
 from farcast_cli.errors import InputError, OutputError, UsageError, parameter, publishing
-from farcast_cli.model.fit import FitInfo, FitSettings, fit_linear_map, from_known
+from farcast_cli.model.fit import FitInfo, FitSettings, fit_closed_forms, fit_linear_map, from_known
 from farcast_cli.model.history import History
 from farcast_cli.model.linear import LinearMap
 from farcast_cli.model.pairs import Pairs, reference_pairs, self_pairs
@@ -250,8 +250,12 @@ def _forecaster(
     anchor: int,
     held: _Held | None = None,
 ) -> Forecaster:
-    shared, info = fit_linear_map(pairs, settings, None if held is None else held.pairs)
-    per_tensor = {name: _spread(linear, anchor) for name, linear in _fit_per_tensor(history, pairs, settings, held).items()}
+    if settings.objective == "l2" and held is None:
+        shared, info, fitted = _closed_forms(history, pairs, settings)
+    else:
+        shared, info = fit_linear_map(pairs, settings, None if held is None else held.pairs)
+        fitted = _fit_per_tensor(history, pairs, settings, held)
+    per_tensor = {name: _spread(linear, anchor) for name, linear in fitted.items()}
     return Forecaster(
         mode,
         int(history.steps[0]),
@@ -269,6 +273,13 @@ def _spread(linear: LinearMap, anchor: int) -> LinearMap:
     """The map over (first, mean of the window) as a map over (first, each checkpoint of the window)."""
     first, mean = linear.weight
     return LinearMap.of([first, *[[w / anchor for w in mean]] * anchor], linear.bias)
+
+
+def _closed_forms(history: History, pairs: Pairs, settings: FitSettings) -> tuple[LinearMap, FitInfo, dict[str, LinearMap]]:
+    """The shared map and `_fit_per_tensor`'s maps by the closed form, every tensor's from one pass over the rows."""
+    own = [i for i in range(len(history.tensor_names)) if len(history.rows_of(i)) >= MIN_TENSOR_SAMPLE] if settings.per_tensor else []
+    shared, info, fitted = fit_closed_forms(pairs, settings, history.tensor_index[pairs.coordinate], own)
+    return shared, info, {history.tensor_names[index]: linear for index, linear in fitted.items()}
 
 
 def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings, held: _Held | None = None) -> dict[str, LinearMap]:
