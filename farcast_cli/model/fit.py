@@ -28,7 +28,7 @@ import torch
 
 from farcast_cli.errors import UsageError, parameter
 from farcast_cli.model.linear import LinearMap
-from farcast_cli.model.pairs import Pairs
+from farcast_cli.model.pairs import Pairs, PairSums
 
 OBJECTIVES = ("l1", "l2")
 
@@ -179,7 +179,73 @@ def fit_closed_forms(
         best_update=0,
         validation_l1=_raw_loss(shared, pairs, residual, held, settings.lam),
     )
-    return _map_of(shared), info, {group: _map_of(coefficients[group]) for group in own}
+    return map_of(shared), info, {group: map_of(coefficients[group]) for group in own}
+
+
+def coordinate_cells(tensor_index: np.ndarray, own: list[int], settings: FitSettings) -> np.ndarray:
+    """Each coordinate's cell for `fit_pair_sums`: its tensor x 4 + 2 if the shared fit trains on it + 1 if
+    its tensor's own fit does (`_split_coordinates` on self pairs, whose rows hold every coordinate)."""
+    count = len(tensor_index)
+    shared_train = _training_coordinates(np.arange(count), settings)
+    own_train = np.zeros(count, dtype=bool)
+    for group in own:
+        own_train |= _training_coordinates(np.nonzero(tensor_index == group)[0], settings, count)
+    return tensor_index * 4 + 2 * shared_train + own_train
+
+
+def fit_pair_sums(sums: PairSums, own: list[int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The closed form from sums of the rows per cell (model/pairs.py, `self_pair_sums`; cells as
+    `coordinate_cells` numbers them): the shared fit's coefficients over its training cells, and each
+    group's in `own` over its own; residual = beta[0] last + beta[1] change + beta[2] (3 x m each).
+
+    The systems are `fit_closed_forms`', but summed from products of the history's columns: the
+    refinement (`_least_squares`' second solve) works on the same sums, and the output scale is the
+    residual's root mean square rather than its mean absolute value (a scale of the right-hand side
+    alone: the solution is the same up to rounding)."""
+    groups = len(sums.rows) // 4
+
+    def cells(values: np.ndarray) -> np.ndarray:
+        return values.reshape(groups, 2, 2, *values.shape[1:])
+
+    gram, moments, absolute, squares, rows = (cells(v) for v in (sums.gram, sums.moments, sums.absolute, sums.squares, sums.rows))
+    outputs = moments.shape[-1]
+    every = (absolute.sum(axis=(1, 2)), squares.sum(axis=(1, 2)), rows.sum(axis=(1, 2)))
+
+    def scaling(group: slice | int) -> np.ndarray:
+        total_absolute, total_squares, total_rows = (np.sum(v[group], axis=0) if isinstance(group, slice) else v[group] for v in every)
+        return np.array([*total_absolute, math.sqrt(total_squares / outputs), total_rows])
+
+    shared = _solved_twice(gram[:, 1].sum(axis=(0, 1)), moments[:, 1].sum(axis=(0, 1)), scaling(slice(None)))
+    own_maps = {group: _solved_twice(gram[group, :, 1].sum(axis=0), moments[group, :, 1].sum(axis=0), scaling(group)) for group in own}
+    return shared, own_maps
+
+
+def _solved_twice(gram: np.ndarray, moments: np.ndarray, scaling: np.ndarray) -> np.ndarray:
+    """The scaled system solved and refined once on its residual (scaling: sums of |last|, |change|, the
+    residual's root sum of squares per output, and the rows), returned unscaled."""
+    rows = scaling[3]
+    level, change = (_mean_scale(total, rows) for total in scaling[:2])
+    out = _mean_scale(scaling[2], math.sqrt(rows)) if rows else 1.0
+    d = np.array([1.0 / level, 1.0 / change, 1.0])
+    system, rhs = gram * d[:, None] * d[None, :], moments * d[:, None] / out
+    solution = np.linalg.lstsq(system, rhs, rcond=None)[0]
+    solution = solution + np.linalg.lstsq(system, rhs - system @ solution, rcond=None)[0]
+    return solution * d[:, None] * out
+
+
+def closed_form_info(beta: np.ndarray, held: Pairs, pairs: int, settings: FitSettings) -> FitInfo:
+    """`fit_linear_map`'s summary of a closed-form fit of `pairs` rows whose held-out rows are `held`."""
+    residual = held.targets - held.last[:, None]
+    return FitInfo(
+        pairs=pairs,
+        held_out_pairs=len(held.first),
+        held_out="coordinates",
+        objective=settings.objective,
+        stopped="closed form",
+        updates=0,
+        best_update=0,
+        validation_l1=_raw_loss(beta, held, residual, np.arange(len(held.first)), settings.lam),
+    )
 
 
 def _training_coordinates(coordinate: np.ndarray, settings: FitSettings, size: int | None = None) -> np.ndarray:
@@ -245,7 +311,7 @@ def _raw_loss(beta: np.ndarray, pairs: Pairs, residual: np.ndarray, rows: np.nda
     return float(np.abs(error).mean() + lam * np.maximum(excess, 0.0).mean())
 
 
-def _map_of(beta: np.ndarray) -> LinearMap:
+def map_of(beta: np.ndarray) -> LinearMap:
     """residual = beta[0] last + beta[1] (last - first) + beta[2], as y = first * A[0] + last * A[1] + b."""
     return LinearMap.of([(-beta[1]).tolist(), (1.0 + beta[0] + beta[1]).tolist()], beta[2].tolist())
 

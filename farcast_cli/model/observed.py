@@ -17,6 +17,7 @@ import torch
 from farcast_cli.errors import InputError, UsageError
 from farcast_cli.io.reader import SAFETENSORS_NAMES, TensorInfo
 from farcast_cli.model.history import History, sample_coordinates
+from farcast_cli.model.pairs import ColumnSums
 
 log = logging.getLogger("farcast")
 FILE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
@@ -44,7 +45,9 @@ def distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class ObservedRun:
-    """The sampled history and the first weights of a model observed at increasing steps."""
+    """The sampled history and the first weights of a model observed at increasing steps; `sums`, the
+    closed-form fit's column sums of that history, kept from one jump to the next by fit settings (the
+    history only grows, so what was summed of its columns stays true)."""
 
     def __init__(self, sample: int, seed: int, keep_first_on: str = "cpu") -> None:
         if keep_first_on not in KEEP_ON:
@@ -55,6 +58,7 @@ class ObservedRun:
         self.first: dict[str, torch.Tensor] = {}
         self.picks: list[tuple[str, torch.Tensor]] = []
         self.names: list[str] = []
+        self.sums: dict[tuple, ColumnSums] = {}
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -54,10 +54,14 @@ class Pairs:
 
 def interpolate(history: History, time: float) -> np.ndarray:
     """Every sampled coordinate's value at `time`, linear between the two checkpoints around it."""
-    steps = history.steps
-    i = int(np.clip(np.searchsorted(steps, time, side="right") - 1, 0, len(steps) - 2))
-    alpha = (time - steps[i]) / (steps[i + 1] - steps[i])
+    i, alpha = _between(history.steps, time)
     return history.values[:, i] * (1 - alpha) + history.values[:, i + 1] * alpha
+
+
+def _between(steps: np.ndarray, time: float) -> tuple[int, float]:
+    """The checkpoint before `time` (the last but one at most) and how far `time` is towards the next."""
+    i = int(np.clip(np.searchsorted(steps, time, side="right") - 1, 0, len(steps) - 2))
+    return i, (time - steps[i]) / (steps[i + 1] - steps[i])
 
 
 def max_self_horizon(steps: list[int] | np.ndarray) -> int:
@@ -84,14 +88,9 @@ def anchor_values(history: History, k: int, anchor: int) -> np.ndarray:
 def self_pairs(history: History, horizon: int, offsets: list[int], anchor: int = 1) -> Pairs:
     """Pairs from the run itself: the jump from each checkpoint t is scaled as rho * (t - s_0)."""
     steps = history.steps
-    s0, sk = steps[0], steps[-1]
-    rho = horizon / (sk - s0)
+    s0 = steps[0]
+    rho, starts = _starts(steps, horizon)
     fractions = [o / horizon for o in offsets]
-    starts = [k for k in range(1, len(steps)) if steps[k] + rho * (steps[k] - s0) <= sk + 1e-9]
-    if not starts:
-        raise UsageError(f"horizon {horizon} is too far for this run: the largest it supports is {max_self_horizon(steps)} steps")
-    if len(starts) > MAX_STARTS:
-        starts = [starts[i] for i in sorted(set(np.linspace(0, len(starts) - 1, MAX_STARTS).round().astype(int)))]
     n = history.values.shape[0]
     rows = []
     for k in starts:
@@ -106,6 +105,132 @@ def self_pairs(history: History, horizon: int, offsets: list[int], anchor: int =
         last_dt=np.concatenate([r[2] for r in rows]),
         coordinate=np.tile(np.arange(n), len(starts)),
     )
+
+
+def _starts(steps: np.ndarray, horizon: int) -> tuple[float, list[int]]:
+    """rho, and the checkpoints pairs start from: those whose scaled jump ends inside the history, at most
+    MAX_STARTS of them spread evenly."""
+    s0, sk = steps[0], steps[-1]
+    rho = horizon / (sk - s0)
+    starts = [k for k in range(1, len(steps)) if steps[k] + rho * (steps[k] - s0) <= sk + 1e-9]
+    if not starts:
+        raise UsageError(f"horizon {horizon} is too far for this run: the largest it supports is {max_self_horizon(steps)} steps")
+    if len(starts) > MAX_STARTS:
+        starts = [starts[i] for i in sorted(set(np.linspace(0, len(starts) - 1, MAX_STARTS).round().astype(int)))]
+    return rho, starts
+
+
+@dataclass
+class PairSums:
+    """What the closed-form fit needs of `self_pairs`' rows, summed per cell of coordinates (`ColumnSums`):
+    gram (cells x 3 x 3) of x = (last, change = last - first, 1); moments (cells x 3 x m), x times the
+    residual (target - last); absolute (cells x 2), the sums of |last| and |change|; squares (cells),
+    of the squared residuals; rows (cells), how many rows."""
+
+    gram: np.ndarray
+    moments: np.ndarray
+    absolute: np.ndarray
+    squares: np.ndarray
+    rows: np.ndarray
+
+
+class ColumnSums:
+    """Sums over a history's sampled coordinates, per cell (`cells`: each coordinate's, below `count`),
+    of its columns and of their products, kept as they are first asked for, so that the fits of a jump
+    (the trial's and the forecast's) and the next jumps of a growing history (a prefix of the columns
+    stays the same) share them. The columns are taken from the first, u_0 = w_0 and u_j = w_j - w_0:
+    every row of `self_pairs` is a combination of a few of them, the residual one of the differences
+    alone, so that its sums lose no digits to cancelling w_0."""
+
+    def __init__(self, cells: np.ndarray, count: int) -> None:
+        self.cells, self.count = cells, count
+        self._columns: dict[int, np.ndarray] = {}
+        self._products: dict[tuple[int, int], np.ndarray] = {}
+        self._sums: dict[int, np.ndarray] = {}
+        self._absolute: dict[tuple[int, int], np.ndarray] = {}
+
+    def _per_cell(self, weights: np.ndarray | None) -> np.ndarray:
+        return np.bincount(self.cells, weights, minlength=self.count)
+
+    def rows(self) -> np.ndarray:
+        return self._per_cell(None).astype(float)
+
+    def column(self, values: np.ndarray, j: int) -> np.ndarray:
+        if j not in self._columns:
+            self._columns[j] = values[:, 0].copy() if j == 0 else values[:, j] - values[:, 0]
+        return self._columns[j]
+
+    def product(self, values: np.ndarray, a: int, b: int) -> np.ndarray:
+        key = (a, b) if a <= b else (b, a)
+        if key not in self._products:
+            self._products[key] = self._per_cell(self.column(values, key[0]) * self.column(values, key[1]))
+        return self._products[key]
+
+    def sum(self, values: np.ndarray, j: int) -> np.ndarray:
+        if j not in self._sums:
+            self._sums[j] = self._per_cell(self.column(values, j))
+        return self._sums[j]
+
+    def absolute(self, history: History, k: int, anchor: int) -> np.ndarray:
+        """The sums of |last| and |change| for pairs starting at checkpoint k (cells x 2)."""
+        if (k, anchor) not in self._absolute:
+            last = anchor_values(history, k, anchor)
+            change = last - history.values[:, 0]
+            self._absolute[(k, anchor)] = np.stack([self._per_cell(np.abs(last)), self._per_cell(np.abs(change))], axis=1)
+        return self._absolute[(k, anchor)]
+
+    def quadratic(self, values: np.ndarray, left: dict[int, float], right: dict[int, float]) -> np.ndarray:
+        """Per cell, the sum over coordinates of (sum_a left[a] u_a) * (sum_b right[b] u_b)."""
+        total = np.zeros(self.count)
+        for a, x in left.items():
+            for b, y in right.items():
+                total += (x * y) * self.product(values, a, b)
+        return total
+
+    def linear(self, values: np.ndarray, weights: dict[int, float]) -> np.ndarray:
+        total = np.zeros(self.count)
+        for j, x in weights.items():
+            total += x * self.sum(values, j)
+        return total
+
+
+def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: ColumnSums, anchor: int = 1) -> PairSums:
+    """`self_pairs`' rows as the closed-form fit needs them, from `sums` without building the rows: per
+    start, last = u_0 + mean of the window's u_j, change = that mean, and each target the interpolation
+    between two checkpoints, u_0 + (1 - alpha) u_i + alpha u_i+1."""
+    steps, values = history.steps, history.values
+    s0 = steps[0]
+    rho, starts = _starts(steps, horizon)
+    fractions = [o / horizon for o in offsets]
+    count, outputs = sums.count, len(offsets)
+    gram, moments = np.zeros((count, 3, 3)), np.zeros((count, 3, outputs))
+    absolute, squares = np.zeros((count, 2)), np.zeros(count)
+    rows = sums.rows()
+    for k in starts:
+        window = range(max(1, k - anchor + 1), k + 1) if anchor > 1 else range(k, k + 1)
+        change = {j: 1.0 / len(window) for j in window}
+        last = {0: 1.0, **change}
+        terms = (last, change)
+        for i, left in enumerate(terms):
+            for j, right in enumerate(terms[i:], start=i):
+                gram[:, i, j] += sums.quadratic(values, left, right)
+            gram[:, i, 2] += sums.linear(values, left)
+        gram[:, 2, 2] += rows
+        jump = rho * (steps[k] - s0)
+        for o, fraction in enumerate(fractions):
+            before, alpha = _between(steps, steps[k] + fraction * jump)
+            residual = {j: -x for j, x in change.items()}
+            for j, x in ((before, 1.0 - alpha), (before + 1, alpha)):
+                if j:
+                    residual[j] = residual.get(j, 0.0) + x
+            moments[:, 0, o] += sums.quadratic(values, last, residual)
+            moments[:, 1, o] += sums.quadratic(values, change, residual)
+            moments[:, 2, o] += sums.linear(values, residual)
+            squares += sums.quadratic(values, residual, residual)
+        absolute += sums.absolute(history, k, anchor)
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        gram[:, j, i] = gram[:, i, j]
+    return PairSums(gram, moments, absolute, squares, rows * len(starts))
 
 
 def reference_pairs(history: History, context_end: int, offsets: list[int], anchor: int = 1) -> Pairs:
