@@ -43,13 +43,13 @@ def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings, sc
     """The fit `farcast predict` makes on the same history: on the run itself, one forecast `horizon` on;
     without the backtest's scored trial (one fit of three) where `scored` is False: a jump verified by
     the user's loss, or not gated, needs no weight verdict. The closed form's column sums are kept on
-    `observed` for the next jump."""
+    `observed` for the next jump, and its held-out L1 (a figure for reports) is not measured."""
     history = observed.history()
     sums = None
     if settings.objective == "l2":
         key = (settings.validation_fraction, settings.seed, settings.per_tensor)
         if key not in observed.sums:
-            observed.sums[key] = column_sums(history, settings)
+            observed.sums[key] = column_sums(history, settings, measure=False)
         sums = observed.sums[key]
     return fit_on_run(history, horizon, [horizon], settings, scored=scored, sums=sums)
 

@@ -233,18 +233,22 @@ def _solved_twice(gram: np.ndarray, moments: np.ndarray, scaling: np.ndarray) ->
     return solution * d[:, None] * out
 
 
-def closed_form_info(beta: np.ndarray, held: Pairs, pairs: int, settings: FitSettings) -> FitInfo:
-    """`fit_linear_map`'s summary of a closed-form fit of `pairs` rows whose held-out rows are `held`."""
-    residual = held.targets - held.last[:, None]
+def closed_form_info(beta: np.ndarray, held: Pairs | None, pairs: int, settings: FitSettings, held_pairs: int = 0) -> FitInfo:
+    """`fit_linear_map`'s summary of a closed-form fit of `pairs` rows whose held-out rows are `held`
+    (None: `held_pairs` of them, their L1 not measured)."""
+    loss = None
+    if held is not None:
+        held_pairs = len(held.first)
+        loss = _raw_loss(beta, held, held.targets - held.last[:, None], np.arange(held_pairs), settings.lam)
     return FitInfo(
         pairs=pairs,
-        held_out_pairs=len(held.first),
+        held_out_pairs=held_pairs,
         held_out="coordinates",
         objective=settings.objective,
         stopped="closed form",
         updates=0,
         best_update=0,
-        validation_l1=_raw_loss(beta, held, residual, np.arange(len(held.first)), settings.lam),
+        validation_l1=loss,
     )
 
 

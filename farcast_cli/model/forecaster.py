@@ -269,9 +269,11 @@ def fit_plain(
     return _forecaster("self", history, int(history.steps[-1]), offsets, pairs, settings, anchor)
 
 
-def column_sums(history: History, settings: FitSettings) -> ColumnSums:
-    """Empty column sums for the closed-form fits of `history` and of its prefixes with these settings."""
-    return ColumnSums(coordinate_cells(history.tensor_index, _own(history, settings), settings), 4 * len(history.tensor_names))
+def column_sums(history: History, settings: FitSettings, measure: bool = True) -> ColumnSums:
+    """Empty column sums for the closed-form fits of `history` and of its prefixes with these settings;
+    without `measure`, the fits leave their held-out L1 unmeasured (None)."""
+    cells = coordinate_cells(history.tensor_index, _own(history, settings), settings)
+    return ColumnSums(cells, 4 * len(history.tensor_names), measure)
 
 
 def _own(history: History, settings: FitSettings) -> list[int]:
@@ -292,8 +294,13 @@ def _closed_form_on_run(
     held = sums.cells % 4 < 2
     if not held.any():
         held[:] = True
-    held_history = History(history.steps, history.values[held], history.tensor_index[held], history.tensor_names)
-    info = closed_form_info(shared, self_pairs(held_history, horizon, offsets, anchor), int(summed.rows.sum()), settings)
+    rows = int(summed.rows.sum())
+    held_rows = int(summed.rows[np.arange(sums.count) % 4 < 2].sum()) if not held.all() else rows
+    if sums.measure:
+        held_history = History(history.steps, history.values[held], history.tensor_index[held], history.tensor_names)
+        info = closed_form_info(shared, self_pairs(held_history, horizon, offsets, anchor), rows, settings)
+    else:
+        info = closed_form_info(shared, None, rows, settings, held_rows)
     return Forecaster(
         "self",
         int(history.steps[0]),

@@ -54,7 +54,7 @@ class ObservedRun:
             raise UsageError(f"keep_first_on must be one of {', '.join(KEEP_ON)}, not {keep_first_on!r}")
         self.sample, self.seed, self.keep_first_on = sample, seed, keep_first_on
         self.steps: list[float] = []
-        self.columns: list[np.ndarray] = []
+        self._values = np.empty((0, 0))
         self.first: dict[str, torch.Tensor] = {}
         self.picks: list[tuple[str, torch.Tensor]] = []
         self.names: list[str] = []
@@ -79,8 +79,21 @@ class ObservedRun:
         bad = np.nonzero(~np.isfinite(column))[0]
         if len(bad):
             raise InputError(f"the model holds {column[bad[0]]} in a sampled weight at step {step:g}; refusing to forecast from it")
+        self._append(column)
         self.steps.append(float(step))
-        self.columns.append(column)
+
+    def _append(self, column: np.ndarray) -> None:
+        """Into the next column of the values, grown by doubling: a History is a view of the columns it
+        holds (`history`), not a copy of the whole history at every jump. The buffer holds an observation
+        per row, so that each of the History's columns is contiguous (the fit reads the history by columns)."""
+        count = len(self.steps)
+        if count == 0:
+            self._values = np.empty((8, len(column)))
+        elif count == len(self._values):
+            grown = np.empty((2 * count, len(column)))
+            grown[:count] = self._values
+            self._values = grown
+        self._values[count] = column
 
     def _start(self, tensors: dict[str, torch.Tensor]) -> None:
         infos = [TensorInfo(name, SAFETENSORS_NAMES[t.dtype], tuple(t.shape), 0, t.nbytes) for name, t in tensors.items()]
@@ -107,4 +120,4 @@ class ObservedRun:
         """The observations as the History `read_history` gives for a run's checkpoints."""
         tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(self.picks)])
         indices = np.concatenate([indices.cpu().numpy() for _, indices in self.picks])
-        return History(np.array(self.steps), np.stack(self.columns, axis=1), tensor_index, list(self.names), indices)
+        return History(np.array(self.steps), self._values[: len(self.steps)].T, tensor_index, list(self.names), indices)

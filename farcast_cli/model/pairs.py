@@ -60,7 +60,7 @@ def interpolate(history: History, time: float) -> np.ndarray:
 
 def _between(steps: np.ndarray, time: float) -> tuple[int, float]:
     """The checkpoint before `time` (the last but one at most) and how far `time` is towards the next."""
-    i = int(np.clip(np.searchsorted(steps, time, side="right") - 1, 0, len(steps) - 2))
+    i = min(max(int(np.searchsorted(steps, time, side="right")) - 1, 0), len(steps) - 2)
     return i, (time - steps[i]) / (steps[i + 1] - steps[i])
 
 
@@ -92,17 +92,19 @@ def self_pairs(history: History, horizon: int, offsets: list[int], anchor: int =
     rho, starts = _starts(steps, horizon)
     fractions = [o / horizon for o in offsets]
     n = history.values.shape[0]
-    rows = []
-    for k in starts:
-        jump = rho * (steps[k] - s0)
-        targets = np.stack([interpolate(history, steps[k] + f * jump) for f in fractions], axis=1)
-        rows.append((anchor_values(history, k, anchor), targets, np.full(n, jump * _last_gap(fractions))))
+    jumps = [rho * (steps[k] - s0) for k in starts]
+    targets = []
+    for fraction in fractions:
+        before, alpha = np.array([_between(steps, steps[k] + fraction * jump) for k, jump in zip(starts, jumps)]).T
+        before = before.astype(int)
+        between = history.values[:, before] * (1 - alpha) + history.values[:, before + 1] * alpha
+        targets.append(between.T.reshape(-1))
     return Pairs(
         first=np.tile(history.values[:, 0], len(starts)),
-        last=np.concatenate([r[0] for r in rows]),
-        targets=np.concatenate([r[1] for r in rows]),
+        last=np.concatenate([anchor_values(history, k, anchor) for k in starts]),
+        targets=np.stack(targets, axis=1),
         first_rate=np.tile(_first_rate(history), len(starts)),
-        last_dt=np.concatenate([r[2] for r in rows]),
+        last_dt=np.repeat([jump * _last_gap(fractions) for jump in jumps], n),
         coordinate=np.tile(np.arange(n), len(starts)),
     )
 
@@ -140,10 +142,12 @@ class ColumnSums:
     (the trial's and the forecast's) and the next jumps of a growing history (a prefix of the columns
     stays the same) share them. The columns are taken from the first, u_0 = w_0 and u_j = w_j - w_0:
     every row of `self_pairs` is a combination of a few of them, the residual one of the differences
-    alone, so that its sums lose no digits to cancelling w_0."""
+    alone, so that its sums lose no digits to cancelling w_0. `measure`: whether the fits measure their
+    held-out L1 (FitInfo.validation_l1: rows of the held-out coordinates, which a report shows and the
+    in-loop farcaster does not read)."""
 
-    def __init__(self, cells: np.ndarray, count: int) -> None:
-        self.cells, self.count = cells, count
+    def __init__(self, cells: np.ndarray, count: int, measure: bool = True) -> None:
+        self.cells, self.count, self.measure = cells, count, measure
         self._columns: dict[int, np.ndarray] = {}
         self._products: dict[tuple[int, int], np.ndarray] = {}
         self._sums: dict[int, np.ndarray] = {}
@@ -179,43 +183,60 @@ class ColumnSums:
             self._absolute[(k, anchor)] = np.stack([self._per_cell(np.abs(last)), self._per_cell(np.abs(change))], axis=1)
         return self._absolute[(k, anchor)]
 
-    def quadratic(self, values: np.ndarray, left: dict[int, float], right: dict[int, float]) -> np.ndarray:
-        """Per cell, the sum over coordinates of (sum_a left[a] u_a) * (sum_b right[b] u_b)."""
-        total = np.zeros(self.count)
-        for a, x in left.items():
-            for b, y in right.items():
-                total += (x * y) * self.product(values, a, b)
-        return total
+    def combined(self, values: np.ndarray, quadratic: _Terms, linear: _Terms) -> tuple[dict, dict]:
+        """Per slot, the per-cell sums of the quadratic terms (sums of u_a u_b) and of the linear ones
+        (sums of u_a), each slot's from one product of its coefficients with the sums it needs."""
+        products = quadratic.evaluate(lambda key: self.product(values, *key), self.count)
+        sums = linear.evaluate(lambda key: self.sum(values, key), self.count)
+        return products, sums
 
-    def linear(self, values: np.ndarray, weights: dict[int, float]) -> np.ndarray:
-        total = np.zeros(self.count)
-        for j, x in weights.items():
-            total += x * self.sum(values, j)
-        return total
+
+class _Terms:
+    """Sums of coefficient x key per slot, gathered in Python (a few per pair start), evaluated at once."""
+
+    def __init__(self) -> None:
+        self.slots: dict[object, dict[object, float]] = {}
+
+    def add(self, slot: object, left: dict[int, float], right: dict[int, float] | None = None) -> None:
+        """slot += (sum_a left[a] u_a)(sum_b right[b] u_b), or sum_a left[a] u_a without `right`."""
+        terms = self.slots.setdefault(slot, {})
+        for a, x in left.items():
+            if right is None:
+                terms[a] = terms.get(a, 0.0) + x
+                continue
+            for b, y in right.items():
+                key = (a, b) if a <= b else (b, a)
+                terms[key] = terms.get(key, 0.0) + x * y
+
+    def evaluate(self, fetch, count: int) -> dict[object, np.ndarray]:
+        keys = list(dict.fromkeys(key for terms in self.slots.values() for key in terms))
+        if not keys:
+            return {slot: np.zeros(count) for slot in self.slots}
+        index = {key: i for i, key in enumerate(keys)}
+        coefficients = np.zeros((len(self.slots), len(keys)))
+        for row, terms in enumerate(self.slots.values()):
+            for key, x in terms.items():
+                coefficients[row, index[key]] = x
+        totals = np.einsum("sk,kc->sc", coefficients, np.stack([fetch(key) for key in keys]))
+        return dict(zip(self.slots, totals))
 
 
 def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: ColumnSums, anchor: int = 1) -> PairSums:
     """`self_pairs`' rows as the closed-form fit needs them, from `sums` without building the rows: per
     start, last = u_0 + mean of the window's u_j, change = that mean, and each target the interpolation
     between two checkpoints, u_0 + (1 - alpha) u_i + alpha u_i+1."""
-    steps, values = history.steps, history.values
+    steps = history.steps
     s0 = steps[0]
     rho, starts = _starts(steps, horizon)
     fractions = [o / horizon for o in offsets]
-    count, outputs = sums.count, len(offsets)
-    gram, moments = np.zeros((count, 3, 3)), np.zeros((count, 3, outputs))
-    absolute, squares = np.zeros((count, 2)), np.zeros(count)
-    rows = sums.rows()
+    quadratic, linear = _Terms(), _Terms()
+    absolute = np.zeros((sums.count, 2))
     for k in starts:
         window = range(max(1, k - anchor + 1), k + 1) if anchor > 1 else range(k, k + 1)
         change = {j: 1.0 / len(window) for j in window}
         last = {0: 1.0, **change}
-        terms = (last, change)
-        for i, left in enumerate(terms):
-            for j, right in enumerate(terms[i:], start=i):
-                gram[:, i, j] += sums.quadratic(values, left, right)
-            gram[:, i, 2] += sums.linear(values, left)
-        gram[:, 2, 2] += rows
+        quadratic.add("aa", last, last), quadratic.add("ac", last, change), quadratic.add("cc", change, change)
+        linear.add("a", last), linear.add("c", change)
         jump = rho * (steps[k] - s0)
         for o, fraction in enumerate(fractions):
             before, alpha = _between(steps, steps[k] + fraction * jump)
@@ -223,14 +244,15 @@ def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: Col
             for j, x in ((before, 1.0 - alpha), (before + 1, alpha)):
                 if j:
                     residual[j] = residual.get(j, 0.0) + x
-            moments[:, 0, o] += sums.quadratic(values, last, residual)
-            moments[:, 1, o] += sums.quadratic(values, change, residual)
-            moments[:, 2, o] += sums.linear(values, residual)
-            squares += sums.quadratic(values, residual, residual)
+            quadratic.add(("ay", o), last, residual), quadratic.add(("cy", o), change, residual)
+            quadratic.add("yy", residual, residual), linear.add(("y", o), residual)
         absolute += sums.absolute(history, k, anchor)
-    for i, j in ((0, 1), (0, 2), (1, 2)):
-        gram[:, j, i] = gram[:, i, j]
-    return PairSums(gram, moments, absolute, squares, rows * len(starts))
+    q, sums_of = sums.combined(history.values, quadratic, linear)
+    rows = sums.rows()
+    a, c, count = sums_of["a"], sums_of["c"], rows * len(starts)
+    gram = np.stack([np.stack([q["aa"], q["ac"], a], -1), np.stack([q["ac"], q["cc"], c], -1), np.stack([a, c, count], -1)], -2)
+    moments = np.stack([np.stack([q[("ay", o)], q[("cy", o)], sums_of[("y", o)]], -1) for o in range(len(fractions))], -1)
+    return PairSums(gram, moments, absolute, q["yy"], rows * len(starts))
 
 
 def reference_pairs(history: History, context_end: int, offsets: list[int], anchor: int = 1) -> Pairs:
