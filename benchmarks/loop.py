@@ -26,6 +26,10 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   the fit's settings given (FITS): PAPER.md's L1 by Adam from the least-squares start (the CLI's
   default), the closed-form least squares, and the closed form on 2000 coordinates; without a suffix,
   the Farcaster's default settings.
+- null: the control for the loop's own noise: no farcasting, the weights multiplied by 1 + 1e-6 at the
+  first point a farcast would be tried (a change far below any jump's); how far it moves the speed-up is
+  how far two runs of the same training part from each other by chance (small runs are chaotic: the
+  small LM every 40 steps moved x0.90-1.00 by such a nudge), the band a variant's spread is read against.
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
   ungated: the forecast replaces the weights, the step counter moves on by the horizon, the next horizon
   batches of the data order are skipped (as a resumed Trainer skips them), the LR schedule kept or
@@ -68,7 +72,7 @@ from farcast_cli.model.fit import FitSettings
 TARGETS = (0.4, 0.6, 0.8, 1.0)
 FITS = {"l1": FitSettings(), "l2": FitSettings(objective="l2"), "cheap": FitSettings(objective="l2", sample=2000)}
 VARIANTS = (
-    "plain", "memory", "memory-loss", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
+    "plain", "null", "memory", "memory-loss", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
     "inproc", "inproc-unshrunk", "inproc-ungated",
     "inproc-unshrunk-ungated", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance",
 )  # fmt: skip
@@ -125,7 +129,9 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
                 trace.jumps.append((real, result.horizon, result.applied))
                 trace.jump_seconds.append(result.seconds)
                 trace.loss_seconds += result.loss_seconds
-        elif variant != "plain" and real % every == 0 and real < total:
+        elif variant == "null" and real == every:
+            _nudge(p.model)
+        elif variant not in ("plain", "null") and real % every == 0 and real < total:
             started = time.perf_counter()
             outcome = _farcast(run, p, variant, jump, label, work)
             trace.farcast_seconds += time.perf_counter() - started
@@ -202,6 +208,12 @@ def _folder_loss(p, folder: Path) -> float:
     model = copy.deepcopy(p.model)
     load_into(model, folder)
     return p.gate(model)
+
+
+def _nudge(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1 + 1e-6)
 
 
 def _advance(p, horizon: int, variant: str) -> None:

@@ -114,6 +114,24 @@ def test_a_jump_that_lowers_your_loss_stays(tmp_path):
     assert json.loads((run / "farcast_jumps.json").read_text()) == {"jumps": [{"at_step": 30, "horizon": 15}]}
 
 
+def test_a_jump_that_lowers_your_loss_by_no_more_than_the_margin_is_undone(tmp_path):
+    x, y = regression_data()
+
+    def loss(model: torch.nn.Module) -> float:
+        return float(torch.nn.functional.mse_loss(model(x), y))
+
+    gains = []
+    for margin in (0.0, 1e6):
+        run = tmp_path / f"run-{margin:g}"
+        model, results = train_with(Farcaster(run, every=30, jump=0.5, settings=FAST_FIT, loss_fn=loss, margin=margin), run, steps=30)
+        result = results[-1]
+        gains.append(result.loss_before - result.loss_after)
+        assert result.applied == (margin == 0.0)
+        assert result.applied or torch.equal(model.weight.detach(), load_file(run / "checkpoint-30" / "model.safetensors")["weight"])
+    assert gains[0] == gains[1] > 0
+    assert "by more than 1e+06" in result.why
+
+
 def test_no_jump_at_the_last_step(tmp_path):
     run = tmp_path / "run"
     farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, gate=False, max_steps=20)

@@ -71,11 +71,15 @@ class Farcaster:
     """Farcast a run every `every` steps by `jump` x its elapsed steps (see the module docstring).
 
     `loss_fn(model) -> float` (memory): the model's loss on your held-out batches; a jump stays only where
-    it lowers that loss by more than `margin`, else the weights are put back exactly. Without it the
-    weight backtest on the sample gates. `settings`: the fit's (LOOP_FIT, the closed form, by default;
-    `FitSettings(objective="l1")` for the fit `farcast predict` makes by default). `evaluator` (run): a
-    callable taking a checkpoint folder and returning its loss, or an eval command with {checkpoint};
-    None decides by weight error.
+    it lowers that loss by more than `margin`, else the weights are put back exactly. `margin` is 0 by
+    default: both losses are taken on the same batches, so their difference is the jump's effect on
+    them, not batch-to-batch noise, and a margin in your loss's units only refuses small gains (in the
+    loop table, refusing the jumps worth less than a share of the steps they skip lost the gains on the
+    MLP and the CNN and did not lift the small LM, whose spread is its runs' own chaos: RESULTS.md,
+    "The loop table, third session"). Without it the weight backtest on the sample gates. `settings`:
+    the fit's (LOOP_FIT, the closed form, by default; `FitSettings(objective="l1")` for the fit `farcast
+    predict` makes by default). `evaluator` (run): a callable taking a checkpoint folder and returning
+    its loss, or an eval command with {checkpoint}; None decides by weight error.
     `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
     `gate=False` applies every forecast, winning or not. `max_steps`: the run's last step, at which no
     jump is made (the weights saved there would not hold it). `keep_first_on`: where the first observed

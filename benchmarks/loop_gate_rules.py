@@ -1,0 +1,86 @@
+"""Stricter loss gates tried in the loop, by steps: does refusing the jumps worth little lift the small LM?
+
+    python benchmarks/loop_gate_rules.py --workload tiny-lm-adamw --schedule linear --rhythm 40:0.1 --earn 0.05,0.5,1
+
+The rule tried (not the Farcaster's; RESULTS.md, "The loop table, third session"): a jump verified by
+`loss_fn` stays only if it lowers the loss by more than `earn` x what the steps it skips would have
+earned at the run's recent pace, `earn x rate x horizon`, where `rate` is the loss's fall per real step
+since the previous attempt (from the loss kept there to the loss before this jump; no extra loss calls;
+the first attempt, with no rate yet, is gated as the Farcaster gates). Each run is benchmarks/loop.py's
+memory-loss variant with that gate; the speed-up by steps to the plain run's losses, as loop.py measures
+it, mean and min-max over seeds. With `--traces` the plain runs are read from (or kept in) loop.py's
+trace folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import loop
+import torch
+from workloads.loops import SAVE_EVERY
+
+from farcast_cli.integrations.loop import Farcaster
+
+
+class EarningGate(Farcaster):
+    """The memory-loss Farcaster whose loss gate also asks a jump to earn `earn` x its skipped steps' worth."""
+
+    earn = 0.0
+
+    def __init__(self, *args, **options) -> None:
+        super().__init__(*args, **options)
+        self.kept_loss: tuple[int, float] | None = None
+        self.attempt: tuple[int, int] = (0, 0)
+
+    def _from_memory(self, model, step):
+        self.attempt = (step, 0)
+        result = super()._from_memory(model, step)
+        if result is not None and result.loss_before is not None:
+            self.kept_loss = (step, result.loss_after if result.applied else result.loss_before)
+        return result
+
+    def _loss_decision(self, before: float, after: float) -> tuple[bool, str]:
+        applied, why = super()._loss_decision(before, after)
+        if not applied or self.kept_loss is None:
+            return applied, why
+        steps = self.observed.steps
+        horizon = max(1, round(self.jump * (steps[-1] - steps[0])))
+        rate = max(0.0, (self.kept_loss[1] - before) / max(1, self.attempt[0] - self.kept_loss[0]))
+        if before - after > self.earn * rate * horizon:
+            return applied, why
+        return False, f"the jump earned less than {self.earn:g} x its {horizon} steps at the recent pace"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", required=True, choices=sorted(SAVE_EVERY))
+    parser.add_argument("--schedule", choices=("constant", "linear"), default="constant")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rhythm", required=True, help="every:jump, e.g. 40:0.1")
+    parser.add_argument("--earn", default="0.05,0.5,1", help="comma-separated shares of the skipped steps' worth to ask")
+    parser.add_argument("--traces", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    every, jump = (float(v) for v in args.rhythm.split(":"))
+    every = loop._on_a_save(every, SAVE_EVERY[args.workload])
+    loop.Farcaster = EarningGate
+    with tempfile.TemporaryDirectory(prefix="farcast-gate-") as scratch:
+        work = Path(scratch)
+        for earn in (float(v) for v in args.earn.split(",")):
+            EarningGate.earn = earn
+            speedups = []
+            for seed in range(args.seeds):
+                plain = loop.trained(args.traces, args.workload, "plain", seed, args.schedule, 1, 0.0, work)
+                trace = loop.train(args.workload, "memory-loss", seed, args.schedule, every, jump, work)
+                speedups.append(loop.speedups(plain, trace)[0])
+                made = sum(applied for _, _, applied in trace.jumps)
+                print(f"earn {earn:g} seed {seed}: x{speedups[-1]:.3f} by steps, {made}/{len(trace.jumps)} jumps kept", flush=True)
+            print(f"{args.workload} every {every} jump {jump:g}, earn {earn:g}: x{sum(speedups) / len(speedups):.2f} "
+                  f"({min(speedups):.2f}-{max(speedups):.2f}) by steps", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
