@@ -93,8 +93,8 @@ def chunk_jobs(name: str, numel: int, chunk: int, sources: tuple[Source, ...], r
         yield ChunkJob(name, start, min(numel, start + chunk), sources, raw)
 
 
-class _Files:
-    """Open file descriptors (or maps) of the reader thread, closed together."""
+class OpenFiles:
+    """Open file descriptors (or maps), of the reader thread or of a sampled read, closed together."""
 
     def __init__(self, use_mmap: bool) -> None:
         self.use_mmap = use_mmap
@@ -139,7 +139,7 @@ class _Pool:
 
 
 def _reader(jobs: Iterable[ChunkJob], pool: _Pool, ready: queue.Queue, stop: threading.Event, settings: EngineSettings) -> None:
-    files = _Files(settings.use_mmap)
+    files = OpenFiles(settings.use_mmap)
     try:
         for job in jobs:
             buffers = None
