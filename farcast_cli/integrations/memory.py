@@ -21,7 +21,7 @@ import torch
 
 from farcast_cli.evaluate.report import BacktestPlan, tested
 from farcast_cli.model.fit import FitSettings
-from farcast_cli.model.forecaster import Forecaster, SelfFit, fit_on_run
+from farcast_cli.model.forecaster import Forecaster, SelfFit, column_sums, fit_on_run
 from farcast_cli.model.observed import ObservedRun, distinct, forecast_tensors
 
 
@@ -42,8 +42,16 @@ class WeightVerdict:
 def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings, scored: bool = True) -> SelfFit:
     """The fit `farcast predict` makes on the same history: on the run itself, one forecast `horizon` on;
     without the backtest's scored trial (one fit of three) where `scored` is False: a jump verified by
-    the user's loss, or not gated, needs no weight verdict."""
-    return fit_on_run(observed.history(), horizon, [horizon], settings, scored=scored)
+    the user's loss, or not gated, needs no weight verdict. The closed form's column sums are kept on
+    `observed` for the next jump, and its held-out L1 (a figure for reports) is not measured."""
+    history = observed.history()
+    sums = None
+    if settings.objective == "l2":
+        key = (settings.validation_fraction, settings.seed, settings.per_tensor)
+        if key not in observed.sums:
+            observed.sums[key] = column_sums(history, settings, measure=False)
+        sums = observed.sums[key]
+    return fit_on_run(history, horizon, [horizon], settings, scored=scored, sums=sums)
 
 
 def weight_verdict(observed: ObservedRun, fitted: SelfFit, horizon: int) -> WeightVerdict:

@@ -28,7 +28,7 @@ import torch
 
 from farcast_cli.errors import UsageError, parameter
 from farcast_cli.model.linear import LinearMap
-from farcast_cli.model.pairs import Pairs
+from farcast_cli.model.pairs import Pairs, PairSums
 
 OBJECTIVES = ("l1", "l2")
 
@@ -128,6 +128,200 @@ def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None
     return problem.as_linear_map(coefficients), info
 
 
+def fit_closed_forms(
+    pairs: Pairs, settings: FitSettings, owner: np.ndarray, own: list[int]
+) -> tuple[LinearMap, FitInfo, dict[int, LinearMap]]:
+    """The closed form (objective "l2") of the shared map over every row and, in the same pass over the
+    rows, of a map for each group in `own` over its rows alone (`owner`: each row's group, which its
+    coordinate decides): what `fit_linear_map(pairs)` and `fit_linear_map(pairs.subset(owner == g))`
+    give, to float rounding, with the same held-out coordinates, scales and refinement.
+
+    A fit per group read the rows once per group and once more for the shared map (copies of its rows,
+    its own scales and sums: most of an in-loop jump's cost). Here each sum of the normal equations is
+    taken once, unscaled, by np.bincount over the rows into cells (group x in the shared fit's training
+    coordinates x in the group's own), and each fit scales its 3 x 3 system from its cells' sums. The
+    sums are plain loops, as `_least_squares`' einsums are: the same bytes at any thread count."""
+    rows, groups = len(pairs.first), int(owner.max()) + 1 if len(owner) else 0
+    shared_train = _training_coordinates(pairs.coordinate, settings)
+    own_train = np.zeros_like(shared_train)
+    owner_of = np.full(len(shared_train), -1)
+    owner_of[pairs.coordinate] = owner
+    for group in own:
+        own_train |= _training_coordinates(np.nonzero(owner_of == group)[0], settings, len(own_train))
+    cell = owner * 4 + 2 * shared_train[pairs.coordinate] + own_train[pairs.coordinate]
+    last, change = pairs.last, pairs.last - pairs.first
+    residual = pairs.targets - last[:, None]
+    gram, moments = _cell_gram(last, change, cell, groups), _cell_moments(last, change, residual, cell, groups)
+    scaling = _group_scaling(last, change, residual, owner, groups)
+
+    shared_rows = shared_train[pairs.coordinate]
+    shared_gram, shared_scaling = gram[:, 1].sum(axis=(0, 1)), scaling.sum(axis=0)
+    shared = _scaled_solve(shared_gram, moments[:, 1].sum(axis=(0, 1)), shared_scaling)
+    error = residual - _predicted(shared, last, change)
+    shared += _scaled_solve(shared_gram, _cell_moments(last, change, error, cell, groups)[:, 1].sum(axis=(0, 1)), shared_scaling)
+
+    coefficients = np.zeros((groups, 3, residual.shape[1]))
+    for group in own:
+        coefficients[group] = _scaled_solve(gram[group, :, 1].sum(axis=0), moments[group, :, 1].sum(axis=0), scaling[group])
+    error = residual - _predicted(coefficients[owner].transpose(1, 0, 2), last, change)
+    corrections = _cell_moments(last, change, error, cell, groups)[:, :, 1].sum(axis=1)
+    for group in own:
+        coefficients[group] += _scaled_solve(gram[group, :, 1].sum(axis=0), corrections[group], scaling[group])
+
+    held = np.nonzero(~shared_rows)[0] if not shared_rows.all() else np.arange(rows)
+    info = FitInfo(
+        pairs=rows,
+        held_out_pairs=len(held),
+        held_out="coordinates",
+        objective=settings.objective,
+        stopped="closed form",
+        updates=0,
+        best_update=0,
+        validation_l1=_raw_loss(shared, pairs, residual, held, settings.lam),
+    )
+    return map_of(shared), info, {group: map_of(coefficients[group]) for group in own}
+
+
+def coordinate_cells(tensor_index: np.ndarray, own: list[int], settings: FitSettings) -> np.ndarray:
+    """Each coordinate's cell for `fit_pair_sums`: its tensor x 4 + 2 if the shared fit trains on it + 1 if
+    its tensor's own fit does (`_split_coordinates` on self pairs, whose rows hold every coordinate)."""
+    count = len(tensor_index)
+    shared_train = _training_coordinates(np.arange(count), settings)
+    own_train = np.zeros(count, dtype=bool)
+    for group in own:
+        own_train |= _training_coordinates(np.nonzero(tensor_index == group)[0], settings, count)
+    return tensor_index * 4 + 2 * shared_train + own_train
+
+
+def fit_pair_sums(sums: PairSums, own: list[int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The closed form from sums of the rows per cell (model/pairs.py, `self_pair_sums`; cells as
+    `coordinate_cells` numbers them): the shared fit's coefficients over its training cells, and each
+    group's in `own` over its own; residual = beta[0] last + beta[1] change + beta[2] (3 x m each).
+
+    The systems are `fit_closed_forms`', but summed from products of the history's columns: the
+    refinement (`_least_squares`' second solve) works on the same sums, and the output scale is the
+    residual's root mean square rather than its mean absolute value (a scale of the right-hand side
+    alone: the solution is the same up to rounding)."""
+    groups = len(sums.rows) // 4
+
+    def cells(values: np.ndarray) -> np.ndarray:
+        return values.reshape(groups, 2, 2, *values.shape[1:])
+
+    gram, moments, absolute, squares, rows = (cells(v) for v in (sums.gram, sums.moments, sums.absolute, sums.squares, sums.rows))
+    scaling = np.concatenate(
+        [absolute.sum(axis=(1, 2)), squares.sum(axis=(1, 2))[:, None] / moments.shape[-1], rows.sum(axis=(1, 2))[:, None]], 1
+    )
+    systems = np.concatenate([gram[:, 1].sum(axis=(0, 1))[None], gram[own, :, 1].sum(axis=1)])
+    sides = np.concatenate([moments[:, 1].sum(axis=(0, 1))[None], moments[own, :, 1].sum(axis=1)])
+    solved = _solved_twice(systems, sides, np.concatenate([scaling.sum(axis=0)[None], scaling[own]]))
+    return solved[0], dict(zip(own, solved[1:]))
+
+
+def _solved_twice(gram: np.ndarray, moments: np.ndarray, scaling: np.ndarray) -> np.ndarray:
+    """Systems (stacked) scaled as `_Problem` scales its inputs, solved and refined once on their
+    residual, returned unscaled. Scaling: per system, the sums of |last|, |change|, the residual's
+    squares (per output) and the rows. Solved by pseudo-inverse with lstsq's cutoff for a small
+    singular value (3 x machine epsilon of the largest), so that a singular system (a constant input)
+    still has its minimum-norm solution, all systems at once."""
+    counted = np.maximum(scaling[:, 3], 1.0)
+    level, change, out = scaling[:, 0] / counted, scaling[:, 1] / counted, np.sqrt(scaling[:, 2] / counted)
+    level, change, out = (np.where(scale > 0, scale, 1.0) for scale in (level, change, out))
+    d = np.stack([1.0 / level, 1.0 / change, np.ones_like(level)], axis=1)
+    system = gram * d[:, :, None] * d[:, None, :]
+    rhs = moments * d[:, :, None] / out[:, None, None]
+    inverse = np.linalg.pinv(system, rcond=3 * np.finfo(float).eps)
+    solution = inverse @ rhs
+    solution = solution + inverse @ (rhs - system @ solution)
+    return solution * d[:, :, None] * out[:, None, None]
+
+
+def closed_form_info(beta: np.ndarray, held: Pairs | None, pairs: int, settings: FitSettings, held_pairs: int = 0) -> FitInfo:
+    """`fit_linear_map`'s summary of a closed-form fit of `pairs` rows whose held-out rows are `held`
+    (None: `held_pairs` of them, their L1 not measured)."""
+    loss = None
+    if held is not None:
+        held_pairs = len(held.first)
+        loss = _raw_loss(beta, held, held.targets - held.last[:, None], np.arange(held_pairs), settings.lam)
+    return FitInfo(
+        pairs=pairs,
+        held_out_pairs=held_pairs,
+        held_out="coordinates",
+        objective=settings.objective,
+        stopped="closed form",
+        updates=0,
+        best_update=0,
+        validation_l1=loss,
+    )
+
+
+def _training_coordinates(coordinate: np.ndarray, settings: FitSettings, size: int | None = None) -> np.ndarray:
+    """A mask over coordinate numbers (`size` of them): those `_split_coordinates` trains on among rows of
+    these coordinates (all of them where it holds every one out)."""
+    held = _held_coordinates(coordinate, settings.validation_fraction, settings.seed)
+    train = np.zeros(len(held) if size is None else size, dtype=bool)
+    train[coordinate] = True
+    if not held[coordinate].all():
+        train[: len(held)] &= ~held
+    return train
+
+
+def _cell_gram(last: np.ndarray, change: np.ndarray, cell: np.ndarray, groups: int) -> np.ndarray:
+    """X^T X of x = (last, change, 1), unscaled, per cell: [group, shared-train, own-train, 3, 3]."""
+    aa, ac, cc, a, c, one = (_per_cell(w, cell, groups) for w in (last * last, last * change, change * change, last, change, None))
+    return np.stack([np.stack([aa, ac, a], -1), np.stack([ac, cc, c], -1), np.stack([a, c, one], -1)], -2)
+
+
+def _cell_moments(last: np.ndarray, change: np.ndarray, values: np.ndarray, cell: np.ndarray, groups: int) -> np.ndarray:
+    """X^T values (values: rows x m), unscaled, per cell: [group, shared-train, own-train, 3, m]."""
+    columns = [[_per_cell(w, cell, groups) for w in (last * y, change * y, y)] for y in values.T]
+    return np.stack([np.stack(column, -1) for column in columns], -1)
+
+
+def _per_cell(weights: np.ndarray | None, cell: np.ndarray, groups: int) -> np.ndarray:
+    return np.bincount(cell, weights, minlength=4 * groups).reshape(groups, 2, 2)
+
+
+def _group_scaling(last: np.ndarray, change: np.ndarray, residual: np.ndarray, owner: np.ndarray, groups: int) -> np.ndarray:
+    """Per group, the sums `_Problem`'s scales are means of: [group, (|last|, |change|, |residual|, rows,
+    residual values)]; a fit over several groups sums theirs."""
+    rows = np.bincount(owner, minlength=groups).astype(float)
+    sums = [np.bincount(owner, np.abs(values), minlength=groups) for values in (last, change, np.abs(residual).sum(axis=1))]
+    return np.stack([*sums, rows, rows * residual.shape[1]], axis=1)
+
+
+def _scaled_solve(gram: np.ndarray, moments: np.ndarray, scaling: np.ndarray) -> np.ndarray:
+    """`_least_squares`' solve of one system in `_Problem`'s scaled form, from unscaled sums, returned
+    unscaled: the coefficients of (last, change, 1) for each of the m outputs."""
+    level, change, out = (_mean_scale(scaling[i], scaling[3 if i < 2 else 4]) for i in range(3))
+    rows = np.array([1.0 / level, 1.0 / change, 1.0])
+    solution = np.linalg.lstsq(gram * rows[:, None] * rows[None, :], moments * rows[:, None] / out, rcond=None)[0]
+    return solution * rows[:, None] * out
+
+
+def _mean_scale(total: float, count: float) -> float:
+    scale = float(total / count) if count else 0.0
+    return scale if scale > 0 else 1.0
+
+
+def _predicted(beta: np.ndarray, last: np.ndarray, change: np.ndarray) -> np.ndarray:
+    """The predicted residual, rows x m: beta is 3 x m, or 3 x rows x m (one set of coefficients per row)."""
+    return last[:, None] * beta[0] + change[:, None] * beta[1] + beta[2]
+
+
+def _raw_loss(beta: np.ndarray, pairs: Pairs, residual: np.ndarray, rows: np.ndarray, lam: float) -> float:
+    """`_Problem.loss` times s_out on `rows`: the held-out L1 plus the regulariser, in the weights' units."""
+    predicted = _predicted(beta, pairs.last[rows], pairs.last[rows] - pairs.first[rows])
+    error = predicted - residual[rows]
+    step = predicted[:, -1] - (predicted[:, -2] if predicted.shape[1] > 1 else 0.0)
+    excess = np.abs(step) / pairs.last_dt[rows] - pairs.first_rate[rows]
+    return float(np.abs(error).mean() + lam * np.maximum(excess, 0.0).mean())
+
+
+def map_of(beta: np.ndarray) -> LinearMap:
+    """residual = beta[0] last + beta[1] (last - first) + beta[2], as y = first * A[0] + last * A[1] + b."""
+    return LinearMap.of([(-beta[1]).tolist(), (1.0 + beta[0] + beta[1]).tolist()], beta[2].tolist())
+
+
 def _adam_from(
     problem: _Problem, start: np.ndarray, train: np.ndarray, held: np.ndarray, settings: FitSettings
 ) -> tuple[np.ndarray, str, int, int]:
@@ -222,20 +416,25 @@ class _Problem:
 
 
 def _split_coordinates(pairs: Pairs, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole coordinates, so validation measures generalisation to unseen weights. The
-    coordinates are marked in a mask over their numbers (np.unique and np.isin hashed them: a quarter of
-    a closed-form fit's time)."""
-    present = np.zeros(int(pairs.coordinate.max()) + 1 if len(pairs.coordinate) else 0, dtype=bool)
-    present[pairs.coordinate] = True
+    """Hold out whole coordinates, so validation measures generalisation to unseen weights."""
+    is_held = _held_coordinates(pairs.coordinate, fraction, seed)[pairs.coordinate]
+    if is_held.all():
+        return np.nonzero(is_held)[0], np.nonzero(is_held)[0]
+    return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
+
+
+def _held_coordinates(coordinate: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which coordinate numbers (a mask over them) `_split_coordinates` holds out of rows of these
+    coordinates. The coordinates are marked in a mask over their numbers (np.unique and np.isin hashed
+    them: a quarter of a closed-form fit's time)."""
+    present = np.zeros(int(coordinate.max()) + 1 if len(coordinate) else 0, dtype=bool)
+    present[coordinate] = True
     coordinates = np.nonzero(present)[0]
     rng = np.random.default_rng(seed + 1)
     held = rng.permutation(coordinates)[: max(1, int(round(len(coordinates) * fraction)))]
     is_held = np.zeros_like(present)
     is_held[held] = True
-    is_held = is_held[pairs.coordinate]
-    if is_held.all():
-        return np.nonzero(is_held)[0], np.nonzero(is_held)[0]
-    return np.nonzero(~is_held)[0], np.nonzero(is_held)[0]
+    return is_held
 
 
 def _scale(values: np.ndarray) -> float:

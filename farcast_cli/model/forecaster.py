@@ -20,10 +20,20 @@ import torch
 
 from farcast_cli import __version__
 from farcast_cli.errors import InputError, OutputError, UsageError, parameter, publishing
-from farcast_cli.model.fit import FitInfo, FitSettings, fit_linear_map, from_known
+from farcast_cli.model.fit import (
+    FitInfo,
+    FitSettings,
+    closed_form_info,
+    coordinate_cells,
+    fit_closed_forms,
+    fit_linear_map,
+    fit_pair_sums,
+    from_known,
+    map_of,
+)
 from farcast_cli.model.history import History
 from farcast_cli.model.linear import LinearMap
-from farcast_cli.model.pairs import Pairs, reference_pairs, self_pairs
+from farcast_cli.model.pairs import ColumnSums, Pairs, reference_pairs, self_pair_sums, self_pairs
 
 FORMAT = "farcast-forecaster/1"
 MIN_TENSOR_SAMPLE = 64
@@ -143,19 +153,31 @@ class SelfFit:
     plain: Forecaster | None = None
 
 
-def fit_on_run(history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1, scored: bool = True) -> SelfFit:
+def fit_on_run(
+    history: History,
+    horizon: int,
+    offsets: list[int],
+    settings: FitSettings,
+    anchor: int = 1,
+    scored: bool = True,
+    sums: ColumnSums | None = None,
+) -> SelfFit:
     """The default mode: learn the jump from the run's own history (model/pairs.py's time rule),
     then shrink towards the last checkpoint by settings.shrink, or (None) by the factor that did best
     in a backtest on this same history (benchmarks/RESULTS.md: the most robust variant). With
     scored=False the trial is not shrunk for the backtest (`scored` None): one fit fewer, for a caller
-    that judges the forecast otherwise (the in-loop farcaster verified by the user's loss)."""
-    trial = held_out_trial(history, horizon, settings, anchor)
-    plain = fit_plain(history, horizon, offsets, settings, anchor)
+    that judges the forecast otherwise (the in-loop farcaster verified by the user's loss). `sums`: the
+    closed form's column sums for this history (`column_sums`), kept by a caller that fits the same
+    growing history again (the in-loop farcaster); the fits here share them in any case."""
+    if settings.objective == "l2" and sums is None:
+        sums = column_sums(history, settings)
+    trial = held_out_trial(history, horizon, settings, anchor, sums)
+    plain = fit_plain(history, horizon, offsets, settings, anchor, sums)
     forecaster = plain.shrunk(_shrink_factor(history, trial, settings))
     if trial is None or not scored:
         return SelfFit(forecaster, trial, None, plain)
     held_out = history.truncated(history.column(trial.context_end))
-    inner = held_out_trial(held_out, trial.horizon, settings, anchor) if settings.shrink is None else None
+    inner = held_out_trial(held_out, trial.horizon, settings, anchor, sums) if settings.shrink is None else None
     return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings)), plain)
 
 
@@ -187,7 +209,9 @@ class _Held:
         return self.pairs.subset(rows) if rows.any() else None
 
 
-def held_out_trial(history: History, horizon: int, settings: FitSettings, anchor: int = 1) -> Forecaster | None:
+def held_out_trial(
+    history: History, horizon: int, settings: FitSettings, anchor: int = 1, sums: ColumnSums | None = None
+) -> Forecaster | None:
     """The unshrunk fit on the history up to the backtest's cut, forecasting the last checkpoint,
     or None when no cut can be fitted (or the cut leaves too few checkpoints for the anchor)."""
     steps = list(history.steps)
@@ -195,7 +219,7 @@ def held_out_trial(history: History, horizon: int, settings: FitSettings, anchor
     if cut is None or cut < anchor:
         return None
     jump = int(steps[-1] - steps[cut])
-    return fit_plain(history.truncated(cut), jump, [jump], settings, anchor)
+    return fit_plain(history.truncated(cut), jump, [jump], settings, anchor, sums)
 
 
 def held_out_cut(history: History, horizon: int) -> int | None:
@@ -216,8 +240,13 @@ def choose_cut(steps: list[int], rho: float) -> int | None:
 
 
 def best_shrink(last: np.ndarray, forecast: np.ndarray, truth: np.ndarray) -> float:
-    """The alpha in SHRINK_GRID for which last + alpha * (forecast - last) has the lowest MAE against the truth."""
-    errors = [np.abs(last + alpha * (forecast - last) - truth).mean() for alpha in SHRINK_GRID]
+    """The alpha in SHRINK_GRID for which last + alpha * (forecast - last) has the lowest MAE against the truth.
+    Every alpha's forecast at once, in one buffer worked in place (a temporary array per operation was
+    most of a closed-form jump's time)."""
+    shrunk = np.multiply.outer(SHRINK_GRID, forecast - last)
+    shrunk += last
+    shrunk -= truth
+    errors = np.abs(shrunk, out=shrunk).mean(axis=1)
     return float(SHRINK_GRID[int(np.argmin(errors))])
 
 
@@ -232,12 +261,62 @@ def _shrink_factor(history: History, trial: Forecaster | None, settings: FitSett
     return best_shrink(history.values[:, cut], forecast, history.values[:, -1])
 
 
-def fit_plain(history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1) -> Forecaster:
-    """The unshrunk fit on the whole history, forecasting from its last checkpoint."""
+def fit_plain(
+    history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int = 1, sums: ColumnSums | None = None
+) -> Forecaster:
+    """The unshrunk fit on the whole history, forecasting from its last checkpoint; the closed form from
+    column sums (`column_sums`, of this history or of one it is a prefix of) without building the rows."""
     if len(history.steps) - 1 < anchor:
         raise UsageError(f"{parameter('anchor')} {anchor} needs {anchor + 1} checkpoints; the run has {len(history.steps)}")
+    if settings.objective == "l2":
+        return _closed_form_on_run(history, horizon, offsets, settings, anchor, sums or column_sums(history, settings))
     pairs = self_pairs(history, horizon, offsets, anchor)
     return _forecaster("self", history, int(history.steps[-1]), offsets, pairs, settings, anchor)
+
+
+def column_sums(history: History, settings: FitSettings, measure: bool = True) -> ColumnSums:
+    """Empty column sums for the closed-form fits of `history` and of its prefixes with these settings;
+    without `measure`, the fits leave their held-out L1 unmeasured (None)."""
+    cells = coordinate_cells(history.tensor_index, _own(history, settings), settings)
+    return ColumnSums(cells, 4 * len(history.tensor_names), measure)
+
+
+def _own(history: History, settings: FitSettings) -> list[int]:
+    """The tensors fitted a map of their own: with settings.per_tensor, those with MIN_TENSOR_SAMPLE coordinates."""
+    if not settings.per_tensor:
+        return []
+    return [index for index in range(len(history.tensor_names)) if len(history.rows_of(index)) >= MIN_TENSOR_SAMPLE]
+
+
+def _closed_form_on_run(
+    history: History, horizon: int, offsets: list[int], settings: FitSettings, anchor: int, sums: ColumnSums
+) -> Forecaster:
+    """`_forecaster`'s closed form on the run's own pairs from their sums; the held-out L1 from the rows of
+    the coordinates the shared fit holds out alone."""
+    own = _own(history, settings)
+    summed = self_pair_sums(history, horizon, offsets, sums, anchor)
+    shared, fitted = fit_pair_sums(summed, own)
+    held = sums.cells % 4 < 2
+    if not held.any():
+        held[:] = True
+    rows = int(summed.rows.sum())
+    held_rows = int(summed.rows[np.arange(sums.count) % 4 < 2].sum()) if not held.all() else rows
+    if sums.measure:
+        held_history = History(history.steps, history.values[held], history.tensor_index[held], history.tensor_names)
+        info = closed_form_info(shared, self_pairs(held_history, horizon, offsets, anchor), rows, settings)
+    else:
+        info = closed_form_info(shared, None, rows, settings, held_rows)
+    return Forecaster(
+        "self",
+        int(history.steps[0]),
+        int(history.steps[-1]),
+        offsets,
+        _spread(map_of(shared), anchor),
+        settings,
+        info,
+        per_tensor={history.tensor_names[index]: _spread(map_of(beta), anchor) for index, beta in fitted.items()},
+        anchor=anchor,
+    )
 
 
 def _forecaster(
@@ -250,8 +329,12 @@ def _forecaster(
     anchor: int,
     held: _Held | None = None,
 ) -> Forecaster:
-    shared, info = fit_linear_map(pairs, settings, None if held is None else held.pairs)
-    per_tensor = {name: _spread(linear, anchor) for name, linear in _fit_per_tensor(history, pairs, settings, held).items()}
+    if settings.objective == "l2" and held is None:
+        shared, info, fitted = _closed_forms(history, pairs, settings)
+    else:
+        shared, info = fit_linear_map(pairs, settings, None if held is None else held.pairs)
+        fitted = _fit_per_tensor(history, pairs, settings, held)
+    per_tensor = {name: _spread(linear, anchor) for name, linear in fitted.items()}
     return Forecaster(
         mode,
         int(history.steps[0]),
@@ -269,6 +352,12 @@ def _spread(linear: LinearMap, anchor: int) -> LinearMap:
     """The map over (first, mean of the window) as a map over (first, each checkpoint of the window)."""
     first, mean = linear.weight
     return LinearMap.of([first, *[[w / anchor for w in mean]] * anchor], linear.bias)
+
+
+def _closed_forms(history: History, pairs: Pairs, settings: FitSettings) -> tuple[LinearMap, FitInfo, dict[str, LinearMap]]:
+    """The shared map and `_fit_per_tensor`'s maps by the closed form, every tensor's from one pass over the rows."""
+    shared, info, fitted = fit_closed_forms(pairs, settings, history.tensor_index[pairs.coordinate], _own(history, settings))
+    return shared, info, {history.tensor_names[index]: linear for index, linear in fitted.items()}
 
 
 def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings, held: _Held | None = None) -> dict[str, LinearMap]:

@@ -17,6 +17,7 @@ import torch
 from farcast_cli.errors import InputError, UsageError
 from farcast_cli.io.reader import SAFETENSORS_NAMES, TensorInfo
 from farcast_cli.model.history import History, sample_coordinates
+from farcast_cli.model.pairs import ColumnSums
 
 log = logging.getLogger("farcast")
 FILE_ORDER = {"F64": 0, "F32": 1, "BF16": 2, "F16": 3}
@@ -44,17 +45,20 @@ def distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class ObservedRun:
-    """The sampled history and the first weights of a model observed at increasing steps."""
+    """The sampled history and the first weights of a model observed at increasing steps; `sums`, the
+    closed-form fit's column sums of that history, kept from one jump to the next by fit settings (the
+    history only grows, so what was summed of its columns stays true)."""
 
     def __init__(self, sample: int, seed: int, keep_first_on: str = "cpu") -> None:
         if keep_first_on not in KEEP_ON:
             raise UsageError(f"keep_first_on must be one of {', '.join(KEEP_ON)}, not {keep_first_on!r}")
         self.sample, self.seed, self.keep_first_on = sample, seed, keep_first_on
         self.steps: list[float] = []
-        self.columns: list[np.ndarray] = []
+        self._values = np.empty((0, 0))
         self.first: dict[str, torch.Tensor] = {}
         self.picks: list[tuple[str, torch.Tensor]] = []
         self.names: list[str] = []
+        self.sums: dict[tuple, ColumnSums] = {}
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -75,8 +79,21 @@ class ObservedRun:
         bad = np.nonzero(~np.isfinite(column))[0]
         if len(bad):
             raise InputError(f"the model holds {column[bad[0]]} in a sampled weight at step {step:g}; refusing to forecast from it")
+        self._append(column)
         self.steps.append(float(step))
-        self.columns.append(column)
+
+    def _append(self, column: np.ndarray) -> None:
+        """Into the next column of the values, grown by doubling: a History is a view of the columns it
+        holds (`history`), not a copy of the whole history at every jump. The buffer holds an observation
+        per row, so that each of the History's columns is contiguous (the fit reads the history by columns)."""
+        count = len(self.steps)
+        if count == 0:
+            self._values = np.empty((8, len(column)))
+        elif count == len(self._values):
+            grown = np.empty((2 * count, len(column)))
+            grown[:count] = self._values
+            self._values = grown
+        self._values[count] = column
 
     def _start(self, tensors: dict[str, torch.Tensor]) -> None:
         infos = [TensorInfo(name, SAFETENSORS_NAMES[t.dtype], tuple(t.shape), 0, t.nbytes) for name, t in tensors.items()]
@@ -103,4 +120,4 @@ class ObservedRun:
         """The observations as the History `read_history` gives for a run's checkpoints."""
         tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(self.picks)])
         indices = np.concatenate([indices.cpu().numpy() for _, indices in self.picks])
-        return History(np.array(self.steps), np.stack(self.columns, axis=1), tensor_index, list(self.names), indices)
+        return History(np.array(self.steps), self._values[: len(self.steps)].T, tensor_index, list(self.names), indices)
