@@ -56,9 +56,9 @@ def profiled(module: object, name: str, phase: str, profiles: dict) -> None:
 
 
 def reader_busy() -> list[float]:
-    """Time the reader thread's reads (engine._Files.read_into) into the returned one-item list."""
+    """Time the reader thread's reads (engine.OpenFiles.read_into) into the returned one-item list."""
     busy = [0.0]
-    original = engine._Files.read_into
+    original = engine.OpenFiles.read_into
 
     def read_into(self, *args):
         started = time.perf_counter()
@@ -67,7 +67,7 @@ def reader_busy() -> list[float]:
         finally:
             busy[0] += time.perf_counter() - started
 
-    engine._Files.read_into = read_into
+    engine.OpenFiles.read_into = read_into
     return busy
 
 

@@ -63,6 +63,23 @@ def test_stopping_early_ends_the_reader_thread(run_dir):
     assert not [t for t in threading.enumerate() if t.name == "farcast-reader"]
 
 
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_torch_computes_with_one_thread_while_streaming_on_the_cpu_and_as_before_after(run_dir, stop_early):
+    _, jobs = jobs_for(run_dir, chunk=16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = set()
+        for _ in stream(jobs, EngineSettings(torch.device("cpu"), chunk_elements=16)):
+            seen.add(torch.get_num_threads())
+            if stop_early:
+                break
+        assert seen == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_chunk_plan_respects_the_memory_budget():
     assert plan_chunk_elements(1 << 30, 16, 32) == 4 * 1024 * 1024
     chunk = plan_chunk_elements(10_000_000, 16, 32, depth=2)

@@ -58,7 +58,7 @@ def test_chunk_errors_by_block_equal_blockwise_sums_of_the_whole_chunk(count):
     errors = _ChunkErrors(predictions, count, truth.device)
     for start in range(0, count, 2 * SUM_BLOCK):
         stop = min(count, start + 2 * SUM_BLOCK)
-        errors.add(start, truth[start:stop], {key: p[start:stop] for key, p in predictions.items()}, torch.empty(stop - start))
+        errors.add(start, torch.stack([torch.sub(p[start:stop], truth[start:stop]) for p in predictions.values()]))
     found = _Sums(predictions)
     errors.add_to(found)
     assert found.values == expected.values and found.count == expected.count == count

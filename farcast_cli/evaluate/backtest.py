@@ -166,17 +166,17 @@ def _chunk_sums(
         for job in chunk_jobs(name, piece.stop, settings.chunk_elements, sources, first=piece.start):
             jobs.append(job)
             owners.append(index)
-    scratch, converted = Scratch(settings.block_elements), Scratch(settings.block_elements)
+    truths, converted = Scratch(settings.block_elements), Scratch(settings.block_elements)
+    errors_scratch = Scratch(len(candidates) * settings.block_elements)
     found: dict[int, list[_Sums]] = {index: [] for index in pieces}
-    truth_slot, work_slot = len(candidates), len(candidates) + 1
     for owner, (job, data) in zip(owners, stream(jobs, settings)):
         errors = _ChunkErrors(candidates, data[0].numel(), data[0].device)
         for start, stop, block in chunk_blocks(data, settings, converted):
             values = {steps[i]: value for i, value in zip(needed, block)}
             count, like = stop - start, block[0]
-            truth = _truth(values, steps, truth_parts, scratch.get(count, like.dtype, like.device, slot=truth_slot))
-            predictions = _predictions(candidates, values, scratch, job.name)
-            errors.add(start, truth, predictions, scratch.get(count, like.dtype, like.device, slot=work_slot))
+            truth = _truth(values, steps, truth_parts, truths.get(count, like.dtype, like.device))
+            out = errors_scratch.get(len(candidates) * count, like.dtype, like.device).view(len(candidates), count)
+            errors.add(start, _errors(candidates, values, truth, out, job.name))
         sums = _Sums(candidates)
         errors.add_to(sums)
         if not sums.finite():
@@ -185,36 +185,49 @@ def _chunk_sums(
     return found
 
 
+def _errors(
+    candidates: Mapping[str, Combination], values: dict[int, torch.Tensor], truth: torch.Tensor, out: torch.Tensor, name: str
+) -> torch.Tensor:
+    """Each candidate's forecast of the target (their last output) minus the truth, one row of `out`
+    each, in the candidates' order: the forecast is computed into its row and the truth taken away in place."""
+    for row, candidate in zip(out, candidates.values()):
+        predicted = candidate.apply([values[c.step] for c in candidate.inputs], len(candidate.target_steps) - 1, out=row, name=name)
+        torch.sub(predicted, truth, out=row)
+    return out
+
+
 class _ChunkErrors:
     """A chunk's absolute and squared errors by candidate, summed block by block as blockwise_sum sums
     the whole chunk: each row of SUM_BLOCK elements by itself, the rows' sums in float64 once the chunk
-    is done, so the figures do not depend on the block size."""
+    is done, so the figures do not depend on the block size. All candidates' errors of a block are
+    one tensor, so each kind of sum is one operation over all of them."""
 
     def __init__(self, keys: Iterable[str], count: int, device: torch.device) -> None:
+        self.keys = list(keys)
         self.whole = count // SUM_BLOCK * SUM_BLOCK
-        self.rows = {key: torch.zeros(2, self.whole // SUM_BLOCK, device=device) for key in keys}
-        self.tails = {key: [0.0, 0.0] for key in keys}
+        self.rows = torch.zeros(2, len(self.keys), self.whole // SUM_BLOCK, device=device)
+        self.tails = {key: [0.0, 0.0] for key in self.keys}
         self.count = count
 
-    def add(self, start: int, truth: torch.Tensor, predictions: dict[str, torch.Tensor], work: torch.Tensor) -> None:
-        """The errors of elements [start, start + len(truth)) of the chunk (start a multiple of SUM_BLOCK)."""
-        full = max(0, min(truth.numel(), self.whole - start))
+    def add(self, start: int, errors: torch.Tensor) -> None:
+        """The errors (candidates x elements) of elements [start, start + errors.shape[1]) of the chunk
+        (start a multiple of SUM_BLOCK); they are overwritten."""
+        full = max(0, min(errors.shape[1], self.whole - start))
         rows = slice(start // SUM_BLOCK, (start + full) // SUM_BLOCK)
-        for key, predicted in predictions.items():
-            error = torch.sub(predicted, truth, out=work)
-            self._add_rows(key, 0, error.abs_(), full, rows)
-            self._add_rows(key, 1, error.square_(), full, rows)
+        self._add_rows(0, errors.abs_(), full, rows)
+        self._add_rows(1, errors.square_(), full, rows)
 
-    def _add_rows(self, key: str, k: int, values: torch.Tensor, full: int, rows: slice) -> None:
+    def _add_rows(self, k: int, values: torch.Tensor, full: int, rows: slice) -> None:
         if full:
-            torch.sum(values[:full].view(-1, SUM_BLOCK), dim=1, out=self.rows[key][k, rows])
-        if full < values.numel():
-            self.tails[key][k] = float(values[full:].sum())
+            torch.sum(values[:, :full].view(len(self.keys), -1, SUM_BLOCK), dim=2, out=self.rows[k, :, rows])
+        if full < values.shape[1]:
+            for key, row in zip(self.keys, values):
+                self.tails[key][k] = float(row[full:].sum())
 
     def add_to(self, sums: _Sums) -> None:
-        for key, rows in self.rows.items():
+        for i, key in enumerate(self.keys):
             for k in range(2):
-                total = float(rows[k].sum(dtype=torch.float64)) if self.whole else 0.0
+                total = float(self.rows[k, i].sum(dtype=torch.float64)) if self.whole else 0.0
                 sums.values[key][k] += total + self.tails[key][k]
         sums.count += self.count
 

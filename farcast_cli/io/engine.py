@@ -93,8 +93,8 @@ def chunk_jobs(name: str, numel: int, chunk: int, sources: tuple[Source, ...], r
         yield ChunkJob(name, start, min(numel, start + chunk), sources, raw)
 
 
-class _Files:
-    """Open file descriptors (or maps) of the reader thread, closed together."""
+class OpenFiles:
+    """Open file descriptors (or maps), of the reader thread or of a sampled read, closed together."""
 
     def __init__(self, use_mmap: bool) -> None:
         self.use_mmap = use_mmap
@@ -139,7 +139,7 @@ class _Pool:
 
 
 def _reader(jobs: Iterable[ChunkJob], pool: _Pool, ready: queue.Queue, stop: threading.Event, settings: EngineSettings) -> None:
-    files = _Files(settings.use_mmap)
+    files = OpenFiles(settings.use_mmap)
     try:
         for job in jobs:
             buffers = None
@@ -180,27 +180,46 @@ def stream(jobs: list[ChunkJob], settings: EngineSettings) -> Iterator[tuple[Chu
     thread = threading.Thread(target=_reader, args=(jobs, pool, ready, stop, settings), daemon=True, name="farcast-reader")
     thread.start()
     try:
-        while True:
-            item = ready.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            job, buffers, lengths = item
-            if job.raw:
-                yield job, [buffer[:length] for buffer, length in zip(buffers, lengths)]
-            else:
-                yield (
-                    job,
-                    [
-                        _to_device(buffer[:length], source.info, settings, converted, slot)
-                        for slot, (buffer, length, source) in enumerate(zip(buffers, lengths, job.sources))
-                    ],
-                )
-            pool.free.put(buffers)
+        with one_compute_thread(settings.device):
+            while True:
+                item = ready.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                job, buffers, lengths = item
+                if job.raw:
+                    yield job, [buffer[:length] for buffer, length in zip(buffers, lengths)]
+                else:
+                    yield (
+                        job,
+                        [
+                            _to_device(buffer[:length], source.info, settings, converted, slot)
+                            for slot, (buffer, length, source) in enumerate(zip(buffers, lengths, job.sources))
+                        ],
+                    )
+                pool.free.put(buffers)
     finally:
         stop.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def one_compute_thread(device: torch.device) -> Iterator[None]:
+    """Torch computes on the CPU with one thread meanwhile: the reader thread needs a core of its own,
+    and a block's operations (tens of microseconds each) gain less from more threads than their
+    fork-join and spinning workers take from the reader (on 2 cores, a full backtest's main thread
+    1.24 -> 0.99 s and the reader's reads 1.21 -> 0.79 s; benchmarks/RESULTS.md, issue 25). Results do
+    not depend on the number of threads (blockwise_sum)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Buffers:

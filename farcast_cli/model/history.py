@@ -9,7 +9,8 @@ import torch
 
 from farcast_cli.distributed import ONE_PROCESS, Piece, World, cut_in_pieces
 from farcast_cli.errors import InputError
-from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo
+from farcast_cli.io.engine import OpenFiles
+from farcast_cli.io.reader import TORCH_DTYPES, SafetensorsFile, TensorInfo
 from farcast_cli.io.run import Checkpoint, Run
 
 MERGE_GAP_BYTES = 64 * 1024
@@ -75,16 +76,46 @@ def _batches(ranges: list[tuple[int, int]], itemsize: int) -> list[list[tuple[in
     return groups
 
 
-def read_sampled_values(checkpoint: Checkpoint, info: TensorInfo, indices: np.ndarray) -> np.ndarray:
+class _BatchReads:
+    """Batches of byte ranges, each read back to back into one reused buffer, through files kept open:
+    no buffer per range and no joined copy of them (a dense sample reads nearly every byte of the run)."""
+
+    def __init__(self) -> None:
+        self.files = OpenFiles(use_mmap=False)
+        self.buffer = bytearray(BATCH_BYTES)
+
+    def read(self, file: SafetensorsFile, ranges: list[tuple[int, int]]) -> memoryview:
+        total = sum(end - begin for begin, end in ranges)
+        if len(self.buffer) < total:
+            self.buffer = bytearray(total)
+        view, at = memoryview(self.buffer), 0
+        for begin, end in ranges:
+            self.files.read_into(file, begin, view[at : at + end - begin])
+            at += end - begin
+        return view[:total]
+
+    def close(self) -> None:
+        """Close the files read so far; a later read opens them again (a run may have thousands)."""
+        self.files.close()
+        self.files = OpenFiles(use_mmap=False)
+
+
+def read_sampled_values(checkpoint: Checkpoint, info: TensorInfo, indices: np.ndarray, reads: _BatchReads | None = None) -> np.ndarray:
     """One tensor's values at the given sorted element indices, read as a few contiguous ranges."""
+    if reads is None:
+        reads = _BatchReads()
+        try:
+            return read_sampled_values(checkpoint, info, indices, reads)
+        finally:
+            reads.close()
     file, local = checkpoint.tensor(info.name)
     size = local.itemsize
     values = np.empty(len(indices), dtype=np.float64)
     done = 0
     ranges = _contiguous_runs(indices, max(1, MERGE_GAP_BYTES // size), max(1, BATCH_BYTES // size))
     for group in _batches(ranges, size):
-        raw = file.read_ranges([(local.begin + a * size, local.begin + b * size) for a, b in group])
-        data = torch.frombuffer(raw[0] if len(raw) == 1 else bytearray().join(raw), dtype=TORCH_DTYPES[local.dtype])
+        raw = reads.read(file, [(local.begin + a * size, local.begin + b * size) for a, b in group])
+        data = torch.frombuffer(raw, dtype=TORCH_DTYPES[local.dtype])
         starts = np.array([a for a, _ in group])
         offsets = np.concatenate([[0], np.cumsum([b - a for a, b in group])[:-1]])
         count = int(np.searchsorted(indices, group[-1][1], side="left")) - done
@@ -128,7 +159,11 @@ def _read_rows(run: Run, picks: list[tuple[int, tuple[TensorInfo, np.ndarray]]])
     """Each pick's values, one row per sampled coordinate and one column per checkpoint, read
     checkpoint by checkpoint."""
     columns: dict[int, list[np.ndarray]] = {index: [] for index, _ in picks}
+    reads = _BatchReads()
     for checkpoint in run.checkpoints:
-        for index, (info, indices) in picks:
-            columns[index].append(read_sampled_values(checkpoint, info, indices))
+        try:
+            for index, (info, indices) in picks:
+                columns[index].append(read_sampled_values(checkpoint, info, indices, reads))
+        finally:
+            reads.close()
     return {index: np.stack(values, axis=1) for index, values in columns.items()}
