@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_loop import regression_data, save
 
 from farcast_cli.integrations import Farcaster, memory
-from farcast_cli.model.fit import FitSettings, fit_closed_forms, fit_pair_sums, map_of
+from farcast_cli.model.fit import FitSettings, fit_linear_map, fit_pair_sums, map_of
 from farcast_cli.model.forecaster import _own, column_sums, fit_on_run
 from farcast_cli.model.history import History
 from farcast_cli.model.pairs import self_pair_sums, self_pairs
@@ -33,7 +33,9 @@ def test_the_closed_form_from_column_sums_is_the_one_from_the_rows(anchor, offse
     own = _own(history, L2)
     assert own == [0, 2]
     pairs = self_pairs(history, offsets[-1], offsets, anchor)
-    shared, _, by_rows = fit_closed_forms(pairs, L2, history.tensor_index[pairs.coordinate], own)
+    owner = history.tensor_index[pairs.coordinate]
+    shared = fit_linear_map(pairs, L2)[0]
+    by_rows = {i: fit_linear_map(pairs.subset(owner == i), L2)[0] for i in own}
     summed, by_sums = fit_pair_sums(self_pair_sums(history, offsets[-1], offsets, column_sums(history, L2), anchor), own)
     for rows, sums in [(shared, map_of(summed)), *((by_rows[i], map_of(by_sums[i])) for i in own)]:
         assert np.allclose(rows.weight, sums.weight, rtol=1e-9, atol=1e-12) and np.allclose(rows.bias, sums.bias, rtol=1e-9, atol=1e-14)

@@ -12,7 +12,7 @@ import torch
 from conftest import FAST, trajectories, write_run
 from safetensors.torch import load_file
 
-from farcast_cli.model.fit import FitSettings, fit_closed_forms, fit_linear_map
+from farcast_cli.model.fit import FitSettings, fit_linear_map
 from farcast_cli.model.linear import LinearMap
 from farcast_cli.model.pairs import Pairs
 
@@ -326,27 +326,3 @@ def test_a_validation_run_that_does_not_match_is_one_error_line(tmp_path, farcas
         assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
     result = farcast("fit", reference, "-H", 100, "--validation-run", reference, "-o", out, expect=2)
     assert "--validation-run" in result.stderr and "--context-end" in result.stderr and not out.exists()
-
-
-def test_every_tensors_closed_form_from_one_pass_is_each_fitted_alone():
-    """fit_closed_forms: the shared map and each group's own, from one pass over the rows, are what
-    fit_linear_map gives on all the rows and on each group's rows alone (held-out split, scales, refinement)."""
-    rng = np.random.default_rng(3)
-    coordinates, starts = 900, 4
-    owner_of = np.repeat([0, 1, 2, 3], [500, 300, 60, 40])
-    first = np.tile(rng.normal(size=coordinates) * (1 + owner_of), starts)
-    last = first * (0.9 + 0.05 * owner_of[np.tile(np.arange(coordinates), starts)]) + rng.normal(scale=0.01, size=first.size)
-    targets = np.stack([1.1 * last - 0.1 * first, 1.2 * last - 0.2 * first], axis=1) + rng.laplace(scale=1e-3, size=(first.size, 2))
-    coordinate = np.tile(np.arange(coordinates), starts)
-    pairs = Pairs(first, last, targets, np.abs(last - first), np.full(first.size, 2.0), coordinate)
-    settings = FitSettings(objective="l2", lam=0.1)
-    owner = owner_of[coordinate]
-    shared, info, own = fit_closed_forms(pairs, settings, owner, [0, 1, 3])
-    alone, alone_info = fit_linear_map(pairs, settings)
-    assert np.allclose(shared.weight, alone.weight, rtol=1e-10) and np.allclose(shared.bias, alone.bias, rtol=1e-10, atol=1e-14)
-    assert info.validation_l1 == pytest.approx(alone_info.validation_l1, rel=1e-10) and info.held_out_pairs == alone_info.held_out_pairs
-    assert sorted(own) == [0, 1, 3]
-    for group, linear in own.items():
-        expected = fit_linear_map(pairs.subset(owner == group), settings)[0]
-        assert np.allclose(linear.weight, expected.weight, rtol=1e-10) and np.allclose(linear.bias, expected.bias, rtol=1e-10, atol=1e-14)
-        assert not np.allclose(linear.weight, shared.weight, rtol=1e-3)

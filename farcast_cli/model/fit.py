@@ -128,60 +128,6 @@ def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None
     return problem.as_linear_map(coefficients), info
 
 
-def fit_closed_forms(
-    pairs: Pairs, settings: FitSettings, owner: np.ndarray, own: list[int]
-) -> tuple[LinearMap, FitInfo, dict[int, LinearMap]]:
-    """The closed form (objective "l2") of the shared map over every row and, in the same pass over the
-    rows, of a map for each group in `own` over its rows alone (`owner`: each row's group, which its
-    coordinate decides): what `fit_linear_map(pairs)` and `fit_linear_map(pairs.subset(owner == g))`
-    give, to float rounding, with the same held-out coordinates, scales and refinement.
-
-    A fit per group read the rows once per group and once more for the shared map (copies of its rows,
-    its own scales and sums: most of an in-loop jump's cost). Here each sum of the normal equations is
-    taken once, unscaled, by np.bincount over the rows into cells (group x in the shared fit's training
-    coordinates x in the group's own), and each fit scales its 3 x 3 system from its cells' sums. The
-    sums are plain loops, as `_least_squares`' einsums are: the same bytes at any thread count."""
-    rows, groups = len(pairs.first), int(owner.max()) + 1 if len(owner) else 0
-    shared_train = _training_coordinates(pairs.coordinate, settings)
-    own_train = np.zeros_like(shared_train)
-    owner_of = np.full(len(shared_train), -1)
-    owner_of[pairs.coordinate] = owner
-    for group in own:
-        own_train |= _training_coordinates(np.nonzero(owner_of == group)[0], settings, len(own_train))
-    cell = owner * 4 + 2 * shared_train[pairs.coordinate] + own_train[pairs.coordinate]
-    last, change = pairs.last, pairs.last - pairs.first
-    residual = pairs.targets - last[:, None]
-    gram, moments = _cell_gram(last, change, cell, groups), _cell_moments(last, change, residual, cell, groups)
-    scaling = _group_scaling(last, change, residual, owner, groups)
-
-    shared_rows = shared_train[pairs.coordinate]
-    shared_gram, shared_scaling = gram[:, 1].sum(axis=(0, 1)), scaling.sum(axis=0)
-    shared = _scaled_solve(shared_gram, moments[:, 1].sum(axis=(0, 1)), shared_scaling)
-    error = residual - _predicted(shared, last, change)
-    shared += _scaled_solve(shared_gram, _cell_moments(last, change, error, cell, groups)[:, 1].sum(axis=(0, 1)), shared_scaling)
-
-    coefficients = np.zeros((groups, 3, residual.shape[1]))
-    for group in own:
-        coefficients[group] = _scaled_solve(gram[group, :, 1].sum(axis=0), moments[group, :, 1].sum(axis=0), scaling[group])
-    error = residual - _predicted(coefficients[owner].transpose(1, 0, 2), last, change)
-    corrections = _cell_moments(last, change, error, cell, groups)[:, :, 1].sum(axis=1)
-    for group in own:
-        coefficients[group] += _scaled_solve(gram[group, :, 1].sum(axis=0), corrections[group], scaling[group])
-
-    held = np.nonzero(~shared_rows)[0] if not shared_rows.all() else np.arange(rows)
-    info = FitInfo(
-        pairs=rows,
-        held_out_pairs=len(held),
-        held_out="coordinates",
-        objective=settings.objective,
-        stopped="closed form",
-        updates=0,
-        best_update=0,
-        validation_l1=_raw_loss(shared, pairs, residual, held, settings.lam),
-    )
-    return map_of(shared), info, {group: map_of(coefficients[group]) for group in own}
-
-
 def coordinate_cells(tensor_index: np.ndarray, own: list[int], settings: FitSettings) -> np.ndarray:
     """Each coordinate's cell for `fit_pair_sums`: its tensor x 4 + 2 if the shared fit trains on it + 1 if
     its tensor's own fit does (`_split_coordinates` on self pairs, whose rows hold every coordinate)."""
@@ -198,7 +144,8 @@ def fit_pair_sums(sums: PairSums, own: list[int]) -> tuple[np.ndarray, dict[int,
     `coordinate_cells` numbers them): the shared fit's coefficients over its training cells, and each
     group's in `own` over its own; residual = beta[0] last + beta[1] change + beta[2] (3 x m each).
 
-    The systems are `fit_closed_forms`', but summed from products of the history's columns: the
+    The systems are those of `fit_linear_map`'s closed form (`_least_squares`) on `self_pairs`' rows,
+    of all the rows and of each group's alone, but summed from products of the history's columns: the
     refinement (`_least_squares`' second solve) works on the same sums, and the output scale is the
     residual's root mean square rather than its mean absolute value (a scale of the right-hand side
     alone: the solution is the same up to rounding)."""
@@ -263,39 +210,6 @@ def _training_coordinates(coordinate: np.ndarray, settings: FitSettings, size: i
     if not held[coordinate].all():
         train[: len(held)] &= ~held
     return train
-
-
-def _cell_gram(last: np.ndarray, change: np.ndarray, cell: np.ndarray, groups: int) -> np.ndarray:
-    """X^T X of x = (last, change, 1), unscaled, per cell: [group, shared-train, own-train, 3, 3]."""
-    aa, ac, cc, a, c, one = (_per_cell(w, cell, groups) for w in (last * last, last * change, change * change, last, change, None))
-    return np.stack([np.stack([aa, ac, a], -1), np.stack([ac, cc, c], -1), np.stack([a, c, one], -1)], -2)
-
-
-def _cell_moments(last: np.ndarray, change: np.ndarray, values: np.ndarray, cell: np.ndarray, groups: int) -> np.ndarray:
-    """X^T values (values: rows x m), unscaled, per cell: [group, shared-train, own-train, 3, m]."""
-    columns = [[_per_cell(w, cell, groups) for w in (last * y, change * y, y)] for y in values.T]
-    return np.stack([np.stack(column, -1) for column in columns], -1)
-
-
-def _per_cell(weights: np.ndarray | None, cell: np.ndarray, groups: int) -> np.ndarray:
-    return np.bincount(cell, weights, minlength=4 * groups).reshape(groups, 2, 2)
-
-
-def _group_scaling(last: np.ndarray, change: np.ndarray, residual: np.ndarray, owner: np.ndarray, groups: int) -> np.ndarray:
-    """Per group, the sums `_Problem`'s scales are means of: [group, (|last|, |change|, |residual|, rows,
-    residual values)]; a fit over several groups sums theirs."""
-    rows = np.bincount(owner, minlength=groups).astype(float)
-    sums = [np.bincount(owner, np.abs(values), minlength=groups) for values in (last, change, np.abs(residual).sum(axis=1))]
-    return np.stack([*sums, rows, rows * residual.shape[1]], axis=1)
-
-
-def _scaled_solve(gram: np.ndarray, moments: np.ndarray, scaling: np.ndarray) -> np.ndarray:
-    """`_least_squares`' solve of one system in `_Problem`'s scaled form, from unscaled sums, returned
-    unscaled: the coefficients of (last, change, 1) for each of the m outputs."""
-    level, change, out = (_mean_scale(scaling[i], scaling[3 if i < 2 else 4]) for i in range(3))
-    rows = np.array([1.0 / level, 1.0 / change, 1.0])
-    solution = np.linalg.lstsq(gram * rows[:, None] * rows[None, :], moments * rows[:, None] / out, rcond=None)[0]
-    return solution * rows[:, None] * out
 
 
 def _mean_scale(total: float, count: float) -> float:

@@ -25,7 +25,6 @@ from farcast_cli.model.fit import (
     FitSettings,
     closed_form_info,
     coordinate_cells,
-    fit_closed_forms,
     fit_linear_map,
     fit_pair_sums,
     from_known,
@@ -333,11 +332,8 @@ def _forecaster(
     anchor: int,
     held: _Held | None = None,
 ) -> Forecaster:
-    if settings.objective == "l2" and held is None:
-        shared, info, fitted = _closed_forms(history, pairs, settings)
-    else:
-        shared, info = fit_linear_map(pairs, settings, None if held is None else held.pairs)
-        fitted = _fit_per_tensor(history, pairs, settings, held)
+    shared, info = fit_linear_map(pairs, settings, None if held is None else held.pairs)
+    fitted = _fit_per_tensor(history, pairs, settings, held)
     per_tensor = {name: _spread(linear, anchor) for name, linear in fitted.items()}
     return Forecaster(
         mode,
@@ -356,12 +352,6 @@ def _spread(linear: LinearMap, anchor: int) -> LinearMap:
     """The map over (first, mean of the window) as a map over (first, each checkpoint of the window)."""
     first, mean = linear.weight
     return LinearMap.of([first, *[[w / anchor for w in mean]] * anchor], linear.bias)
-
-
-def _closed_forms(history: History, pairs: Pairs, settings: FitSettings) -> tuple[LinearMap, FitInfo, dict[str, LinearMap]]:
-    """The shared map and `_fit_per_tensor`'s maps by the closed form, every tensor's from one pass over the rows."""
-    shared, info, fitted = fit_closed_forms(pairs, settings, history.tensor_index[pairs.coordinate], _own(history, settings))
-    return shared, info, {history.tensor_names[index]: linear for index, linear in fitted.items()}
 
 
 def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings, held: _Held | None = None) -> dict[str, LinearMap]:
