@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -22,8 +21,8 @@ from farcast_cli.io.engine import (
     EngineSettings,
     Scratch,
     Source,
+    chunk_blocks,
     chunk_jobs,
-    compute_blocks,
     raise_for_non_finite_input,
     stream,
 )
@@ -167,45 +166,23 @@ def _chunk_sums(
         for job in chunk_jobs(name, piece.stop, settings.chunk_elements, sources, first=piece.start):
             jobs.append(job)
             owners.append(index)
-    scorers = [_BlockScorer(candidates, steps, needed, truth_parts, settings.block_elements) for _ in range(2)]
+    truths, converted = Scratch(settings.block_elements), Scratch(settings.block_elements)
+    errors_scratch = Scratch(len(candidates) * settings.block_elements)
     found: dict[int, list[_Sums]] = {index: [] for index in pieces}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="farcast-backtest") as helper:
-        for owner, (job, data) in zip(owners, stream(jobs, settings)):
-            errors = _ChunkErrors(candidates, data[0].numel(), data[0].device)
-            starts = range(0, data[0].numel(), settings.block_elements)
-            half = len(starts) // 2 if settings.device.type == "cpu" else 0
-            helped = helper.submit(scorers[1].score, job.name, data, starts[:half], errors) if half else None
-            scorers[0].score(job.name, data, starts[half:], errors)
-            if helped:
-                helped.result()
-            sums = _Sums(candidates)
-            errors.add_to(sums)
-            if not sums.finite():
-                raise_for_non_finite_input(job, data)
-            found[owner].append(sums)
-    return found
-
-
-class _BlockScorer:
-    """Scores blocks of streamed chunks with its own reused buffers (sources in the compute dtype, the
-    truth, the errors). On the CPU two score each chunk's halves at once, one in a helper thread: the
-    main thread alone left the reader's core idle most of the time, and each block's sums go to rows of
-    their own (_ChunkErrors), so the figures are the same bits whichever thread scores a block."""
-
-    def __init__(self, candidates: Mapping[str, Combination], steps: list[int], needed: list[int], truth_parts: list, size: int) -> None:
-        self.candidates, self.steps, self.needed, self.truth_parts, self.size = candidates, steps, needed, truth_parts, size
-        self.converted, self.truths = Scratch(size), Scratch(size)
-        self.errors = Scratch(len(candidates) * size)
-
-    def score(self, name: str, data: list[torch.Tensor], starts: range, errors: _ChunkErrors) -> None:
-        for start in starts:
-            stop = min(data[0].numel(), start + self.size)
-            block = compute_blocks(data, start, stop, self.converted)
-            values = {self.steps[i]: value for i, value in zip(self.needed, block)}
+    for owner, (job, data) in zip(owners, stream(jobs, settings)):
+        errors = _ChunkErrors(candidates, data[0].numel(), data[0].device)
+        for start, stop, block in chunk_blocks(data, settings, converted):
+            values = {steps[i]: value for i, value in zip(needed, block)}
             count, like = stop - start, block[0]
-            truth = _truth(values, self.steps, self.truth_parts, self.truths.get(count, like.dtype, like.device))
-            out = self.errors.get(len(self.candidates) * count, like.dtype, like.device).view(len(self.candidates), count)
-            errors.add(start, _errors(self.candidates, values, truth, out, name))
+            truth = _truth(values, steps, truth_parts, truths.get(count, like.dtype, like.device))
+            out = errors_scratch.get(len(candidates) * count, like.dtype, like.device).view(len(candidates), count)
+            errors.add(start, _errors(candidates, values, truth, out, job.name))
+        sums = _Sums(candidates)
+        errors.add_to(sums)
+        if not sums.finite():
+            raise_for_non_finite_input(job, data)
+        found[owner].append(sums)
+    return found
 
 
 def _errors(

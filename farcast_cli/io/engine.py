@@ -256,12 +256,7 @@ def chunk_blocks(data: list[torch.Tensor], settings: EngineSettings, blocks: Scr
     count, size = data[0].numel(), settings.block_elements
     for start in range(0, count, size):
         stop = min(count, start + size)
-        yield start, stop, compute_blocks(data, start, stop, blocks)
-
-
-def compute_blocks(data: list[torch.Tensor], start: int, stop: int, blocks: Scratch) -> list[torch.Tensor]:
-    """Elements [start, stop) of each source in its compute dtype (chunk_blocks' blocks, one at a time)."""
-    return [_compute_block(values, start, stop, blocks, slot) for slot, values in enumerate(data)]
+        yield start, stop, [_compute_block(values, start, stop, blocks, slot) for slot, values in enumerate(data)]
 
 
 def _compute_block(values: torch.Tensor, start: int, stop: int, blocks: Scratch, slot: int) -> torch.Tensor:
