@@ -130,10 +130,10 @@ MUTATIONS = [
         "return (target - last) / (last - previous) + 1 >= horizon / spacing - 1e-9",
     ),
     (
-        "backtest scratch in fixed slots after four candidates",
+        "backtest errors of the first four candidates only",
         "farcast_cli/evaluate/backtest.py",
-        "truth_slot, work_slot = len(candidates), len(candidates) + 1",
-        "truth_slot, work_slot = 4, 5",
+        "for row, candidate in zip(out, candidates.values()):",
+        "for row, candidate in zip(out[:4], candidates.values()):",
     ),
     (
         "the loss backtest scores only the built-in alternatives",
