@@ -14,9 +14,28 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_math.py", "tests/test_fit.py", "tests/test_predict.py", "tests/test_loss.py", "tests/test_candidates.py"]
+TESTS = [
+    "tests/test_math.py",
+    "tests/test_fit.py",
+    "tests/test_predict.py",
+    "tests/test_loss.py",
+    "tests/test_candidates.py",
+    "tests/test_closed_form.py",
+]
 MUTATIONS = [
     # (name, file, text, replacement)
+    (
+        "closed form from sums: the shared fit trains on the held-out coordinates too",
+        "farcast_cli/model/fit.py",
+        "systems = np.concatenate([gram[:, 1].sum(axis=(0, 1))[None]",
+        "systems = np.concatenate([gram.sum(axis=(0, 1, 2))[None]",
+    ),
+    (
+        "closed form from sums: targets at the checkpoint before, not interpolated",
+        "farcast_cli/model/pairs.py",
+        "for j, x in ((before, 1.0 - alpha), (before + 1, alpha)):",
+        "for j, x in ((before, 1.0),):",
+    ),
     ("time rule scaled by 0.9", "farcast_cli/model/pairs.py", "rho = horizon / (sk - s0)", "rho = 0.9 * horizon / (sk - s0)"),
     (
         "reference targets 10% short",
@@ -130,10 +149,10 @@ MUTATIONS = [
         "return (target - last) / (last - previous) + 1 >= horizon / spacing - 1e-9",
     ),
     (
-        "backtest scratch in fixed slots after four candidates",
+        "backtest errors of the first four candidates only",
         "farcast_cli/evaluate/backtest.py",
-        "truth_slot, work_slot = len(candidates), len(candidates) + 1",
-        "truth_slot, work_slot = 4, 5",
+        "for row, candidate in zip(out, candidates.values()):",
+        "for row, candidate in zip(out[:4], candidates.values()):",
     ),
     (
         "the loss backtest scores only the built-in alternatives",

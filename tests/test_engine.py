@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import FAST
 from safetensors.torch import load_file
 
 from farcast_cli.errors import InputError
-from farcast_cli.io.engine import EngineSettings, Source, chunk_jobs, plan_chunk_elements, stream
+from farcast_cli.io.engine import EngineSettings, Source, chunk_jobs, plan_chunk_elements, stream, streaming_threads
 from farcast_cli.io.run import find_run
 
 
@@ -64,7 +65,7 @@ def test_stopping_early_ends_the_reader_thread(run_dir):
 
 
 @pytest.mark.parametrize("stop_early", [False, True])
-def test_torch_computes_with_one_thread_while_streaming_on_the_cpu_and_as_before_after(run_dir, stop_early):
+def test_torch_leaves_the_reader_a_core_while_streaming_on_the_cpu_and_computes_as_before_after(run_dir, stop_early):
     _, jobs = jobs_for(run_dir, chunk=16)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -74,7 +75,7 @@ def test_torch_computes_with_one_thread_while_streaming_on_the_cpu_and_as_before
             seen.add(torch.get_num_threads())
             if stop_early:
                 break
-        assert seen == {1}
+        assert seen == {streaming_threads(2, len(os.sched_getaffinity(0)))}
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -157,3 +158,8 @@ def test_sampled_reads_agree_with_the_library_across_batches(tmp_path, monkeypat
     values = sampling.read_sampled_values(run.last, info, indices)
     expected = load_file(run.last.path / "model.safetensors")["encoder.weight"].reshape(-1)[indices].double().numpy()
     assert np.array_equal(values, expected)
+
+
+def test_the_stream_leaves_one_core_to_the_reader_and_never_asks_for_more_threads_than_set():
+    assert [streaming_threads(8, cores) for cores in (1, 2, 3, 16)] == [1, 1, 2, 8]
+    assert streaming_threads(1, 16) == 1

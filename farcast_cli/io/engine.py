@@ -180,7 +180,7 @@ def stream(jobs: list[ChunkJob], settings: EngineSettings) -> Iterator[tuple[Chu
     thread = threading.Thread(target=_reader, args=(jobs, pool, ready, stop, settings), daemon=True, name="farcast-reader")
     thread.start()
     try:
-        with one_compute_thread(settings.device):
+        with a_core_for_the_reader(settings.device):
             while True:
                 item = ready.get()
                 if item is None:
@@ -205,21 +205,25 @@ def stream(jobs: list[ChunkJob], settings: EngineSettings) -> Iterator[tuple[Chu
 
 
 @contextlib.contextmanager
-def one_compute_thread(device: torch.device) -> Iterator[None]:
-    """Torch computes on the CPU with one thread meanwhile: the reader thread needs a core of its own,
-    and a block's operations (tens of microseconds each) gain less from more threads than their
-    fork-join and spinning workers take from the reader (on 2 cores, a full backtest's main thread
-    1.24 -> 0.99 s and the reader's reads 1.21 -> 0.79 s; benchmarks/RESULTS.md, issue 25). Results do
-    not depend on the number of threads (blockwise_sum)."""
+def a_core_for_the_reader(device: torch.device) -> Iterator[None]:
+    """Torch computes on the CPU with a core fewer than the process may use meanwhile (one thread on 2
+    cores): the reader thread needs a core of its own, and torch's workers spinning on it slowed both (on
+    2 cores, a full backtest's main thread 1.24 -> 0.99 s and the reader's reads 1.21 -> 0.79 s;
+    benchmarks/RESULTS.md, issue 25). Results do not depend on the number of threads (blockwise_sum)."""
     if device.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(streaming_threads(threads, len(os.sched_getaffinity(0))))
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def streaming_threads(threads: int, cores: int) -> int:
+    """Torch's threads while a CPU stream is read: one core left to the reader, at least one thread."""
+    return max(1, min(threads, cores - 1))
 
 
 class _Buffers:
