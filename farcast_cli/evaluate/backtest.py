@@ -96,16 +96,9 @@ class _Sums:
         return ErrorTable(self.count, errors, skills)
 
 
-def _predictions(
-    candidates: Mapping[str, Combination], values: dict[int, torch.Tensor], scratch: Scratch | None, name: str
-) -> dict[str, torch.Tensor]:
-    """Every candidate's forecast of the target (their last output) from the chunk's values by step."""
-    predictions = {}
-    for slot, (key, candidate) in enumerate(candidates.items()):
-        inputs = [values[c.step] for c in candidate.inputs]
-        out = scratch.get(inputs[0].numel(), inputs[0].dtype, inputs[0].device, slot=slot) if scratch else None
-        predictions[key] = candidate.apply(inputs, len(candidate.target_steps) - 1, out=out, name=name)
-    return predictions
+def _predicted(candidate: Combination, values: dict[int, torch.Tensor], name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The candidate's forecast of the target (its last output) from the values by step, into `out` where given."""
+    return candidate.apply([values[c.step] for c in candidate.inputs], len(candidate.target_steps) - 1, out=out, name=name)
 
 
 def _truth_weights(steps: list[int], target: float) -> list[tuple[int, float]]:
@@ -191,8 +184,7 @@ def _errors(
     """Each candidate's forecast of the target (their last output) minus the truth, one row of `out`
     each, in the candidates' order: the forecast is computed into its row and the truth taken away in place."""
     for row, candidate in zip(out, candidates.values()):
-        predicted = candidate.apply([values[c.step] for c in candidate.inputs], len(candidate.target_steps) - 1, out=row, name=name)
-        torch.sub(predicted, truth, out=row)
+        torch.sub(_predicted(candidate, values, name, out=row), truth, out=row)
     return out
 
 
@@ -241,7 +233,7 @@ def backtest_sample(history: History, candidates: Mapping[str, Combination]) -> 
         rows = torch.from_numpy(history.rows_of(index))
         values = {int(step): columns[rows, k] for k, step in enumerate(history.steps)}
         sums = per_tensor[name] = _Sums(candidates)
-        sums.add(truth[rows], _predictions(candidates, values, None, name))
+        sums.add(truth[rows], {key: _predicted(candidate, values, name) for key, candidate in candidates.items()})
     return _backtest(f"{columns.shape[0]} sampled coordinates", candidates, per_tensor)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from farcast_cli.evaluate.report import BacktestPlan, tested
 from farcast_cli.model.fit import FitSettings
-from farcast_cli.model.forecaster import Forecaster, SelfFit, column_sums, fit_on_run
+from farcast_cli.model.forecaster import Forecaster, SelfFit, fit_on_run, kept_column_sums
 from farcast_cli.model.observed import ObservedRun, distinct, forecast_tensors
 
 
@@ -45,12 +45,7 @@ def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings, sc
     the user's loss, or not gated, needs no weight verdict. The closed form's column sums are kept on
     `observed` for the next jump, and its held-out L1 (a figure for reports) is not measured."""
     history = observed.history()
-    sums = None
-    if settings.objective == "l2":
-        key = (settings.validation_fraction, settings.seed, settings.per_tensor)
-        if key not in observed.sums:
-            observed.sums[key] = column_sums(history, settings, measure=False)
-        sums = observed.sums[key]
+    sums = kept_column_sums(observed.sums, history, settings) if settings.objective == "l2" else None
     return fit_on_run(history, horizon, [horizon], settings, scored=scored, sums=sums)
 
 

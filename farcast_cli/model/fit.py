@@ -212,19 +212,10 @@ def _training_coordinates(coordinate: np.ndarray, settings: FitSettings, size: i
     return train
 
 
-def _mean_scale(total: float, count: float) -> float:
-    scale = float(total / count) if count else 0.0
-    return scale if scale > 0 else 1.0
-
-
-def _predicted(beta: np.ndarray, last: np.ndarray, change: np.ndarray) -> np.ndarray:
-    """The predicted residual, rows x m: beta is 3 x m, or 3 x rows x m (one set of coefficients per row)."""
-    return last[:, None] * beta[0] + change[:, None] * beta[1] + beta[2]
-
-
 def _raw_loss(beta: np.ndarray, pairs: Pairs, residual: np.ndarray, rows: np.ndarray, lam: float) -> float:
     """`_Problem.loss` times s_out on `rows`: the held-out L1 plus the regulariser, in the weights' units."""
-    predicted = _predicted(beta, pairs.last[rows], pairs.last[rows] - pairs.first[rows])
+    last = pairs.last[rows]
+    predicted = last[:, None] * beta[0] + (last - pairs.first[rows])[:, None] * beta[1] + beta[2]
     error = predicted - residual[rows]
     step = predicted[:, -1] - (predicted[:, -2] if predicted.shape[1] > 1 else 0.0)
     excess = np.abs(step) / pairs.last_dt[rows] - pairs.first_rate[rows]

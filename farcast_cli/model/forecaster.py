@@ -283,6 +283,16 @@ def column_sums(history: History, settings: FitSettings, measure: bool = True) -
     return ColumnSums(cells, 4 * len(history.tensor_names), measure)
 
 
+def kept_column_sums(store: dict[tuple, ColumnSums], history: History, settings: FitSettings) -> ColumnSums:
+    """The column sums `store` keeps for a growing history, made on first use, without measuring the
+    held-out L1: besides the history's sampled coordinates (the same as it grows), `column_sums` depends
+    on the settings' held-out split and per_tensor alone, so those are the key."""
+    key = (settings.validation_fraction, settings.seed, settings.per_tensor)
+    if key not in store:
+        store[key] = column_sums(history, settings, measure=False)
+    return store[key]
+
+
 def _own(history: History, settings: FitSettings) -> list[int]:
     """The tensors fitted a map of their own: with settings.per_tensor, those with MIN_TENSOR_SAMPLE coordinates."""
     if not settings.per_tensor:
@@ -333,8 +343,7 @@ def _forecaster(
     held: _Held | None = None,
 ) -> Forecaster:
     shared, info = fit_linear_map(pairs, settings, None if held is None else held.pairs)
-    fitted = _fit_per_tensor(history, pairs, settings, held)
-    per_tensor = {name: _spread(linear, anchor) for name, linear in fitted.items()}
+    per_tensor = {name: _spread(linear, anchor) for name, linear in _fit_per_tensor(history, pairs, settings, held).items()}
     return Forecaster(
         mode,
         int(history.steps[0]),
@@ -355,14 +364,11 @@ def _spread(linear: LinearMap, anchor: int) -> LinearMap:
 
 
 def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings, held: _Held | None = None) -> dict[str, LinearMap]:
-    """With settings.per_tensor: a map for each tensor with at least MIN_TENSOR_SAMPLE sampled
-    coordinates, stopped early on the same tensor's pairs in `held` where it has any; the others keep
-    the shared map."""
-    if not settings.per_tensor:
-        return {}
+    """A map for each tensor `_own` picks, stopped early on the same tensor's pairs in `held` where it
+    has any; the others keep the shared map."""
     owner = history.tensor_index[pairs.coordinate]
     fitted = {}
-    for index, name in enumerate(history.tensor_names):
-        if len(history.rows_of(index)) >= MIN_TENSOR_SAMPLE:
-            fitted[name] = fit_linear_map(pairs.subset(owner == index), settings, None if held is None else held.of_tensor(name))[0]
+    for index in _own(history, settings):
+        name = history.tensor_names[index]
+        fitted[name] = fit_linear_map(pairs.subset(owner == index), settings, None if held is None else held.of_tensor(name))[0]
     return fitted

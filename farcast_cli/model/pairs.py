@@ -79,10 +79,16 @@ def _last_gap(offsets: list[float]) -> float:
     return offsets[-1] - (offsets[-2] if len(offsets) > 1 else 0.0)
 
 
+def anchor_window(k: int, anchor: int) -> range:
+    """The checkpoints whose mean is the map's second input at checkpoint k: the last `anchor` up to k
+    (1: k itself), never reaching back to the first checkpoint, which is the map's other input."""
+    return range(max(1, k - anchor + 1), k + 1)
+
+
 def anchor_values(history: History, k: int, anchor: int) -> np.ndarray:
-    """The map's second input at checkpoint k: the mean of the last `anchor` checkpoints up to k (1: k
-    itself), never reaching back to the first checkpoint, which is the map's other input."""
-    return history.values[:, max(1, k - anchor + 1) : k + 1].mean(axis=1) if anchor > 1 else history.values[:, k]
+    """The map's second input at checkpoint k (`anchor_window`), a view of the history for anchor 1."""
+    window = anchor_window(k, anchor)
+    return history.values[:, window.start : window.stop].mean(axis=1) if anchor > 1 else history.values[:, k]
 
 
 def self_pairs(history: History, horizon: int, offsets: list[int], anchor: int = 1) -> Pairs:
@@ -243,7 +249,7 @@ def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: Col
     quadratic, linear = _Terms(), _Terms()
     absolute = np.zeros((sums.count, 2))
     for k in starts:
-        window = range(max(1, k - anchor + 1), k + 1) if anchor > 1 else range(k, k + 1)
+        window = anchor_window(k, anchor)
         change = {j: 1.0 / len(window) for j in window}
         last = {0: 1.0, **change}
         quadratic.add("aa", last, last), quadratic.add("ac", last, change), quadratic.add("cc", change, change)
