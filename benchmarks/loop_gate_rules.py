@@ -46,8 +46,7 @@ class EarningGate(Farcaster):
         applied, why = super()._loss_decision(before, after)
         if not applied or self.kept_loss is None:
             return applied, why
-        steps = self.observed.steps
-        horizon = max(1, round(self.jump * (steps[-1] - steps[0])))
+        horizon = self.horizon(self.observed.steps[0], self.observed.steps[-1])
         rate = max(0.0, (self.kept_loss[1] - before) / max(1, self.attempt[0] - self.kept_loss[0]))
         if before - after > self.earn * rate * horizon:
             return applied, why

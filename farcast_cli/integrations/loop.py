@@ -172,8 +172,7 @@ class Farcaster:
     def _from_memory(self, model: torch.nn.Module, step: int) -> JumpResult | None:
         """Fit from the observed history, gate or verify, and jump in place (rank 0)."""
         started, loss_seconds = time.perf_counter(), 0.0
-        steps = self.observed.steps
-        horizon = max(1, round(self.jump * (steps[-1] - steps[0])))
+        horizon = self.horizon(self.observed.steps[0], self.observed.steps[-1])
         before = after = None
         try:
             fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
@@ -227,7 +226,7 @@ class Farcaster:
             run = find_run(self.run_dir)
             if len(run.checkpoints) < self.min_checkpoints:
                 return None
-            horizon = max(1, round(self.jump * (run.last.step - run.steps[0])))
+            horizon = self.horizon(run.steps[0], run.last.step)
             report = commands.predict(
                 self.run_dir, out, horizon=horizon, settings=self.settings, options=self.options, evaluation=self.evaluation,
                 fallback=False, force=True,
@@ -262,6 +261,10 @@ class Farcaster:
         if report.beats[REFERENCE]:
             return True, f"the forecast beat keeping the last checkpoint by {report.criterion}"
         return False, f"the forecast did not beat keeping the last checkpoint by {report.criterion}"
+
+    def horizon(self, first_step: float, last_step: float) -> int:
+        """A jump's steps: `jump` x the steps from the first checkpoint (or observation) to the last, at least one."""
+        return max(1, round(self.jump * (last_step - first_step)))
 
     def _advance(self, lr_scheduler, horizon: int) -> None:
         if self.schedule == "advance" and lr_scheduler is not None:
