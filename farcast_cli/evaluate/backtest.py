@@ -21,8 +21,8 @@ from farcast_cli.io.engine import (
     EngineSettings,
     Scratch,
     Source,
-    chunk_blocks,
     chunk_jobs,
+    matrix_blocks,
     raise_for_non_finite_input,
     stream,
 )
@@ -36,7 +36,8 @@ SUM_BLOCK = 1 << 14
 
 
 def scratch_bytes_per_element() -> int:
-    """A float64 scratch slot per candidate, one for the truth and one for the errors (_tensor_sums)."""
+    """A float64 scratch slot per candidate (their errors), and two to spare (on the CPU the sources'
+    block matrix is block-sized; a GPU computes on the staged chunk itself)."""
     return (len(CANDIDATES) + 2) * 8
 
 
@@ -109,14 +110,6 @@ def _truth_weights(steps: list[int], target: float) -> list[tuple[int, float]]:
     return [(i, 1.0 - alpha), (i + 1, alpha)]
 
 
-def _truth(values: dict[int, torch.Tensor], steps: list[int], parts: list[tuple[int, float]], out: torch.Tensor) -> torch.Tensor:
-    """The true weights at the target: a checkpoint's chunk itself, or interpolated between two into `out`."""
-    if len(parts) == 1:
-        return values[steps[parts[0][0]]]
-    (i, a), (j, b) = parts
-    return torch.mul(values[steps[i]], a, out=out).add_(values[steps[j]], alpha=b)
-
-
 def backtest_streaming(run: Run, candidates: Mapping[str, Combination], settings: EngineSettings, world: World = ONE_PROCESS) -> Backtest:
     """Evaluate over every coordinate of every float tensor, chunk by chunk; under torchrun each rank
     sums its share of the tensors' pieces (tensor_pieces), chunk by chunk, and the chunks' sums are
@@ -150,8 +143,8 @@ def _chunk_sums(
 ) -> dict[int, list[_Sums]]:
     """Each piece's sums, one per chunk (so that they add up as one process adds them, whatever the pieces)."""
     steps = run.steps
-    truth_parts = _truth_weights(steps, candidates[FORECAST.key].target_steps[-1])
     needed = checkpoints_read(steps, candidates)
+    truth = _truth_weights(steps, candidates[FORECAST.key].target_steps[-1])
     jobs, owners = [], []
     for index, piece in pieces.items():
         name = infos[piece.item].name
@@ -159,17 +152,18 @@ def _chunk_sums(
         for job in chunk_jobs(name, piece.stop, settings.chunk_elements, sources, first=piece.start):
             jobs.append(job)
             owners.append(index)
-    truths, converted = Scratch(settings.block_elements), Scratch(settings.block_elements)
-    errors_scratch = Scratch(len(candidates) * settings.block_elements)
+    matrices, errors_scratch = Scratch(len(needed) * settings.block_elements), Scratch(len(candidates) * settings.block_elements)
+    maps: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
     found: dict[int, list[_Sums]] = {index: [] for index in pieces}
     for owner, (job, data) in zip(owners, stream(jobs, settings)):
         errors = _ChunkErrors(candidates, data[0].numel(), data[0].device)
-        for start, stop, block in chunk_blocks(data, settings, converted):
-            values = {steps[i]: value for i, value in zip(needed, block)}
-            count, like = stop - start, block[0]
-            truth = _truth(values, steps, truth_parts, truths.get(count, like.dtype, like.device))
-            out = errors_scratch.get(len(candidates) * count, like.dtype, like.device).view(len(candidates), count)
-            errors.add(start, _errors(candidates, values, truth, out, job.name))
+        for start, stop, values in matrix_blocks(data, settings, matrices):
+            key = (job.name, values.dtype)
+            if key not in maps:
+                maps[key] = _error_map(candidates, [steps[i] for i in needed], [(steps[i], a) for i, a in truth], job.name, values)
+            weight, bias = maps[key]
+            out = errors_scratch.get(len(candidates) * (stop - start), values.dtype, values.device).view(len(candidates), stop - start)
+            errors.add(start, torch.mm(weight, values, out=out) if bias is None else torch.addmm(bias, weight, values, out=out))
         sums = _Sums(candidates)
         errors.add_to(sums)
         if not sums.finite():
@@ -178,14 +172,23 @@ def _chunk_sums(
     return found
 
 
-def _errors(
-    candidates: Mapping[str, Combination], values: dict[int, torch.Tensor], truth: torch.Tensor, out: torch.Tensor, name: str
-) -> torch.Tensor:
-    """Each candidate's forecast of the target (their last output) minus the truth, one row of `out`
-    each, in the candidates' order: the forecast is computed into its row and the truth taken away in place."""
-    for row, candidate in zip(out, candidates.values()):
-        torch.sub(_predicted(candidate, values, name, out=row), truth, out=row)
-    return out
+def _error_map(
+    candidates: Mapping[str, Combination], columns: list[int], truth: list[tuple[int, float]], name: str, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each candidate's error at the target as one linear map of the checkpoints read (`columns`, by
+    step): its forecast's weights (candidates' last output) less the truth's, one row each, and the
+    forecasts' biases (None where all are 0), so that all errors of a block are one matrix product."""
+    weight = [[0.0] * len(columns) for _ in candidates]
+    bias = []
+    for row, candidate in zip(weight, candidates.values()):
+        linear, output = candidate.map_for(name), len(candidate.target_steps) - 1
+        for checkpoint, weights in zip(candidate.inputs, linear.weight, strict=True):
+            row[columns.index(checkpoint.step)] += weights[output]
+        for step, part in truth:
+            row[columns.index(step)] -= part
+        bias.append(linear.bias[output])
+    weights = torch.tensor(weight, dtype=like.dtype, device=like.device)
+    return weights, torch.tensor(bias, dtype=like.dtype, device=like.device).view(-1, 1) if any(bias) else None
 
 
 class _ChunkErrors:

@@ -129,13 +129,19 @@ class OpenFiles:
             os.close(fd)
 
 
+ROW_ALIGNMENT = 64
+
+
 class _Pool:
-    """`depth + 1` sets of byte buffers, one buffer per source, reused chunk after chunk."""
+    """`depth + 1` sets of byte buffers, one buffer per source, reused chunk after chunk. A set's buffers
+    are the rows of one allocation, ROW_ALIGNMENT bytes apart, so that a chunk's sources in their own
+    dtype are one (sources x elements) matrix (source_matrix)."""
 
     def __init__(self, sets: int, sources: int, nbytes: int, pinned: bool) -> None:
         self.free: queue.Queue = queue.Queue()
+        width = -(-nbytes // ROW_ALIGNMENT) * ROW_ALIGNMENT
         for _ in range(sets):
-            self.free.put([torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(sources)])
+            self.free.put(list(torch.empty(sources, width, dtype=torch.uint8, pin_memory=pinned)))
 
 
 def _reader(jobs: Iterable[ChunkJob], pool: _Pool, ready: queue.Queue, stop: threading.Event, settings: EngineSettings) -> None:
@@ -174,7 +180,7 @@ def stream(jobs: list[ChunkJob], settings: EngineSettings) -> Iterator[tuple[Chu
     sources = max(len(job.sources) for job in jobs)
     nbytes = max(job.byte_range(s)[1] - job.byte_range(s)[0] for job in jobs for s in job.sources)
     pool = _Pool(settings.depth + 1, sources, max(nbytes, 1), pinned=settings.pinned)
-    converted = _Buffers(settings.device)
+    converted = _Buffers(settings.device, sources)
     ready: queue.Queue = queue.Queue()
     stop = threading.Event()
     thread = threading.Thread(target=_reader, args=(jobs, pool, ready, stop, settings), daemon=True, name="farcast-reader")
@@ -227,17 +233,19 @@ def streaming_threads(threads: int, cores: int) -> int:
 
 
 class _Buffers:
-    """Reused conversion buffers, one per source slot and dtype, grown when a larger chunk comes."""
+    """Reused conversion buffers by dtype, one row per source slot of one allocation (so that a chunk's
+    converted sources are one matrix, as the read buffers are), grown when a larger chunk comes."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, slots: int) -> None:
         self.device = device
-        self.buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self.slots = slots
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def get(self, slot: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self.buffers.get((slot, dtype))
-        if buffer is None or buffer.numel() < count:
-            buffer = self.buffers[(slot, dtype)] = torch.empty(count, dtype=dtype, device=self.device)
-        return buffer[:count]
+        buffer = self.buffers.get(dtype)
+        if buffer is None or buffer.shape[1] < count:
+            buffer = self.buffers[dtype] = torch.empty(self.slots, count, dtype=dtype, device=self.device)
+        return buffer[slot, :count]
 
 
 def compute_dtype(dtype: str) -> torch.dtype:
@@ -269,6 +277,43 @@ def _compute_block(values: torch.Tensor, start: int, stop: int, blocks: Scratch,
     if block.dtype == compute:
         return block
     return blocks.get(stop - start, compute, block.device, slot=slot).copy_(block)
+
+
+def matrix_blocks(data: list[torch.Tensor], settings: EngineSettings, blocks: Scratch) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """[start, stop) of each block of a streamed chunk (as chunk_blocks) and the block of every source
+    as one (sources x elements) matrix in their compute dtype: a view of the chunk where its sources are
+    stored so in one matrix already (source_matrix), else converted into a reused matrix a block at a time."""
+    count, size = data[0].numel(), settings.block_elements
+    compute = max((compute_dtype(SAFETENSORS_NAMES[values.dtype]) for values in data), key=lambda dtype: dtype.itemsize)
+    whole = source_matrix(data) if all(values.dtype == compute for values in data) else None
+    for start in range(0, count, size):
+        stop = min(count, start + size)
+        if whole is not None:
+            yield start, stop, whole[:, start:stop]
+            continue
+        matrix = blocks.get(len(data) * (stop - start), compute, data[0].device).view(len(data), stop - start)
+        for row, values in zip(matrix, data):
+            row.copy_(values[start:stop])
+        yield start, stop, matrix
+
+
+def source_matrix(data: list[torch.Tensor]) -> torch.Tensor | None:
+    """The sources (1-d, of one dtype and length) as the rows of one (sources x elements) view where
+    they lie equally spaced in one allocation (the engine's buffers), else None."""
+    first, count = data[0], data[0].numel()
+    if len(data) == 1:
+        return first.view(1, count)
+    step = data[1].data_ptr() - first.data_ptr()
+    spaced = all(
+        values.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and values.data_ptr() - first.data_ptr() == i * step
+        and values.numel() == count
+        and values.is_contiguous()
+        for i, values in enumerate(data)
+    )
+    if not spaced or step <= 0 or step % first.element_size() or step // first.element_size() < count:
+        return None
+    return first.as_strided((len(data), count), (step // first.element_size(), 1))
 
 
 class Scratch:
