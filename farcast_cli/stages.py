@@ -17,6 +17,8 @@ from farcast_cli.distributed import ONE_PROCESS, World, shared_file_writes
 from farcast_cli.errors import InputError, LowSkillError, UsageError, named, parameter
 from farcast_cli.evaluate.backtest import (
     INPUT_BYTES_PER_ELEMENT,
+    StreamedBacktest,
+    backtest_checkpoints,
     backtest_sample,
     backtest_streaming,
     scratch_bytes_per_element,
@@ -40,6 +42,7 @@ from farcast_cli.evaluate.trajectories import sampled_trajectories
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, REFERENCE, Combination, baselines, candidate_inputs, candidates
 from farcast_cli.forecast.write import (
     Share,
+    checkpoints_to_read,
     combination_key,
     finish_forecast,
     output_info,
@@ -70,12 +73,17 @@ def predict_bytes(inputs: int) -> tuple[int, int]:
 class Session:
     """What the stages of one command share: this rank's stream options, the ranks, the seconds spent
     per phase (the report carries them), and the user's loss as a judge of candidates while one is open
-    (None without an evaluator, and on ranks other than 0)."""
+    (None without an evaluator, and on ranks other than 0). Where the full backtest is taken from the
+    forecast's write (`alongside`, backtest_alongside_write), the candidates it scores wait in `deferred`
+    and its result comes in `streamed`."""
 
     options: StreamOptions
     world: World = ONE_PROCESS
     timings: dict[str, float] = field(default_factory=dict)
     judge: CandidateScores | None = None
+    alongside: bool = False
+    deferred: dict[str, Combination] | None = None
+    streamed: Backtest | None = None
 
     @classmethod
     def for_rank(cls, options: StreamOptions, world: World = ONE_PROCESS) -> Session:
@@ -166,6 +174,7 @@ def open_for_fit(request: FitRequest, session: Session) -> Run:
 def evaluate(request: PredictRequest, run: Run, session: Session) -> Evaluation:
     """The forecaster and its evaluation: the saved one's, or fitted on the run and backtested."""
     if request.forecaster_file is None:
+        session.alongside = backtest_alongside_write(request, run, session)
         return fit_on_itself(run, request, session)
     forecaster = session.world.together(lambda: forecaster_for(run, request.forecaster_file, request.horizon))
     return _saved_evaluation(forecaster, request.forecaster_file)
@@ -184,14 +193,18 @@ def fit_on_itself(run: Run, request: PredictRequest | FitRequest, session: Sessi
         phase("fitting: the forecaster and its held-out trial", session.options.quiet)
         fitted = world.on_main(lambda: fit_on_run(history, request.horizon, request.offsets, settings, request.anchor or 1))
     with session.timed("backtest"):
-        backtest = None if fitted.scored is None else _backtest(run, history, fitted.scored, session)
+        backtest = None
+        if fitted.scored is not None and session.alongside:
+            session.deferred = candidates(run, fitted.scored)
+        elif fitted.scored is not None:
+            backtest = _backtest(run, history, fitted.scored, session)
     forecaster, loss, loss_unavailable = fitted.forecaster, None, None
     if request.judged:
         with session.timed("loss_backtest"):
             forecaster, loss, loss_unavailable = world.on_main(
                 lambda: _decided_by_loss(run, history, request, session.judge, fitted), patient=True
             )
-    unavailable = None if backtest else _too_few_to_hold_out(run)
+    unavailable = None if backtest or session.deferred else _too_few_to_hold_out(run)
     trajectories = sampled_trajectories(history, {i.name: i.numel for i in run.tensor_infos()}, fitted.scored, forecaster)
     return Evaluation(forecaster, backtest, unavailable, loss, loss_unavailable, trajectories)
 
@@ -298,13 +311,35 @@ def forecaster_for(run: Run, forecaster_file: Path, horizon: int | None) -> Fore
 def _backtest(run: Run, history: History, forecaster: Forecaster, session: Session) -> Backtest:
     """The forecaster and the alternatives, from its context end to its last target, in weight error."""
     scored, options = candidates(run, forecaster), session.options
-    phase(f"backtest: weight error of every candidate at step {forecaster.target_steps[-1]:g}", options.quiet)
+    phase(_backtest_phase(forecaster.target_steps[-1]), options.quiet)
     if options.backtest == "sample":
         return backtest_sample(history, scored)
     grain = options.engine(INPUT_BYTES_PER_ELEMENT, scratch_bytes_per_element()).chunk_elements
     with byte_progress("backtest", streamed_bytes(run, scored, grain, session.world), options.quiet) as advance:
         engine = options.engine(INPUT_BYTES_PER_ELEMENT, scratch_bytes_per_element(), advance)
         return backtest_streaming(run, scored, engine, session.world)
+
+
+def backtest_alongside_write(request: PredictRequest, run: Run, session: Session) -> bool:
+    """Whether the full backtest is taken from the forecast's write, one pass reading the checkpoints of
+    both (a bfloat16 run's full backtest and write 1.9 -> x s, benchmarks/RESULTS.md, issue 25): where
+    nothing before the write depends on it (the forecast is written whatever the backtest says: no
+    fallback, minimum skill or evaluator; not resumable), in one process, from a safetensors run on the CPU."""
+    options = session.options
+    return (
+        options.backtest == "full"
+        and session.world.size == 1
+        and not request.judged
+        and not request.writes_winner
+        and request.min_skill is None
+        and not request.resumable
+        and run.last.dcp is None
+        and resolve_device(options.device).type == "cpu"
+    )
+
+
+def _backtest_phase(target: float) -> str:
+    return f"backtest: weight error of every candidate at step {target:g}"
 
 
 def _sampling(run: Run, request: PredictRequest | FitRequest) -> str:
@@ -433,32 +468,41 @@ class _Writing:
         return self.request.output_format == "safetensors" and self.selection.last.dcp is not None
 
     def tensors(self, folder: Path) -> None:
-        last, candidate, options = self.selection.last, self.selection.candidate, self.session.options
-        share_bytes = share_nbytes(last, self.share)
+        last, candidate, session = self.selection.last, self.selection.candidate, self.session
+        options, deferred = session.options, session.deferred
+        if deferred is not None:
+            phase(_backtest_phase(deferred[FORECAST.key].target_steps[-1]) + ", in the same pass as the write", options.quiet)
         phase(f"writing: {self.selection.written.label} to {self.request.out_dir}", options.quiet)
-        total = len(candidate.inputs) * share_bytes
-        with self.session.timed("write_forecast"), byte_progress("forecast", total, options.quiet) as advance:
-            engine = options.engine(*predict_bytes(len(candidate.inputs)), advance)
-            write_tensors(candidate, last, folder, engine, self.request.dtype, only=self.share, consolidate=self.consolidate)
+        read = checkpoints_to_read(candidate, [] if deferred is None else backtest_checkpoints(self.opened.run, deferred))
+        total = len(read) * share_nbytes(last, self.share)
+        with session.timed("write_forecast"), byte_progress("forecast", total, options.quiet) as advance:
+            engine = options.engine(*predict_bytes(len(read)), advance)
+            backtest = None if deferred is None else StreamedBacktest(self.opened.run, deferred, engine.block_elements)
+            write_tensors(candidate, last, folder, engine, self.request.dtype, self.share, consolidate=self.consolidate, backtest=backtest)
             for checkpoint in self.opened.whole.checkpoints:
                 checkpoint.check_unchanged()
+            if backtest is not None:
+                session.streamed = backtest.result()
 
     def finish(self, folder: Path) -> Report:
-        request, session, selection, run = self.request, self.session, self.selection, self.opened.run
+        request, session, selection, run, found = self.request, self.session, self.selection, self.opened.run, self.found
+        if session.streamed is not None:
+            found = replace(found, backtest=session.streamed)
+            selection = replace(selection, written=_choose(assemble("predict", run, found), {FORECAST.key: selection.candidate}, False)[0])
         with session.timed("write_forecast"):
             written = finish_forecast(selection.candidate, selection.last, folder, request.dtype, consolidate=self.consolidate)
         paths = [str(request.out_dir / p.relative_to(folder)) if p != folder else str(request.out_dir) for p in written]
         outcome = Outcome(selection.written, paths)
         if request.resumable:
             provenance = {"method": selection.written.method, "from_steps": selection.written.from_steps}
-            horizon = self.found.forecaster.horizon
+            horizon = found.forecaster.horizon
             outcome = replace(outcome, resume=write_trainer_state(selection.last, folder, horizon, request.schedule, provenance))
         if session.judge is not None and self.consolidate:
             outcome = replace(outcome, notes=(UNSCORED_CONSOLIDATED,))
         elif session.judge is not None:
             with session.timed("eval_written"):
                 outcome = replace(outcome, **_score_written(session.judge, run, selection.candidate, written[-1], request.dtype))
-        report = assemble("predict", run, self.found, session.outcome(outcome))
+        report = assemble("predict", run, found, session.outcome(outcome))
         write_text(folder / REPORT_FILE, json.dumps(report.to_json(), indent=1) + "\n")
         if request.resumable:
             check_still_newest(self.opened.whole, selection.last)

@@ -18,6 +18,7 @@ from farcast_cli.distributed import ONE_PROCESS, Piece, World, tensor_pieces
 from farcast_cli.evaluate.report import Backtest, BacktestPlan, ErrorTable, MethodError
 from farcast_cli.forecast.candidates import CANDIDATES, FORECAST, STRAIGHT_LINE, Combination
 from farcast_cli.io.engine import (
+    ChunkJob,
     EngineSettings,
     Scratch,
     Source,
@@ -27,7 +28,7 @@ from farcast_cli.io.engine import (
     stream,
 )
 from farcast_cli.io.reader import TensorInfo
-from farcast_cli.io.run import Run
+from farcast_cli.io.run import Checkpoint, Run
 from farcast_cli.model.history import History
 from farcast_cli.model.pairs import interpolate
 
@@ -51,6 +52,11 @@ def checkpoints_read(steps: list[int], candidates: Mapping[str, Combination]) ->
     inputs = {steps.index(c.step) for candidate in candidates.values() for c in candidate.inputs}
     truth = (i for i, _ in _truth_weights(steps, candidates[FORECAST.key].target_steps[-1]))
     return sorted(inputs.union(truth))
+
+
+def backtest_checkpoints(run: Run, candidates: Mapping[str, Combination]) -> list[Checkpoint]:
+    """The checkpoints the full backtest reads, in step order."""
+    return [run.checkpoints[i] for i in checkpoints_read(run.steps, candidates)]
 
 
 def blockwise_sum(values: torch.Tensor) -> float:
@@ -142,34 +148,87 @@ def _chunk_sums(
     run: Run, candidates: Mapping[str, Combination], settings: EngineSettings, infos: list[TensorInfo], pieces: dict[int, Piece]
 ) -> dict[int, list[_Sums]]:
     """Each piece's sums, one per chunk (so that they add up as one process adds them, whatever the pieces)."""
-    steps = run.steps
-    needed = checkpoints_read(steps, candidates)
-    truth = _truth_weights(steps, candidates[FORECAST.key].target_steps[-1])
+    scoring = _Scoring(run, candidates, settings.block_elements)
+    columns = tuple(checkpoint.step for checkpoint in scoring.checkpoints)
     jobs, owners = [], []
     for index, piece in pieces.items():
         name = infos[piece.item].name
-        sources = tuple(Source(*run.checkpoints[i].tensor(name)) for i in needed)
+        sources = tuple(Source(*checkpoint.tensor(name)) for checkpoint in scoring.checkpoints)
         for job in chunk_jobs(name, piece.stop, settings.chunk_elements, sources, first=piece.start):
             jobs.append(job)
             owners.append(index)
-    matrices, errors_scratch = Scratch(len(needed) * settings.block_elements), Scratch(len(candidates) * settings.block_elements)
-    maps: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+    matrices = Scratch(len(columns) * settings.block_elements)
     found: dict[int, list[_Sums]] = {index: [] for index in pieces}
     for owner, (job, data) in zip(owners, stream(jobs, settings)):
-        errors = _ChunkErrors(candidates, data[0].numel(), data[0].device)
-        for start, stop, values in matrix_blocks(data, settings, matrices):
-            key = (job.name, values.dtype)
-            if key not in maps:
-                maps[key] = _error_map(candidates, [steps[i] for i in needed], [(steps[i], a) for i, a in truth], job.name, values)
-            weight, bias = maps[key]
-            out = errors_scratch.get(len(candidates) * (stop - start), values.dtype, values.device).view(len(candidates), stop - start)
-            errors.add(start, torch.mm(weight, values, out=out) if bias is None else torch.addmm(bias, weight, values, out=out))
-        sums = _Sums(candidates)
+        errors = scoring.chunk(data)
+        for start, _, values in matrix_blocks(data, settings, matrices):
+            scoring.add(errors, job.name, columns, start, values)
+        found[owner].append(scoring.sums(errors, job, data))
+    return found
+
+
+class _Scoring:
+    """The full backtest's arithmetic on streamed chunks: every candidate's errors of a block (the
+    block's sources as one matrix, a row per checkpoint read) as one matrix product, summed by
+    _ChunkErrors, checked finite chunk by chunk."""
+
+    def __init__(self, run: Run, candidates: Mapping[str, Combination], block_elements: int) -> None:
+        self.candidates = candidates
+        self.checkpoints = backtest_checkpoints(run, candidates)
+        self.truth = [(run.steps[i], part) for i, part in _truth_weights(run.steps, candidates[FORECAST.key].target_steps[-1])]
+        self.errors = Scratch(len(candidates) * block_elements)
+        self.maps: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def chunk(self, data: list[torch.Tensor]) -> _ChunkErrors:
+        return _ChunkErrors(self.candidates, data[0].numel(), data[0].device)
+
+    def add(self, errors: _ChunkErrors, name: str, columns: tuple[int, ...], start: int, values: torch.Tensor) -> None:
+        """Add the errors of a block of tensor `name`: `values` holds a row per checkpoint read, by
+        step (`columns`, which hold every checkpoint this backtest reads), the block's elements from `start`."""
+        key = (name, columns, values.dtype)
+        if key not in self.maps:
+            self.maps[key] = _error_map(self.candidates, list(columns), self.truth, name, values)
+        weight, bias = self.maps[key]
+        count = values.shape[1]
+        out = self.errors.get(len(self.candidates) * count, values.dtype, values.device).view(len(self.candidates), count)
+        errors.add(start, torch.mm(weight, values, out=out) if bias is None else torch.addmm(bias, weight, values, out=out))
+
+    def sums(self, errors: _ChunkErrors, job: ChunkJob, data: list[torch.Tensor]) -> _Sums:
+        """The chunk's sums; a chunk whose errors are not finite names the source holding NaN or Inf."""
+        sums = _Sums(self.candidates)
         errors.add_to(sums)
         if not sums.finite():
             raise_for_non_finite_input(job, data)
-        found[owner].append(sums)
-    return found
+        return sums
+
+
+class StreamedBacktest:
+    """The full backtest from the chunks a forecast's write reads (one process, forecast/write.py):
+    the write reads `checkpoints` besides its inputs and hands every block of a scored tensor to `add`,
+    every chunk's start and end to `start` and `done`; `result` is then what backtest_streaming returns, the candidates'
+    figures summed chunk by chunk as it sums them (so chunks of another size move only the last digits)."""
+
+    def __init__(self, run: Run, candidates: Mapping[str, Combination], block_elements: int) -> None:
+        self.scoring = _Scoring(run, candidates, block_elements)
+        self.checkpoints = self.scoring.checkpoints
+        self.per_tensor = {info.name: _Sums(candidates) for info in scored_tensors(run)}
+        self.open: _ChunkErrors
+
+    def start(self, data: list[torch.Tensor]) -> None:
+        """A chunk of a scored tensor begins: its sources' data as streamed."""
+        self.open = self.scoring.chunk(data)
+
+    def add(self, name: str, columns: tuple[int, ...], start: int, values: torch.Tensor) -> None:
+        """A block of the chunk: a row per checkpoint read, by step (`columns`), its elements from `start`."""
+        self.scoring.add(self.open, name, columns, start, values)
+
+    def done(self, job: ChunkJob, data: list[torch.Tensor]) -> None:
+        """The chunk's end, once every block of it was added."""
+        self.per_tensor[job.name].merge(self.scoring.sums(self.open, job, data))
+        self.open = None
+
+    def result(self) -> Backtest:
+        return _backtest("all coordinates", self.scoring.candidates, self.per_tensor)
 
 
 def _error_map(

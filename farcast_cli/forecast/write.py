@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -32,9 +33,9 @@ from farcast_cli.io.engine import (
     EngineSettings,
     Scratch,
     Source,
-    chunk_blocks,
     chunk_jobs,
     first_non_finite,
+    matrix_blocks,
     raise_for_non_finite_input,
     stream,
     to_host,
@@ -43,6 +44,9 @@ from farcast_cli.io.output import copy_aux_files, link_or_copy, write_index
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 from farcast_cli.io.run import SINGLE_FILE, TRAINER, Checkpoint
 from farcast_cli.io.writer import SafetensorsWriter, output_failure
+
+if TYPE_CHECKING:
+    from farcast_cli.evaluate.backtest import StreamedBacktest
 
 RAW_CHUNK_BYTES_PER_ELEMENT = 4
 Share = Mapping[str, tuple[tuple[int, int], ...]]
@@ -63,9 +67,9 @@ def output_info(info: TensorInfo, dtype: str | None) -> TensorInfo:
     return TensorInfo(info.name, dtype, info.shape, 0, tensor_nbytes(dtype, info.shape))
 
 
-def forecast_jobs(inputs: tuple[Checkpoint, ...], last: Checkpoint, shard: str, chunk: int, only: Share | None = None) -> list[ChunkJob]:
+def forecast_jobs(inputs: Sequence[Checkpoint], last: Checkpoint, shard: str, chunk: int, only: Share | None = None) -> list[ChunkJob]:
     """One shard's tensors (or the ranges of them in `only`) in file order: forecast chunks read every
-    input, others copy the last's bytes."""
+    input (the checkpoints read), others copy the last's bytes."""
     file = last.files[shard]
     jobs: list[ChunkJob] = []
     for info in sorted(file.tensors.values(), key=lambda t: t.begin):
@@ -151,20 +155,24 @@ def write_tensors(
     only: Share | None = None,
     scratch: bool = False,
     consolidate: bool = False,
+    backtest: StreamedBacktest | None = None,
 ) -> None:
     """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
     files, or with `only`, those ranges of tensors into files that other processes write the rest of
-    (files holding none of them are left to the others)."""
+    (files holding none of them are left to the others). With `backtest` (one process, safetensors),
+    the chunks read also feed the full backtest, which reads its checkpoints along with the inputs."""
     folders = output_folders(folder, candidate.target_steps)
     for place in folders:
         try:
             place.mkdir(exist_ok=True)
         except OSError as error:
             raise output_failure(place, error) from None
-    buffers = Scratch(settings.block_elements)
     if last.dcp is not None:
-        _write_dcp_tensors(candidate, last, folders, settings, buffers, dtype, only, durable=not scratch, consolidate=consolidate)
+        blocks = _Blocks(candidate, candidate.inputs, settings)
+        _write_dcp_tensors(candidate, last, folders, settings, blocks, dtype, only, durable=not scratch, consolidate=consolidate)
         return
+    read = checkpoints_to_read(candidate, [] if backtest is None else backtest.checkpoints)
+    blocks = _Blocks(candidate, read, settings, backtest)
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
         if only is not None and file.tensors and only.keys().isdisjoint(file.tensors):
@@ -180,13 +188,12 @@ def write_tensors(
             for place, target in zip(folders, candidate.target_steps):
                 metadata = {**file.metadata, "format": "pt", "farcast": _provenance(candidate, target)}
                 writers.append(SafetensorsWriter(place / out_name, ordered, metadata, only))
-            for job, data in stream(forecast_jobs(candidate.inputs, last, shard_name, settings.chunk_elements, only), settings):
+            for job, data in stream(forecast_jobs(read, last, shard_name, settings.chunk_elements, only), settings):
                 if job.raw:
                     for writer in writers:
                         writer.write_bytes(data[0].numpy())
                     continue
-                out_dtype = TORCH_DTYPES[out_infos[job.name].dtype]
-                for index, _, forecast in _forecast_blocks(job, data, candidate, out_dtype, buffers, settings):
+                for index, _, forecast in blocks.forecast(job, data, TORCH_DTYPES[out_infos[job.name].dtype]):
                     writers[index].write(forecast)
             for writer in writers:
                 writer.close(durable=not scratch)
@@ -210,7 +217,7 @@ def _write_dcp_tensors(
     last: Checkpoint,
     folders: list[Path],
     settings: EngineSettings,
-    buffers: Scratch,
+    blocks: _Blocks,
     dtype: str | None,
     only: Share | None,
     durable: bool,
@@ -233,7 +240,7 @@ def _write_dcp_tensors(
                 for writer in writers:
                     writer.write_bytes(job.name, job.start, data[0].numpy())
                 continue
-            for index, start, forecast in _forecast_blocks(job, data, candidate, TORCH_DTYPES[dtypes[job.name]], buffers, settings):
+            for index, start, forecast in blocks.forecast(job, data, TORCH_DTYPES[dtypes[job.name]]):
                 writers[index].write(job.name, job.start + start, forecast)
         for writer in writers:
             writer.close(durable)
@@ -306,39 +313,54 @@ def _check_with_safetensors(folder: Path, expected: dict[str, dict[str, tuple[st
             raise InternalError(f"{path}: the safetensors library reads other tensors than were written; please report this")
 
 
-def _forecast_blocks(
-    job: ChunkJob, data: list[torch.Tensor], candidate: Combination, out_dtype: torch.dtype, scratch: Scratch, settings: EngineSettings
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(output, start in the chunk, values) of each block of the chunk's forecast, for each of the
-    candidate's outputs in turn: in `out_dtype`, checked finite, on the host. The values live in reused
-    buffers: write them before asking for the next."""
-    outputs = len(candidate.target_steps)
-    for start, _, inputs in chunk_blocks(data, settings, scratch):
-        for index in range(outputs):
-            yield index, start, _forecast_block(job, data, inputs, start, candidate, index, out_dtype, scratch)
+def checkpoints_to_read(candidate: Combination, also: Sequence[Checkpoint] = ()) -> list[Checkpoint]:
+    """The candidate's inputs; with checkpoints `also` to read (a backtest's alongside), all of them in step order."""
+    if not also:
+        return list(candidate.inputs)
+    return sorted({checkpoint.step: checkpoint for checkpoint in (*candidate.inputs, *also)}.values(), key=lambda c: c.step)
 
 
-def _forecast_block(
-    job: ChunkJob,
-    data: list[torch.Tensor],
-    inputs: list[torch.Tensor],
-    start: int,
-    candidate: Combination,
-    index: int,
-    out_dtype: torch.dtype,
-    scratch: Scratch,
-) -> torch.Tensor:
-    count, slot = inputs[0].numel(), len(inputs)
-    forecast = candidate.apply(inputs, index, out=scratch.get(count, inputs[0].dtype, inputs[0].device, slot=slot), name=job.name)
-    if out_dtype != forecast.dtype:
-        forecast = scratch.get(count, out_dtype, forecast.device, slot=slot).copy_(forecast)
-    where = first_non_finite(forecast)
-    if where is not None:
-        raise_for_non_finite_input(job, data)
-        raise InputError(
-            f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {job.start + start + where}"
-        )
-    return to_host(forecast, scratch)
+class _Blocks:
+    """A streamed chunk of a forecast tensor (the `read` checkpoints' data) in cache-sized blocks
+    (engine.matrix_blocks): each output of the candidate, computed from its inputs' rows, in the output
+    dtype, checked finite, on the host; and every block handed to the backtest alongside, if any."""
+
+    def __init__(
+        self, candidate: Combination, read: Sequence[Checkpoint], settings: EngineSettings, backtest: StreamedBacktest | None = None
+    ) -> None:
+        self.candidate, self.settings, self.backtest = candidate, settings, backtest
+        self.columns = tuple(checkpoint.step for checkpoint in read)
+        self.rows = [self.columns.index(checkpoint.step) for checkpoint in candidate.inputs]
+        self.matrices = Scratch(len(read) * settings.block_elements)
+        self.scratch = Scratch(settings.block_elements)
+
+    def forecast(self, job: ChunkJob, data: list[torch.Tensor], out_dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(output, start in the chunk, values) of each block of the chunk's forecast, for each of the
+        candidate's outputs in turn. The values live in reused buffers: write them before asking for the next."""
+        if self.backtest is not None:
+            self.backtest.start(data)
+        for start, _, values in matrix_blocks(data, self.settings, self.matrices):
+            inputs = [values[row] for row in self.rows]
+            for index in range(len(self.candidate.target_steps)):
+                yield index, start, self._output(job, data, inputs, start, index, out_dtype)
+            if self.backtest is not None:
+                self.backtest.add(job.name, self.columns, start, values)
+        if self.backtest is not None:
+            self.backtest.done(job, data)
+
+    def _output(
+        self, job: ChunkJob, data: list[torch.Tensor], inputs: list[torch.Tensor], start: int, index: int, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        count = inputs[0].numel()
+        forecast = self.candidate.apply(inputs, index, out=self.scratch.get(count, inputs[0].dtype, inputs[0].device), name=job.name)
+        if out_dtype != forecast.dtype:
+            forecast = self.scratch.get(count, out_dtype, forecast.device).copy_(forecast)
+        where = first_non_finite(forecast)
+        if where is not None:
+            raise_for_non_finite_input(job, data)
+            where += job.start + start
+            raise InputError(f"{job.sources[-1].file.path}: the forecast of tensor {job.name!r} overflows {out_dtype} at element {where}")
+        return to_host(forecast, self.scratch)
 
 
 def _provenance(candidate: Combination, target: int) -> str:

@@ -5,7 +5,7 @@ buffers, pinned when the device is a GPU so that host-to-device copies run at fu
 block. The reader runs ahead by `depth` chunks, so disk reads overlap compute and writing: the
 bytes read plus the compute scratch are bounded by `--max-memory`, whatever the model's size.
 
-On the CPU the consumers compute a chunk in blocks of BLOCK_ELEMENTS (chunk_blocks):
+On the CPU the consumers compute a chunk in blocks of BLOCK_ELEMENTS (matrix_blocks):
 each operation over a whole 16 MB chunk streams it from memory, while a block's inputs, conversions,
 results and errors stay in the caches, which is several times faster (benchmarks/RESULTS.md, issue 25).
 Elementwise results and blockwise_sum's row sums do not depend on where the blocks fall.
@@ -170,7 +170,7 @@ def _reader(jobs: Iterable[ChunkJob], pool: _Pool, ready: queue.Queue, stop: thr
 
 def stream(jobs: list[ChunkJob], settings: EngineSettings) -> Iterator[tuple[ChunkJob, list[torch.Tensor]]]:
     """Yield each job with its sources' data, raw bytes for raw jobs; for tensor jobs, on the CPU, views
-    of the read buffers in the file's dtype (chunk_blocks converts a block at a time), and staged, copies
+    of the read buffers in the file's dtype (matrix_blocks converts a block at a time), and staged, copies
     on the device in the compute dtype.
 
     A yielded tensor may share memory with a reused buffer: use it before asking for the next job.
@@ -261,28 +261,11 @@ def _to_device(raw: torch.Tensor, info: TensorInfo, settings: EngineSettings, co
     return converted.get(slot, typed.numel(), compute_dtype(info.dtype)).copy_(typed, non_blocking=True)
 
 
-def chunk_blocks(data: list[torch.Tensor], settings: EngineSettings, blocks: Scratch) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-    """[start, stop) of each block of a streamed chunk (every start a multiple of the block size) and the
-    block of each source in its compute dtype: a view when it is stored so, else converted into a reused
-    block buffer, one slot per source (a bfloat16 or float16 chunk is never converted whole)."""
-    count, size = data[0].numel(), settings.block_elements
-    for start in range(0, count, size):
-        stop = min(count, start + size)
-        yield start, stop, [_compute_block(values, start, stop, blocks, slot) for slot, values in enumerate(data)]
-
-
-def _compute_block(values: torch.Tensor, start: int, stop: int, blocks: Scratch, slot: int) -> torch.Tensor:
-    block = values[start:stop]
-    compute = compute_dtype(SAFETENSORS_NAMES[values.dtype])
-    if block.dtype == compute:
-        return block
-    return blocks.get(stop - start, compute, block.device, slot=slot).copy_(block)
-
-
 def matrix_blocks(data: list[torch.Tensor], settings: EngineSettings, blocks: Scratch) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """[start, stop) of each block of a streamed chunk (as chunk_blocks) and the block of every source
-    as one (sources x elements) matrix in their compute dtype: a view of the chunk where its sources are
-    stored so in one matrix already (source_matrix), else converted into a reused matrix a block at a time."""
+    """[start, stop) of each block of a streamed chunk (every start a multiple of the block size) and the
+    block of every source as one (sources x elements) matrix in their compute dtype: a view of the chunk
+    where its sources are stored so in one matrix already (source_matrix), else converted into a reused
+    matrix a block at a time (a bfloat16 or float16 chunk is never converted whole)."""
     count, size = data[0].numel(), settings.block_elements
     compute = max((compute_dtype(SAFETENSORS_NAMES[values.dtype]) for values in data), key=lambda dtype: dtype.itemsize)
     whole = source_matrix(data) if all(values.dtype == compute for values in data) else None
