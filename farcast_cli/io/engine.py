@@ -265,18 +265,22 @@ def matrix_blocks(data: list[torch.Tensor], settings: EngineSettings, blocks: Sc
     """[start, stop) of each block of a streamed chunk (every start a multiple of the block size) and the
     block of every source as one (sources x elements) matrix in their compute dtype: a view of the chunk
     where its sources are stored so in one matrix already (source_matrix), else converted into a reused
-    matrix a block at a time (a bfloat16 or float16 chunk is never converted whole)."""
+    matrix a block at a time, in one operation where they are one matrix in another dtype (a bfloat16 or
+    float16 chunk is never converted whole)."""
     count, size = data[0].numel(), settings.block_elements
     compute = max((compute_dtype(SAFETENSORS_NAMES[values.dtype]) for values in data), key=lambda dtype: dtype.itemsize)
-    whole = source_matrix(data) if all(values.dtype == compute for values in data) else None
+    whole = source_matrix(data)
     for start in range(0, count, size):
         stop = min(count, start + size)
-        if whole is not None:
+        if whole is not None and whole.dtype == compute:
             yield start, stop, whole[:, start:stop]
             continue
         matrix = blocks.get(len(data) * (stop - start), compute, data[0].device).view(len(data), stop - start)
-        for row, values in zip(matrix, data):
-            row.copy_(values[start:stop])
+        if whole is not None:
+            matrix.copy_(whole[:, start:stop])
+        else:
+            for row, values in zip(matrix, data):
+                row.copy_(values[start:stop])
         yield start, stop, matrix
 
 
@@ -289,6 +293,7 @@ def source_matrix(data: list[torch.Tensor]) -> torch.Tensor | None:
     step = data[1].data_ptr() - first.data_ptr()
     spaced = all(
         values.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and values.dtype == first.dtype
         and values.data_ptr() - first.data_ptr() == i * step
         and values.numel() == count
         and values.is_contiguous()
