@@ -3,7 +3,8 @@
     python benchmarks/stream_profile.py RUN [--backtest full|sample]
 
 Runs `farcast predict RUN -H 100` in this process with cProfile on during the forecast write and the
-full backtest only, and groups the main thread's time: waiting for the reader thread (reads not yet
+full backtest only (by default one pass: the full backtest is taken from the write's reads, so its
+time is the write's), and groups the main thread's time: waiting for the reader thread (reads not yet
 done), dtype conversion, arithmetic, error and finiteness sums, writes, fsync, other (Python). The
 reader thread's own busy time (its positional reads, sampling included) is timed apart: it overlaps.
 cProfile adds a little to every call, so the phases run a few percent slower than without it.
@@ -30,7 +31,7 @@ from farcast_cli.io import engine
 GROUPS = {
     "wait for reads": ("acquire",),
     "conversion": ("copy_",),
-    "arithmetic": ("mul", "add_", "sub", "abs_", "square_"),
+    "arithmetic": ("mul", "add_", "sub", "abs_", "square_", "mm", "addmm"),
     "sums": ("sum", "isfinite"),
     "writes": ("write", "pwrite"),
     "fsync": ("fsync",),

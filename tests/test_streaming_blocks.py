@@ -63,3 +63,58 @@ def test_chunk_errors_by_block_equal_blockwise_sums_of_the_whole_chunk(count):
     errors.add_to(found)
     assert found.values == expected.values and found.count == expected.count == count
     assert backtest.blockwise_sum(torch.ones(count)) == count
+
+
+def _close(found: object, expected: object, rel: float = 1e-5) -> bool:
+    """The same report, its figures within `rel` of each other (sums of other chunkings and matrix products)."""
+    if isinstance(expected, dict):
+        return isinstance(found, dict) and found.keys() == expected.keys() and all(_close(found[k], v, rel) for k, v in expected.items())
+    if isinstance(expected, float) and isinstance(found, float):
+        return abs(found - expected) <= rel * max(abs(expected), 1e-30)
+    return found == expected
+
+
+def test_the_backtest_taken_from_the_write_is_the_backtest_on_its_own(big_run, farcast, tmp_path):
+    def predict(out, *extra):
+        return json.loads(farcast("predict", big_run, "-H", 100, "-o", out, "--json", *FAST, *extra).stdout)
+
+    alongside = predict(tmp_path / "alongside")
+    # a minimum skill makes the backtest decide before anything is written: its own pass, then the write
+    apart = predict(tmp_path / "apart", "--min-skill", "-1000")
+    assert (tmp_path / "alongside" / "model.safetensors").read_bytes() == (tmp_path / "apart" / "model.safetensors").read_bytes()
+    assert "backtest" in apart["seconds"] and apart["seconds"]["backtest"] > alongside["seconds"]["backtest"]
+    assert alongside["written"] == apart["written"] and alongside["verdict"] == apart["verdict"]
+    assert _close(alongside["backtest"], apart["backtest"])
+    assert alongside["backtest"]["overall"]["numel"] == 3 * 20_001 + 7
+
+
+def _pool_rows(dtype: torch.dtype, count: int, sources: int) -> list[torch.Tensor]:
+    """Sources as the engine hands them over: typed views of the rows of one read allocation."""
+    pool = engine._Pool(1, sources, count * dtype.itemsize, pinned=False)
+    rows = pool.free.get()
+    generator = torch.Generator().manual_seed(sources)
+    data = [row[: count * dtype.itemsize].view(dtype) for row in rows]
+    for values in data:
+        values.copy_(torch.randn(count, generator=generator))
+    return data
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_matrix_blocks_are_the_sources_in_their_compute_dtype(dtype):
+    count, settings = 3 * SUM_BLOCK + 5, engine.EngineSettings(torch.device("cpu"), 1 << 20)
+    data = _pool_rows(dtype, count, 3)
+    blocks = list(engine.matrix_blocks(data, settings, engine.Scratch(3 * settings.block_elements)))
+    assert [(start, stop) for start, stop, _ in blocks] == [(0, count)]
+    matrix = blocks[0][2]
+    assert matrix.shape == (3, count) and matrix.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert all(torch.equal(row, values.to(matrix.dtype)) for row, values in zip(matrix, data))
+    stored_so = dtype != torch.bfloat16
+    assert (matrix.data_ptr() == data[0].data_ptr()) == stored_so  # a view of the read buffers, not a copy
+
+
+def test_sources_apart_in_memory_are_copied_into_one_matrix():
+    data = [torch.arange(10, dtype=torch.float32) + i for i in range(3)]
+    assert engine.source_matrix(data) is None
+    settings = engine.EngineSettings(torch.device("cpu"), 1024)
+    ((_, _, matrix),) = list(engine.matrix_blocks(data, settings, engine.Scratch(3 * settings.block_elements)))
+    assert torch.equal(matrix, torch.stack(data))
