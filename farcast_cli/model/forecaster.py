@@ -89,7 +89,10 @@ class Forecaster:
         columns = self.input_indices(end)
         result = torch.empty(values.shape[0], dtype=values.dtype)
         for index, rows in _tensor_rows(history.tensor_index, len(history.tensor_names)):
-            result[rows] = self.map_for(history.tensor_names[index]).apply([values[rows, k] for k in columns], output)
+            out = result[rows] if isinstance(rows, slice) else None
+            forecast = self.map_for(history.tensor_names[index]).apply([values[rows, k] for k in columns], output, out=out)
+            if forecast is not out:
+                result[rows] = forecast
         return result.numpy()
 
     def as_dict(self) -> dict:
@@ -316,12 +319,14 @@ def _closed_form_on_run(
     own = _own(history, settings)
     summed = self_pair_sums(history, horizon, offsets, sums, anchor)
     shared, fitted = fit_pair_sums(summed, own)
-    held = sums.cells % 4 < 2
-    if not held.any():
-        held[:] = True
     rows = int(summed.rows.sum())
-    held_rows = int(summed.rows[np.arange(sums.count) % 4 < 2].sum()) if not held.all() else rows
+    held_rows = int(summed.rows[np.arange(sums.count) % 4 < 2].sum())
+    if held_rows in (0, rows):
+        held_rows = rows
     if sums.measure:
+        held = sums.cells % 4 < 2
+        if not held.any():
+            held[:] = True
         held_history = History(history.steps, history.values[held], history.tensor_index[held], history.tensor_names)
         info = closed_form_info(shared, self_pairs(held_history, horizon, offsets, anchor), rows, settings)
     else:

@@ -178,7 +178,7 @@ class ColumnSums:
     def column(self, values: np.ndarray, j: int) -> np.ndarray:
         """u_j over the coordinates in cell order."""
         if j not in self._columns:
-            first = values[self._order, 0]
+            first = self._columns[0] = self._columns.get(0, values[self._order, 0])
             self._columns[j] = first if j == 0 else values[self._order, j] - first
         return self._columns[j]
 
@@ -194,7 +194,7 @@ class ColumnSums:
         """The sums of |last| and |change| for pairs starting at checkpoint k (cells x 2)."""
         if (k, anchor) not in self._absolute:
             last = anchor_values(history, k, anchor)[self._order]
-            change = last - history.values[self._order, 0]
+            change = last - self.column(history.values, 0)
             self._absolute[(k, anchor)] = np.stack([self._per_cell(np.abs(last)), self._per_cell(np.abs(change))], axis=1)
         return self._absolute[(k, anchor)]
 
@@ -203,7 +203,7 @@ class _Table:
     """Per-cell sums kept by key, in one array, so that the sums of many keys are taken at once."""
 
     def __init__(self, count: int) -> None:
-        self.values = np.empty((16, count))
+        self.values = np.empty((64, count))
         self.row: dict[object, int] = {}
 
     def take(self, keys: list, make) -> np.ndarray:
