@@ -177,9 +177,10 @@ class ColumnSums:
 
     def column(self, values: np.ndarray, j: int) -> np.ndarray:
         """u_j over the coordinates in cell order."""
+        if 0 not in self._columns:
+            self._columns[0] = values[self._order, 0]
         if j not in self._columns:
-            first = self._columns[0] = self._columns.get(0, values[self._order, 0])
-            self._columns[j] = first if j == 0 else values[self._order, j] - first
+            self._columns[j] = values[self._order, j] - self._columns[0]
         return self._columns[j]
 
     def products(self, values: np.ndarray, keys: list[tuple[int, int]]) -> np.ndarray:
