@@ -14,6 +14,7 @@ paper's protocol instead: (w at s_0, w at E) -> w at E + offset, the truth known
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -220,8 +221,8 @@ class _Table:
 
 @dataclass
 class _StartTerms:
-    """Per kind of combination (0: last, 1: change, 2 + o: output o's residual, then one with no terms),
-    pair start and term, a column u_j of the history and its coefficient: kinds x starts x terms."""
+    """Per kind of combination (0: last, 1: change, 2 + o: output o's residual), pair start and term, a
+    column u_j of the history and its coefficient: kinds x starts x terms."""
 
     columns: np.ndarray
     values: np.ndarray
@@ -238,7 +239,7 @@ def _start_terms(starts: np.ndarray, anchor: int, before: np.ndarray, alpha: np.
     window = lows[:, None] + np.arange(anchor)
     in_window = window <= starts[:, None]
     share = np.broadcast_to((1.0 / (starts - lows + 1))[:, None], window.shape)
-    shape = (3 + outputs, len(starts), terms)
+    shape = (2 + outputs, len(starts), terms)
     columns, values, valid = np.zeros(shape, dtype=np.int64), np.zeros(shape), np.zeros(shape, dtype=bool)
     columns[0, :, 1 : anchor + 1], values[0, :, 0], values[0, :, 1 : anchor + 1] = window, 1.0, share
     valid[0, :, 0], valid[0, :, 1 : anchor + 1] = True, in_window
@@ -254,38 +255,79 @@ def _start_terms(starts: np.ndarray, anchor: int, before: np.ndarray, alpha: np.
     return _StartTerms(columns, values, valid)
 
 
-def _slot_sums(terms: _StartTerms, slots: dict[object, list[tuple[int, ...]]], take) -> dict[object, np.ndarray]:
-    """Per slot, the per-cell sums of its groups' combinations summed over the starts: a group (k, l) is
-    (sum_a left_a u_a)(sum_b right_b u_b) of kinds k and l, a group (k,) sum_a left_a u_a. The coefficient
-    of each key, u_a u_b (a <= b) or u_a, is summed in order of start, group and term (as adding the
-    terms start by start would: the same bits), and all slots are evaluated from one product of the
-    coefficients with the sums `take` gives for the keys (keys x cells), in order of first use."""
-    width = len(max(slots.values(), key=len))
-    empty = len(terms.columns) - 1
-    kinds = np.array([groups + [(empty,) * len(groups[0])] * (width - len(groups)) for groups in slots.values()])
+@dataclass(frozen=True)
+class _Layout:
+    """Where each term of the slots' sums comes from, for a number of outputs and of pair starts: per
+    product term u_a u_b of a quadratic slot, the flat positions of its two factors in the `_StartTerms`
+    arrays (`left`, `right`) and its slot (`pair_slot`); per term u_a of a linear slot, `single` and
+    `single_slot`; each in order of slot, start, group and term."""
 
-    def operand(index: int) -> tuple[np.ndarray, ...]:
-        return tuple(array[kinds[..., index]].transpose(0, 2, 1, 3) for array in (terms.columns, terms.values, terms.valid))
+    quadratic: tuple
+    linear: tuple
+    left: np.ndarray
+    right: np.ndarray
+    pair_slot: np.ndarray
+    single: np.ndarray
+    single_slot: np.ndarray
 
-    if kinds.shape[-1] == 2:
-        (left, left_value, left_valid), (right, right_value, right_valid) = operand(0), operand(1)
-        low, high = np.minimum(left[..., :, None], right[..., None, :]), np.maximum(left[..., :, None], right[..., None, :])
-        size = int(high.max()) + 1
-        code, value = low * size + high, left_value[..., :, None] * right_value[..., None, :]
-        valid = left_valid[..., :, None] & right_valid[..., None, :]
-    else:
-        code, value, valid = operand(0)
-    slot = np.broadcast_to(np.arange(len(slots)).reshape(-1, *[1] * (valid.ndim - 1)), valid.shape)[valid]
-    code, value = code[valid], value[valid]
+
+@lru_cache(maxsize=64)
+def _layout(anchor: int, outputs: int, starts: int) -> _Layout:
+    """The slots self_pair_sums needs: (last, last), (last, change), (change, change), per output
+    (last, residual) and (change, residual), and (residual, residual) over every output (one slot, after
+    the first output's); linear: last, change and each residual. Kinds are `_StartTerms`'."""
+    terms = anchor + 2
+    quadratic: dict[object, list[tuple[int, int]]] = {"aa": [(0, 0)], "ac": [(0, 1)], "cc": [(1, 1)]}
+    for o in range(outputs):
+        quadratic.update({("ay", o): [(0, 2 + o)], ("cy", o): [(1, 2 + o)]})
+        if o == 0:
+            quadratic["yy"] = [(2 + r, 2 + r) for r in range(outputs)]
+    linear = {"a": [0], "c": [1], **{("y", o): [2 + o] for o in range(outputs)}}
+
+    def flat(kinds: np.ndarray) -> np.ndarray:
+        """Positions of (start, group, term) of these kinds (one per group) in the kinds x starts x terms arrays."""
+        return (kinds[None, :, None] * starts + np.arange(starts)[:, None, None]) * terms + np.arange(terms)
+
+    left, right, pair_slot, single, single_slot = [], [], [], [], []
+    for slot, groups in enumerate(quadratic.values()):
+        a, b = flat(np.array([k for k, _ in groups])), flat(np.array([k for _, k in groups]))
+        a, b = np.broadcast_arrays(a[..., :, None], b[..., None, :])
+        left.append(a.ravel()), right.append(b.ravel()), pair_slot.append(np.full(a.size, slot))
+    for slot, kinds in enumerate(linear.values()):
+        positions = flat(np.array(kinds)).ravel()
+        single.append(positions), single_slot.append(np.full(positions.size, slot))
+    arrays = (np.concatenate(x) for x in (left, right, pair_slot, single, single_slot))
+    return _Layout(tuple(quadratic), tuple(linear), *arrays)
+
+
+def _slot_sums(terms: _StartTerms, layout: _Layout, columns: int, products, sums) -> tuple[dict, dict]:
+    """Per slot, the per-cell sums of its groups' combinations summed over the starts: a quadratic group
+    (k, l) is (sum_a left_a u_a)(sum_b right_b u_b) of kinds k and l, a linear one sum_a left_a u_a. The
+    coefficient of each key, u_a u_b (a <= b, of `columns`) or u_a, is summed in order of start, group and
+    term (as adding the terms start by start would: the same bits), and each kind's slots are evaluated
+    from one product of their coefficients with the sums `products` (`sums`) gives for their keys (keys x
+    cells), in order of first use."""
+    column, value, valid = terms.columns.ravel(), terms.values.ravel(), terms.valid.ravel()
+    left, right = column[layout.left], column[layout.right]
+    code = np.concatenate([np.minimum(left, right) * columns + np.maximum(left, right), -1 - column[layout.single]])
+    weight = np.concatenate([value[layout.left] * value[layout.right], value[layout.single]])
+    kept = np.concatenate([valid[layout.left] & valid[layout.right], valid[layout.single]])
+    slot = np.concatenate([layout.pair_slot, len(layout.quadratic) + layout.single_slot])[kept]
+    code, weight = code[kept], weight[kept]
     unique, first, inverse = np.unique(code, return_index=True, return_inverse=True)
     order = np.argsort(first)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    coefficients = np.bincount(slot * len(unique) + rank[inverse], weights=value, minlength=len(slots) * len(unique))
+    slots = len(layout.quadratic) + len(layout.linear)
+    coefficients = np.bincount(slot * len(unique) + rank[inverse], weights=weight, minlength=slots * len(unique))
+    coefficients = coefficients.reshape(slots, len(unique))
     codes = unique[order].tolist()
-    keys = [divmod(c, size) for c in codes] if kinds.shape[-1] == 2 else codes
-    totals = np.einsum("sk,kc->sc", coefficients.reshape(len(slots), len(unique)), take(keys))
-    return dict(zip(slots, totals))
+    pairs = sum(c >= 0 for c in codes)
+    quadratic = np.ascontiguousarray(coefficients[: len(layout.quadratic), :pairs])
+    linear = np.ascontiguousarray(coefficients[len(layout.quadratic) :, pairs:])
+    q = np.einsum("sk,kc->sc", quadratic, products([divmod(c, columns) for c in codes[:pairs]]))
+    s = np.einsum("sk,kc->sc", linear, sums([-1 - c for c in codes[pairs:]]))
+    return dict(zip(layout.quadratic, q)), dict(zip(layout.linear, s))
 
 
 def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: ColumnSums, anchor: int = 1) -> PairSums:
@@ -301,14 +343,10 @@ def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: Col
     alpha = (ends - steps[before]) / (steps[before + 1] - steps[before])
     terms = _start_terms(at, anchor, before, alpha)
     outputs = range(len(offsets))
-    quadratic: dict[object, list[tuple[int, ...]]] = {"aa": [(0, 0)], "ac": [(0, 1)], "cc": [(1, 1)]}
-    for o in outputs:
-        quadratic.update({("ay", o): [(0, 2 + o)], ("cy", o): [(1, 2 + o)]})
-        if o == 0:
-            quadratic["yy"] = [(2 + r, 2 + r) for r in outputs]
-    linear = {"a": [(0,)], "c": [(1,)], **{("y", o): [(2 + o,)] for o in outputs}}
-    q = _slot_sums(terms, quadratic, lambda keys: sums.products(history.values, keys))
-    sums_of = _slot_sums(terms, linear, lambda keys: sums.sums(history.values, keys))
+    q, sums_of = _slot_sums(
+        terms, _layout(anchor, len(offsets), len(starts)), len(steps),
+        lambda keys: sums.products(history.values, keys), lambda keys: sums.sums(history.values, keys),
+    )  # fmt: skip
     absolute = np.zeros((sums.count, 2))
     for k in starts:
         absolute += sums.absolute(history, k, anchor)
