@@ -10,6 +10,7 @@ tensors in the same order, model/history.py's `sample_coordinates`), so the Hist
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -55,8 +56,8 @@ class ObservedRun:
         self.sample, self.seed, self.keep_first_on = sample, seed, keep_first_on
         self.steps: list[float] = []
         self._values = np.empty((0, 0))
-        self._spans: list[tuple[int, int]] = []
-        self._whole: list[bool] = []
+        self._staged = np.empty(0)
+        self._copies: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
         self.first: dict[str, torch.Tensor] = {}
         self.picks: list[tuple[str, torch.Tensor]] = []
         self.names: list[str] = []
@@ -76,18 +77,19 @@ class ObservedRun:
             return
         if not self.steps:
             self._start(forecast_tensors(state))
-        row = self._next_row()
-        self._sample_into(state, torch.from_numpy(row))
-        if not np.isfinite(row).all():
-            bad = np.nonzero(~np.isfinite(row))[0]
-            raise InputError(f"the model holds {row[bad[0]]} in a sampled weight at step {step:g}; refusing to forecast from it")
+        self._sample(state)
+        if not math.isfinite(self._staged.sum()):
+            bad = self._staged[~np.isfinite(self._staged)]
+            if len(bad):
+                raise InputError(f"the model holds {bad[0]} in a sampled weight at step {step:g}; refusing to forecast from it")
+        self._next_row()[:] = self._staged
         self.steps.append(float(step))
 
     def _next_row(self) -> np.ndarray:
         """The values' next row, the buffer grown by doubling: a History is a view of the rows it holds
         (`history`), not a copy of the whole history at every jump. The buffer holds an observation per
         row, so that each of the History's columns is contiguous (the fit reads the history by columns);
-        the row is written in place and counts once its step is appended."""
+        the row counts once its step is appended."""
         count = len(self.steps)
         if count == len(self._values):
             grown = np.empty((max(8, 2 * count), self._values.shape[1]))
@@ -103,8 +105,12 @@ class ObservedRun:
         self.picks = [(info.name, torch.from_numpy(indices).to(tensors[info.name].device)) for info, indices in picks]
         self.names = [name for name, _ in self.picks]
         bounds = np.cumsum([0] + [len(indices) for _, indices in picks])
-        self._spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-        self._whole = [len(indices) == info.numel for info, indices in picks]
+        staging = torch.empty(int(bounds[-1]), dtype=torch.float64)
+        self._staged = staging.numpy()
+        self._copies = [
+            (info.name, None, staging[begin:end].view(info.shape)) if len(indices) == info.numel else (info.name, index, staging[begin:end])
+            for (info, indices), (_, index), begin, end in zip(picks, self.picks, bounds[:-1].tolist(), bounds[1:].tolist())
+        ]
         self._values = np.empty((0, int(bounds[-1])))
         self._tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
         self._indices = np.concatenate([indices for _, indices in picks])
@@ -117,13 +123,13 @@ class ObservedRun:
             self.keep_first_on, self.first_bytes / 1e6, sum(len(i) for _, i in self.picks),
         )  # fmt: skip
 
-    def _sample_into(self, state: dict[str, torch.Tensor], row: torch.Tensor) -> None:
-        """The sampled coordinates, into `row` (float64): each tensor's picks gathered and converted as
-        they are copied, the whole tensor copied where every coordinate of it is sampled."""
+    def _sample(self, state: dict[str, torch.Tensor]) -> None:
+        """The sampled coordinates into the staging row (float64), one copy per tensor into a view of it made
+        at the first observation: the whole tensor where every coordinate of it is sampled, else its picks
+        gathered (each torch call here costs several microseconds right after a training step)."""
         with torch.no_grad():
-            for (name, indices), (begin, end), whole in zip(self.picks, self._spans, self._whole):
-                flat = state[name].detach().reshape(-1)
-                row[begin:end].copy_(flat if whole else flat[indices])
+            for name, indices, view in self._copies:
+                view.copy_(state[name] if indices is None else state[name].reshape(-1)[indices])
 
     def history(self) -> History:
         """The observations as the History `read_history` gives for a run's checkpoints."""
