@@ -233,14 +233,16 @@ def _start_terms(starts: np.ndarray, anchor: int, before: np.ndarray, alpha: np.
     """Each start's last = u_0 + the mean of its `anchor_window`'s u_j, change = that mean, and per output
     the residual, target - last, for the target (1 - alpha) w_before + alpha w_before+1 (starts x outputs):
     -change, then the two checkpoints' u_j, the first merged into the window's term where it is one of
-    its columns (w_0 cancels: the target never reaches back to it), in the order `self_pairs`' rows sum them."""
+    its columns (w_0 cancels: the target never reaches back to it), in the order `self_pairs`' rows sum them.
+    The arrays hold MAX_STARTS starts, those past the last not valid, so that one `_layout` serves any count."""
     outputs, terms = before.shape[1], anchor + 2
     lows = np.maximum(1, starts - anchor + 1)
     window = lows[:, None] + np.arange(anchor)
     in_window = window <= starts[:, None]
     share = np.broadcast_to((1.0 / (starts - lows + 1))[:, None], window.shape)
-    shape = (2 + outputs, len(starts), terms)
-    columns, values, valid = np.zeros(shape, dtype=np.int64), np.zeros(shape), np.zeros(shape, dtype=bool)
+    shape = (2 + outputs, MAX_STARTS, terms)
+    padded = np.zeros(shape, dtype=np.int64), np.zeros(shape), np.zeros(shape, dtype=bool)
+    columns, values, valid = (array[:, : len(starts)] for array in padded)
     columns[0, :, 1 : anchor + 1], values[0, :, 0], values[0, :, 1 : anchor + 1] = window, 1.0, share
     valid[0, :, 0], valid[0, :, 1 : anchor + 1] = True, in_window
     columns[1, :, :anchor], values[1, :, :anchor], valid[1, :, :anchor] = window, share, in_window
@@ -252,12 +254,12 @@ def _start_terms(starts: np.ndarray, anchor: int, before: np.ndarray, alpha: np.
     columns[residual, :, anchor], values[residual, :, anchor] = before, 1.0 - alpha
     valid[residual, :, anchor] = ~merged.any(-1) & (before != 0)
     columns[residual, :, anchor + 1], values[residual, :, anchor + 1], valid[residual, :, anchor + 1] = before + 1, alpha, True
-    return _StartTerms(columns, values, valid)
+    return _StartTerms(*padded)
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where each term of the slots' sums comes from, for a number of outputs and of pair starts: per
+    """Where each term of the slots' sums comes from, for a number of outputs (and MAX_STARTS starts): per
     product term u_a u_b of a quadratic slot, the flat positions of its two factors in the `_StartTerms`
     arrays (`left`, `right`) and its slot (`pair_slot`); per term u_a of a linear slot, `single` and
     `single_slot`; each in order of slot, start, group and term."""
@@ -271,12 +273,12 @@ class _Layout:
     single_slot: np.ndarray
 
 
-@lru_cache(maxsize=64)
-def _layout(anchor: int, outputs: int, starts: int) -> _Layout:
+@lru_cache(maxsize=16)
+def _layout(anchor: int, outputs: int) -> _Layout:
     """The slots self_pair_sums needs: (last, last), (last, change), (change, change), per output
     (last, residual) and (change, residual), and (residual, residual) over every output (one slot, after
     the first output's); linear: last, change and each residual. Kinds are `_StartTerms`'."""
-    terms = anchor + 2
+    terms, starts = anchor + 2, MAX_STARTS
     quadratic: dict[object, list[tuple[int, int]]] = {"aa": [(0, 0)], "ac": [(0, 1)], "cc": [(1, 1)]}
     for o in range(outputs):
         quadratic.update({("ay", o): [(0, 2 + o)], ("cy", o): [(1, 2 + o)]})
@@ -344,7 +346,7 @@ def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: Col
     terms = _start_terms(at, anchor, before, alpha)
     outputs = range(len(offsets))
     q, sums_of = _slot_sums(
-        terms, _layout(anchor, len(offsets), len(starts)), len(steps),
+        terms, _layout(anchor, len(offsets)), len(steps),
         lambda keys: sums.products(history.values, keys), lambda keys: sums.sums(history.values, keys),
     )  # fmt: skip
     absolute = np.zeros((sums.count, 2))
