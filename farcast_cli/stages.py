@@ -322,7 +322,7 @@ def _backtest(run: Run, history: History, forecaster: Forecaster, session: Sessi
 
 def backtest_alongside_write(request: PredictRequest, run: Run, session: Session) -> bool:
     """Whether the full backtest is taken from the forecast's write, one pass reading the checkpoints of
-    both (a bfloat16 run's full backtest and write 1.9 -> x s, benchmarks/RESULTS.md, issue 25): where
+    both (a 4 GB bfloat16 run's streaming phases 2.84-3.15 -> 2.42-2.49 s, benchmarks/RESULTS.md, issue 25): where
     nothing before the write depends on it (the forecast is written whatever the backtest says: no
     fallback, minimum skill or evaluator; not resumable), in one process, from a safetensors run on the CPU."""
     options = session.options
