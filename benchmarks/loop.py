@@ -26,8 +26,8 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   the fit's settings given (FITS): PAPER.md's L1 by Adam from the least-squares start (the CLI's
   default), the closed-form least squares, and the closed form on 2000 coordinates; without a suffix,
   the Farcaster's default settings.
-- null: the control for the loop's own noise: no farcasting, the weights multiplied by 1 + 1e-6 at the
-  first point a farcast would be tried (a change far below any jump's); how far it moves the speed-up is
+- null (and null-b, null-c): the control for the loop's own noise: no farcasting, the weights multiplied
+  by 1 + 1e-6 (null-b: 1 - 1e-6, null-c: 1 + 3e-6) at the first point a farcast would be tried (a change far below any jump's); how far it moves the speed-up is
   how far two runs of the same training part from each other by chance (small runs are chaotic: the
   small LM every 40 steps moved x0.90-1.00 by such a nudge), the band a variant's spread is read against.
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
@@ -38,11 +38,22 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   with the last checkpoint's weights kept: what resume-* gains over graft-* is the forecast's, not the
   schedule's or the data order's.
 
-For each variant: real optimizer steps to reach the plain run's validation loss at 40%, 60%, 80% and 100%
-of its steps (the first checkpoint at or below it); speed-up = plain steps / variant steps, its mean over
-the targets (a target never reached counts as reached at the last step: an upper bound); and the same in
-wall time (training plus farcast, not the benchmark's own evaluations or saves), and by wall time at the
-plain run's pace (`paced`: only farcast's own time counted against the loop). Mean and spread over seeds.
+Two measures of the speed-up by steps, both printed:
+- to the plain run's losses (the tables of earlier sessions): real optimizer steps to reach the plain
+  run's validation loss at 40%, 60%, 80% and 100% of its steps (the first checkpoint at or below it);
+  speed-up = plain steps / variant steps, its mean over the targets (a target never reached counts as
+  reached at the last step: an upper bound). It is biased against every other run where the loss is
+  noisy: the plain run reaches its own targets by construction, lucky dips included, while another run
+  must wait for a dip of its own; measured against the variant's losses instead, the same pair of runs
+  reads differently (MiniLM's null x0.99 one way, x1.07 the other).
+- smoothed (the default since the fourth session): each run's losses smoothed alike (a centred mean of 5
+  checkpoints, then the running minimum: the best loss so far, a monotone curve); at each target
+  fraction the level is the worse of the two smoothed curves there, and the steps each run takes to
+  reach it (interpolated between checkpoints) are compared. It treats the two runs alike: swapping them
+  inverts the speed-up exactly, so two runs that differ only by chance read x1.00 on average.
+The speed-up in wall time (training plus farcast, not the benchmark's own evaluations or saves) and at
+the plain run's pace (`paced`: only farcast's own time counted against the loop) use the smoothed
+measure. Mean and spread over seeds.
 
 `--traces DIR` keeps each training run's trace there and reads it back instead of training again, so that
 a long table can be measured in several short runs (the plain runs once, the variants in later runs).
@@ -70,9 +81,12 @@ from farcast_cli.io.run import Jump, record_jump
 from farcast_cli.model.fit import FitSettings
 
 TARGETS = (0.4, 0.6, 0.8, 1.0)
+NUDGES = {"null": 1e-6, "null-b": -1e-6, "null-c": 3e-6}
+SMOOTHING = 2
+"""Checkpoints each side of the centred mean that smooths a loss curve (5 in all)."""
 FITS = {"l1": FitSettings(), "l2": FitSettings(objective="l2"), "cheap": FitSettings(objective="l2", sample=2000)}
 VARIANTS = (
-    "plain", "null", "memory", "memory-loss", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
+    "plain", "null", "null-b", "null-c", "memory", "memory-loss", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
     "inproc", "inproc-unshrunk", "inproc-ungated",
     "inproc-unshrunk-ungated", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance",
 )  # fmt: skip
@@ -129,9 +143,9 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
                 trace.jumps.append((real, result.horizon, result.applied))
                 trace.jump_seconds.append(result.seconds)
                 trace.loss_seconds += result.loss_seconds
-        elif variant == "null" and real == every:
-            _nudge(p.model)
-        elif variant not in ("plain", "null") and real % every == 0 and real < total:
+        elif variant in NUDGES and real == every:
+            _nudge(p.model, NUDGES[variant])
+        elif variant != "plain" and variant not in NUDGES and real % every == 0 and real < total:
             started = time.perf_counter()
             outcome = _farcast(run, p, variant, jump, label, work)
             trace.farcast_seconds += time.perf_counter() - started
@@ -210,10 +224,10 @@ def _folder_loss(p, folder: Path) -> float:
     return p.gate(model)
 
 
-def _nudge(model: torch.nn.Module) -> None:
+def _nudge(model: torch.nn.Module, by: float) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.mul_(1 + 1e-6)
+            parameter.mul_(1 + by)
 
 
 def _advance(p, horizon: int, variant: str) -> None:
@@ -272,6 +286,42 @@ def speedups(plain: Trace, other: Trace) -> tuple[float, float]:
     return float(np.mean(steps)), float(np.mean(seconds))
 
 
+def smoothed(losses: list[float]) -> np.ndarray:
+    """The best loss so far of a centred mean of 2 x SMOOTHING + 1 checkpoints (fewer near the ends, as
+    many each side): a monotone curve of the run's trend, its lucky dips averaged out."""
+    values = np.asarray(losses, dtype=float)
+    means = np.empty_like(values)
+    for index in range(len(values)):
+        side = min(SMOOTHING, index, len(values) - 1 - index)
+        means[index] = values[index - side : index + side + 1].mean()
+    return np.minimum.accumulate(means)
+
+
+def crossing(trace: Trace, curve: np.ndarray, level: float) -> tuple[float, float]:
+    """Real steps and seconds at which the monotone `curve` first reaches `level`, interpolated linearly
+    between the checkpoints around it."""
+    at = int(np.argmax(curve <= level))
+    if at == 0 or curve[at - 1] == curve[at]:
+        return trace.steps[at], trace.seconds[at]
+    share = (curve[at - 1] - level) / (curve[at - 1] - curve[at])
+    steps = trace.steps[at - 1] + share * (trace.steps[at] - trace.steps[at - 1])
+    return steps, trace.seconds[at - 1] + share * (trace.seconds[at] - trace.seconds[at - 1])
+
+
+def smoothed_speedups(plain: Trace, other: Trace) -> tuple[float, float]:
+    """Mean over the targets of plain's steps (and seconds) over the variant's, to the worse of the two
+    smoothed curves at each target fraction of plain's checkpoints (module docstring)."""
+    mine, theirs = smoothed(other.losses), smoothed(plain.losses)
+    steps, seconds = [], []
+    for fraction in TARGETS:
+        index = min(int(round(fraction * len(plain.steps))), len(other.steps)) - 1
+        level = max(theirs[index], mine[index])
+        (plain_steps, plain_seconds), (other_steps, other_seconds) = crossing(plain, theirs, level), crossing(other, mine, level)
+        steps.append(plain_steps / other_steps)
+        seconds.append(plain_seconds / other_seconds)
+    return float(np.mean(steps)), float(np.mean(seconds))
+
+
 def paced(plain: Trace, other: Trace, by_steps: float) -> float:
     """The speed-up by wall time had the variant trained at the plain run's pace: the speed-up by steps
     times the plain step over the plain step plus farcast's time per step of the variant. Two runs'
@@ -311,16 +361,18 @@ def main() -> None:
             for every, jump in rhythms:
                 for variant in variants[1:] if variants[0] == "plain" else variants:
                     trace = trained(args.traces, args.workload, variant, seed, args.schedule, int(every), jump, work)
-                    by_steps, by_time = speedups(plain, trace)
+                    old_steps, old_time = speedups(plain, trace)
+                    by_steps, by_time = smoothed_speedups(plain, trace)
                     by_pace = paced(plain, trace, by_steps)
                     key = f"{variant} every {int(every)} jump {jump:g}"
                     results.setdefault(key, []).append(
-                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "speedup_paced": by_pace, "jumps": trace.jumps,
+                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "to_plains_losses": [old_steps, old_time], "speedup_paced": by_pace, "jumps": trace.jumps,
                          "farcast_seconds": trace.farcast_seconds, "final_loss": trace.losses[-1], "plain_final_loss": plain.losses[-1]}
                     )  # fmt: skip
                     made = sum(applied for _, _, applied in trace.jumps)
                     final = f"final loss {trace.losses[-1]:.4f} (plain {plain.losses[-1]:.4f})"
-                    print(f"seed {seed} {key}: x{by_steps:.2f} steps, x{by_time:.2f} time (x{by_pace:.2f} at plain's pace), "
+                    print(f"seed {seed} {key}: x{by_steps:.3f} steps, x{by_time:.2f} time (x{by_pace:.2f} at plain's pace); to plain's "
+                          f"losses x{old_steps:.3f} steps, x{old_time:.2f} time; "
                           f"{made}/{len(trace.jumps)} jumps, farcast {trace.farcast_seconds:.1f} s, {final}", flush=True)  # fmt: skip
                     if trace.jump_seconds:
                         cost = jump_cost(trace, plain, int(every))
@@ -329,14 +381,14 @@ def main() -> None:
                               f"{cost['optimizer_steps']:.0f} optimizer steps of {cost['step_ms']:.3f} ms, "
                               f"{100 * cost['of_training_between']:.0f}% of the training between jumps; loss_fn "
                               f"{cost['loss_ms']:.1f} ms a jump", flush=True)  # fmt: skip
-    print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up to the plain run's losses")
-    print("(mean, and min-max over seeds)\n")
-    print("| variant | rhythm | by steps | by wall time | time / steps | at plain's pace | paced / steps | jumps made | a jump's own cost "
-          "| = optimizer steps | of the training between jumps |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up, smoothed (module docstring), and by")
+    print("steps to the plain run's losses as earlier tables measured it (mean, and min-max over seeds)\n")
+    print("| variant | rhythm | by steps | to plain's losses | by wall time | time / steps | at plain's pace | paced / steps | jumps made | a jump's own cost "
+          "| = optimizer steps | of the training between jumps |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for key, rows in results.items():
         variant, rhythm = key.split(" ", 1)
         steps, times = [r["speedup_steps"] for r in rows], [r["speedup_time"] for r in rows]
-        paces = [r["speedup_paced"] for r in rows]
+        paces, olds = [r["speedup_paced"] for r in rows], [r["to_plains_losses"][0] for r in rows]
         made = np.mean([sum(a for _, _, a in r["jumps"]) for r in rows])
         tried = np.mean([len(r["jumps"]) for r in rows])
         costs = [r["cost"] for r in rows if "cost" in r]
@@ -345,6 +397,7 @@ def main() -> None:
             jump_ms, steps_of = _spread([c["jump_ms"] for c in costs], "{:.0f}"), _spread([c["optimizer_steps"] for c in costs], "{:.1f}")
             cost = f" {jump_ms} ms | {steps_of} | {_spread([100 * c['of_training_between'] for c in costs], '{:.0f}')}% |"
         print(f"| {variant} | {rhythm} | x{np.mean(steps):.2f} ({min(steps):.2f}-{max(steps):.2f}) | "
+              f"x{np.mean(olds):.2f} ({min(olds):.2f}-{max(olds):.2f}) | "
               f"x{np.mean(times):.2f} ({min(times):.2f}-{max(times):.2f}) | {np.mean(times) / np.mean(steps):.2f} | "
               f"x{np.mean(paces):.2f} ({min(paces):.2f}-{max(paces):.2f}) | {np.mean(paces) / np.mean(steps):.2f} | "
               f"{made:.1f} of {tried:.1f} |{cost}")  # fmt: skip
