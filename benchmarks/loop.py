@@ -27,9 +27,10 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   default), the closed-form least squares, and the closed form on 2000 coordinates; without a suffix,
   the Farcaster's default settings.
 - null (and null-b, null-c): the control for the loop's own noise: no farcasting, the weights multiplied
-  by 1 + 1e-6 (null-b: 1 - 1e-6, null-c: 1 + 3e-6) at the first point a farcast would be tried (a change far below any jump's); how far it moves the speed-up is
-  how far two runs of the same training part from each other by chance (small runs are chaotic: the
-  small LM every 40 steps moved x0.90-1.00 by such a nudge), the band a variant's spread is read against.
+  by 1 + 1e-6 (null-b: 1 - 1e-6, null-c: 1 + 3e-6) at the first point a farcast would be tried (a change
+  far below any jump's); how far it moves the speed-up is how far two runs of the same training part
+  from each other by chance (small runs are chaotic: the small LM every 40 steps moved x0.88-1.00 by
+  such a nudge), the band a variant's spread is read against.
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
   ungated: the forecast replaces the weights, the step counter moves on by the horizon, the next horizon
   batches of the data order are skipped (as a resumed Trainer skips them), the LR schedule kept or
@@ -366,7 +367,8 @@ def main() -> None:
                     by_pace = paced(plain, trace, by_steps)
                     key = f"{variant} every {int(every)} jump {jump:g}"
                     results.setdefault(key, []).append(
-                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "to_plains_losses": [old_steps, old_time], "speedup_paced": by_pace, "jumps": trace.jumps,
+                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "to_plains_losses": [old_steps, old_time],
+                         "speedup_paced": by_pace, "jumps": trace.jumps,
                          "farcast_seconds": trace.farcast_seconds, "final_loss": trace.losses[-1], "plain_final_loss": plain.losses[-1]}
                     )  # fmt: skip
                     made = sum(applied for _, _, applied in trace.jumps)
@@ -383,8 +385,8 @@ def main() -> None:
                               f"{cost['loss_ms']:.1f} ms a jump", flush=True)  # fmt: skip
     print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up, smoothed (module docstring), and by")
     print("steps to the plain run's losses as earlier tables measured it (mean, and min-max over seeds)\n")
-    print("| variant | rhythm | by steps | to plain's losses | by wall time | time / steps | at plain's pace | paced / steps | jumps made | a jump's own cost "
-          "| = optimizer steps | of the training between jumps |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| variant | rhythm | by steps | to plain's losses | by wall time | time / steps | at plain's pace | paced / steps | jumps made "
+          "| a jump's own cost | = optimizer steps | of the training between jumps |\n" + "|---" * 12 + "|")  # fmt: skip
     for key, rows in results.items():
         variant, rhythm = key.split(" ", 1)
         steps, times = [r["speedup_steps"] for r in rows], [r["speedup_time"] for r in rows]
