@@ -21,6 +21,9 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   jumps in place; nothing is read back from the checkpoints.
 - memory-loss: memory, verified by the loss on the gate half of the validation set (`loss_fn`): the
   loss before and after the jump, the jump undone when it does not lower it.
+- memory-paired, memory-pairedK: memory-loss with `loss_fn` returning the gate half's loss per example
+  (per window of text for the small LM): the jump must also lower their mean by more than K (default:
+  the Farcaster's) standard errors of the mean paired difference.
 - memory-ungated: memory, every forecast applied (`gate=False`).
 - memory-l1, memory-l2, memory-cheap (a suffix, also after memory-loss or memory-ungated): memory with
   the fit's settings given (FITS): PAPER.md's L1 by Adam from the least-squares start (the CLI's
@@ -87,7 +90,7 @@ SMOOTHING = 2
 """Checkpoints each side of the centred mean that smooths a loss curve (5 in all)."""
 FITS = {"l1": FitSettings(), "l2": FitSettings(objective="l2"), "cheap": FitSettings(objective="l2", sample=2000)}
 VARIANTS = (
-    "plain", "null", "null-b", "null-c", "memory", "memory-loss", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
+    "plain", "null", "null-b", "null-c", "memory", "memory-loss", "memory-paired", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
     "inproc", "inproc-unshrunk", "inproc-ungated",
     "inproc-unshrunk-ungated", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance",
 )  # fmt: skip
@@ -182,6 +185,10 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     words = variant.split("-")
     options = {"settings": FITS[words[-1]]} if words[-1] in FITS else {}
     loss_fn = p.gate if "loss" in words else None
+    paired = [word[len("paired") :] for word in words if word.startswith("paired")]
+    if paired:
+        loss_fn = p.gate_batches
+        options |= {"standard_errors": float(paired[0])} if paired[0] else {}
     return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=total, **options)
 
 
