@@ -55,6 +55,11 @@ Two measures of the speed-up by steps, both printed:
   fraction the level is the worse of the two smoothed curves there, and the steps each run takes to
   reach it (interpolated between checkpoints) are compared. It treats the two runs alike: swapping them
   inverts the speed-up exactly, so two runs that differ only by chance read x1.00 on average.
+- against a reference of several runs (`--reference null,null-b,null-c`): the plain run is one draw of
+  the training; where it is a lucky one every variant reads low against it (the small LM's seed 2: all
+  three nulls x0.85-0.88). With --reference the controls named join it: each run's smoothed speed-up
+  is the geometric mean of those against each reference run but itself, so that a variant is measured
+  against the baseline training rather than one run of it, and the controls against each other.
 The speed-up in wall time (training plus farcast, not the benchmark's own evaluations or saves) and at
 the plain run's pace (`paced`: only farcast's own time counted against the loop) use the smoothed
 measure. Mean and spread over seeds.
@@ -90,7 +95,8 @@ SMOOTHING = 2
 """Checkpoints each side of the centred mean that smooths a loss curve (5 in all)."""
 FITS = {"l1": FitSettings(), "l2": FitSettings(objective="l2"), "cheap": FitSettings(objective="l2", sample=2000)}
 VARIANTS = (
-    "plain", "null", "null-b", "null-c", "memory", "memory-loss", "memory-paired", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
+    "plain", "null", "null-b", "null-c", "memory", "memory-loss", "memory-paired", "memory-ungated", "memory-l1", "memory-l2",
+    "memory-cheap",
     "inproc", "inproc-unshrunk", "inproc-ungated",
     "inproc-unshrunk-ungated", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance",
 )  # fmt: skip
@@ -330,6 +336,14 @@ def smoothed_speedups(plain: Trace, other: Trace) -> tuple[float, float]:
     return float(np.mean(steps)), float(np.mean(seconds))
 
 
+def against(baseline: dict[str, Trace], name: str, trace: Trace) -> tuple[float, float]:
+    """The smoothed speed-ups by steps and by seconds of `trace` (the run of variant `name`) against each
+    baseline run but itself: their geometric means."""
+    pairs = [smoothed_speedups(reference, trace) for key, reference in baseline.items() if key != name]
+    steps, seconds = (float(np.exp(np.mean(np.log(values)))) for values in zip(*pairs, strict=True))
+    return steps, seconds
+
+
 def paced(plain: Trace, other: Trace, by_steps: float) -> float:
     """The speed-up by wall time had the variant trained at the plain run's pace: the speed-up by steps
     times the plain step over the plain step plus farcast's time per step of the variant. Two runs'
@@ -355,33 +369,42 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--traces", type=Path, help="keep each training run's trace here, and reuse those kept by an earlier run")
+    parser.add_argument("--reference", default="", help="controls that join the plain run as the reference, e.g. null,null-b,null-c")
     args = parser.parse_args()
     torch.set_num_threads(1)
     total = STEPS[args.workload]
     rhythms = [tuple(float(v) for v in r.split(":")) for r in args.rhythm] if args.rhythm else [(total // 5, 0.5), (total // 20, 0.1)]
     rhythms = [(_on_a_save(every, SAVE_EVERY[args.workload]), jump) for every, jump in rhythms]
     variants = [v for v in args.variants.split(",") if v == "plain" or args.schedule == "linear" or not v.endswith("advance")]
+    references = [name for name in args.reference.split(",") if name]
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="farcast-loop-") as scratch:
         work = Path(scratch)
         for seed in range(args.seeds):
             plain = trained(args.traces, args.workload, "plain", seed, args.schedule, 1, 0.0, work)
             for every, jump in rhythms:
+                baseline = {"plain": plain} | {
+                    name: trained(args.traces, args.workload, name, seed, args.schedule, int(every), jump, work) for name in references
+                }
                 for variant in variants[1:] if variants[0] == "plain" else variants:
-                    trace = trained(args.traces, args.workload, variant, seed, args.schedule, int(every), jump, work)
+                    trace = baseline.get(variant)
+                    if trace is None:
+                        trace = trained(args.traces, args.workload, variant, seed, args.schedule, int(every), jump, work)
                     old_steps, old_time = speedups(plain, trace)
-                    by_steps, by_time = smoothed_speedups(plain, trace)
+                    by_steps, by_time = against(baseline, variant, trace)
+                    alone = smoothed_speedups(plain, trace)[0]
                     by_pace = paced(plain, trace, by_steps)
                     key = f"{variant} every {int(every)} jump {jump:g}"
                     results.setdefault(key, []).append(
                         {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "to_plains_losses": [old_steps, old_time],
+                         "against_plain": alone,
                          "speedup_paced": by_pace, "jumps": trace.jumps,
                          "farcast_seconds": trace.farcast_seconds, "final_loss": trace.losses[-1], "plain_final_loss": plain.losses[-1]}
                     )  # fmt: skip
                     made = sum(applied for _, _, applied in trace.jumps)
                     final = f"final loss {trace.losses[-1]:.4f} (plain {plain.losses[-1]:.4f})"
-                    print(f"seed {seed} {key}: x{by_steps:.3f} steps, x{by_time:.2f} time (x{by_pace:.2f} at plain's pace); to plain's "
-                          f"losses x{old_steps:.3f} steps, x{old_time:.2f} time; "
+                    print(f"seed {seed} {key}: x{by_steps:.3f} steps, x{by_time:.2f} time (x{by_pace:.2f} at plain's pace); "
+                          f"against plain alone x{alone:.3f} steps; to plain's losses x{old_steps:.3f} steps, x{old_time:.2f} time; "
                           f"{made}/{len(trace.jumps)} jumps, farcast {trace.farcast_seconds:.1f} s, {final}", flush=True)  # fmt: skip
                     if trace.jump_seconds:
                         cost = jump_cost(trace, plain, int(every))
@@ -390,8 +413,9 @@ def main() -> None:
                               f"{cost['optimizer_steps']:.0f} optimizer steps of {cost['step_ms']:.3f} ms, "
                               f"{100 * cost['of_training_between']:.0f}% of the training between jumps; loss_fn "
                               f"{cost['loss_ms']:.1f} ms a jump", flush=True)  # fmt: skip
-    print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up, smoothed (module docstring), and by")
-    print("steps to the plain run's losses as earlier tables measured it (mean, and min-max over seeds)\n")
+    reference = " + ".join(["plain", *references])
+    print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up, smoothed, against {reference} (module")
+    print("docstring), and by steps to the plain run's losses as earlier tables measured it (mean, and min-max over seeds)\n")
     print("| variant | rhythm | by steps | to plain's losses | by wall time | time / steps | at plain's pace | paced / steps | jumps made "
           "| a jump's own cost | = optimizer steps | of the training between jumps |\n" + "|---" * 12 + "|")  # fmt: skip
     for key, rows in results.items():
