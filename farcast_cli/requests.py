@@ -8,7 +8,7 @@ a Python caller reads `horizon`, the CLI prints `--horizon`. What can only be ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 from farcast_cli.errors import UsageError, parameter
@@ -38,12 +38,22 @@ class StreamOptions:
         return EngineSettings(resolve_device(self.device), chunk, use_mmap=self.use_mmap, advance=advance)
 
 
+@dataclass(frozen=True)
 class _Forecasting:
-    """What both requests share: the steps to forecast, and whether the user's loss decides."""
+    """What both requests share, given by name after each request's own paths: the steps to forecast
+    (`horizon`, and the `emit` ones below it), the fit, the streaming, the user's loss, the `anchor`
+    (checkpoints averaged as the forecast's second input), whether an existing output may be replaced
+    (`force`) and damaged checkpoints skipped (`skip_damaged`)."""
 
-    horizon: int | None
-    emit: tuple[int, ...]
-    evaluation: EvalOptions
+    _: KW_ONLY
+    horizon: int | None = None
+    emit: tuple[int, ...] = ()
+    settings: FitSettings = FitSettings()
+    options: StreamOptions = StreamOptions()
+    evaluation: EvalOptions = EvalOptions()
+    anchor: int | None = None
+    force: bool = False
+    skip_damaged: bool = False
 
     @property
     def judged(self) -> bool:
@@ -71,21 +81,14 @@ class PredictRequest(_Forecasting):
 
     run_dir: Path
     out_dir: Path
-    horizon: int | None = None
+    _: KW_ONLY
     forecaster_file: Path | None = None
-    emit: tuple[int, ...] = ()
-    settings: FitSettings = FitSettings()
-    options: StreamOptions = StreamOptions()
-    evaluation: EvalOptions = EvalOptions()
-    anchor: int | None = None
     last_step: int | None = None
     dtype: str | None = None
-    force: bool = False
     min_skill: float | None = None
     fallback: bool | None = None
     resumable: bool = False
     schedule: str | None = None
-    skip_damaged: bool = False
     output_format: str = "same"
 
     def __post_init__(self) -> None:
@@ -145,15 +148,8 @@ class FitRequest(_Forecasting):
 
     run_dir: Path
     out_file: Path
-    horizon: int | None = None
+    _: KW_ONLY
     context_end: int | None = None
-    emit: tuple[int, ...] = ()
-    settings: FitSettings = FitSettings()
-    options: StreamOptions = StreamOptions()
-    evaluation: EvalOptions = EvalOptions()
-    anchor: int | None = None
-    force: bool = False
-    skip_damaged: bool = False
     validation_run: Path | None = None
 
     def __post_init__(self) -> None:
