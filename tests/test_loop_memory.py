@@ -10,14 +10,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_loop import FAST_FIT, regression_data, save, train_with
 
-from farcast_cli.errors import UsageError
+from farcast_cli.errors import InputError, UsageError
 from farcast_cli.evaluate.report import REPORT_FILE
 from farcast_cli.integrations import Farcaster, memory
+from farcast_cli.io.run import find_run
+from farcast_cli.model.history import read_history
+from farcast_cli.model.observed import ObservedRun
 
 FAST = ["--sample", "2000", "--max-updates", "100", "--quiet"]
 
@@ -256,3 +260,38 @@ def test_first_weights_kept_on_the_device_are_a_copy_the_jumps_leave_alone(tmp_p
     assert [r.applied for r in results if r is not None] == [True, True]
     for name, kept in farcaster.observed.first.items():
         assert torch.equal(kept, first[name]) and kept.data_ptr() != model.state_dict()[name].data_ptr()
+
+
+@pytest.mark.parametrize("sample", [10**6, 37])
+def test_the_observed_history_is_what_read_history_reads_from_the_checkpoints_bit_for_bit(tmp_path, sample):
+    """Whole tensors copied where every coordinate is sampled, picks gathered where not: the same History."""
+    run, x, y = tmp_path / "run", *regression_data()
+    model = two_layers().to(torch.float64 if sample == 37 else torch.float32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    observed = ObservedRun(sample, seed=3)
+    for step in range(0, 25, 5):
+        for _ in range(5 if step else 0):
+            sgd_steps(model, optimizer, x.to(model[0].weight.dtype), y.to(model[0].weight.dtype))
+        save(run, model, step)
+        observed.observe(model.state_dict(), step)
+    read, seen = read_history(find_run(run), sample, 3), observed.history()
+    assert seen.values.shape == read.values.shape == (min(sample, 161), 5)
+    assert np.array_equal(seen.values, read.values) and np.array_equal(seen.steps, read.steps)
+    assert np.array_equal(seen.indices, read.indices) and np.array_equal(seen.tensor_index, read.tensor_index)
+    assert seen.tensor_names == read.tensor_names
+
+
+def test_a_weight_that_is_not_finite_is_refused_and_leaves_the_history_as_it_was(tmp_path):
+    model = two_layers()
+    observed = ObservedRun(1000, seed=0)
+    observed.observe(model.state_dict(), 0)
+    before = observed.history().values.copy()
+    with torch.no_grad():
+        model[2].weight[0, 3] = float("inf")
+    with pytest.raises(InputError, match="holds inf in a sampled weight at step 5"):
+        observed.observe(model.state_dict(), 5)
+    with torch.no_grad():
+        model[2].weight[0, 3] = 0.25
+    observed.observe(model.state_dict(), 10)
+    assert len(observed) == 2 and observed.steps == [0.0, 10.0]
+    assert np.array_equal(observed.history().values[:, 0], before[:, 0]) and 0.25 in observed.history().values[:, 1]

@@ -10,6 +10,7 @@ tensors in the same order, model/history.py's `sample_coordinates`), so the Hist
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -55,6 +56,8 @@ class ObservedRun:
         self.sample, self.seed, self.keep_first_on = sample, seed, keep_first_on
         self.steps: list[float] = []
         self._values = np.empty((0, 0))
+        self._staged = np.empty(0)
+        self._copies: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
         self.first: dict[str, torch.Tensor] = {}
         self.picks: list[tuple[str, torch.Tensor]] = []
         self.names: list[str] = []
@@ -72,28 +75,27 @@ class ObservedRun:
         the whole weights. A step not after the last observed one is ignored."""
         if self.steps and step <= self.steps[-1]:
             return
-        tensors = forecast_tensors(state)
         if not self.steps:
-            self._start(tensors)
-        column = self._sampled(tensors)
-        bad = np.nonzero(~np.isfinite(column))[0]
-        if len(bad):
-            raise InputError(f"the model holds {column[bad[0]]} in a sampled weight at step {step:g}; refusing to forecast from it")
-        self._append(column)
+            self._start(forecast_tensors(state))
+        self._sample(state)
+        if not math.isfinite(self._staged.sum()):
+            bad = self._staged[~np.isfinite(self._staged)]
+            if len(bad):
+                raise InputError(f"the model holds {bad[0]} in a sampled weight at step {step:g}; refusing to forecast from it")
+        self._next_row()[:] = self._staged
         self.steps.append(float(step))
 
-    def _append(self, column: np.ndarray) -> None:
-        """Into the next column of the values, grown by doubling: a History is a view of the columns it
-        holds (`history`), not a copy of the whole history at every jump. The buffer holds an observation
-        per row, so that each of the History's columns is contiguous (the fit reads the history by columns)."""
+    def _next_row(self) -> np.ndarray:
+        """The values' next row, the buffer grown by doubling: a History is a view of the rows it holds
+        (`history`), not a copy of the whole history at every jump. The buffer holds an observation per
+        row, so that each of the History's columns is contiguous (the fit reads the history by columns);
+        the row counts once its step is appended."""
         count = len(self.steps)
-        if count == 0:
-            self._values = np.empty((8, len(column)))
-        elif count == len(self._values):
-            grown = np.empty((2 * count, len(column)))
-            grown[:count] = self._values
+        if count == len(self._values):
+            grown = np.empty((max(8, 2 * count), self._values.shape[1]))
+            grown[:count] = self._values[:count]
             self._values = grown
-        self._values[count] = column
+        return self._values[count]
 
     def _start(self, tensors: dict[str, torch.Tensor]) -> None:
         infos = [TensorInfo(name, SAFETENSORS_NAMES[t.dtype], tuple(t.shape), 0, t.nbytes) for name, t in tensors.items()]
@@ -102,6 +104,16 @@ class ObservedRun:
             raise InputError("the model has no floating-point tensors to forecast")
         self.picks = [(info.name, torch.from_numpy(indices).to(tensors[info.name].device)) for info, indices in picks]
         self.names = [name for name, _ in self.picks]
+        bounds = np.cumsum([0] + [len(indices) for _, indices in picks])
+        staging = torch.empty(int(bounds[-1]), dtype=torch.float64)
+        self._staged = staging.numpy()
+        self._copies = [
+            (info.name, None, staging[begin:end].view(info.shape)) if len(indices) == info.numel else (info.name, index, staging[begin:end])
+            for (info, indices), (_, index), begin, end in zip(picks, self.picks, bounds[:-1].tolist(), bounds[1:].tolist())
+        ]
+        self._values = np.empty((0, int(bounds[-1])))
+        self._tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
+        self._indices = np.concatenate([indices for _, indices in picks])
         with torch.no_grad():
             for name, tensor in distinct(tensors).items():
                 device = "cpu" if self.keep_first_on == "cpu" else tensor.device
@@ -111,13 +123,14 @@ class ObservedRun:
             self.keep_first_on, self.first_bytes / 1e6, sum(len(i) for _, i in self.picks),
         )  # fmt: skip
 
-    def _sampled(self, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    def _sample(self, state: dict[str, torch.Tensor]) -> None:
+        """The sampled coordinates into the staging row (float64), one copy per tensor into a view of it made
+        at the first observation: the whole tensor where every coordinate of it is sampled, else its picks
+        gathered (each torch call here costs several microseconds right after a training step)."""
         with torch.no_grad():
-            parts = [tensors[name].detach().reshape(-1)[indices].to("cpu", torch.float64) for name, indices in self.picks]
-        return torch.cat(parts).numpy()
+            for name, indices, view in self._copies:
+                view.copy_(state[name] if indices is None else state[name].reshape(-1)[indices])
 
     def history(self) -> History:
         """The observations as the History `read_history` gives for a run's checkpoints."""
-        tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(self.picks)])
-        indices = np.concatenate([indices.cpu().numpy() for _, indices in self.picks])
-        return History(np.array(self.steps), self._values[: len(self.steps)].T, tensor_index, list(self.names), indices)
+        return History(np.array(self.steps), self._values[: len(self.steps)].T, self._tensor_index, list(self.names), self._indices)

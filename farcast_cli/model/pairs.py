@@ -14,6 +14,7 @@ paper's protocol instead: (w at s_0, w at E) -> w at E + offset, the truth known
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -120,7 +121,8 @@ def _starts(steps: np.ndarray, horizon: int) -> tuple[float, list[int]]:
     MAX_STARTS of them spread evenly."""
     s0, sk = steps[0], steps[-1]
     rho = horizon / (sk - s0)
-    starts = [k for k in range(1, len(steps)) if steps[k] + rho * (steps[k] - s0) <= sk + 1e-9]
+    later = np.asarray(steps[1:], dtype=float)
+    starts = (np.flatnonzero(later + rho * (later - s0) <= sk + 1e-9) + 1).tolist()
     if not starts:
         raise UsageError(f"horizon {horizon} is too far for this run: the largest it supports is {max_self_horizon(steps)} steps")
     if len(starts) > MAX_STARTS:
@@ -159,8 +161,8 @@ class ColumnSums:
         self._filled = np.nonzero(self._rows)[0]
         self._starts = np.concatenate([[0], np.cumsum(self._rows)[:-1]])[self._filled]
         self._columns: dict[int, np.ndarray] = {}
-        self._products: dict[tuple[int, int], np.ndarray] = {}
-        self._sums: dict[int, np.ndarray] = {}
+        self._products = _Table(count)
+        self._sums = _Table(count)
         self._absolute: dict[tuple[int, int], np.ndarray] = {}
 
     def _per_cell(self, weights: np.ndarray) -> np.ndarray:
@@ -176,99 +178,184 @@ class ColumnSums:
 
     def column(self, values: np.ndarray, j: int) -> np.ndarray:
         """u_j over the coordinates in cell order."""
+        if 0 not in self._columns:
+            self._columns[0] = values[self._order, 0]
         if j not in self._columns:
-            first = values[self._order, 0]
-            self._columns[j] = first if j == 0 else values[self._order, j] - first
+            self._columns[j] = values[self._order, j] - self._columns[0]
         return self._columns[j]
 
-    def product(self, values: np.ndarray, a: int, b: int) -> np.ndarray:
-        key = (a, b) if a <= b else (b, a)
-        if key not in self._products:
-            self._products[key] = self._per_cell(self.column(values, key[0]) * self.column(values, key[1]))
-        return self._products[key]
+    def products(self, values: np.ndarray, keys: list[tuple[int, int]]) -> np.ndarray:
+        """Per key (a, b), a <= b, the per-cell sums of u_a u_b (keys x cells)."""
+        return self._products.take(keys, lambda key: self._per_cell(self.column(values, key[0]) * self.column(values, key[1])))
 
-    def sum(self, values: np.ndarray, j: int) -> np.ndarray:
-        if j not in self._sums:
-            self._sums[j] = self._per_cell(self.column(values, j))
-        return self._sums[j]
+    def sums(self, values: np.ndarray, keys: list[int]) -> np.ndarray:
+        """Per key j, the per-cell sums of u_j (keys x cells)."""
+        return self._sums.take(keys, lambda j: self._per_cell(self.column(values, j)))
 
     def absolute(self, history: History, k: int, anchor: int) -> np.ndarray:
         """The sums of |last| and |change| for pairs starting at checkpoint k (cells x 2)."""
         if (k, anchor) not in self._absolute:
             last = anchor_values(history, k, anchor)[self._order]
-            change = last - history.values[self._order, 0]
+            change = last - self.column(history.values, 0)
             self._absolute[(k, anchor)] = np.stack([self._per_cell(np.abs(last)), self._per_cell(np.abs(change))], axis=1)
         return self._absolute[(k, anchor)]
 
-    def combined(self, values: np.ndarray, quadratic: _Terms, linear: _Terms) -> tuple[dict, dict]:
-        """Per slot, the per-cell sums of the quadratic terms (sums of u_a u_b) and of the linear ones
-        (sums of u_a), each slot's from one product of its coefficients with the sums it needs."""
-        products = quadratic.evaluate(lambda key: self.product(values, *key), self.count)
-        sums = linear.evaluate(lambda key: self.sum(values, key), self.count)
-        return products, sums
+
+class _Table:
+    """Per-cell sums kept by key, in one array, so that the sums of many keys are taken at once."""
+
+    def __init__(self, count: int) -> None:
+        self.values = np.empty((64, count))
+        self.row: dict[object, int] = {}
+
+    def take(self, keys: list, make) -> np.ndarray:
+        """The sums of `keys` (keys x cells), each made by make(key) the first time it is asked for."""
+        for key in keys:
+            if key not in self.row:
+                if len(self.row) == len(self.values):
+                    self.values = np.concatenate([self.values, np.empty_like(self.values)])
+                self.values[len(self.row)] = make(key)
+                self.row[key] = len(self.row)
+        return self.values[[self.row[key] for key in keys]]
 
 
-class _Terms:
-    """Sums of coefficient x key per slot, gathered in Python (a few per pair start), evaluated at once."""
+@dataclass
+class _StartTerms:
+    """Per kind of combination (0: last, 1: change, 2 + o: output o's residual), pair start and term, a
+    column u_j of the history and its coefficient: kinds x starts x terms."""
 
-    def __init__(self) -> None:
-        self.slots: dict[object, dict[object, float]] = {}
+    columns: np.ndarray
+    values: np.ndarray
+    valid: np.ndarray
 
-    def add(self, slot: object, left: dict[int, float], right: dict[int, float] | None = None) -> None:
-        """slot += (sum_a left[a] u_a)(sum_b right[b] u_b), or sum_a left[a] u_a without `right`."""
-        terms = self.slots.setdefault(slot, {})
-        for a, x in left.items():
-            if right is None:
-                terms[a] = terms.get(a, 0.0) + x
-                continue
-            for b, y in right.items():
-                key = (a, b) if a <= b else (b, a)
-                terms[key] = terms.get(key, 0.0) + x * y
 
-    def evaluate(self, fetch, count: int) -> dict[object, np.ndarray]:
-        keys = list(dict.fromkeys(key for terms in self.slots.values() for key in terms))
-        if not keys:
-            return {slot: np.zeros(count) for slot in self.slots}
-        index = {key: i for i, key in enumerate(keys)}
-        coefficients = np.zeros((len(self.slots), len(keys)))
-        for row, terms in enumerate(self.slots.values()):
-            for key, x in terms.items():
-                coefficients[row, index[key]] = x
-        totals = np.einsum("sk,kc->sc", coefficients, np.stack([fetch(key) for key in keys]))
-        return dict(zip(self.slots, totals))
+def _start_terms(starts: np.ndarray, anchor: int, before: np.ndarray, alpha: np.ndarray) -> _StartTerms:
+    """Each start's last = u_0 + the mean of its `anchor_window`'s u_j, change = that mean, and per output
+    the residual, target - last, for the target (1 - alpha) w_before + alpha w_before+1 (starts x outputs):
+    -change, then the two checkpoints' u_j, the first merged into the window's term where it is one of
+    its columns (w_0 cancels: the target never reaches back to it), in the order `self_pairs`' rows sum them.
+    The arrays hold MAX_STARTS starts, those past the last not valid, so that one `_layout` serves any count."""
+    outputs, terms = before.shape[1], anchor + 2
+    lows = np.maximum(1, starts - anchor + 1)
+    window = lows[:, None] + np.arange(anchor)
+    in_window = window <= starts[:, None]
+    share = np.broadcast_to((1.0 / (starts - lows + 1))[:, None], window.shape)
+    shape = (2 + outputs, MAX_STARTS, terms)
+    padded = np.zeros(shape, dtype=np.int64), np.zeros(shape), np.zeros(shape, dtype=bool)
+    columns, values, valid = (array[:, : len(starts)] for array in padded)
+    columns[0, :, 1 : anchor + 1], values[0, :, 0], values[0, :, 1 : anchor + 1] = window, 1.0, share
+    valid[0, :, 0], valid[0, :, 1 : anchor + 1] = True, in_window
+    columns[1, :, :anchor], values[1, :, :anchor], valid[1, :, :anchor] = window, share, in_window
+    before, alpha = before.T, alpha.T
+    merged = in_window & (window == before[..., None])
+    residual = slice(2, 2 + outputs)
+    columns[residual, :, :anchor], valid[residual, :, :anchor] = window, in_window
+    values[residual, :, :anchor] = np.where(merged, -share + (1.0 - alpha)[..., None], -share)
+    columns[residual, :, anchor], values[residual, :, anchor] = before, 1.0 - alpha
+    valid[residual, :, anchor] = ~merged.any(-1) & (before != 0)
+    columns[residual, :, anchor + 1], values[residual, :, anchor + 1], valid[residual, :, anchor + 1] = before + 1, alpha, True
+    return _StartTerms(*padded)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each term of the slots' sums comes from, for a number of outputs (and MAX_STARTS starts): per
+    product term u_a u_b of a quadratic slot, the flat positions of its two factors in the `_StartTerms`
+    arrays (`left`, `right`) and its slot (`pair_slot`); per term u_a of a linear slot, `single` and
+    `single_slot`; each in order of slot, start, group and term."""
+
+    quadratic: tuple
+    linear: tuple
+    left: np.ndarray
+    right: np.ndarray
+    pair_slot: np.ndarray
+    single: np.ndarray
+    single_slot: np.ndarray
+
+
+@lru_cache(maxsize=16)
+def _layout(anchor: int, outputs: int) -> _Layout:
+    """The slots self_pair_sums needs: (last, last), (last, change), (change, change), per output
+    (last, residual) and (change, residual), and (residual, residual) over every output (one slot, after
+    the first output's); linear: last, change and each residual. Kinds are `_StartTerms`'."""
+    terms, starts = anchor + 2, MAX_STARTS
+    quadratic: dict[object, list[tuple[int, int]]] = {"aa": [(0, 0)], "ac": [(0, 1)], "cc": [(1, 1)]}
+    for o in range(outputs):
+        quadratic.update({("ay", o): [(0, 2 + o)], ("cy", o): [(1, 2 + o)]})
+        if o == 0:
+            quadratic["yy"] = [(2 + r, 2 + r) for r in range(outputs)]
+    linear = {"a": [0], "c": [1], **{("y", o): [2 + o] for o in range(outputs)}}
+
+    def flat(kinds: np.ndarray) -> np.ndarray:
+        """Positions of (start, group, term) of these kinds (one per group) in the kinds x starts x terms arrays."""
+        return (kinds[None, :, None] * starts + np.arange(starts)[:, None, None]) * terms + np.arange(terms)
+
+    left, right, pair_slot, single, single_slot = [], [], [], [], []
+    for slot, groups in enumerate(quadratic.values()):
+        a, b = flat(np.array([k for k, _ in groups])), flat(np.array([k for _, k in groups]))
+        a, b = np.broadcast_arrays(a[..., :, None], b[..., None, :])
+        left.append(a.ravel()), right.append(b.ravel()), pair_slot.append(np.full(a.size, slot))
+    for slot, kinds in enumerate(linear.values()):
+        positions = flat(np.array(kinds)).ravel()
+        single.append(positions), single_slot.append(np.full(positions.size, slot))
+    arrays = (np.concatenate(x) for x in (left, right, pair_slot, single, single_slot))
+    return _Layout(tuple(quadratic), tuple(linear), *arrays)
+
+
+def _slot_sums(terms: _StartTerms, layout: _Layout, columns: int, products, sums) -> tuple[dict, dict]:
+    """Per slot, the per-cell sums of its groups' combinations summed over the starts: a quadratic group
+    (k, l) is (sum_a left_a u_a)(sum_b right_b u_b) of kinds k and l, a linear one sum_a left_a u_a. The
+    coefficient of each key, u_a u_b (a <= b, of `columns`) or u_a, is summed in order of start, group and
+    term (as adding the terms start by start would: the same bits), and each kind's slots are evaluated
+    from one product of their coefficients with the sums `products` (`sums`) gives for their keys (keys x
+    cells), in order of first use."""
+    column, value, valid = terms.columns.ravel(), terms.values.ravel(), terms.valid.ravel()
+    left, right = column[layout.left], column[layout.right]
+    code = np.concatenate([np.minimum(left, right) * columns + np.maximum(left, right), -1 - column[layout.single]])
+    weight = np.concatenate([value[layout.left] * value[layout.right], value[layout.single]])
+    kept = np.concatenate([valid[layout.left] & valid[layout.right], valid[layout.single]])
+    slot = np.concatenate([layout.pair_slot, len(layout.quadratic) + layout.single_slot])[kept]
+    code, weight = code[kept], weight[kept]
+    unique, first, inverse = np.unique(code, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    slots = len(layout.quadratic) + len(layout.linear)
+    coefficients = np.bincount(slot * len(unique) + rank[inverse], weights=weight, minlength=slots * len(unique))
+    coefficients = coefficients.reshape(slots, len(unique))
+    codes = unique[order].tolist()
+    pairs = sum(c >= 0 for c in codes)
+    quadratic = np.ascontiguousarray(coefficients[: len(layout.quadratic), :pairs])
+    linear = np.ascontiguousarray(coefficients[len(layout.quadratic) :, pairs:])
+    q = np.einsum("sk,kc->sc", quadratic, products([divmod(c, columns) for c in codes[:pairs]]))
+    s = np.einsum("sk,kc->sc", linear, sums([-1 - c for c in codes[pairs:]]))
+    return dict(zip(layout.quadratic, q)), dict(zip(layout.linear, s))
 
 
 def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: ColumnSums, anchor: int = 1) -> PairSums:
     """`self_pairs`' rows as the closed-form fit needs them, from `sums` without building the rows: per
     start, last = u_0 + mean of the window's u_j, change = that mean, and each target the interpolation
-    between two checkpoints, u_0 + (1 - alpha) u_i + alpha u_i+1."""
+    between two checkpoints, u_0 + (1 - alpha) u_i + alpha u_i+1 (`_start_terms`, every start at once)."""
     steps = history.steps
-    s0 = steps[0]
     rho, starts = _starts(steps, horizon)
-    fractions = [o / horizon for o in offsets]
-    quadratic, linear = _Terms(), _Terms()
+    at = np.array(starts)
+    jumps = rho * (steps[at] - steps[0])
+    ends = np.stack([steps[at] + (o / horizon) * jumps for o in offsets], 1)
+    before = np.clip(np.searchsorted(steps, ends, side="right") - 1, 0, len(steps) - 2)
+    alpha = (ends - steps[before]) / (steps[before + 1] - steps[before])
+    terms = _start_terms(at, anchor, before, alpha)
+    outputs = range(len(offsets))
+    q, sums_of = _slot_sums(
+        terms, _layout(anchor, len(offsets)), len(steps),
+        lambda keys: sums.products(history.values, keys), lambda keys: sums.sums(history.values, keys),
+    )  # fmt: skip
     absolute = np.zeros((sums.count, 2))
     for k in starts:
-        window = anchor_window(k, anchor)
-        change = {j: 1.0 / len(window) for j in window}
-        last = {0: 1.0, **change}
-        quadratic.add("aa", last, last), quadratic.add("ac", last, change), quadratic.add("cc", change, change)
-        linear.add("a", last), linear.add("c", change)
-        jump = rho * (steps[k] - s0)
-        for o, fraction in enumerate(fractions):
-            before, alpha = _between(steps, steps[k] + fraction * jump)
-            residual = {j: -x for j, x in change.items()}
-            for j, x in ((before, 1.0 - alpha), (before + 1, alpha)):
-                if j:
-                    residual[j] = residual.get(j, 0.0) + x
-            quadratic.add(("ay", o), last, residual), quadratic.add(("cy", o), change, residual)
-            quadratic.add("yy", residual, residual), linear.add(("y", o), residual)
         absolute += sums.absolute(history, k, anchor)
-    q, sums_of = sums.combined(history.values, quadratic, linear)
     rows = sums.rows()
     a, c, count = sums_of["a"], sums_of["c"], rows * len(starts)
     gram = np.stack([np.stack([q["aa"], q["ac"], a], -1), np.stack([q["ac"], q["cc"], c], -1), np.stack([a, c, count], -1)], -2)
-    moments = np.stack([np.stack([q[("ay", o)], q[("cy", o)], sums_of[("y", o)]], -1) for o in range(len(fractions))], -1)
+    moments = np.stack([np.stack([q[("ay", o)], q[("cy", o)], sums_of[("y", o)]], -1) for o in outputs], -1)
     return PairSums(gram, moments, absolute, q["yy"], rows * len(starts))
 
 
