@@ -32,8 +32,8 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
 - null (and null-b, null-c): the control for the loop's own noise: no farcasting, the weights multiplied
   by 1 + 1e-6 (null-b: 1 - 1e-6, null-c: 1 + 3e-6) at the first point a farcast would be tried (a change
   far below any jump's); how far it moves the speed-up is how far two runs of the same training part
-  from each other by chance (small runs are chaotic: the small LM every 40 steps moved x0.88-1.00 by
-  such a nudge), the band a variant's spread is read against.
+  from each other by chance (small runs are chaotic: the small LM every 40 steps moved x0.75-1.27 by
+  such a nudge over 10 seeds), the band a variant's spread is read against.
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
   ungated: the forecast replaces the weights, the step counter moves on by the horizon, the next horizon
   batches of the data order are skipped (as a resumed Trainer skips them), the LR schedule kept or
