@@ -349,9 +349,7 @@ def self_pair_sums(history: History, horizon: int, offsets: list[int], sums: Col
         terms, _layout(anchor, len(offsets)), len(steps),
         lambda keys: sums.products(history.values, keys), lambda keys: sums.sums(history.values, keys),
     )  # fmt: skip
-    absolute = np.zeros((sums.count, 2))
-    for k in starts:
-        absolute += sums.absolute(history, k, anchor)
+    absolute = np.sum([sums.absolute(history, k, anchor) for k in starts], axis=0)
     rows = sums.rows()
     a, c, count = sums_of["a"], sums_of["c"], rows * len(starts)
     gram = np.stack([np.stack([q["aa"], q["ac"], a], -1), np.stack([q["ac"], q["cc"], c], -1), np.stack([a, c, count], -1)], -2)
