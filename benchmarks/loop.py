@@ -25,6 +25,9 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   (per window of text for the small LM): the jump must also lower their mean by more than K (default:
   the Farcaster's) standard errors of the mean paired difference.
 - memory-ungated: memory, every forecast applied (`gate=False`).
+- memory-budgetP (a word after memory or memory-loss, e.g. memory-budget5): the Farcaster's
+  `max_overhead` at P percent: a due jump waits while it would take farcast past P% of the loop's time.
+  A jump's cost is then reported against the training between attempts as they were made, not `every`.
 - memory-l1, memory-l2, memory-cheap (a suffix, also after memory-loss or memory-ungated): memory with
   the fit's settings given (FITS): PAPER.md's L1 by Adam from the least-squares start (the CLI's
   default), the closed-form least squares, and the closed form on 2000 coordinates; without a suffix,
@@ -195,6 +198,9 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     if paired:
         loss_fn = p.gate_batches
         options |= {"standard_errors": float(paired[0])} if paired[0] else {}
+    budget = [word[len("budget") :] for word in words if word.startswith("budget")]
+    if budget:
+        options |= {"max_overhead": float(budget[0]) / 100}
     return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=total, **options)
 
 
@@ -268,11 +274,13 @@ def jump_cost(trace: Trace, plain: Trace, every: int) -> dict[str, float]:
     since the last jump), against the plain run's optimizer step and its training time between jumps."""
     saves = len(trace.steps)
     observe = trace.observe_seconds / max(saves, 1)
-    jump = float(np.mean(trace.jump_seconds)) + observe * every / (trace.steps[1] - trace.steps[0])
+    between = float(np.mean(np.diff([0] + [real for real, _, _ in trace.jumps]))) if trace.jumps else every
+    jump = float(np.mean(trace.jump_seconds)) + observe * between / (trace.steps[1] - trace.steps[0])
     step = plain.train_seconds / plain.steps[-1]
     return {
         "jump_ms": 1000 * jump, "observe_ms": 1000 * observe, "step_ms": 1000 * step, "optimizer_steps": jump / step,
-        "of_training_between": jump / (step * every), "loss_ms": 1000 * trace.loss_seconds / len(trace.jump_seconds),
+        "of_training_between": jump / (step * between), "loss_ms": 1000 * trace.loss_seconds / len(trace.jump_seconds),
+        "between": between,
     }  # fmt: skip
 
 
@@ -411,7 +419,8 @@ def main() -> None:
                         results[key][-1]["cost"] = cost
                         print(f"  a jump's own cost {cost['jump_ms']:.1f} ms (observing {cost['observe_ms']:.2f} ms a save) = "
                               f"{cost['optimizer_steps']:.0f} optimizer steps of {cost['step_ms']:.3f} ms, "
-                              f"{100 * cost['of_training_between']:.0f}% of the training between jumps; loss_fn "
+                              f"{100 * cost['of_training_between']:.0f}% of the training between jumps "
+                              f"(every {cost['between']:.0f} steps); loss_fn "
                               f"{cost['loss_ms']:.1f} ms a jump", flush=True)  # fmt: skip
     reference = " + ".join(["plain", *references])
     print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up, smoothed, against {reference} (module")

@@ -95,8 +95,13 @@ class Farcaster:
     `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
     `gate=False` applies every forecast, winning or not. `max_steps`: the run's last step, at which no
     jump is made (the weights saved there would not hold it). `keep_first_on`: where the first observed
-    weights are kept (memory): "cpu", or "device" (the model's). Options are checked here, not at the
-    first save."""
+    weights are kept (memory): "cpu", or "device" (the model's). `max_overhead`: the largest share of
+    the loop's wall time (since the first call) that farcast may take, its calls of `loss_fn` included;
+    after the first attempt, a due jump waits for a later call while making it, at the cost of the
+    last attempt, would take farcast past that share (None: every `every` steps, whatever a jump costs). It bounds what the loop
+    can lose by the clock where steps are cheap (a half-millisecond step makes a 5 ms jump 10 steps);
+    the jumps then depend on timing, so two runs may jump at different steps. Options are checked here,
+    not at the first save."""
 
     def __init__(
         self,
@@ -117,8 +122,10 @@ class Farcaster:
         max_steps: int | None = None,
         keep_first_on: str = "cpu",
         standard_errors: float = 0.5,
+        max_overhead: float | None = None,
     ) -> None:
         _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings, standard_errors)
+        _check_overhead(max_overhead)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.every, self.jump, self.schedule, self.gate = every, jump, schedule, gate
         self.min_checkpoints, self.settings, self.source, self.max_steps = max(3, min_checkpoints), settings, source, max_steps
@@ -130,6 +137,8 @@ class Farcaster:
         self.observe_seconds = 0.0
         self.last_attempt: int | None = None
         self.history: list[JumpResult] = []
+        self.max_overhead, self.postponed = max_overhead, 0
+        self._clock = _Clock()
 
     def due(self, step: int) -> bool:
         if self.max_steps is not None and step >= self.max_steps:
@@ -144,6 +153,7 @@ class Farcaster:
         rank, ranks = memory.world()
         due = self.due(step)
         result = None
+        self._clock.start()
         if rank == 0:
             try:
                 result = self._on_rank_zero(model, step, due)
@@ -160,6 +170,7 @@ class Farcaster:
         if result is None:
             return None
         self.last_attempt = step
+        self._clock.spend(result.seconds + result.loss_seconds)
         if result.applied:
             self.jumped += result.horizon
             self._advance(lr_scheduler, result.horizon)
@@ -168,19 +179,33 @@ class Farcaster:
     def _on_rank_zero(self, model: torch.nn.Module, step: int, due: bool) -> JumpResult | None:
         """Observe the model at this step, and jump where due (from the run on disk with source="run")."""
         if self.source == "run":
-            return self._from_run(model, step) if due else None
+            return self._from_run(model, step) if due and not self._postponed() else None
         started = time.perf_counter()
         try:
             self.observed.observe(model.state_dict(), step + self.jumped)
             unobserved = None
         except FarcastError as error:
             unobserved = error
-        self.observe_seconds += time.perf_counter() - started
-        if not due or len(self.observed) < self.min_checkpoints:
+        seconds = time.perf_counter() - started
+        self.observe_seconds += seconds
+        self._clock.spend(seconds)
+        if not due or len(self.observed) < self.min_checkpoints or self._postponed():
             return None
         if unobserved is not None:
             return JumpResult(step, 0, False, f"farcast failed, training goes on: {unobserved}", 0.0, None)
         return self._from_memory(model, step)
+
+    def _postponed(self) -> bool:
+        """Whether a due jump waits, to keep farcast within `max_overhead` of the loop's time (logged once)."""
+        if self.max_overhead is None or not self.history:
+            return False
+        last = self.history[-1]
+        if self._clock.within(self.max_overhead, last.seconds + last.loss_seconds):
+            return False
+        if not self.postponed:
+            log.info("farcast postpones a due jump: it would take more than %g of the loop's time", self.max_overhead)
+        self.postponed += 1
+        return True
 
     def _from_memory(self, model: torch.nn.Module, step: int) -> JumpResult | None:
         """Fit from the observed history, gate or verify, and jump in place (rank 0). `loss_fn` is called
@@ -322,6 +347,30 @@ def _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, se
 
 Losses = float | np.ndarray
 """What `loss_fn` returned: one loss, or one per batch."""
+
+
+def _check_overhead(max_overhead: float | None) -> None:
+    if max_overhead is not None and not (isinstance(max_overhead, int | float) and 0 < max_overhead <= 1):
+        raise UsageError(f"max_overhead must be a share of the loop's time above 0 and at most 1, or None, not {max_overhead!r}")
+
+
+class _Clock:
+    """The loop's wall time since the first call, and farcast's own share of it."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.spent = 0.0
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def spend(self, seconds: float) -> None:
+        self.spent += seconds
+
+    def within(self, share: float, more: float) -> bool:
+        """Whether farcast's time, `more` seconds added, stays within `share` of the time since the first call."""
+        return self.spent + more <= share * (time.perf_counter() - self.started)
 
 
 def _timed_loss(loss_fn: Callable[[torch.nn.Module], object], model: torch.nn.Module) -> tuple[Losses, float]:
