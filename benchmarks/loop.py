@@ -21,15 +21,22 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   jumps in place; nothing is read back from the checkpoints.
 - memory-loss: memory, verified by the loss on the gate half of the validation set (`loss_fn`): the
   loss before and after the jump, the jump undone when it does not lower it.
+- memory-paired, memory-pairedK: memory-loss with `loss_fn` returning the gate half's loss per example
+  (per window of text for the small LM): the jump must also lower their mean by more than K (default:
+  the Farcaster's) standard errors of the mean paired difference.
 - memory-ungated: memory, every forecast applied (`gate=False`).
+- memory-budgetP (a word after memory or memory-loss, e.g. memory-budget5): the Farcaster's
+  `max_overhead` at P percent: a due jump waits while it would take farcast past P% of the loop's time.
+  A jump's cost is then reported against the training between attempts as they were made, not `every`.
 - memory-l1, memory-l2, memory-cheap (a suffix, also after memory-loss or memory-ungated): memory with
   the fit's settings given (FITS): PAPER.md's L1 by Adam from the least-squares start (the CLI's
   default), the closed-form least squares, and the closed form on 2000 coordinates; without a suffix,
   the Farcaster's default settings.
-- null: the control for the loop's own noise: no farcasting, the weights multiplied by 1 + 1e-6 at the
-  first point a farcast would be tried (a change far below any jump's); how far it moves the speed-up is
-  how far two runs of the same training part from each other by chance (small runs are chaotic: the
-  small LM every 40 steps moved x0.90-1.00 by such a nudge), the band a variant's spread is read against.
+- null (and null-b, null-c): the control for the loop's own noise: no farcasting, the weights multiplied
+  by 1 + 1e-6 (null-b: 1 - 1e-6, null-c: 1 + 3e-6) at the first point a farcast would be tried (a change
+  far below any jump's); how far it moves the speed-up is how far two runs of the same training part
+  from each other by chance (small runs are chaotic: the small LM every 40 steps moved x0.75-1.27 by
+  such a nudge over 10 seeds), the band a variant's spread is read against.
 - resume-keep / resume-advance: what the batch loop (train, `farcast predict --resumable`, resume) does,
   ungated: the forecast replaces the weights, the step counter moves on by the horizon, the next horizon
   batches of the data order are skipped (as a resumed Trainer skips them), the LR schedule kept or
@@ -38,11 +45,27 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   with the last checkpoint's weights kept: what resume-* gains over graft-* is the forecast's, not the
   schedule's or the data order's.
 
-For each variant: real optimizer steps to reach the plain run's validation loss at 40%, 60%, 80% and 100%
-of its steps (the first checkpoint at or below it); speed-up = plain steps / variant steps, its mean over
-the targets (a target never reached counts as reached at the last step: an upper bound); and the same in
-wall time (training plus farcast, not the benchmark's own evaluations or saves), and by wall time at the
-plain run's pace (`paced`: only farcast's own time counted against the loop). Mean and spread over seeds.
+Two measures of the speed-up by steps, both printed:
+- to the plain run's losses (the tables of earlier sessions): real optimizer steps to reach the plain
+  run's validation loss at 40%, 60%, 80% and 100% of its steps (the first checkpoint at or below it);
+  speed-up = plain steps / variant steps, its mean over the targets (a target never reached counts as
+  reached at the last step: an upper bound). It is biased against every other run where the loss is
+  noisy: the plain run reaches its own targets by construction, lucky dips included, while another run
+  must wait for a dip of its own; measured against the variant's losses instead, the same pair of runs
+  reads differently (MiniLM's null x0.99 one way, x1.07 the other).
+- smoothed (the default since the fourth session): each run's losses smoothed alike (a centred mean of 5
+  checkpoints, then the running minimum: the best loss so far, a monotone curve); at each target
+  fraction the level is the worse of the two smoothed curves there, and the steps each run takes to
+  reach it (interpolated between checkpoints) are compared. It treats the two runs alike: swapping them
+  inverts the speed-up exactly, so two runs that differ only by chance read x1.00 on average.
+- against a reference of several runs (`--reference null,null-b,null-c`): the plain run is one draw of
+  the training; where it is a lucky one every variant reads low against it (the small LM's seed 2: all
+  three nulls x0.85-0.88). With --reference the controls named join it: each run's smoothed speed-up
+  is the geometric mean of those against each reference run but itself, so that a variant is measured
+  against the baseline training rather than one run of it, and the controls against each other.
+The speed-up in wall time (training plus farcast, not the benchmark's own evaluations or saves) and at
+the plain run's pace (`paced`: only farcast's own time counted against the loop) use the smoothed
+measure. Mean and spread over seeds.
 
 `--traces DIR` keeps each training run's trace there and reads it back instead of training again, so that
 a long table can be measured in several short runs (the plain runs once, the variants in later runs).
@@ -70,9 +93,13 @@ from farcast_cli.io.run import Jump, record_jump
 from farcast_cli.model.fit import FitSettings
 
 TARGETS = (0.4, 0.6, 0.8, 1.0)
+NUDGES = {"null": 1e-6, "null-b": -1e-6, "null-c": 3e-6}
+SMOOTHING = 2
+"""Checkpoints each side of the centred mean that smooths a loss curve (5 in all)."""
 FITS = {"l1": FitSettings(), "l2": FitSettings(objective="l2"), "cheap": FitSettings(objective="l2", sample=2000)}
 VARIANTS = (
-    "plain", "null", "memory", "memory-loss", "memory-ungated", "memory-l1", "memory-l2", "memory-cheap",
+    "plain", "null", "null-b", "null-c", "memory", "memory-loss", "memory-paired", "memory-ungated", "memory-l1", "memory-l2",
+    "memory-cheap",
     "inproc", "inproc-unshrunk", "inproc-ungated",
     "inproc-unshrunk-ungated", "inproc-loss", "resume-keep", "graft-keep", "resume-advance", "graft-advance",
 )  # fmt: skip
@@ -129,9 +156,9 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
                 trace.jumps.append((real, result.horizon, result.applied))
                 trace.jump_seconds.append(result.seconds)
                 trace.loss_seconds += result.loss_seconds
-        elif variant == "null" and real == every:
-            _nudge(p.model)
-        elif variant not in ("plain", "null") and real % every == 0 and real < total:
+        elif variant in NUDGES and real == every:
+            _nudge(p.model, NUDGES[variant])
+        elif variant != "plain" and variant not in NUDGES and real % every == 0 and real < total:
             started = time.perf_counter()
             outcome = _farcast(run, p, variant, jump, label, work)
             trace.farcast_seconds += time.perf_counter() - started
@@ -167,6 +194,13 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     words = variant.split("-")
     options = {"settings": FITS[words[-1]]} if words[-1] in FITS else {}
     loss_fn = p.gate if "loss" in words else None
+    paired = [word[len("paired") :] for word in words if word.startswith("paired")]
+    if paired:
+        loss_fn = p.gate_batches
+        options |= {"standard_errors": float(paired[0])} if paired[0] else {}
+    budget = [word[len("budget") :] for word in words if word.startswith("budget")]
+    if budget:
+        options |= {"max_overhead": float(budget[0]) / 100}
     return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=total, **options)
 
 
@@ -210,10 +244,10 @@ def _folder_loss(p, folder: Path) -> float:
     return p.gate(model)
 
 
-def _nudge(model: torch.nn.Module) -> None:
+def _nudge(model: torch.nn.Module, by: float) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.mul_(1 + 1e-6)
+            parameter.mul_(1 + by)
 
 
 def _advance(p, horizon: int, variant: str) -> None:
@@ -240,11 +274,13 @@ def jump_cost(trace: Trace, plain: Trace, every: int) -> dict[str, float]:
     since the last jump), against the plain run's optimizer step and its training time between jumps."""
     saves = len(trace.steps)
     observe = trace.observe_seconds / max(saves, 1)
-    jump = float(np.mean(trace.jump_seconds)) + observe * every / (trace.steps[1] - trace.steps[0])
+    between = float(np.mean(np.diff([0] + [real for real, _, _ in trace.jumps]))) if trace.jumps else every
+    jump = float(np.mean(trace.jump_seconds)) + observe * between / (trace.steps[1] - trace.steps[0])
     step = plain.train_seconds / plain.steps[-1]
     return {
         "jump_ms": 1000 * jump, "observe_ms": 1000 * observe, "step_ms": 1000 * step, "optimizer_steps": jump / step,
-        "of_training_between": jump / (step * every), "loss_ms": 1000 * trace.loss_seconds / len(trace.jump_seconds),
+        "of_training_between": jump / (step * between), "loss_ms": 1000 * trace.loss_seconds / len(trace.jump_seconds),
+        "between": between,
     }  # fmt: skip
 
 
@@ -272,6 +308,50 @@ def speedups(plain: Trace, other: Trace) -> tuple[float, float]:
     return float(np.mean(steps)), float(np.mean(seconds))
 
 
+def smoothed(losses: list[float]) -> np.ndarray:
+    """The best loss so far of a centred mean of 2 x SMOOTHING + 1 checkpoints (fewer near the ends, as
+    many each side): a monotone curve of the run's trend, its lucky dips averaged out."""
+    values = np.asarray(losses, dtype=float)
+    means = np.empty_like(values)
+    for index in range(len(values)):
+        side = min(SMOOTHING, index, len(values) - 1 - index)
+        means[index] = values[index - side : index + side + 1].mean()
+    return np.minimum.accumulate(means)
+
+
+def crossing(trace: Trace, curve: np.ndarray, level: float) -> tuple[float, float]:
+    """Real steps and seconds at which the monotone `curve` first reaches `level`, interpolated linearly
+    between the checkpoints around it."""
+    at = int(np.argmax(curve <= level))
+    if at == 0 or curve[at - 1] == curve[at]:
+        return trace.steps[at], trace.seconds[at]
+    share = (curve[at - 1] - level) / (curve[at - 1] - curve[at])
+    steps = trace.steps[at - 1] + share * (trace.steps[at] - trace.steps[at - 1])
+    return steps, trace.seconds[at - 1] + share * (trace.seconds[at] - trace.seconds[at - 1])
+
+
+def smoothed_speedups(plain: Trace, other: Trace) -> tuple[float, float]:
+    """Mean over the targets of plain's steps (and seconds) over the variant's, to the worse of the two
+    smoothed curves at each target fraction of plain's checkpoints (module docstring)."""
+    mine, theirs = smoothed(other.losses), smoothed(plain.losses)
+    steps, seconds = [], []
+    for fraction in TARGETS:
+        index = min(int(round(fraction * len(plain.steps))), len(other.steps)) - 1
+        level = max(theirs[index], mine[index])
+        (plain_steps, plain_seconds), (other_steps, other_seconds) = crossing(plain, theirs, level), crossing(other, mine, level)
+        steps.append(plain_steps / other_steps)
+        seconds.append(plain_seconds / other_seconds)
+    return float(np.mean(steps)), float(np.mean(seconds))
+
+
+def against(baseline: dict[str, Trace], name: str, trace: Trace) -> tuple[float, float]:
+    """The smoothed speed-ups by steps and by seconds of `trace` (the run of variant `name`) against each
+    baseline run but itself: their geometric means."""
+    pairs = [smoothed_speedups(reference, trace) for key, reference in baseline.items() if key != name]
+    steps, seconds = (float(np.exp(np.mean(np.log(values)))) for values in zip(*pairs, strict=True))
+    return steps, seconds
+
+
 def paced(plain: Trace, other: Trace, by_steps: float) -> float:
     """The speed-up by wall time had the variant trained at the plain run's pace: the speed-up by steps
     times the plain step over the plain step plus farcast's time per step of the variant. Two runs'
@@ -297,46 +377,60 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--traces", type=Path, help="keep each training run's trace here, and reuse those kept by an earlier run")
+    parser.add_argument("--reference", default="", help="controls that join the plain run as the reference, e.g. null,null-b,null-c")
     args = parser.parse_args()
     torch.set_num_threads(1)
     total = STEPS[args.workload]
     rhythms = [tuple(float(v) for v in r.split(":")) for r in args.rhythm] if args.rhythm else [(total // 5, 0.5), (total // 20, 0.1)]
     rhythms = [(_on_a_save(every, SAVE_EVERY[args.workload]), jump) for every, jump in rhythms]
     variants = [v for v in args.variants.split(",") if v == "plain" or args.schedule == "linear" or not v.endswith("advance")]
+    references = [name for name in args.reference.split(",") if name]
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="farcast-loop-") as scratch:
         work = Path(scratch)
         for seed in range(args.seeds):
             plain = trained(args.traces, args.workload, "plain", seed, args.schedule, 1, 0.0, work)
             for every, jump in rhythms:
+                baseline = {"plain": plain} | {
+                    name: trained(args.traces, args.workload, name, seed, args.schedule, int(every), jump, work) for name in references
+                }
                 for variant in variants[1:] if variants[0] == "plain" else variants:
-                    trace = trained(args.traces, args.workload, variant, seed, args.schedule, int(every), jump, work)
-                    by_steps, by_time = speedups(plain, trace)
+                    trace = baseline.get(variant)
+                    if trace is None:
+                        trace = trained(args.traces, args.workload, variant, seed, args.schedule, int(every), jump, work)
+                    old_steps, old_time = speedups(plain, trace)
+                    by_steps, by_time = against(baseline, variant, trace)
+                    alone = smoothed_speedups(plain, trace)[0]
                     by_pace = paced(plain, trace, by_steps)
                     key = f"{variant} every {int(every)} jump {jump:g}"
                     results.setdefault(key, []).append(
-                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "speedup_paced": by_pace, "jumps": trace.jumps,
+                        {"seed": seed, "speedup_steps": by_steps, "speedup_time": by_time, "to_plains_losses": [old_steps, old_time],
+                         "against_plain": alone,
+                         "speedup_paced": by_pace, "jumps": trace.jumps,
                          "farcast_seconds": trace.farcast_seconds, "final_loss": trace.losses[-1], "plain_final_loss": plain.losses[-1]}
                     )  # fmt: skip
                     made = sum(applied for _, _, applied in trace.jumps)
                     final = f"final loss {trace.losses[-1]:.4f} (plain {plain.losses[-1]:.4f})"
-                    print(f"seed {seed} {key}: x{by_steps:.2f} steps, x{by_time:.2f} time (x{by_pace:.2f} at plain's pace), "
+                    print(f"seed {seed} {key}: x{by_steps:.3f} steps, x{by_time:.2f} time (x{by_pace:.2f} at plain's pace); "
+                          f"against plain alone x{alone:.3f} steps; to plain's losses x{old_steps:.3f} steps, x{old_time:.2f} time; "
                           f"{made}/{len(trace.jumps)} jumps, farcast {trace.farcast_seconds:.1f} s, {final}", flush=True)  # fmt: skip
                     if trace.jump_seconds:
                         cost = jump_cost(trace, plain, int(every))
                         results[key][-1]["cost"] = cost
                         print(f"  a jump's own cost {cost['jump_ms']:.1f} ms (observing {cost['observe_ms']:.2f} ms a save) = "
                               f"{cost['optimizer_steps']:.0f} optimizer steps of {cost['step_ms']:.3f} ms, "
-                              f"{100 * cost['of_training_between']:.0f}% of the training between jumps; loss_fn "
+                              f"{100 * cost['of_training_between']:.0f}% of the training between jumps "
+                              f"(every {cost['between']:.0f} steps); loss_fn "
                               f"{cost['loss_ms']:.1f} ms a jump", flush=True)  # fmt: skip
-    print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up to the plain run's losses")
-    print("(mean, and min-max over seeds)\n")
-    print("| variant | rhythm | by steps | by wall time | time / steps | at plain's pace | paced / steps | jumps made | a jump's own cost "
-          "| = optimizer steps | of the training between jumps |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    reference = " + ".join(["plain", *references])
+    print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up, smoothed, against {reference} (module")
+    print("docstring), and by steps to the plain run's losses as earlier tables measured it (mean, and min-max over seeds)\n")
+    print("| variant | rhythm | by steps | to plain's losses | by wall time | time / steps | at plain's pace | paced / steps | jumps made "
+          "| a jump's own cost | = optimizer steps | of the training between jumps |\n" + "|---" * 12 + "|")  # fmt: skip
     for key, rows in results.items():
         variant, rhythm = key.split(" ", 1)
         steps, times = [r["speedup_steps"] for r in rows], [r["speedup_time"] for r in rows]
-        paces = [r["speedup_paced"] for r in rows]
+        paces, olds = [r["speedup_paced"] for r in rows], [r["to_plains_losses"][0] for r in rows]
         made = np.mean([sum(a for _, _, a in r["jumps"]) for r in rows])
         tried = np.mean([len(r["jumps"]) for r in rows])
         costs = [r["cost"] for r in rows if "cost" in r]
@@ -345,6 +439,7 @@ def main() -> None:
             jump_ms, steps_of = _spread([c["jump_ms"] for c in costs], "{:.0f}"), _spread([c["optimizer_steps"] for c in costs], "{:.1f}")
             cost = f" {jump_ms} ms | {steps_of} | {_spread([100 * c['of_training_between'] for c in costs], '{:.0f}')}% |"
         print(f"| {variant} | {rhythm} | x{np.mean(steps):.2f} ({min(steps):.2f}-{max(steps):.2f}) | "
+              f"x{np.mean(olds):.2f} ({min(olds):.2f}-{max(olds):.2f}) | "
               f"x{np.mean(times):.2f} ({min(times):.2f}-{max(times):.2f}) | {np.mean(times) / np.mean(steps):.2f} | "
               f"x{np.mean(paces):.2f} ({min(paces):.2f}-{max(paces):.2f}) | {np.mean(paces) / np.mean(steps):.2f} | "
               f"{made:.1f} of {tried:.1f} |{cost}")  # fmt: skip

@@ -7,9 +7,10 @@ The rule tried (not the Farcaster's; RESULTS.md, "The loop table, third session"
 earned at the run's recent pace, `earn x rate x horizon`, where `rate` is the loss's fall per real step
 since the previous attempt (from the loss kept there to the loss before this jump; no extra loss calls;
 the first attempt, with no rate yet, is gated as the Farcaster gates). Each run is benchmarks/loop.py's
-memory-loss variant with that gate; the speed-up by steps to the plain run's losses, as loop.py measures
-it, mean and min-max over seeds. With `--traces` the plain runs are read from (or kept in) loop.py's
-trace folder.
+memory-loss variant with that gate; the speed-up by steps to the plain run's losses (`loop.speedups`, the
+third session's measure: loop.py's smoothed one is now its default), mean and min-max over seeds. The
+fourth session's per-batch gate is the Farcaster's own (`standard_errors`; loop.py's memory-pairedK).
+With `--traces` the plain runs are read from (or kept in) loop.py's trace folder.
 """
 
 from __future__ import annotations

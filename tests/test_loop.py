@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from farcast_cli.errors import UsageError
 from farcast_cli.integrations import Farcaster
 from farcast_cli.io.run import find_run
 from farcast_cli.model.fit import FitSettings
@@ -149,3 +150,71 @@ def test_a_run_farcast_cannot_read_is_a_warning_and_training_goes_on(tmp_path, c
     assert result is not None and not result.applied and result.why.startswith("farcast failed, training goes on")
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "checkpoint-10" in caplog.records[0].getMessage()
     assert torch.equal(model.weight.detach(), before)
+
+
+def per_example_loss(model: torch.nn.Module) -> torch.Tensor:
+    x, y = regression_data()
+    with torch.no_grad():
+        return ((model(x) - y) ** 2).mean(dim=1)
+
+
+def jump_verified_by(tmp_path: Path, loss_fn, **options):
+    """The linear model's run with one jump at step 30, verified by `loss_fn`: the model, the jump's
+    result, the checkpoint saved just before it and the run folder."""
+    run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+    model, results = train_with(Farcaster(run, every=30, jump=0.5, settings=FAST_FIT, loss_fn=loss_fn, **options), run, steps=30)
+    return model, results[-1], load_file(run / "checkpoint-30" / "model.safetensors"), run
+
+
+def test_a_jump_gaining_less_than_k_standard_errors_of_the_per_batch_losses_is_undone_bit_for_bit(tmp_path):
+    model, kept, saved, _ = jump_verified_by(tmp_path, per_example_loss, standard_errors=0.0)
+    assert kept.applied and kept.loss_error > 0 and f"standard error {kept.loss_error:.2g} over 256 batches" in kept.why
+    assert kept.loss_before > kept.loss_after == pytest.approx(float(per_example_loss(model).mean()), rel=1e-6)
+    jumped = model.weight.detach().clone()
+    assert not torch.equal(jumped, saved["weight"])
+    errors = (kept.loss_before - kept.loss_after) / kept.loss_error
+    model, below, _, _ = jump_verified_by(tmp_path, per_example_loss, standard_errors=0.99 * errors)
+    assert below.applied and torch.equal(model.weight.detach(), jumped)
+    model, refused, saved, run = jump_verified_by(tmp_path, per_example_loss, standard_errors=1.01 * errors)
+    assert not refused.applied and "weights restored" in refused.why and refused.loss_error == kept.loss_error
+    assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
+    assert not (run / "farcast_jumps.json").exists()
+
+
+def test_a_float_loss_fn_gates_by_the_margin_alone_as_per_batch_losses_with_no_standard_errors_do(tmp_path):
+    def mean_loss(model: torch.nn.Module) -> float:
+        return float(per_example_loss(model).mean())
+
+    by_float, float_result, _, _ = jump_verified_by(tmp_path, mean_loss, standard_errors=1e9)
+    by_batches, batches_result, _, _ = jump_verified_by(tmp_path, per_example_loss, standard_errors=0.0)
+    assert float_result.applied and float_result.loss_error is None and "standard error" not in float_result.why
+    assert batches_result.applied and torch.equal(by_float.weight.detach(), by_batches.weight.detach())
+    assert float_result.loss_after == pytest.approx(batches_result.loss_after, rel=1e-6)
+
+
+@pytest.mark.parametrize("returned", [None, "0.5", True, {"loss": 0.5}, [[0.5, 0.4]], [0.5], torch.ones(2, 2)])
+def test_a_loss_fn_returning_neither_a_loss_nor_per_batch_losses_stops_at_its_first_call(tmp_path, returned):
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=30, jump=0.5, settings=FAST_FIT, loss_fn=lambda model: returned)
+    with pytest.raises(UsageError, match="loss_fn must return a float or a 1-D sequence"):
+        train_with(farcaster, run, steps=30)
+    assert not (run / "farcast_jumps.json").exists()
+
+
+def test_per_batch_losses_of_another_length_after_the_jump_undo_it_and_training_goes_on(tmp_path):
+    calls = []
+
+    def shrinking(model: torch.nn.Module) -> torch.Tensor:
+        calls.append(None)
+        return per_example_loss(model)[: 257 - len(calls)]
+
+    model, result, saved, run = jump_verified_by(tmp_path, shrinking)
+    assert not result.applied and "256 losses before the jump and 255 after" in result.why
+    assert result.why.startswith("farcast failed, training goes on")
+    assert torch.equal(model.weight.detach(), saved["weight"]) and not (run / "farcast_jumps.json").exists()
+
+
+@pytest.mark.parametrize("value", [-1.0, float("inf"), float("nan"), "2"])
+def test_standard_errors_are_checked_when_the_farcaster_is_built(tmp_path, value):
+    with pytest.raises(UsageError, match="standard_errors must be a number of standard errors"):
+        Farcaster(tmp_path, loss_fn=per_example_loss, standard_errors=value)

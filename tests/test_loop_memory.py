@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,6 +155,8 @@ def test_no_jump_at_the_last_step(tmp_path):
         ({"source": "run", "loss_fn": len}, "loss_fn scores the model in memory"),
         ({"loss_fn": 3}, "loss_fn must be a callable"),
         ({"keep_first_on": "gpu"}, "keep_first_on must be one of cpu, device"),
+        ({"max_overhead": 0}, "max_overhead must be a share"),
+        ({"max_overhead": 1.5}, "max_overhead must be a share"),
     ],
 )
 def test_options_are_checked_when_the_farcaster_is_built(tmp_path, options, message):
@@ -169,6 +172,30 @@ def test_the_trainer_callback_checks_its_options_when_built():
         FarcastCallback(every=10, evaluatr="python eval.py {checkpoint}")
     with pytest.raises(UsageError, match="eval_batches takes"):
         FarcastCallback(every=10, eval_batches=2)
+
+
+def test_a_due_jump_waits_while_it_would_take_farcast_past_max_overhead(tmp_path):
+    """Each attempt costs two 20 ms calls of the loss; saves come at once, then after 300 ms of
+    "training": the jump due at step 15 would make farcast half the loop's time, the one at 25 not."""
+    run = tmp_path / "run"
+    model = two_layers()
+
+    def slow_loss(module: torch.nn.Module) -> float:
+        time.sleep(0.02)
+        return 1.0
+
+    farcaster = Farcaster(run, every=5, jump=0.5, settings=FAST_FIT, loss_fn=slow_loss, gate=False, max_overhead=0.5)
+    attempts = []
+    for step in range(0, 30, 5):
+        if step == 25:
+            time.sleep(0.3)
+        with torch.no_grad():
+            model[0].weight.add_(0.01)
+        save(run, model, step)
+        if farcaster.step(model, step) is not None:
+            attempts.append(step)
+    assert attempts == [10, 25] and farcaster.postponed == 2
+    assert [jump["at_step"] for jump in json.loads((run / "farcast_jumps.json").read_text())["jumps"]] == [10, 25]
 
 
 def test_the_run_source_leaves_no_scratch_folder(tmp_path):

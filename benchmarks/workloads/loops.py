@@ -3,7 +3,9 @@
 `parts(name, seed, schedule)` builds a fresh model, its optimizer and (for "linear") a linearly decaying
 LambdaLR schedule, and `batch_loss(index)`: the loss on batch number `index` of a data order fixed by
 the seed, so that a loop can skip batches as a resumed Trainer does. Validation splits in two
-disjoint halves: `gate` (what a loss gate may look at) and `measure` (what the benchmark reports).
+disjoint halves: `gate` (what a loss gate may look at) and `measure` (what the benchmark reports);
+`gate_batches` is the gate half's loss per example (per window of text for the language model), whose
+mean is `gate`'s loss.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Parts:
     batch_loss: Callable[[int], torch.Tensor]
     gate: Callable[[torch.nn.Module], float]
     measure: Callable[[torch.nn.Module], float]
+    gate_batches: Callable[[torch.nn.Module], torch.Tensor]
 
 
 def _batches(seed: int, count: int, size: int) -> Callable[[int], torch.Tensor]:
@@ -63,8 +66,12 @@ def _classifier(x, y, x_valid, y_valid, model, optimizer, batch: int, seed: int,
         with torch.no_grad():
             return float(torch.nn.functional.cross_entropy(model(x_valid[part]), y_valid[part]))
 
+    def per_example(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(x_valid[::2]), y_valid[::2], reduction="none")
+
     gate, measure = _halves(loss)
-    return Parts(model, optimizer, _schedule(optimizer, schedule, total), batch_loss, gate, measure)
+    return Parts(model, optimizer, _schedule(optimizer, schedule, total), batch_loss, gate, measure, per_example)
 
 
 def parts(name: str, seed: int, schedule: str = "constant") -> Parts:
@@ -107,8 +114,15 @@ def _language_model(seed: int, schedule: str, total: int) -> Parts:
         with torch.no_grad():
             return float(model(input_ids=windows[part], labels=windows[part]).loss)
 
+    def per_window(model: torch.nn.Module) -> torch.Tensor:
+        ids = windows[::2]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        return losses.view(len(ids), -1).mean(dim=1)
+
     gate, measure = _halves(loss)
-    return Parts(model, optimizer, _schedule(optimizer, schedule, total), batch_loss, gate, measure)
+    return Parts(model, optimizer, _schedule(optimizer, schedule, total), batch_loss, gate, measure, per_window)
 
 
 def _minilm(seed: int, schedule: str, total: int) -> Parts:
@@ -129,5 +143,10 @@ def _minilm(seed: int, schedule: str, total: int) -> Parts:
         with torch.no_grad():
             return float(model(**{k: v[part] for k, v in valid.items()}, labels=valid_labels[part]).loss)
 
+    def per_example(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(**{k: v[::2] for k, v in valid.items()}).logits
+            return torch.nn.functional.cross_entropy(logits, valid_labels[::2], reduction="none")
+
     gate, measure = _halves(loss)
-    return Parts(model, optimizer, _schedule(optimizer, schedule, total), batch_loss, gate, measure)
+    return Parts(model, optimizer, _schedule(optimizer, schedule, total), batch_loss, gate, measure, per_example)

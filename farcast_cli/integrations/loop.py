@@ -25,6 +25,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -54,7 +55,9 @@ class JumpResult:
 
     `seconds` is farcast's own time for the attempt, `loss_fn`'s excluded (that is `loss_seconds`);
     `loss_before` and `loss_after` are `loss_fn`'s verdict where one was given and the jump was tried;
-    `report` is the `farcast predict` report of a jump made from the run on disk."""
+    `report` is the `farcast predict` report of a jump made from the run on disk. Where `loss_fn` returns
+    per-batch losses, `loss_before` and `loss_after` are their means and `loss_error` the standard error
+    of the mean paired difference (after - before, batch by batch)."""
 
     step: int
     horizon: int
@@ -65,26 +68,40 @@ class JumpResult:
     loss_before: float | None = None
     loss_after: float | None = None
     loss_seconds: float = 0.0
+    loss_error: float | None = None
 
 
 class Farcaster:
     """Farcast a run every `every` steps by `jump` x its elapsed steps (see the module docstring).
 
-    `loss_fn(model) -> float` (memory): the model's loss on your held-out batches; a jump stays only where
-    it lowers that loss by more than `margin`, else the weights are put back exactly. `margin` is 0 by
+    `loss_fn(model)` (memory): the model's loss on your held-out batches; a jump stays only where it
+    lowers that loss by more than `margin`, else the weights are put back exactly. `margin` is 0 by
     default: both losses are taken on the same batches, so their difference is the jump's effect on
     them, not batch-to-batch noise, and a margin in your loss's units only refuses small gains (in the
     loop table, refusing the jumps worth less than a share of the steps they skip lost the gains on the
     MLP and the CNN and did not lift the small LM, whose spread is its runs' own chaos: RESULTS.md,
-    "The loop table, third session"). Without it the weight backtest on the sample gates. `settings`:
+    "The loop table, third session"). `loss_fn` may return one float, or one loss per batch (a 1-D
+    sequence or tensor of two or more, the same batches each call): then the jump must also lower
+    their mean by more than `standard_errors` x the standard error of the mean paired difference
+    (after - before, batch by batch). That error says how far the gain on these batches could come
+    from the batches rather than the jump: with margin 0, a jump that does nothing on batches like
+    them passes half the time. 0.5 by default (a jump of no effect passes 31% of the time): in the
+    loop table it lifted the small LM every 40 steps by +0.04 +- 0.02 over 10 seeds and kept the
+    MLP's and the CNN's gains, where 1 and 2 lost part of the MLP's (RESULTS.md, "The loop table,
+    fourth session"). Without `loss_fn` the weight backtest on the sample gates. `settings`:
     the fit's (LOOP_FIT, the closed form, by default; `FitSettings(objective="l1")` for the fit `farcast
     predict` makes by default). `evaluator` (run): a callable taking a checkpoint folder and returning
     its loss, or an eval command with {checkpoint}; None decides by weight error.
     `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
     `gate=False` applies every forecast, winning or not. `max_steps`: the run's last step, at which no
     jump is made (the weights saved there would not hold it). `keep_first_on`: where the first observed
-    weights are kept (memory): "cpu", or "device" (the model's). Options are checked here, not at the
-    first save."""
+    weights are kept (memory): "cpu", or "device" (the model's). `max_overhead`: the largest share of
+    the loop's wall time (since the first call) that farcast may take, its calls of `loss_fn` included;
+    after the first attempt, a due jump waits for a later call while making it, at the cost of the
+    last attempt, would take farcast past that share (None: every `every` steps, whatever a jump costs). It bounds what the loop
+    can lose by the clock where steps are cheap (a half-millisecond step makes a 5 ms jump 10 steps);
+    the jumps then depend on timing, so two runs may jump at different steps. Options are checked here,
+    not at the first save."""
 
     def __init__(
         self,
@@ -104,12 +121,15 @@ class Farcaster:
         margin: float = 0.0,
         max_steps: int | None = None,
         keep_first_on: str = "cpu",
+        standard_errors: float = 0.5,
+        max_overhead: float | None = None,
     ) -> None:
-        _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings)
+        _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings, standard_errors)
+        _check_overhead(max_overhead)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.every, self.jump, self.schedule, self.gate = every, jump, schedule, gate
         self.min_checkpoints, self.settings, self.source, self.max_steps = max(3, min_checkpoints), settings, source, max_steps
-        self.loss_fn, self.margin = loss_fn, margin
+        self.loss_fn, self.margin, self.standard_errors = loss_fn, margin, standard_errors
         self.evaluation = EvalOptions(EvalCommand(evaluator) if isinstance(evaluator, str) else evaluator, eval_jobs)
         self.options = commands.StreamOptions(device=device, quiet=quiet)
         self.observed = ObservedRun(settings.sample, settings.seed, keep_first_on)
@@ -117,6 +137,8 @@ class Farcaster:
         self.observe_seconds = 0.0
         self.last_attempt: int | None = None
         self.history: list[JumpResult] = []
+        self.max_overhead, self.postponed = max_overhead, 0
+        self._clock = _Clock()
 
     def due(self, step: int) -> bool:
         if self.max_steps is not None and step >= self.max_steps:
@@ -131,6 +153,7 @@ class Farcaster:
         rank, ranks = memory.world()
         due = self.due(step)
         result = None
+        self._clock.start()
         if rank == 0:
             try:
                 result = self._on_rank_zero(model, step, due)
@@ -147,6 +170,7 @@ class Farcaster:
         if result is None:
             return None
         self.last_attempt = step
+        self._clock.spend(result.seconds + result.loss_seconds)
         if result.applied:
             self.jumped += result.horizon
             self._advance(lr_scheduler, result.horizon)
@@ -155,46 +179,66 @@ class Farcaster:
     def _on_rank_zero(self, model: torch.nn.Module, step: int, due: bool) -> JumpResult | None:
         """Observe the model at this step, and jump where due (from the run on disk with source="run")."""
         if self.source == "run":
-            return self._from_run(model, step) if due else None
+            return self._from_run(model, step) if due and not self._postponed() else None
         started = time.perf_counter()
         try:
             self.observed.observe(model.state_dict(), step + self.jumped)
             unobserved = None
         except FarcastError as error:
             unobserved = error
-        self.observe_seconds += time.perf_counter() - started
-        if not due or len(self.observed) < self.min_checkpoints:
+        seconds = time.perf_counter() - started
+        self.observe_seconds += seconds
+        self._clock.spend(seconds)
+        if not due or len(self.observed) < self.min_checkpoints or self._postponed():
             return None
         if unobserved is not None:
             return JumpResult(step, 0, False, f"farcast failed, training goes on: {unobserved}", 0.0, None)
         return self._from_memory(model, step)
 
+    def _postponed(self) -> bool:
+        """Whether a due jump waits, to keep farcast within `max_overhead` of the loop's time (logged once)."""
+        if self.max_overhead is None or not self.history:
+            return False
+        last = self.history[-1]
+        if self._clock.within(self.max_overhead, last.seconds + last.loss_seconds):
+            return False
+        if not self.postponed:
+            log.info("farcast postpones a due jump: it would take more than %g of the loop's time", self.max_overhead)
+        self.postponed += 1
+        return True
+
     def _from_memory(self, model: torch.nn.Module, step: int) -> JumpResult | None:
-        """Fit from the observed history, gate or verify, and jump in place (rank 0)."""
-        started, loss_seconds = time.perf_counter(), 0.0
+        """Fit from the observed history, gate or verify, and jump in place (rank 0). `loss_fn` is called
+        before anything else, outside the guard that lets training go on: a loss that fails, or returns
+        what is neither a loss nor per-batch losses, stops training at its first call, before any jump."""
+        started, loss_seconds, error = time.perf_counter(), 0.0, None
         horizon = self.horizon(self.observed.steps[0], self.observed.steps[-1])
         before = after = None
+        if self.loss_fn is not None:
+            before, loss_seconds = _timed_loss(self.loss_fn, model)
         try:
             fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
             applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
             if applied:
                 backup = {} if self.loss_fn is not None and self.gate else None
-                if self.loss_fn is not None:
-                    before, seconds = _timed_loss(self.loss_fn, model)
-                    loss_seconds += seconds
                 memory.apply_jump(model, self.observed, fitted.forecaster, backup)
                 if self.loss_fn is not None:
-                    after, seconds = _timed_loss(self.loss_fn, model)
+                    try:
+                        after, seconds = _timed_loss(self.loss_fn, model)
+                        applied, why, error = self._loss_decision(before, after)
+                    except BaseException:
+                        if backup is not None:
+                            memory.restore(model, backup)
+                        raise
                     loss_seconds += seconds
-                    applied, why = self._loss_decision(before, after)
-                    if not applied:
+                    if not applied and backup is not None:
                         memory.restore(model, backup)
             if applied:
                 record_jump(self.run_dir, Jump(step, horizon))
-        except FarcastError as error:
-            applied, why = False, f"farcast failed, training goes on: {error}"
+        except FarcastError as failure:
+            applied, why = False, f"farcast failed, training goes on: {failure}"
         seconds = time.perf_counter() - started - loss_seconds
-        return JumpResult(step, horizon, applied, why, seconds, None, before, after, loss_seconds)
+        return JumpResult(step, horizon, applied, why, seconds, None, _mean(before), _mean(after), loss_seconds, error)
 
     def _weight_decision(self, fitted: SelfFit, horizon: int) -> tuple[bool, str]:
         if not self.gate:
@@ -209,13 +253,21 @@ class Farcaster:
             return True, f"the forecast beat keeping the last checkpoint {how}"
         return False, f"the forecast did not beat keeping the last checkpoint {how}"
 
-    def _loss_decision(self, before: float, after: float) -> tuple[bool, str]:
-        losses = f"loss {before:.5g} -> {after:.5g}"
+    def _loss_decision(self, before: Losses, after: Losses) -> tuple[bool, str, float | None]:
+        """Keep the jump where it lowers the loss by more than `margin` and, with per-batch losses, by
+        more than `standard_errors` x the standard error of the mean paired difference; that error too."""
+        error = _paired_error(before, after)
+        gain = _mean(before) - _mean(after)
+        losses = f"loss {_mean(before):.5g} -> {_mean(after):.5g}"
+        if error is not None:
+            losses += f", standard error {error:.2g} over {len(before)} batches"
         if not self.gate:
-            return True, f"applied without a gate ({losses})"
-        if after < before - self.margin:
-            return True, f"the jump lowered your loss ({losses})"
-        return False, f"the jump did not lower your loss by more than {self.margin:g} ({losses}); weights restored"
+            return True, f"applied without a gate ({losses})", error
+        needed = self.margin if error is None else max(self.margin, self.standard_errors * error)
+        if gain > needed:
+            return True, f"the jump lowered your loss ({losses})", error
+        unit = f"{self.margin:g}" if error is None else f"{needed:.2g} (max of margin, {self.standard_errors:g} standard errors)"
+        return False, f"the jump did not lower your loss by more than {unit} ({losses}); weights restored", error
 
     def _from_run(self, model: torch.nn.Module, step: int) -> JumpResult | None:
         """The jump through `farcast predict` on the run's checkpoints (source="run")."""
@@ -272,7 +324,7 @@ class Farcaster:
                 lr_scheduler.step()
 
 
-def _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings) -> None:
+def _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings, standard_errors) -> None:
     if schedule not in ("keep", "advance"):
         raise UsageError(f"schedule must be keep or advance, not {schedule!r}")
     if every < 1 or jump <= 0:
@@ -287,15 +339,78 @@ def _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, se
         raise UsageError("loss_fn must be a callable taking the model and returning its loss")
     if margin < 0:
         raise UsageError(f"margin must be a loss difference of 0 or more, not {margin}")
+    if not isinstance(standard_errors, int | float) or not 0 <= standard_errors < float("inf"):
+        raise UsageError(f"standard_errors must be a number of standard errors, 0 or more, not {standard_errors!r}")
     if not isinstance(settings, FitSettings):
         raise UsageError("settings must be a FitSettings")
 
 
-def _timed_loss(loss_fn: Callable[[torch.nn.Module], float], model: torch.nn.Module) -> tuple[float, float]:
+Losses = float | np.ndarray
+"""What `loss_fn` returned: one loss, or one per batch."""
+
+
+def _check_overhead(max_overhead: float | None) -> None:
+    if max_overhead is not None and not (isinstance(max_overhead, int | float) and 0 < max_overhead <= 1):
+        raise UsageError(f"max_overhead must be a share of the loop's time above 0 and at most 1, or None, not {max_overhead!r}")
+
+
+class _Clock:
+    """The loop's wall time since the first call, and farcast's own share of it."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.spent = 0.0
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def spend(self, seconds: float) -> None:
+        self.spent += seconds
+
+    def within(self, share: float, more: float) -> bool:
+        """Whether farcast's time, `more` seconds added, stays within `share` of the time since the first call."""
+        return self.spent + more <= share * (time.perf_counter() - self.started)
+
+
+def _timed_loss(loss_fn: Callable[[torch.nn.Module], object], model: torch.nn.Module) -> tuple[Losses, float]:
     started = time.perf_counter()
     with torch.no_grad():
-        loss = float(loss_fn(model))
+        loss = _losses(loss_fn(model))
     return loss, time.perf_counter() - started
+
+
+def _losses(value: object) -> Losses:
+    """`loss_fn`'s return as a float, or as per-batch losses (float64, one dimension, two or more)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    wrong = UsageError(f"loss_fn must return a float or a 1-D sequence of per-batch losses, not {type(value).__name__}")
+    if value is None or isinstance(value, bool | str | bytes):
+        raise wrong
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise wrong from None
+    if array.ndim == 0:
+        return float(array)
+    if array.ndim != 1 or len(array) < 2:
+        raise UsageError(f"loss_fn must return a float or a 1-D sequence of two or more per-batch losses, not shape {array.shape}")
+    return array
+
+
+def _mean(loss: Losses | None) -> float | None:
+    return None if loss is None else float(np.mean(loss))
+
+
+def _paired_error(before: Losses, after: Losses) -> float | None:
+    """The standard error of the mean of after - before, batch by batch; None for single losses."""
+    if isinstance(before, float) and isinstance(after, float):
+        return None
+    if isinstance(before, float) or isinstance(after, float) or before.shape != after.shape:
+        shapes = [1 if isinstance(x, float) else len(x) for x in (before, after)]
+        raise UsageError(f"loss_fn returned {shapes[0]} losses before the jump and {shapes[1]} after: it must score the same batches")
+    differences = after - before
+    return float(differences.std(ddof=1) / np.sqrt(len(differences)))
 
 
 def load_into(model: torch.nn.Module, folder: Path) -> None:
