@@ -5,7 +5,6 @@ Each option is declared once, in an OptionGroup that also builds the settings ob
 uses it. Help panels order the options from what most people need to what few do.
 """
 
-import atexit
 import contextlib
 import functools
 import inspect
@@ -14,7 +13,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -601,8 +599,6 @@ def main() -> None:
     (where SIGTERM interrupts it and cleans up), that must not cut short a rank's error line or exit code."""
     if launched_size() > 1:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if launched_size() <= 1:
-        _exit_without_teardown(lambda: app(prog_name="farcast"))
     if launched_rank() == 0:
         app(prog_name="farcast")
         return
@@ -612,25 +608,3 @@ def main() -> None:
         except Exception as error:
             code = getattr(error, "exit_code", EXIT_INTERNAL)
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _exit_without_teardown(command: Callable[[], object]) -> None:
-    """Run the command, then end the process as Python would, less the interpreter's teardown: torch and
-    the modules it loads leave about 180,000 objects that a normal exit frees one by one (0.4-0.5 s on a
-    2-core machine, measured; benchmarks/RESULTS.md, issue 25). The command has closed, published and
-    cleaned up everything by then; the exit handlers still run and the output is flushed. Where another
-    thread still runs or a flush fails, the normal exit does it all."""
-    try:
-        command()
-        code = 0
-    except SystemExit as exiting:
-        code = 0 if exiting.code is None else exiting.code
-    if not isinstance(code, int) or threading.active_count() > 1:
-        sys.exit(code)
-    atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        sys.exit(code)
-    os._exit(code)

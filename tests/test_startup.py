@@ -14,7 +14,7 @@ def test_the_cli_does_not_import_torchs_distributed_checkpoint_package_until_a_d
 
 def test_the_cli_ends_without_teardown_yet_runs_exit_handlers_and_flushes_its_output(tmp_path) -> None:
     probe = (
-        "import atexit, sys; from farcast_cli.cli import main; "
+        "import atexit, sys; from farcast_cli.__main__ import main; "
         "atexit.register(lambda: print('exit handler ran')); sys.argv = ['farcast', '--version']; main()"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
