@@ -33,8 +33,8 @@ MUTATIONS = [
     (
         "closed form from sums: targets at the checkpoint before, not interpolated",
         "farcast_cli/model/pairs.py",
-        "for j, x in ((before, 1.0 - alpha), (before + 1, alpha)):",
-        "for j, x in ((before, 1.0),):",
+        "before, alpha = before.T, alpha.T",
+        "before, alpha = before.T, 0.0 * alpha.T",
     ),
     ("time rule scaled by 0.9", "farcast_cli/model/pairs.py", "rho = horizon / (sk - s0)", "rho = 0.9 * horizon / (sk - s0)"),
     (
