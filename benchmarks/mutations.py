@@ -151,8 +151,8 @@ MUTATIONS = [
     (
         "backtest errors of the first four candidates only",
         "farcast_cli/evaluate/backtest.py",
-        "for row, candidate in zip(out, candidates.values()):",
-        "for row, candidate in zip(out[:4], candidates.values()):",
+        "for row, candidate in zip(weight, candidates.values()):",
+        "for row, candidate in zip(weight[:4], candidates.values()):",
     ),
     (
         "the loss backtest scores only the built-in alternatives",
