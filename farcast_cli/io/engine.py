@@ -311,8 +311,8 @@ class Scratch:
         self.size = size
         self.buffers: dict[tuple, torch.Tensor] = {}
 
-    def get(self, count: int, dtype: torch.dtype, device: torch.device, pinned: bool = False, slot: int = 0) -> torch.Tensor:
-        key = (dtype, str(device), pinned, slot)
+    def get(self, count: int, dtype: torch.dtype, device: torch.device, pinned: bool = False) -> torch.Tensor:
+        key = (dtype, str(device), pinned)
         if key not in self.buffers:
             self.buffers[key] = torch.empty(self.size, dtype=dtype, device=device, pin_memory=pinned)
         return self.buffers[key][:count]
