@@ -59,7 +59,6 @@ class ObservedRun:
         self._staged = np.empty(0)
         self._copies: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
         self.first: dict[str, torch.Tensor] = {}
-        self.picks: list[tuple[str, torch.Tensor]] = []
         self.names: list[str] = []
         self.sums: dict[tuple, ColumnSums] = {}
 
@@ -102,14 +101,15 @@ class ObservedRun:
         picks = sample_coordinates(infos, self.sample, self.seed)
         if not picks:
             raise InputError("the model has no floating-point tensors to forecast")
-        self.picks = [(info.name, torch.from_numpy(indices).to(tensors[info.name].device)) for info, indices in picks]
-        self.names = [name for name, _ in self.picks]
+        self.names = [info.name for info, _ in picks]
         bounds = np.cumsum([0] + [len(indices) for _, indices in picks])
         staging = torch.empty(int(bounds[-1]), dtype=torch.float64)
         self._staged = staging.numpy()
         self._copies = [
-            (info.name, None, staging[begin:end].view(info.shape)) if len(indices) == info.numel else (info.name, index, staging[begin:end])
-            for (info, indices), (_, index), begin, end in zip(picks, self.picks, bounds[:-1].tolist(), bounds[1:].tolist())
+            (info.name, None, staging[begin:end].view(info.shape))
+            if len(indices) == info.numel
+            else (info.name, torch.from_numpy(indices).to(tensors[info.name].device), staging[begin:end])
+            for (info, indices), begin, end in zip(picks, bounds[:-1].tolist(), bounds[1:].tolist())
         ]
         self._values = np.empty((0, int(bounds[-1])))
         self._tensor_index = np.concatenate([np.full(len(indices), i) for i, (_, indices) in enumerate(picks)])
@@ -120,7 +120,7 @@ class ObservedRun:
                 self.first[name] = tensor.detach().to(device, copy=True)
         log.info(
             "farcast keeps the first observed weights on %s (%.1f MB) and %d sampled coordinates per observation",
-            self.keep_first_on, self.first_bytes / 1e6, sum(len(i) for _, i in self.picks),
+            self.keep_first_on, self.first_bytes / 1e6, len(self._staged),
         )  # fmt: skip
 
     def _sample(self, state: dict[str, torch.Tensor]) -> None:
