@@ -275,7 +275,7 @@ def test_the_trainer_callback_verifies_jumps_by_the_trainers_eval_set(tmp_path):
     assert result.step == 15 and result.loss_before is not None and result.loss_after is not None and "loss" in result.why
     assert trainer.model.training
     loss = callback.farcaster.loss_fn
-    assert len(loss.kept) == 2 and loss(trainer.model) > 0
+    assert len(loss.kept) == 2 and min(loss(trainer.model)) > 0
     assert [e["step"] for e in trainer.state.log_history if "farcast_why" in e] == [15]
 
 

@@ -10,8 +10,12 @@ last step (its checkpoint is saved already). Under DDP it runs on every rank: ra
 jumps, and every rank gets its weights.
 
 A jump can be verified by a `loss_fn(model)`, or by the Trainer's own eval dataset: `eval_batches=N`
-with `trainer=` the Trainer (added with `trainer.add_callback`), the model's mean loss on the first N
-batches of its eval dataloader (on rank 0, the same batches every time).
+with `trainer=` the Trainer (added with `trainer.add_callback`), the model's loss on each of the first N
+batches of its eval dataloader (on rank 0, the same batches every time). Per-batch losses give the
+Farcaster's per-batch gate: a jump must lower their mean by more than `standard_errors` x the standard
+error of the mean paired difference, so that a gain these batches' own spread could explain is refused
+(with few batches that error is itself rough: 8 or more make it steadier). One batch gives one loss,
+gated by `margin` alone.
 """
 
 from __future__ import annotations
@@ -49,16 +53,20 @@ class FarcastCallback(TrainerCallback):
 
 
 class TrainerEvalLoss:
-    """The model's mean loss on the first `batches` batches of the Trainer's eval dataloader, in eval mode."""
+    """The model's loss on each of the first `batches` batches of the Trainer's eval dataloader, in eval
+    mode: per-batch losses for the Farcaster's per-batch gate, one float where the loader gives one batch.
+    The batches are taken once, without drawing from the training's random stream (a DataLoader draws
+    its seed from torch's global generator, which the training's dropout draws from too)."""
 
     def __init__(self, trainer, batches: int) -> None:
         self.trainer, self.batches = trainer, batches
         self.kept: list | None = None
 
-    def __call__(self, model: torch.nn.Module) -> float:
+    def __call__(self, model: torch.nn.Module) -> float | list[float]:
         if self.kept is None:
-            loader = iter(self.trainer.get_eval_dataloader())
-            self.kept = [batch for _, batch in zip(range(self.batches), loader)]
+            with torch.random.fork_rng(devices=[]):
+                loader = iter(self.trainer.get_eval_dataloader())
+                self.kept = [batch for _, batch in zip(range(self.batches), loader)]
         device = next(model.parameters()).device
         training = model.training
         model.eval()
@@ -67,4 +75,4 @@ class TrainerEvalLoss:
                 losses = [float(model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}).loss) for b in self.kept]
         finally:
             model.train(training)
-        return sum(losses) / len(losses)
+        return losses if len(losses) > 1 else losses[0]
