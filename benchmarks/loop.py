@@ -198,6 +198,9 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     if paired:
         loss_fn = p.gate_batches
         options |= {"standard_errors": float(paired[0])} if paired[0] else {}
+    move = [word[len("move") :] for word in words if word.startswith("move")]
+    if move:
+        options |= {"movement": float(move[0])}
     budget = [word[len("budget") :] for word in words if word.startswith("budget")]
     if budget:
         options |= {"max_overhead": float(budget[0]) / 100}

@@ -218,3 +218,41 @@ def test_per_batch_losses_of_another_length_after_the_jump_undo_it_and_training_
 def test_standard_errors_are_checked_when_the_farcaster_is_built(tmp_path, value):
     with pytest.raises(UsageError, match="standard_errors must be a number of standard errors"):
         Farcaster(tmp_path, loss_fn=per_example_loss, standard_errors=value)
+
+
+def mean_loss(model: torch.nn.Module) -> float:
+    return float(per_example_loss(model).mean())
+
+
+def two_jumps(tmp_path: Path, **options):
+    """The linear model's run with jumps tried at steps 20 and 40, verified by one loss: the model, both
+    results, and the checkpoint saved just before the second."""
+    run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, loss_fn=mean_loss, **options)
+    model, results = train_with(farcaster, run, steps=40)
+    first, second = (result for result in results if result is not None)
+    return model, first, second, load_file(run / "checkpoint-40" / "model.safetensors")
+
+
+def test_one_loss_must_beat_a_share_of_its_own_move_since_the_last_attempt(tmp_path):
+    _, first, second, _ = two_jumps(tmp_path)
+    assert first.applied and second.applied
+    moved = abs(first.loss_after - second.loss_before)
+    share = (second.loss_before - second.loss_after) / moved
+    model, first_below, below, _ = two_jumps(tmp_path, movement=0.99 * share)
+    assert first_below.applied and below.applied and below.loss_after == second.loss_after
+    model, first_above, refused, saved = two_jumps(tmp_path, movement=1.01 * share)
+    assert first_above.applied and first_above.loss_after == first.loss_after
+    assert not refused.applied and "x the loss's move" in refused.why and "weights restored" in refused.why
+    assert all(torch.equal(value, saved[name]) for name, value in model.state_dict().items())
+
+
+def test_movement_leaves_per_batch_losses_to_their_standard_errors(tmp_path):
+    model, kept, _, _ = jump_verified_by(tmp_path, per_example_loss, standard_errors=0.0, movement=1e9)
+    assert kept.applied and "loss's move" not in kept.why
+
+
+@pytest.mark.parametrize("value", [-0.1, float("inf"), float("nan"), "0.1"])
+def test_movement_is_checked_when_the_farcaster_is_built(tmp_path, value):
+    with pytest.raises(UsageError, match="movement must be a share of the loss's move"):
+        Farcaster(tmp_path, loss_fn=mean_loss, movement=value)

@@ -123,13 +123,16 @@ class Farcaster:
         keep_first_on: str = "cpu",
         standard_errors: float = 0.5,
         max_overhead: float | None = None,
+        movement: float = 0.0,
     ) -> None:
         _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings, standard_errors)
+        _check_share("movement", movement)
         _check_overhead(max_overhead)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.every, self.jump, self.schedule, self.gate = every, jump, schedule, gate
         self.min_checkpoints, self.settings, self.source, self.max_steps = max(3, min_checkpoints), settings, source, max_steps
-        self.loss_fn, self.margin, self.standard_errors = loss_fn, margin, standard_errors
+        self.loss_fn, self.margin, self.standard_errors, self.movement = loss_fn, margin, standard_errors, movement
+        self.kept_loss: float | None = None
         self.evaluation = EvalOptions(EvalCommand(evaluator) if isinstance(evaluator, str) else evaluator, eval_jobs)
         self.options = commands.StreamOptions(device=device, quiet=quiet)
         self.observed = ObservedRun(settings.sample, settings.seed, keep_first_on)
@@ -255,7 +258,8 @@ class Farcaster:
 
     def _loss_decision(self, before: Losses, after: Losses) -> tuple[bool, str, float | None]:
         """Keep the jump where it lowers the loss by more than `margin` and, with per-batch losses, by
-        more than `standard_errors` x the standard error of the mean paired difference; that error too."""
+        more than `standard_errors` x the standard error of the mean paired difference (that error is
+        returned too), with one loss by more than `movement` x how far it moved since the last attempt."""
         error = _paired_error(before, after)
         gain = _mean(before) - _mean(after)
         losses = f"loss {_mean(before):.5g} -> {_mean(after):.5g}"
@@ -263,11 +267,24 @@ class Farcaster:
             losses += f", standard error {error:.2g} over {len(before)} batches"
         if not self.gate:
             return True, f"applied without a gate ({losses})", error
-        needed = self.margin if error is None else max(self.margin, self.standard_errors * error)
-        if gain > needed:
+        needed, unit = self._needed(before, error)
+        applied = gain > needed
+        if error is None:
+            self.kept_loss = _mean(after if applied else before)
+        if applied:
             return True, f"the jump lowered your loss ({losses})", error
-        unit = f"{self.margin:g}" if error is None else f"{needed:.2g} (max of margin, {self.standard_errors:g} standard errors)"
         return False, f"the jump did not lower your loss by more than {unit} ({losses}); weights restored", error
+
+    def _needed(self, before: Losses, error: float | None) -> tuple[float, str]:
+        """The gain a jump must beat, and how it was set."""
+        if error is not None:
+            needed = max(self.margin, self.standard_errors * error)
+            return needed, f"{needed:.2g} (max of margin, {self.standard_errors:g} standard errors)"
+        if not self.movement or self.kept_loss is None:
+            return self.margin, f"{self.margin:g}"
+        moved = abs(self.kept_loss - _mean(before))
+        needed = max(self.margin, self.movement * moved)
+        return needed, f"{needed:.2g} (max of margin, {self.movement:g} x the loss's move {moved:.2g} since the last attempt)"
 
     def _from_run(self, model: torch.nn.Module, step: int) -> JumpResult | None:
         """The jump through `farcast predict` on the run's checkpoints (source="run")."""
@@ -347,6 +364,11 @@ def _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, se
 
 Losses = float | np.ndarray
 """What `loss_fn` returned: one loss, or one per batch."""
+
+
+def _check_share(name: str, value: float) -> None:
+    if not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise UsageError(f"{name} must be a share of the loss's move, 0 or more, not {value!r}")
 
 
 def _check_overhead(max_overhead: float | None) -> None:
