@@ -283,7 +283,7 @@ def jump_cost(trace: Trace, plain: Trace, every: int) -> dict[str, float]:
     return {
         "jump_ms": 1000 * jump, "observe_ms": 1000 * observe, "step_ms": 1000 * step, "optimizer_steps": jump / step,
         "of_training_between": jump / (step * between), "loss_ms": 1000 * trace.loss_seconds / len(trace.jump_seconds),
-        "between": between,
+        "between": between, "loss_share": trace.loss_seconds / trace.seconds[-1],
     }  # fmt: skip
 
 
@@ -424,12 +424,14 @@ def main() -> None:
                               f"{cost['optimizer_steps']:.0f} optimizer steps of {cost['step_ms']:.3f} ms, "
                               f"{100 * cost['of_training_between']:.0f}% of the training between jumps "
                               f"(every {cost['between']:.0f} steps); loss_fn "
-                              f"{cost['loss_ms']:.1f} ms a jump", flush=True)  # fmt: skip
+                              f"{cost['loss_ms']:.1f} ms an attempt = {cost['loss_ms'] / cost['step_ms']:.1f} optimizer steps, "
+                              f"{100 * cost['loss_share']:.1f}% of the loop's wall time", flush=True)  # fmt: skip
     reference = " + ".join(["plain", *references])
     print(f"\n{args.workload}, {args.schedule} learning rate, {args.seeds} seeds: speed-up, smoothed, against {reference} (module")
     print("docstring), and by steps to the plain run's losses as earlier tables measured it (mean, and min-max over seeds)\n")
     print("| variant | rhythm | by steps | to plain's losses | by wall time | time / steps | at plain's pace | paced / steps | jumps made "
-          "| a jump's own cost | = optimizer steps | of the training between jumps |\n" + "|---" * 12 + "|")  # fmt: skip
+          "| a jump's own cost | = optimizer steps | of the training between jumps | loss_fn an attempt (of the loop) |\n"
+          + "|---" * 13 + "|")  # fmt: skip
     for key, rows in results.items():
         variant, rhythm = key.split(" ", 1)
         steps, times = [r["speedup_steps"] for r in rows], [r["speedup_time"] for r in rows]
@@ -437,10 +439,15 @@ def main() -> None:
         made = np.mean([sum(a for _, _, a in r["jumps"]) for r in rows])
         tried = np.mean([len(r["jumps"]) for r in rows])
         costs = [r["cost"] for r in rows if "cost" in r]
-        cost = " | | |"
+        cost = " | | | |"
         if costs:
             jump_ms, steps_of = _spread([c["jump_ms"] for c in costs], "{:.0f}"), _spread([c["optimizer_steps"] for c in costs], "{:.1f}")
             cost = f" {jump_ms} ms | {steps_of} | {_spread([100 * c['of_training_between'] for c in costs], '{:.0f}')}% |"
+            if any(c["loss_ms"] for c in costs):
+                loss_ms, share = _spread([c["loss_ms"] for c in costs], "{:.1f}"), _spread([100 * c["loss_share"] for c in costs], "{:.1f}")
+                cost += f" {loss_ms} ms ({share}%) |"
+            else:
+                cost += " |"
         print(f"| {variant} | {rhythm} | x{np.mean(steps):.2f} ({min(steps):.2f}-{max(steps):.2f}) | "
               f"x{np.mean(olds):.2f} ({min(olds):.2f}-{max(olds):.2f}) | "
               f"x{np.mean(times):.2f} ({min(times):.2f}-{max(times):.2f}) | {np.mean(times) / np.mean(steps):.2f} | "
