@@ -20,7 +20,9 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   (a sample and the first weights), fits from that, gates by the weight backtest on the sample, and
   jumps in place; nothing is read back from the checkpoints.
 - memory-loss: memory, verified by the loss on the gate half of the validation set (`loss_fn`): the
-  loss before and after the jump, the jump undone when it does not lower it.
+  loss before and after the jump, the jump undone when it does not lower it by the Farcaster's
+  `movement` share (0.05 since the fifth session) of the loss's move since the last attempt.
+  memory-loss-moveC: that share C (memory-loss-move0: the margin alone, the earlier default).
 - memory-paired, memory-pairedK: memory-loss with `loss_fn` returning the gate half's loss per example
   (per window of text for the small LM): the jump must also lower their mean by more than K (default:
   the Farcaster's) standard errors of the mean paired difference.

@@ -235,8 +235,8 @@ def two_jumps(tmp_path: Path, **options):
 
 
 def test_one_loss_must_beat_a_share_of_its_own_move_since_the_last_attempt(tmp_path):
-    _, first, second, _ = two_jumps(tmp_path)
-    assert first.applied and second.applied
+    _, first, second, _ = two_jumps(tmp_path, movement=0.0)
+    assert first.applied and second.applied and Farcaster(tmp_path, loss_fn=mean_loss).movement == 0.05
     moved = abs(first.loss_after - second.loss_before)
     share = (second.loss_before - second.loss_after) / moved
     model, first_below, below, _ = two_jumps(tmp_path, movement=0.99 * share)
