@@ -15,7 +15,7 @@ batches of its eval dataloader (on rank 0, the same batches every time). Per-bat
 Farcaster's per-batch gate: a jump must lower their mean by more than `standard_errors` x the standard
 error of the mean paired difference, so that a gain these batches' own spread could explain is refused
 (with few batches that error is itself rough: 8 or more make it steadier). One batch gives one loss,
-gated by `margin` alone.
+gated by `margin` and `movement` (loop.py).
 """
 
 from __future__ import annotations
