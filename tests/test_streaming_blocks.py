@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, write_run
+from dcp_runs import save_dcp_run
 from safetensors.torch import load_file
 
 from farcast_cli.evaluate import backtest
@@ -115,6 +116,25 @@ def _ulps(found: torch.Tensor, expected: torch.Tensor) -> int:
         return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
     return int((ordered(found) - ordered(expected)).abs().max())
+
+
+@pytest.mark.slow
+def test_a_dcp_run_takes_its_backtest_from_the_write_too(tmp_path, farcast):
+    steps = list(range(0, 201, 20))
+    run = save_dcp_run(tmp_path / "run", drifting(steps), "fsdp")
+
+    def predict(out, *extra):
+        return json.loads(farcast("predict", run, "-H", 100, "-o", out, "--json", *FAST, *extra).stdout)
+
+    alongside, apart = predict(tmp_path / "alongside"), predict(tmp_path / "apart", "--min-skill", "-1000")
+    written = sorted(p.relative_to(tmp_path / "apart") for p in (tmp_path / "apart").rglob("*.distcp"))
+    assert written
+    for path in written:
+        assert (tmp_path / "alongside" / path).read_bytes() == (tmp_path / "apart" / path).read_bytes()
+    assert apart["seconds"]["backtest"] > alongside["seconds"]["backtest"]
+    assert alongside["written"] == apart["written"] and alongside["verdict"] == apart["verdict"]
+    assert _close(alongside["backtest"], apart["backtest"])
+    assert alongside["backtest"]["overall"]["numel"] == 3 * 20_001 + 7
 
 
 def test_16_bit_outputs_from_the_product_are_within_one_ulp_of_their_own_pass(tmp_path, farcast):

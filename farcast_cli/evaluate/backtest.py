@@ -215,7 +215,7 @@ class _Scoring:
 
 
 class StreamedBacktest:
-    """The full backtest from the chunks a forecast's write reads (one process, forecast/write.py):
+    """The full backtest from the chunks a forecast's write reads (one process, forecast/write.py; safetensors or DCP):
     the write reads `checkpoints` besides its inputs and hands every block of a scored tensor to `add`,
     every chunk's start and end to `start` and `done`; `result` is then what backtest_streaming returns, the candidates'
     figures summed chunk by chunk as it sums them (so chunks of another size move only the last digits)."""

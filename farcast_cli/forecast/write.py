@@ -159,20 +159,19 @@ def write_tensors(
 ) -> None:
     """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
     files, or with `only`, those ranges of tensors into files that other processes write the rest of
-    (files holding none of them are left to the others). With `backtest` (one process, safetensors),
-    the chunks read also feed the full backtest, which reads its checkpoints along with the inputs."""
+    (files holding none of them are left to the others). With `backtest` (one process), the chunks
+    read also feed the full backtest, which reads its checkpoints along with the inputs."""
     folders = output_folders(folder, candidate.target_steps)
     for place in folders:
         try:
             place.mkdir(exist_ok=True)
         except OSError as error:
             raise output_failure(place, error) from None
-    if last.dcp is not None:
-        blocks = _Blocks(candidate, candidate.inputs, settings)
-        _write_dcp_tensors(candidate, last, folders, settings, blocks, dtype, only, durable=not scratch, consolidate=consolidate)
-        return
     read = checkpoints_to_read(candidate, [] if backtest is None else backtest.checkpoints)
     blocks = _Blocks(candidate, read, settings, backtest)
+    if last.dcp is not None:
+        _write_dcp_tensors(candidate, last, folders, settings, blocks, dtype, only, durable=not scratch, consolidate=consolidate)
+        return
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
         if only is not None and file.tensors and only.keys().isdisjoint(file.tensors):
@@ -234,7 +233,7 @@ def _write_dcp_tensors(
                 writers.append(ConsolidatedWriter(place, last.dcp, dtypes, metadata, only))
             else:
                 writers.append(DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only))
-        jobs = [job for name in last.dcp.tensors for job in forecast_jobs(candidate.inputs, last, name, settings.chunk_elements, only)]
+        jobs = [job for name in last.dcp.tensors for job in forecast_jobs(blocks.read, last, name, settings.chunk_elements, only)]
         for job, data in stream(jobs, settings):
             if job.raw:
                 for writer in writers:
@@ -329,6 +328,7 @@ class _Blocks:
         self, candidate: Combination, read: Sequence[Checkpoint], settings: EngineSettings, backtest: StreamedBacktest | None = None
     ) -> None:
         self.candidate, self.settings, self.backtest = candidate, settings, backtest
+        self.read = list(read)
         self.columns = tuple(checkpoint.step for checkpoint in read)
         self.rows = [self.columns.index(checkpoint.step) for checkpoint in candidate.inputs]
         self.matrices = Scratch(len(read) * settings.block_elements)
