@@ -21,6 +21,7 @@ from farcast_cli.errors import InputError, UsageError
 from farcast_cli.evaluate.report import REPORT_FILE
 from farcast_cli.integrations import Farcaster, memory
 from farcast_cli.io.run import find_run
+from farcast_cli.model.forecaster import fit_on_run
 from farcast_cli.model.history import read_history
 from farcast_cli.model.observed import ObservedRun
 
@@ -73,6 +74,38 @@ def test_a_jump_verified_by_your_loss_skips_only_the_backtests_scored_fit(tmp_pa
     scored, unscored = (memory.fit_in_memory(farcaster.observed, 20, FAST_FIT, scored=flag) for flag in (True, False))
     assert scored.scored is not None and unscored.scored is None
     assert unscored.forecaster.shared == scored.forecaster.shared and unscored.forecaster.shrink == scored.forecaster.shrink
+
+
+def test_the_weight_verdict_scores_the_trial_shrunk_by_the_last_fits_factor_while_the_history_grew_little(tmp_path):
+    """Before any fit, or after the history grew by more than a third, as `farcast predict` scores it (the
+    factor from another trial); else by the last fit's factor."""
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=100, jump=0.5, settings=FAST_FIT)
+    train_with(farcaster, run, steps=40)
+    observed = farcaster.observed
+    assert observed.shrink is None and len(observed) == 9
+    first = memory.fit_in_memory(observed, 20, FAST_FIT)
+    as_predict = fit_on_run(observed.history(), 20, [20], FAST_FIT)
+    assert first.scored.shared == as_predict.scored.shared and first.forecaster.shared == as_predict.forecaster.shared
+    assert observed.shrink == (first.forecaster.shrink, 9)
+    observed.shrink = (0.35, 7)
+    second = memory.fit_in_memory(observed, 20, FAST_FIT)
+    assert second.scored.shared == second.trial.shrunk(0.35).shared != as_predict.scored.shared
+    assert second.forecaster.shared == first.forecaster.shared and observed.shrink == (first.forecaster.shrink, 9)
+    observed.shrink = (0.35, 6)
+    assert memory.fit_in_memory(observed, 20, FAST_FIT).scored.shared == as_predict.scored.shared
+
+
+def test_jumps_are_added_to_the_runs_record_as_json_writes_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = {"jumps": [{"at_step": 3, "horizon": 2}]}
+    (run / "farcast_jumps.json").write_text(json.dumps(earlier, indent=1) + "\n")
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, gate=False)
+    train_with(farcaster, run, steps=40)
+    jumps = earlier["jumps"] + [{"at_step": 20, "horizon": 10}, {"at_step": 40, "horizon": 25}]
+    assert (run / "farcast_jumps.json").read_text() == json.dumps({"jumps": jumps}, indent=1) + "\n"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("checkpoint-")) == ["farcast_jumps.json"]
 
 
 def test_only_the_jump_record_is_written_and_the_history_is_bounded_by_the_sample(tmp_path):

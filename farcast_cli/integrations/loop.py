@@ -36,7 +36,7 @@ from farcast_cli.evaluate.report import Report
 from farcast_cli.forecast.candidates import REFERENCE
 from farcast_cli.integrations import memory
 from farcast_cli.io.output import RUN_SCRATCH as SCRATCH
-from farcast_cli.io.run import Jump, find_run, record_jump
+from farcast_cli.io.run import Jump, JumpRecord, find_run
 from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import SelfFit
 from farcast_cli.model.observed import ObservedRun
@@ -127,6 +127,7 @@ class Farcaster:
         _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings, standard_errors)
         _check_overhead(max_overhead)
         self.run_dir = None if run_dir is None else Path(run_dir)
+        self.record: JumpRecord | None = None
         self.every, self.jump, self.schedule, self.gate = every, jump, schedule, gate
         self.min_checkpoints, self.settings, self.source, self.max_steps = max(3, min_checkpoints), settings, source, max_steps
         self.loss_fn, self.margin, self.standard_errors = loss_fn, margin, standard_errors
@@ -150,6 +151,8 @@ class Farcaster:
         was done, None when not due."""
         if self.run_dir is None:
             raise UsageError("the Farcaster has no run folder to record its jumps in")
+        if self.record is None or self.record.run_dir != self.run_dir:
+            self.record = JumpRecord(self.run_dir)
         rank, ranks = memory.world()
         due = self.due(step)
         result = None
@@ -234,7 +237,7 @@ class Farcaster:
                     if not applied and backup is not None:
                         memory.restore(model, backup)
             if applied:
-                record_jump(self.run_dir, Jump(step, horizon))
+                self.record.add(Jump(step, horizon))
         except FarcastError as failure:
             applied, why = False, f"farcast failed, training goes on: {failure}"
         seconds = time.perf_counter() - started - loss_seconds
@@ -286,7 +289,7 @@ class Farcaster:
             applied, why = self._verdict(report)
             if applied:
                 load_into(model, out)
-                record_jump(self.run_dir, Jump(step, horizon))
+                self.record.add(Jump(step, horizon))
         except FarcastError as error:
             applied, why = False, f"farcast failed, training goes on: {error}"
         finally:

@@ -24,6 +24,12 @@ from farcast_cli.model.fit import FitSettings
 from farcast_cli.model.forecaster import Forecaster, SelfFit, fit_on_run, kept_column_sums
 from farcast_cli.model.observed import ObservedRun, distinct, forecast_tensors
 
+REUSE_SHRINK = 0.75
+"""The weight verdict's trial is shrunk by the last fit's factor where that fit saw at least this share
+of the observations: on the digits MLP and the CNN every 50/75 steps it is most jumps after the first
+few; at the 0.5 x-elapsed rhythm only the last. Taken for every jump, the factor chosen on half the
+history refused one of the CNN's jumps in twelve that the verdict made otherwise."""
+
 
 @dataclass(frozen=True)
 class WeightVerdict:
@@ -41,12 +47,22 @@ class WeightVerdict:
 
 def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings, scored: bool = True) -> SelfFit:
     """The fit `farcast predict` makes on the same history: on the run itself, one forecast `horizon` on;
-    without the backtest's scored trial (one fit of three) where `scored` is False: a jump verified by
-    the user's loss, or not gated, needs no weight verdict. The closed form's column sums are kept on
-    `observed` for the next jump, and its held-out L1 (a figure for reports) is not measured."""
+    without the backtest's scored trial where `scored` is False: a jump verified by the user's loss, or
+    not gated, needs no weight verdict. The scored trial is shrunk by a factor chosen without the newest
+    checkpoint, which the verdict scores: `farcast predict` chooses it from another trial, fitted on the
+    history up to the scored trial's cut; here, while the history has grown by at most a third since
+    the last fit with a trial (REUSE_SHRINK), that fit's factor is taken instead: one fit of three
+    fewer a jump (benchmarks/RESULTS.md, "A jump's own cost, fifth session"). The closed form's column
+    sums are kept on `observed` for the next jump, and its held-out L1 (a figure for reports) is not
+    measured."""
     history = observed.history()
     sums = kept_column_sums(observed.sums, history, settings) if settings.objective == "l2" else None
-    return fit_on_run(history, horizon, [horizon], settings, scored=scored, sums=sums)
+    chosen = observed.shrink
+    reused = chosen[0] if chosen is not None and chosen[1] >= REUSE_SHRINK * len(observed) else None
+    fitted = fit_on_run(history, horizon, [horizon], settings, scored=scored, sums=sums, scored_shrink=reused)
+    if fitted.trial is not None:
+        observed.shrink = (fitted.forecaster.shrink, len(observed))
+    return fitted
 
 
 def weight_verdict(observed: ObservedRun, fitted: SelfFit, horizon: int) -> WeightVerdict:

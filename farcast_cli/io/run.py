@@ -11,6 +11,7 @@ in the run folder's farcast_jumps.json.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -450,11 +451,36 @@ def read_jumps(run_dir: Path) -> tuple[Jump, ...]:
 
 def record_jump(run_dir: Path, jump: Jump) -> None:
     """Add a jump to the run folder's farcast_jumps.json, replacing the file whole."""
-    path = Path(run_dir) / JUMPS_FILE
-    jumps = [*read_jumps(run_dir), jump]
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps({"jumps": [{"at_step": j.at_step, "horizon": j.horizon} for j in jumps]}, indent=1) + "\n")
-    temporary.replace(path)
+    JumpRecord(run_dir).add(jump)
+
+
+class JumpRecord:
+    """The run folder's farcast_jumps.json for a writer that adds to it, jump by jump: the file is read
+    at the first jump added and its jumps kept, so that each later one only writes (reading it back and
+    json's indented encoder, which is pure Python, were 0.14 ms of the 0.35 ms a record took on a quiet
+    disk, where a jump on the digits MLP has a 2.6 ms budget). Each write replaces the file whole,
+    through a temporary file, as `json.dumps(..., indent=1)` writes it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.path = run_dir, Path(run_dir) / JUMPS_FILE
+        self.jumps: list[Jump] | None = None
+
+    def add(self, jump: Jump) -> None:
+        if self.jumps is None:
+            self.jumps = list(read_jumps(self.run_dir))
+        text = jumps_text([*self.jumps, jump]).encode()
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        with open(temporary, "wb") as file:
+            file.write(text)
+        os.replace(temporary, self.path)
+        self.jumps.append(jump)
+
+
+def jumps_text(jumps: list[Jump]) -> str:
+    """farcast_jumps.json's text: `json.dumps({"jumps": [{"at_step": S, "horizon": H}, ...]}, indent=1)` and a
+    newline, formatted directly (json's encoder with an indent is pure Python)."""
+    entries = ",\n".join(f'  {{\n   "at_step": {j.at_step},\n   "horizon": {j.horizon}\n  }}' for j in jumps)
+    return f'{{\n "jumps": [\n{entries}\n ]\n}}\n' if jumps else '{\n "jumps": []\n}\n'
 
 
 def _set_time_axis(run: Run) -> None:

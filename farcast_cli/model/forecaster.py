@@ -173,6 +173,7 @@ def fit_on_run(
     anchor: int = 1,
     scored: bool = True,
     sums: ColumnSums | None = None,
+    scored_shrink: float | None = None,
 ) -> SelfFit:
     """The default mode: learn the jump from the run's own history (model/pairs.py's time rule),
     then shrink towards the last checkpoint by settings.shrink, or (None) by the factor that did best
@@ -180,7 +181,10 @@ def fit_on_run(
     scored=False the trial is not shrunk for the backtest (`scored` None): one fit fewer, for a caller
     that judges the forecast otherwise (the in-loop farcaster verified by the user's loss). `sums`: the
     closed form's column sums for this history (`column_sums`), kept by a caller that fits the same
-    growing history again (the in-loop farcaster); the fits here share them in any case."""
+    growing history again (the in-loop farcaster); the fits here share them in any case.
+    `scored_shrink`: a factor for the scored trial chosen elsewhere without the history's last
+    checkpoint (the in-loop farcaster's previous jump), instead of choosing one from another trial
+    fitted on the history up to the scored trial's cut (settings.shrink, where given, is used either way)."""
     if settings.objective == "l2" and sums is None:
         sums = column_sums(history, settings)
     trial = held_out_trial(history, horizon, settings, anchor, sums)
@@ -188,6 +192,8 @@ def fit_on_run(
     forecaster = plain.shrunk(_shrink_factor(history, trial, settings))
     if trial is None or not scored:
         return SelfFit(forecaster, trial, None, plain)
+    if scored_shrink is not None and settings.shrink is None:
+        return SelfFit(forecaster, trial, trial.shrunk(scored_shrink), plain)
     held_out = history.truncated(history.column(trial.context_end))
     inner = held_out_trial(held_out, trial.horizon, settings, anchor, sums) if settings.shrink is None else None
     return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings)), plain)

@@ -48,7 +48,8 @@ def distinct(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class ObservedRun:
     """The sampled history and the first weights of a model observed at increasing steps; `sums`, the
     closed-form fit's column sums of that history, kept from one jump to the next by fit settings (the
-    history only grows, so what was summed of its columns stays true)."""
+    history only grows, so what was summed of its columns stays true); `shrink`, the shrink factor the
+    last fit with a trial chose and the observations it saw (None before the first; integrations/memory.py)."""
 
     def __init__(self, sample: int, seed: int, keep_first_on: str = "cpu") -> None:
         if keep_first_on not in KEEP_ON:
@@ -61,6 +62,7 @@ class ObservedRun:
         self.first: dict[str, torch.Tensor] = {}
         self.names: list[str] = []
         self.sums: dict[tuple, ColumnSums] = {}
+        self.shrink: tuple[float, int] | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
