@@ -324,7 +324,7 @@ def backtest_alongside_write(request: PredictRequest, run: Run, session: Session
     """Whether the full backtest is taken from the forecast's write, one pass reading the checkpoints of
     both (a 4 GB bfloat16 run's streaming phases 2.84-3.15 -> 2.42-2.49 s, benchmarks/RESULTS.md, issue 25): where
     nothing before the write depends on it (the forecast is written whatever the backtest says: no
-    fallback, minimum skill or evaluator; not resumable), in one process, from a safetensors run on the CPU."""
+    fallback, minimum skill or evaluator; not resumable), in one process, on the CPU (safetensors or DCP runs)."""
     options = session.options
     return (
         options.backtest == "full"
@@ -333,7 +333,6 @@ def backtest_alongside_write(request: PredictRequest, run: Run, session: Session
         and not request.writes_winner
         and request.min_skill is None
         and not request.resumable
-        and run.last.dcp is None
         and resolve_device(options.device).type == "cpu"
     )
 

@@ -4,14 +4,19 @@ the same forecast bytes and the same backtest figures, for float32 and for bfloa
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import FAST, write_run
+from dcp_runs import save_dcp_run
+from safetensors.torch import load_file
 
 from farcast_cli.evaluate import backtest
 from farcast_cli.evaluate.backtest import SUM_BLOCK, _ChunkErrors, _Sums
 from farcast_cli.io import engine
+from farcast_cli.io.writer import FlushBehind
 
 BIG = (3, 20_001)
 
@@ -81,11 +86,94 @@ def test_the_backtest_taken_from_the_write_is_the_backtest_on_its_own(big_run, f
     alongside = predict(tmp_path / "alongside")
     # a minimum skill makes the backtest decide before anything is written: its own pass, then the write
     apart = predict(tmp_path / "apart", "--min-skill", "-1000")
-    assert (tmp_path / "alongside" / "model.safetensors").read_bytes() == (tmp_path / "apart" / "model.safetensors").read_bytes()
+    _assert_same_forecast(tmp_path / "alongside" / "model.safetensors", tmp_path / "apart" / "model.safetensors")
     assert "backtest" in apart["seconds"] and apart["seconds"]["backtest"] > alongside["seconds"]["backtest"]
     assert alongside["written"] == apart["written"] and alongside["verdict"] == apart["verdict"]
     assert _close(alongside["backtest"], apart["backtest"])
     assert alongside["backtest"]["overall"]["numel"] == 3 * 20_001 + 7
+
+
+def _assert_same_forecast(found: Path, expected: Path) -> None:
+    """Float32 outputs byte for byte; 16-bit outputs (computed as rows of the backtest's matrix product
+    when taken from the write's pass) within one unit in the last place."""
+    a, b = load_file(found), load_file(expected)
+    assert a.keys() == b.keys()
+    for name, values in b.items():
+        assert a[name].dtype == values.dtype
+        if values.dtype in (torch.bfloat16, torch.float16):
+            assert _ulps(a[name], values) <= 1
+        else:
+            assert torch.equal(a[name], values)
+    if not any(values.dtype in (torch.bfloat16, torch.float16) for values in b.values()):
+        assert found.read_bytes() == expected.read_bytes()
+
+
+def _ulps(found: torch.Tensor, expected: torch.Tensor) -> int:
+    """The largest distance in units in the last place between two finite 16-bit float tensors."""
+
+    def ordered(values: torch.Tensor) -> torch.Tensor:
+        bits = values.view(torch.int16).to(torch.int64)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return int((ordered(found) - ordered(expected)).abs().max())
+
+
+@pytest.mark.slow
+def test_a_dcp_run_takes_its_backtest_from_the_write_too(tmp_path, farcast):
+    steps = list(range(0, 201, 20))
+    run = save_dcp_run(tmp_path / "run", drifting(steps), "fsdp")
+
+    def predict(out, *extra):
+        return json.loads(farcast("predict", run, "-H", 100, "-o", out, "--json", *FAST, *extra).stdout)
+
+    alongside, apart = predict(tmp_path / "alongside"), predict(tmp_path / "apart", "--min-skill", "-1000")
+    written = sorted(p.relative_to(tmp_path / "apart") for p in (tmp_path / "apart").rglob("*.distcp"))
+    assert written
+    for path in written:
+        assert (tmp_path / "alongside" / path).read_bytes() == (tmp_path / "apart" / path).read_bytes()
+    assert apart["seconds"]["backtest"] > alongside["seconds"]["backtest"]
+    assert alongside["written"] == apart["written"] and alongside["verdict"] == apart["verdict"]
+    assert _close(alongside["backtest"], apart["backtest"])
+    assert alongside["backtest"]["overall"]["numel"] == 3 * 20_001 + 7
+
+
+def test_16_bit_outputs_from_the_product_are_within_one_ulp_of_their_own_pass(tmp_path, farcast):
+    """A float32 run written in bfloat16 at two steps: each output is a row of the backtest's product."""
+    steps = list(range(0, 201, 20))
+    run = write_run(tmp_path / "run", steps, weights=drifting(steps))
+
+    def predict(out, *extra):
+        return json.loads(farcast("predict", run, "-H", 100, "--emit", 50, "--dtype", "bf16", "-o", out, "--json", *FAST, *extra).stdout)
+
+    alongside, apart = predict(tmp_path / "alongside"), predict(tmp_path / "apart", "--min-skill", "-1000")
+    written = sorted(p.relative_to(tmp_path / "apart") for p in (tmp_path / "apart").rglob("*.safetensors"))
+    assert len(written) == 2
+    for path in written:
+        _assert_same_forecast(tmp_path / "alongside" / path, tmp_path / "apart" / path)
+        assert load_file(tmp_path / "alongside" / path)["big.weight"].dtype == torch.bfloat16
+    assert alongside["written"] == apart["written"] and _close(alongside["backtest"], apart["backtest"])
+
+
+def test_flushing_behind_writes_back_and_reports_its_failure(tmp_path):
+    path = tmp_path / "data.bin"
+    with open(path, "wb") as handle:
+        flush = FlushBehind(handle.fileno(), every=1)
+        for _ in range(3):
+            handle.write(b"x" * 1000)
+            handle.flush()
+            flush.wrote(1000)
+        flush.finish()
+        assert not flush.thread.is_alive()
+    assert path.read_bytes() == b"x" * 3000
+    readable, writable = os.pipe()
+    try:
+        failing = FlushBehind(readable, every=1)
+        failing.wrote(1)
+        with pytest.raises(OSError):
+            failing.finish()
+    finally:
+        os.close(readable)
+        os.close(writable)
 
 
 def _pool_rows(dtype: torch.dtype, count: int, sources: int) -> list[torch.Tensor]:

@@ -182,16 +182,28 @@ class _Scoring:
     def chunk(self, data: list[torch.Tensor]) -> _ChunkErrors:
         return _ChunkErrors(self.candidates, data[0].numel(), data[0].device)
 
-    def add(self, errors: _ChunkErrors, name: str, columns: tuple[int, ...], start: int, values: torch.Tensor) -> None:
+    def add(
+        self,
+        errors: _ChunkErrors,
+        name: str,
+        columns: tuple[int, ...],
+        start: int,
+        values: torch.Tensor,
+        written: Combination | None = None,
+    ) -> torch.Tensor:
         """Add the errors of a block of tensor `name`: `values` holds a row per checkpoint read, by
-        step (`columns`, which hold every checkpoint this backtest reads), the block's elements from `start`."""
-        key = (name, columns, values.dtype)
+        step (`columns`, which hold every checkpoint this backtest reads), the block's elements from
+        `start`. With `written` (a candidate reading only those checkpoints), its outputs of the block
+        come from the same product, one row each, returned (else no rows)."""
+        key = (name, columns, values.dtype, written is not None)
         if key not in self.maps:
-            self.maps[key] = _error_map(self.candidates, list(columns), self.truth, name, values)
+            self.maps[key] = _error_map(self.candidates, list(columns), self.truth, name, values, written)
         weight, bias = self.maps[key]
         count = values.shape[1]
-        out = self.errors.get(len(self.candidates) * count, values.dtype, values.device).view(len(self.candidates), count)
-        errors.add(start, torch.mm(weight, values, out=out) if bias is None else torch.addmm(bias, weight, values, out=out))
+        out = self.errors.get(weight.shape[0] * count, values.dtype, values.device).view(weight.shape[0], count)
+        product = torch.mm(weight, values, out=out) if bias is None else torch.addmm(bias, weight, values, out=out)
+        errors.add(start, product[: len(self.candidates)])
+        return product[len(self.candidates) :]
 
     def sums(self, errors: _ChunkErrors, job: ChunkJob, data: list[torch.Tensor]) -> _Sums:
         """The chunk's sums; a chunk whose errors are not finite names the source holding NaN or Inf."""
@@ -203,7 +215,7 @@ class _Scoring:
 
 
 class StreamedBacktest:
-    """The full backtest from the chunks a forecast's write reads (one process, forecast/write.py):
+    """The full backtest from the chunks a forecast's write reads (one process, forecast/write.py; safetensors or DCP):
     the write reads `checkpoints` besides its inputs and hands every block of a scored tensor to `add`,
     every chunk's start and end to `start` and `done`; `result` is then what backtest_streaming returns, the candidates'
     figures summed chunk by chunk as it sums them (so chunks of another size move only the last digits)."""
@@ -218,9 +230,12 @@ class StreamedBacktest:
         """A chunk of a scored tensor begins: its sources' data as streamed."""
         self.open = self.scoring.chunk(data)
 
-    def add(self, name: str, columns: tuple[int, ...], start: int, values: torch.Tensor) -> None:
-        """A block of the chunk: a row per checkpoint read, by step (`columns`), its elements from `start`."""
-        self.scoring.add(self.open, name, columns, start, values)
+    def add(
+        self, name: str, columns: tuple[int, ...], start: int, values: torch.Tensor, written: Combination | None = None
+    ) -> torch.Tensor:
+        """A block of the chunk: a row per checkpoint read, by step (`columns`), its elements from `start`;
+        with `written`, that candidate's outputs of the block, a row each (_Scoring.add)."""
+        return self.scoring.add(self.open, name, columns, start, values, written)
 
     def done(self, job: ChunkJob, data: list[torch.Tensor]) -> None:
         """The chunk's end, once every block of it was added."""
@@ -232,22 +247,38 @@ class StreamedBacktest:
 
 
 def _error_map(
-    candidates: Mapping[str, Combination], columns: list[int], truth: list[tuple[int, float]], name: str, like: torch.Tensor
+    candidates: Mapping[str, Combination],
+    columns: list[int],
+    truth: list[tuple[int, float]],
+    name: str,
+    like: torch.Tensor,
+    written: Combination | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each candidate's error at the target as one linear map of the checkpoints read (`columns`, by
-    step): its forecast's weights (candidates' last output) less the truth's, one row each, and the
-    forecasts' biases (None where all are 0), so that all errors of a block are one matrix product."""
-    weight = [[0.0] * len(columns) for _ in candidates]
-    bias = []
-    for row, candidate in zip(weight, candidates.values()):
-        linear, output = candidate.map_for(name), len(candidate.target_steps) - 1
-        for checkpoint, weights in zip(candidate.inputs, linear.weight, strict=True):
-            row[columns.index(checkpoint.step)] += weights[output]
+    step): its forecast's weights (candidates' last output) less the truth's, one row each, then with
+    `written` each of that candidate's outputs, a row each; and the rows' biases (None where all are
+    0), so that all errors (and outputs) of a block are one matrix product."""
+    weight, bias = [], []
+    for candidate in candidates.values():
+        row, offset = _map_row(candidate, name, len(candidate.target_steps) - 1, columns)
         for step, part in truth:
             row[columns.index(step)] -= part
-        bias.append(linear.bias[output])
+        weight.append(row)
+        bias.append(offset)
+    for output in range(len(written.target_steps) if written is not None else 0):
+        row, offset = _map_row(written, name, output, columns)
+        weight.append(row)
+        bias.append(offset)
     weights = torch.tensor(weight, dtype=like.dtype, device=like.device)
     return weights, torch.tensor(bias, dtype=like.dtype, device=like.device).view(-1, 1) if any(bias) else None
+
+
+def _map_row(candidate: Combination, name: str, output: int, columns: list[int]) -> tuple[list[float], float]:
+    """The candidate's output `output` of tensor `name` as weights of the checkpoints read (`columns`, by step), and its bias."""
+    linear, row = candidate.map_for(name), [0.0] * len(columns)
+    for checkpoint, weights in zip(candidate.inputs, linear.weight, strict=True):
+        row[columns.index(checkpoint.step)] += weights[output]
+    return row, linear.bias[output]
 
 
 class _ChunkErrors:

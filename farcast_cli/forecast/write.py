@@ -159,20 +159,19 @@ def write_tensors(
 ) -> None:
     """Write the tensor files of the candidate's checkpoint(s), shard by shard: all tensors into new
     files, or with `only`, those ranges of tensors into files that other processes write the rest of
-    (files holding none of them are left to the others). With `backtest` (one process, safetensors),
-    the chunks read also feed the full backtest, which reads its checkpoints along with the inputs."""
+    (files holding none of them are left to the others). With `backtest` (one process), the chunks
+    read also feed the full backtest, which reads its checkpoints along with the inputs."""
     folders = output_folders(folder, candidate.target_steps)
     for place in folders:
         try:
             place.mkdir(exist_ok=True)
         except OSError as error:
             raise output_failure(place, error) from None
-    if last.dcp is not None:
-        blocks = _Blocks(candidate, candidate.inputs, settings)
-        _write_dcp_tensors(candidate, last, folders, settings, blocks, dtype, only, durable=not scratch, consolidate=consolidate)
-        return
     read = checkpoints_to_read(candidate, [] if backtest is None else backtest.checkpoints)
     blocks = _Blocks(candidate, read, settings, backtest)
+    if last.dcp is not None:
+        _write_dcp_tensors(candidate, last, folders, settings, blocks, dtype, only, durable=not scratch, consolidate=consolidate)
+        return
     for shard_name, file in last.files.items():
         out_name = shard_name if last.index_name else SINGLE_FILE
         if only is not None and file.tensors and only.keys().isdisjoint(file.tensors):
@@ -187,7 +186,7 @@ def write_tensors(
         try:
             for place, target in zip(folders, candidate.target_steps):
                 metadata = {**file.metadata, "format": "pt", "farcast": _provenance(candidate, target)}
-                writers.append(SafetensorsWriter(place / out_name, ordered, metadata, only))
+                writers.append(SafetensorsWriter(place / out_name, ordered, metadata, only, flush_behind=not scratch))
             for job, data in stream(forecast_jobs(read, last, shard_name, settings.chunk_elements, only), settings):
                 if job.raw:
                     for writer in writers:
@@ -234,7 +233,7 @@ def _write_dcp_tensors(
                 writers.append(ConsolidatedWriter(place, last.dcp, dtypes, metadata, only))
             else:
                 writers.append(DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only))
-        jobs = [job for name in last.dcp.tensors for job in forecast_jobs(candidate.inputs, last, name, settings.chunk_elements, only)]
+        jobs = [job for name in last.dcp.tensors for job in forecast_jobs(blocks.read, last, name, settings.chunk_elements, only)]
         for job, data in stream(jobs, settings):
             if job.raw:
                 for writer in writers:
@@ -329,6 +328,7 @@ class _Blocks:
         self, candidate: Combination, read: Sequence[Checkpoint], settings: EngineSettings, backtest: StreamedBacktest | None = None
     ) -> None:
         self.candidate, self.settings, self.backtest = candidate, settings, backtest
+        self.read = list(read)
         self.columns = tuple(checkpoint.step for checkpoint in read)
         self.rows = [self.columns.index(checkpoint.step) for checkpoint in candidate.inputs]
         self.matrices = Scratch(len(read) * settings.block_elements)
@@ -337,22 +337,37 @@ class _Blocks:
     def forecast(self, job: ChunkJob, data: list[torch.Tensor], out_dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(output, start in the chunk, values) of each block of the chunk's forecast, for each of the
         candidate's outputs in turn. The values live in reused buffers: write them before asking for the next."""
-        if self.backtest is not None:
-            self.backtest.start(data)
+        if self.backtest is None:
+            for start, _, values in matrix_blocks(data, self.settings, self.matrices):
+                for index in range(len(self.candidate.target_steps)):
+                    yield index, start, self._output(job, data, self._apply(job, values, index), start, out_dtype)
+            return
+        self.backtest.start(data)
+        in_product = self._in_product(job, out_dtype)
         for start, _, values in matrix_blocks(data, self.settings, self.matrices):
-            inputs = [values[row] for row in self.rows]
+            outputs = self.backtest.add(job.name, self.columns, start, values, self.candidate if in_product else None)
             for index in range(len(self.candidate.target_steps)):
-                yield index, start, self._output(job, data, inputs, start, index, out_dtype)
-            if self.backtest is not None:
-                self.backtest.add(job.name, self.columns, start, values)
-        if self.backtest is not None:
-            self.backtest.done(job, data)
+                forecast = outputs[index] if in_product else self._apply(job, values, index)
+                yield index, start, self._output(job, data, forecast, start, out_dtype)
+        self.backtest.done(job, data)
 
-    def _output(
-        self, job: ChunkJob, data: list[torch.Tensor], inputs: list[torch.Tensor], start: int, index: int, out_dtype: torch.dtype
-    ) -> torch.Tensor:
-        count = inputs[0].numel()
-        forecast = self.candidate.apply(inputs, index, out=self.scratch.get(count, inputs[0].dtype, inputs[0].device), name=job.name)
+    def _in_product(self, job: ChunkJob, out_dtype: torch.dtype) -> bool:
+        """Whether the outputs come from the backtest's matrix product (a row each) rather than from
+        their own multiply-adds: for 16-bit outputs, which round the float32 result, where no output
+        is an input unchanged. The product sums in another order than apply does, so an output may differ
+        from apply's by one unit in its last place (where the float32 results round to neighbouring
+        16-bit values); float32 and float64 outputs are always apply's, bit for bit."""
+        linear = self.candidate.map_for(job.name)
+        return out_dtype.itemsize == 2 and all(linear.kept_input(j) is None for j in range(linear.outputs))
+
+    def _apply(self, job: ChunkJob, values: torch.Tensor, index: int) -> torch.Tensor:
+        inputs = [values[row] for row in self.rows]
+        return self.candidate.apply(
+            inputs, index, out=self.scratch.get(inputs[0].numel(), inputs[0].dtype, inputs[0].device), name=job.name
+        )
+
+    def _output(self, job: ChunkJob, data: list[torch.Tensor], forecast: torch.Tensor, start: int, out_dtype: torch.dtype) -> torch.Tensor:
+        count = forecast.numel()
         if out_dtype != forecast.dtype:
             forecast = self.scratch.get(count, out_dtype, forecast.device).copy_(forecast)
         where = first_non_finite(forecast)

@@ -305,7 +305,8 @@ def source_matrix(data: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class Scratch:
-    """Reused work buffers, one per (dtype, device, pinned), each of `size` elements."""
+    """Reused work buffers, one per (dtype, device, pinned), each of `size` elements (or more, grown
+    where more are asked for)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -313,9 +314,10 @@ class Scratch:
 
     def get(self, count: int, dtype: torch.dtype, device: torch.device, pinned: bool = False) -> torch.Tensor:
         key = (dtype, str(device), pinned)
-        if key not in self.buffers:
-            self.buffers[key] = torch.empty(self.size, dtype=dtype, device=device, pin_memory=pinned)
-        return self.buffers[key][:count]
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < count:
+            buffer = self.buffers[key] = torch.empty(max(self.size, count), dtype=dtype, device=device, pin_memory=pinned)
+        return buffer[:count]
 
 
 def to_host(values: torch.Tensor, scratch: Scratch) -> torch.Tensor:

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -49,6 +50,55 @@ def output_failure(path: Path, error: OSError) -> OutputError:
     return OutputError(f"{path}: cannot write: {error.strerror or error}")
 
 
+FLUSH_BEHIND_BYTES = 64 << 20
+
+
+class FlushBehind:
+    """Writes a file's data back to disk in a thread of its own while more is written (fdatasync every
+    `every` bytes written), so that the fsync that publishing needs at the end waits only for the
+    last part: the page cache otherwise holds the whole output dirty until then (benchmarks/RESULTS.md,
+    issue 25). A failure is kept for `finish`, which joins the thread."""
+
+    def __init__(self, fd: int, every: int = FLUSH_BEHIND_BYTES) -> None:
+        self.fd, self.every = fd, every
+        self.pending = 0
+        self.failure: OSError | None = None
+        self.requested = False
+        self.wanted = threading.Event()
+        self.done = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="farcast-flush")
+        self.thread.start()
+
+    def wrote(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.every:
+            self.pending = 0
+            self.requested = True
+            self.wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            if self.requested:
+                self.requested = False
+                try:
+                    os.fdatasync(self.fd)
+                except OSError as error:
+                    self.failure = error
+                    return
+            if self.done:
+                return
+
+    def finish(self) -> None:
+        """Stop the thread; raise what a write-back in it raised."""
+        self.done = True
+        self.wanted.set()
+        self.thread.join()
+        if self.failure is not None:
+            raise self.failure
+
+
 def _byte_range(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:
     """Elements [start, stop) of the tensor as bytes of its data (all of them for a whole tensor of any dtype)."""
     if (start, stop) == (0, info.numel):
@@ -64,10 +114,16 @@ class SafetensorsWriter:
     With `only` (tensor name: element ranges), it writes just those ranges, in that order, into a file
     that other writers (other processes) fill with the rest: every writer writes the same header and
     sets the same size, so the work on one file divides by tensor, or by range of a large tensor.
-    Without it, the file must not exist yet."""
+    Without it, the file must not exist yet. With `flush_behind`, the data goes to disk as it is
+    written (FlushBehind), for a file that will be closed durable."""
 
     def __init__(
-        self, path: Path, tensors: list[TensorInfo], metadata: dict[str, str], only: Mapping[str, Sequence[tuple[int, int]]] | None = None
+        self,
+        path: Path,
+        tensors: list[TensorInfo],
+        metadata: dict[str, str],
+        only: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+        flush_behind: bool = False,
     ) -> None:
         self.path = Path(path)
         header, layout = header_bytes(tensors, metadata)
@@ -79,6 +135,7 @@ class SafetensorsWriter:
         self._data_start = len(header)
         self._next = 0
         self._written = 0
+        self._flush: FlushBehind | None = None
         try:
             if only is None:
                 self._handle = open(self.path, "xb")  # noqa: SIM115 (held open until close or abort)
@@ -88,6 +145,8 @@ class SafetensorsWriter:
             self._handle.write(header)
         except OSError as error:
             raise output_failure(self.path, error) from None
+        if flush_behind:
+            self._flush = FlushBehind(self._handle.fileno())
         self._advance_past_full_tensors()
 
     def write(self, chunk: torch.Tensor) -> None:
@@ -109,6 +168,8 @@ class SafetensorsWriter:
             self._handle.write(data)
         except OSError as error:
             raise output_failure(self.path, error) from None
+        if self._flush is not None:
+            self._flush.wrote(len(data))
         self._written += len(data)
         self._advance_past_full_tensors()
 
@@ -131,9 +192,11 @@ class SafetensorsWriter:
         """Flush (and fsync, when `durable`); every tensor must have been written in full."""
         self._advance_past_full_tensors()
         if self._next != len(self._sequence):
+            self._stop_flushing()
             self._handle.close()
             raise ValueError(f"{self.path}: closed before tensor {self._sequence[self._next][0].name} was complete")
         try:
+            self._stop_flushing(raising=True)
             self._handle.flush()
             if durable:
                 os.fsync(self._handle.fileno())
@@ -144,5 +207,16 @@ class SafetensorsWriter:
     def abort(self) -> None:
         """Close without raising: the failure that made the caller abort is the one to report (closing
         flushes what the buffer still holds, which fails again on a full disk)."""
+        self._stop_flushing()
         with contextlib.suppress(OSError):
             self._handle.close()
+
+    def _stop_flushing(self, raising: bool = False) -> None:
+        flush, self._flush = self._flush, None
+        if flush is None:
+            return
+        try:
+            flush.finish()
+        except OSError:
+            if raising:
+                raise
