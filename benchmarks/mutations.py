@@ -151,8 +151,9 @@ MUTATIONS = [
     (
         "backtest errors of the first four candidates only",
         "farcast_cli/evaluate/backtest.py",
-        "for row, candidate in zip(weight, candidates.values()):",
-        "for row, candidate in zip(weight[:4], candidates.values()):",
+        "        weight.append(row)\n        bias.append(offset)\n    for output",
+        "        weight.append(row if len(weight) < 4 else [0.0] * len(row))\n"
+        "        bias.append(offset if len(bias) < 4 else 0.0)\n    for output",
     ),
     (
         "the loss backtest scores only the built-in alternatives",
