@@ -133,7 +133,7 @@ class Farcaster:
         movement: float = 0.05,
     ) -> None:
         _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings, standard_errors)
-        _check_share("movement", movement)
+        _check_at_least_zero("movement", movement, "a share of the loss's move")
         _check_overhead(max_overhead)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.record: JumpRecord | None = None
@@ -366,8 +366,7 @@ def _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, se
         raise UsageError("loss_fn must be a callable taking the model and returning its loss")
     if margin < 0:
         raise UsageError(f"margin must be a loss difference of 0 or more, not {margin}")
-    if not isinstance(standard_errors, int | float) or not 0 <= standard_errors < float("inf"):
-        raise UsageError(f"standard_errors must be a number of standard errors, 0 or more, not {standard_errors!r}")
+    _check_at_least_zero("standard_errors", standard_errors, "a number of standard errors")
     if not isinstance(settings, FitSettings):
         raise UsageError("settings must be a FitSettings")
 
@@ -376,9 +375,9 @@ Losses = float | np.ndarray
 """What `loss_fn` returned: one loss, or one per batch."""
 
 
-def _check_share(name: str, value: float) -> None:
+def _check_at_least_zero(name: str, value: float, what: str) -> None:
     if not isinstance(value, int | float) or not 0 <= value < float("inf"):
-        raise UsageError(f"{name} must be a share of the loss's move, 0 or more, not {value!r}")
+        raise UsageError(f"{name} must be {what}, 0 or more, not {value!r}")
 
 
 def _check_overhead(max_overhead: float | None) -> None:
