@@ -27,31 +27,32 @@ from farcast_cli.integrations.loop import Farcaster
 
 
 class EarningGate(Farcaster):
-    """The memory-loss Farcaster whose loss gate also asks a jump to earn `earn` x its skipped steps' worth."""
+    """The memory-loss Farcaster whose loss gate also asks a jump to earn `earn` x its skipped steps' worth,
+    on top of the third session's gate (the margin alone: `movement` 0)."""
 
     earn = 0.0
 
     def __init__(self, *args, **options) -> None:
-        super().__init__(*args, **options)
-        self.kept_loss: tuple[int, float] | None = None
-        self.attempt: tuple[int, int] = (0, 0)
+        super().__init__(*args, **{"movement": 0.0, **options})
+        self.kept_at: tuple[int, float] | None = None
+        self.attempt_step = 0
 
     def _from_memory(self, model, step):
-        self.attempt = (step, 0)
+        self.attempt_step = step
         result = super()._from_memory(model, step)
         if result is not None and result.loss_before is not None:
-            self.kept_loss = (step, result.loss_after if result.applied else result.loss_before)
+            self.kept_at = (step, result.loss_after if result.applied else result.loss_before)
         return result
 
-    def _loss_decision(self, before: float, after: float) -> tuple[bool, str]:
-        applied, why = super()._loss_decision(before, after)
-        if not applied or self.kept_loss is None:
-            return applied, why
+    def _loss_decision(self, before: float, after: float) -> tuple[bool, str, float | None]:
+        applied, why, error = super()._loss_decision(before, after)
+        if not applied or self.kept_at is None:
+            return applied, why, error
         horizon = self.horizon(self.observed.steps[0], self.observed.steps[-1])
-        rate = max(0.0, (self.kept_loss[1] - before) / max(1, self.attempt[0] - self.kept_loss[0]))
+        rate = max(0.0, (self.kept_at[1] - before) / max(1, self.attempt_step - self.kept_at[0]))
         if before - after > self.earn * rate * horizon:
-            return applied, why
-        return False, f"the jump earned less than {self.earn:g} x its {horizon} steps at the recent pace"
+            return applied, why, error
+        return False, f"the jump earned less than {self.earn:g} x its {horizon} steps at the recent pace", error
 
 
 def main() -> None:
