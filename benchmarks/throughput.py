@@ -39,24 +39,25 @@ REPEATS = 4
 
 def measure(run: Path, work: Path, device: str, backtest: str, repeats: int = REPEATS) -> dict:
     """Raw I/O and predict timed in turns (raw, predict, raw, predict, ...), so that each predict has a
-    raw baseline taken under the same page-cache and writeback conditions a few seconds before it."""
+    raw baseline taken under the same page-cache and writeback conditions a few seconds before it; the
+    forecast is deleted as soon as it is timed, so that both start with no output on disk."""
     files = data_files(run)
     streamed = [files[0], files[-1]] if backtest == "sample" else [files[0], files[-1], files[0], files[1], files[2], files[3]]
     out_bytes = files[-1].stat().st_size
     warm_cache(files)
     out = work / "forecast"
     raws, seconds, streaming, peaks = [], [], [], []
+    shutil.rmtree(out, ignore_errors=True)
     for _ in range(repeats):
         raws.append(raw_io_seconds(streamed, out_bytes, work / "raw.bin"))
-        shutil.rmtree(out, ignore_errors=True)
         elapsed, peak_mb, stdout = timed_farcast(
             "predict", run, "-H", 100, "-o", out, "--backtest", backtest, "--device", device, "--quiet", "--json"
         )
+        shutil.rmtree(out)
         phases = json.loads(stdout)["seconds"]
         seconds.append(elapsed)
         peaks.append(peak_mb)
         streaming.append(phases["write_forecast"] + (phases["fit"] + phases["backtest"] if backtest == "full" else 0.0))
-    shutil.rmtree(out, ignore_errors=True)
     moved = sum(p.stat().st_size for p in streamed) + out_bytes
     raw = min(raws)
     return {
