@@ -51,6 +51,9 @@ class FarcastCallback(TrainerCallback):
             key = "farcast_jump" if result.applied else "farcast_skipped"
             state.log_history.append({"step": state.global_step, key: result.horizon, "farcast_why": result.why})
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.farcaster.close()
+
 
 class TrainerEvalLoss:
     """The model's loss on each of the first `batches` batches of the Trainer's eval dataloader, in eval
