@@ -90,10 +90,13 @@ def test_the_weight_verdict_scores_the_trial_shrunk_by_the_last_fits_factor_whil
     as_predict = fit_on_run(observed.history(), 20, [20], FAST_FIT)
     assert first.scored.shared == as_predict.scored.shared and first.forecaster.shared == as_predict.forecaster.shared
     assert observed.shrink == (first.forecaster.shrink, 9)
+    scratch = observed.shrink_scratch
+    assert scratch.shape == (31, 9)
     observed.shrink = (0.35, 7)
     second = memory.fit_in_memory(observed, 20, FAST_FIT)
     assert second.scored.shared == second.trial.shrunk(0.35).shared != as_predict.scored.shared
     assert second.forecaster.shared == first.forecaster.shared and observed.shrink == (first.forecaster.shrink, 9)
+    assert observed.shrink_scratch is scratch, "the shrink choice's array is kept from one jump to the next"
     observed.shrink = (0.35, 6)
     assert memory.fit_in_memory(observed, 20, FAST_FIT).scored.shared == as_predict.scored.shared
 

@@ -49,7 +49,8 @@ class ObservedRun:
     """The sampled history and the first weights of a model observed at increasing steps; `sums`, the
     closed-form fit's column sums of that history, kept from one jump to the next by fit settings (the
     history only grows, so what was summed of its columns stays true); `shrink`, the shrink factor the
-    last fit with a trial chose and the observations it saw (None before the first; integrations/memory.py)."""
+    last fit with a trial chose and the observations it saw (None before the first; integrations/memory.py);
+    `shrink_scratch`, the array the fits choose a shrink factor in, kept from one jump to the next."""
 
     def __init__(self, sample: int, seed: int, keep_first_on: str = "cpu") -> None:
         if keep_first_on not in KEEP_ON:
@@ -63,6 +64,7 @@ class ObservedRun:
         self.names: list[str] = []
         self.sums: dict[tuple, ColumnSums] = {}
         self.shrink: tuple[float, int] | None = None
+        self.shrink_scratch: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
