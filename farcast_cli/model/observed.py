@@ -93,14 +93,11 @@ class ObservedRun:
         """The values' next row, the buffer grown by doubling: a History is a view of the rows it holds
         (`history`), not a copy of the whole history at every jump. The buffer holds an observation per
         row, so that each of the History's columns is contiguous (the fit reads the history by columns);
-        the row counts once its step is appended. The rows to come are written once when the buffer
-        grows, so that the memory is mapped then, not page by page at each observation after a training
-        step (25 us of 125 a save on the CNN: RESULTS.md, "A jump's own cost, sixth session")."""
+        the row counts once its step is appended."""
         count = len(self.steps)
         if count == len(self._values):
             grown = np.empty((max(8, 2 * count), self._values.shape[1]))
             grown[:count] = self._values[:count]
-            grown[count:] = 0.0
             self._values = grown
         return self._values[count]
 
