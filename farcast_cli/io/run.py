@@ -464,7 +464,7 @@ class JumpRecord:
     through a temporary file, as `json.dumps(..., indent=1)` writes it.
 
     With `background`, the text is formatted on the caller's thread and the file written on a thread of
-    its own (the training loop's: the write and rename are file-system latency, 0.5-0.8 ms a jump in
+    its own (the training loop's: the write and rename are file-system latency, 0.5-0.6 ms a jump in
     the loop, benchmarks/RESULTS.md "A jump's own cost, sixth session"), one write outstanding at most:
     `add` and `flush` wait for the one before, and raise its error naming the file. So the file may lag
     the last `add` by one write until the next `add`, `flush` or `close`, or the interpreter's exit."""
