@@ -172,6 +172,7 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
                     label, batch = label + horizon, batch + horizon
                     _advance(p, horizon, variant)
     if farcaster is not None:
+        farcaster.close()
         trace.observe_seconds = farcaster.observe_seconds
     shutil.rmtree(run, ignore_errors=True)
     return trace

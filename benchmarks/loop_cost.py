@@ -87,6 +87,7 @@ def measure(args: argparse.Namespace, fit: str) -> None:
                 result = farcaster.step(p.model, step)
                 if result is not None:
                     results.append(result)
+        farcaster.close()
         observations = len(farcaster.observed)
         step = float(np.median(step_seconds))
         observe = farcaster.observe_seconds / observations

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from test_loop import FAST_FIT, regression_data, save, train_with
 
-from farcast_cli.errors import InputError, UsageError
+from farcast_cli.errors import InputError, OutputError, UsageError
 from farcast_cli.evaluate.report import REPORT_FILE
 from farcast_cli.integrations import Farcaster, memory
 from farcast_cli.io.run import find_run
@@ -88,10 +90,13 @@ def test_the_weight_verdict_scores_the_trial_shrunk_by_the_last_fits_factor_whil
     as_predict = fit_on_run(observed.history(), 20, [20], FAST_FIT)
     assert first.scored.shared == as_predict.scored.shared and first.forecaster.shared == as_predict.forecaster.shared
     assert observed.shrink == (first.forecaster.shrink, 9)
+    scratch = observed.shrink_scratch
+    assert scratch.shape == (31, 9)
     observed.shrink = (0.35, 7)
     second = memory.fit_in_memory(observed, 20, FAST_FIT)
     assert second.scored.shared == second.trial.shrunk(0.35).shared != as_predict.scored.shared
     assert second.forecaster.shared == first.forecaster.shared and observed.shrink == (first.forecaster.shrink, 9)
+    assert observed.shrink_scratch is scratch, "the shrink choice's array is kept from one jump to the next"
     observed.shrink = (0.35, 6)
     assert memory.fit_in_memory(observed, 20, FAST_FIT).scored.shared == as_predict.scored.shared
 
@@ -103,15 +108,90 @@ def test_jumps_are_added_to_the_runs_record_as_json_writes_it(tmp_path):
     (run / "farcast_jumps.json").write_text(json.dumps(earlier, indent=1) + "\n")
     farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, gate=False)
     train_with(farcaster, run, steps=40)
+    farcaster.flush()
     jumps = earlier["jumps"] + [{"at_step": 20, "horizon": 10}, {"at_step": 40, "horizon": 25}]
     assert (run / "farcast_jumps.json").read_text() == json.dumps({"jumps": jumps}, indent=1) + "\n"
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("checkpoint-")) == ["farcast_jumps.json"]
+
+
+def jumps_json(*jumps: tuple[int, int]) -> str:
+    return json.dumps({"jumps": [{"at_step": at, "horizon": horizon} for at, horizon in jumps]}, indent=1) + "\n"
+
+
+def record_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("farcast-record")]
+
+
+@pytest.mark.parametrize("waited_by", ["flush", "close", "the next step", "the with block"])
+def test_the_record_is_written_off_the_training_thread_and_on_disk_after_the_next_call(tmp_path, waited_by):
+    run, earlier = tmp_path / "run", set(record_threads())
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, gate=False)
+    with farcaster:
+        model, results = train_with(farcaster, run, steps=20)
+        writing = set(record_threads()) - earlier
+        assert results[-1].applied and writing
+        if waited_by == "flush":
+            farcaster.flush()
+        elif waited_by == "close":
+            farcaster.close()
+        elif waited_by == "the next step":
+            assert farcaster.step(model, 21) is None
+    assert (run / "farcast_jumps.json").read_text() == jumps_json((20, 10))
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("checkpoint-")) == ["farcast_jumps.json"]
+    if waited_by in ("close", "the with block"):
+        assert not any(thread.is_alive() for thread in writing)
+
+
+@pytest.mark.parametrize("waited_by", ["flush", "the next step"])
+def test_a_record_that_cannot_be_written_raises_at_the_next_call_naming_the_file(tmp_path, waited_by):
+    run = tmp_path / "run"
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, gate=False)
+    model, _ = train_with(farcaster, run, steps=20)
+    farcaster.flush()
+    (run / "farcast_jumps.json").unlink()
+    (run / "farcast_jumps.json").mkdir()
+    for step in (30, 35, 40):
+        result = farcaster.step(model, step)
+    assert result.applied and result.step == 40
+    with pytest.raises(OutputError, match=r"farcast_jumps\.json: cannot write the jump record: Is a directory"):
+        farcaster.flush() if waited_by == "flush" else farcaster.step(model, 45)
+    farcaster.flush()
+
+
+EXITS_AFTER_A_JUMP = """
+import sys, torch
+from farcast_cli.integrations import Farcaster
+from farcast_cli.model.fit import FitSettings
+model = torch.nn.Linear(4, 1)
+farcaster = Farcaster(sys.argv[1], every=20, jump=0.5, gate=False, settings=FitSettings(objective="l2", sample=100))
+for step in range(0, 25, 5):
+    with torch.no_grad():
+        model.weight.add_(0.1)
+    result = farcaster.step(model, step)
+assert result.applied
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("writable", [True, False])
+def test_the_last_record_is_written_at_the_interpreters_exit_or_its_error_printed(tmp_path, writable):
+    run = tmp_path / "run"
+    run.mkdir()
+    if not writable:
+        (run / ".farcast_jumps.json.tmp").mkdir()
+    done = subprocess.run([sys.executable, "-c", EXITS_AFTER_A_JUMP, str(run)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if writable:
+        assert (run / "farcast_jumps.json").read_text() == jumps_json((20, 10)) and not done.stderr
+    else:
+        assert "farcast_jumps.json: cannot write the jump record: Is a directory" in done.stderr
 
 
 def test_only_the_jump_record_is_written_and_the_history_is_bounded_by_the_sample(tmp_path):
     run = tmp_path / "run"
     farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT.__class__(sample=5, max_updates=300), gate=False)
     train_with(farcaster, run, steps=40)
+    farcaster.flush()
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("checkpoint-")) == ["farcast_jumps.json"]
     assert farcaster.observed.history().values.shape == (5, 9) and farcaster.observed.first_bytes == 9 * 4
 
@@ -133,6 +213,7 @@ def test_a_jump_your_loss_rejects_is_undone_bit_for_bit_and_not_recorded(tmp_pat
     assert not torch.equal(before, during), "the loss saw the jumped model"
     saved = load_file(run / "checkpoint-20" / "model.safetensors")["weight"]
     assert torch.equal(model.weight.detach(), before) and torch.equal(model.weight.detach(), saved)
+    farcaster.flush()
     assert not (run / "farcast_jumps.json").exists()
 
 
@@ -149,6 +230,7 @@ def test_a_jump_that_lowers_your_loss_stays(tmp_path):
     result = results[-1]
     assert result.applied and result.loss_after < result.loss_before and loss(model) == pytest.approx(result.loss_after)
     assert result.loss_seconds > 0 and result.seconds > 0
+    farcaster.flush()
     assert json.loads((run / "farcast_jumps.json").read_text()) == {"jumps": [{"at_step": 30, "horizon": 15}]}
 
 
@@ -228,6 +310,7 @@ def test_a_due_jump_waits_while_it_would_take_farcast_past_max_overhead(tmp_path
         if farcaster.step(model, step) is not None:
             attempts.append(step)
     assert attempts == [10, 25] and farcaster.postponed == 2
+    farcaster.flush()
     assert [jump["at_step"] for jump in json.loads((run / "farcast_jumps.json").read_text())["jumps"]] == [10, 25]
 
 

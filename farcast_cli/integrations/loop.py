@@ -162,13 +162,15 @@ class Farcaster:
         if self.run_dir is None:
             raise UsageError("the Farcaster has no run folder to record its jumps in")
         if self.record is None or self.record.run_dir != self.run_dir:
-            self.record = JumpRecord(self.run_dir)
+            self.close()
+            self.record = JumpRecord(self.run_dir, background=True)
         rank, ranks = memory.world()
         due = self.due(step)
         result = None
         self._clock.start()
         if rank == 0:
             try:
+                self.record.flush()
                 result = self._on_rank_zero(model, step, due)
             except BaseException as error:
                 if ranks > 1 and due:
@@ -188,6 +190,26 @@ class Farcaster:
             self.jumped += result.horizon
             self._advance(lr_scheduler, result.horizon)
         return self._logged(result)
+
+    def flush(self) -> None:
+        """Wait until the jump record (farcast_jumps.json) holds every jump made: it is written on a
+        thread of its own, so the file may lag `step` by one write until the next `step`, `flush` or
+        `close`. A write that failed raises here (OutputError, naming the file)."""
+        if self.record is not None:
+            self.record.flush()
+
+    def close(self) -> None:
+        """`flush`, and end the record's writing thread (a later jump starts another). The Farcaster
+        is also a context manager that closes on exit; at the interpreter's exit the last write is
+        waited for, and its error printed."""
+        if self.record is not None:
+            self.record.close()
+
+    def __enter__(self) -> Farcaster:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
 
     def _on_rank_zero(self, model: torch.nn.Module, step: int, due: bool) -> JumpResult | None:
         """Observe the model at this step, and jump where due (from the run on disk with source="run")."""

@@ -21,7 +21,7 @@ import torch
 
 from farcast_cli.evaluate.report import BacktestPlan, tested
 from farcast_cli.model.fit import FitSettings
-from farcast_cli.model.forecaster import Forecaster, SelfFit, fit_on_run, kept_column_sums
+from farcast_cli.model.forecaster import SHRINK_GRID, Forecaster, SelfFit, fit_on_run, kept_column_sums
 from farcast_cli.model.observed import ObservedRun, distinct, forecast_tensors
 
 REUSE_SHRINK = 0.75
@@ -53,13 +53,17 @@ def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings, sc
     history up to the scored trial's cut; here, while the history has grown by at most a third since
     the last fit with a trial (REUSE_SHRINK), that fit's factor is taken instead: one fit of three
     fewer a jump (benchmarks/RESULTS.md, "A jump's own cost, fifth session"). The closed form's column
-    sums are kept on `observed` for the next jump, and its held-out L1 (a figure for reports) is not
-    measured."""
+    sums are kept on `observed` for the next jump, as is the shrink choice's working array (31 floats a
+    sampled coordinate), and its held-out L1 (a figure for reports) is not measured."""
     history = observed.history()
     sums = kept_column_sums(observed.sums, history, settings) if settings.objective == "l2" else None
     chosen = observed.shrink
     reused = chosen[0] if chosen is not None and chosen[1] >= REUSE_SHRINK * len(observed) else None
-    fitted = fit_on_run(history, horizon, [horizon], settings, scored=scored, sums=sums, scored_shrink=reused)
+    if observed.shrink_scratch is None:
+        observed.shrink_scratch = np.empty((len(SHRINK_GRID), len(history.values)))
+    fitted = fit_on_run(
+        history, horizon, [horizon], settings, scored=scored, sums=sums, scored_shrink=reused, shrink_scratch=observed.shrink_scratch
+    )
     if fitted.trial is not None:
         observed.shrink = (fitted.forecaster.shrink, len(observed))
     return fitted

@@ -6,8 +6,9 @@ On `on_save` (the checkpoint folder is complete by then) it runs a Farcaster (lo
 output_dir with the model, keeps the optimizer state, and notes each jump in the trainer state's
 log_history ({"step": s, "farcast_jump": H}), which every later checkpoint's trainer_state.json carries:
 farcast reads it to put those checkpoints at their forecast-time step. No jump is made at the run's
-last step (its checkpoint is saved already). Under DDP it runs on every rank: rank 0 decides and
-jumps, and every rank gets its weights.
+last step (its checkpoint is saved already). The run folder's farcast_jumps.json is written on a
+thread of its own (loop.py): each save waits for the write before it, and `on_train_end` for the
+last. Under DDP it runs on every rank: rank 0 decides and jumps, and every rank gets its weights.
 
 A jump can be verified by a `loss_fn(model)`, or by the Trainer's own eval dataset: `eval_batches=N`
 with `trainer=` the Trainer (added with `trainer.add_callback`), the model's loss on each of the first N
@@ -50,6 +51,9 @@ class FarcastCallback(TrainerCallback):
         if result is not None:
             key = "farcast_jump" if result.applied else "farcast_skipped"
             state.log_history.append({"step": state.global_step, key: result.horizon, "farcast_why": result.why})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.farcaster.close()
 
 
 class TrainerEvalLoss:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
-from farcast_cli.errors import DamagedCheckpoint, IncompleteCheckpoint, InputError, named, parameter
+from farcast_cli.errors import DamagedCheckpoint, IncompleteCheckpoint, InputError, OutputError, named, parameter
 from farcast_cli.io import dcp
 from farcast_cli.io.reader import SafetensorsFile, TensorInfo
 
@@ -459,21 +461,83 @@ class JumpRecord:
     at the first jump added and its jumps kept, so that each later one only writes (reading it back and
     json's indented encoder, which is pure Python, were 0.14 ms of the 0.35 ms a record took on a quiet
     disk, where a jump on the digits MLP has a 2.6 ms budget). Each write replaces the file whole,
-    through a temporary file, as `json.dumps(..., indent=1)` writes it."""
+    through a temporary file, as `json.dumps(..., indent=1)` writes it.
 
-    def __init__(self, run_dir: Path) -> None:
+    With `background`, the text is formatted on the caller's thread and the file written on a thread of
+    its own (the training loop's: the write and rename are file-system latency, 0.5-0.6 ms a jump in
+    the loop, benchmarks/RESULTS.md "A jump's own cost, sixth session"), one write outstanding at most:
+    `add` and `flush` wait for the one before, and raise its error naming the file. So the file may lag
+    the last `add` by one write until the next `add`, `flush` or `close`, or the interpreter's exit."""
+
+    def __init__(self, run_dir: Path, background: bool = False) -> None:
         self.run_dir, self.path = run_dir, Path(run_dir) / JUMPS_FILE
         self.jumps: list[Jump] | None = None
+        self._writer = _BackgroundWriter() if background else None
+        if self._writer is not None:
+            weakref.finalize(self, self._writer.close)
 
     def add(self, jump: Jump) -> None:
+        self.flush()
         if self.jumps is None:
             self.jumps = list(read_jumps(self.run_dir))
         text = jumps_text([*self.jumps, jump]).encode()
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
-        with open(temporary, "wb") as file:
-            file.write(text)
-        os.replace(temporary, self.path)
         self.jumps.append(jump)
+        if self._writer is None:
+            _replace(self.path, text)
+        else:
+            self._writer.write(self.path, text)
+
+    def flush(self) -> None:
+        """Wait for the write outstanding, if any; raise its error, naming the file."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def close(self) -> None:
+        """`flush`, and end the writing thread (a later `add` starts another)."""
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _BackgroundWriter:
+    """One thread that replaces files whole, one write outstanding at most. It holds no reference to the
+    record it writes for, so that the record's finalizer (at garbage collection or at the interpreter's
+    exit) can wait for the last write and report its error."""
+
+    def __init__(self) -> None:
+        self.executor: ThreadPoolExecutor | None = None
+        self.pending: tuple[Path, Future] | None = None
+
+    def write(self, path: Path, data: bytes) -> None:
+        self.wait()
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="farcast-record")
+        self.pending = path, self.executor.submit(_replace, path, data)
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        (path, future), self.pending = self.pending, None
+        error = future.exception()
+        if isinstance(error, OSError):
+            raise OutputError(f"{path}: cannot write the jump record: {error.strerror or error}") from error
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown(wait=True)
+                self.executor = None
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Replace `path` whole with `data`, through a temporary file beside it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+    os.replace(temporary, path)
 
 
 def jumps_text(jumps: list[Jump]) -> str:

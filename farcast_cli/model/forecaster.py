@@ -175,6 +175,7 @@ def fit_on_run(
     scored: bool = True,
     sums: ColumnSums | None = None,
     scored_shrink: float | None = None,
+    shrink_scratch: np.ndarray | None = None,
 ) -> SelfFit:
     """The default mode: learn the jump from the run's own history (model/pairs.py's time rule),
     then shrink towards the last checkpoint by settings.shrink, or (None) by the factor that did best
@@ -185,19 +186,20 @@ def fit_on_run(
     growing history again (the in-loop farcaster); the fits here share them in any case.
     `scored_shrink`: a factor for the scored trial chosen elsewhere without the history's last
     checkpoint (the in-loop farcaster's previous jump), instead of choosing one from another trial
-    fitted on the history up to the scored trial's cut (settings.shrink, where given, is used either way)."""
+    fitted on the history up to the scored trial's cut (settings.shrink, where given, is used either way).
+    `shrink_scratch`: `best_shrink`'s working array, kept by a caller that fits again and again."""
     if settings.objective == "l2" and sums is None:
         sums = column_sums(history, settings)
     trial = held_out_trial(history, horizon, settings, anchor, sums)
     plain = fit_plain(history, horizon, offsets, settings, anchor, sums)
-    forecaster = plain.shrunk(_shrink_factor(history, trial, settings))
+    forecaster = plain.shrunk(_shrink_factor(history, trial, settings, shrink_scratch))
     if trial is None or not scored:
         return SelfFit(forecaster, trial, None, plain)
     if scored_shrink is not None and settings.shrink is None:
         return SelfFit(forecaster, trial, trial.shrunk(scored_shrink), plain)
     held_out = history.truncated(history.column(trial.context_end))
     inner = held_out_trial(held_out, trial.horizon, settings, anchor, sums) if settings.shrink is None else None
-    return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings)), plain)
+    return SelfFit(forecaster, trial, trial.shrunk(_shrink_factor(held_out, inner, settings, shrink_scratch)), plain)
 
 
 def fit_on_reference(
@@ -258,18 +260,21 @@ def choose_cut(steps: list[int], rho: float) -> int | None:
     return min(feasible)[2] if feasible else None
 
 
-def best_shrink(last: np.ndarray, forecast: np.ndarray, truth: np.ndarray) -> float:
+def best_shrink(last: np.ndarray, forecast: np.ndarray, truth: np.ndarray, out: np.ndarray | None = None) -> float:
     """The alpha in SHRINK_GRID for which last + alpha * (forecast - last) has the lowest MAE against the truth.
     Every alpha's forecast is made in one (alphas x coordinates) array, in place: an array per operation and
-    alpha was a fifth of a closed-form jump's time, a pass per alpha a tenth (each row the same bits)."""
-    shrunk = np.multiply.outer(SHRINK_GRID, forecast - last)
+    alpha was a fifth of a closed-form jump's time, a pass per alpha a tenth (each row the same bits).
+    `out`: that array (float64, alphas x coordinates), kept by a caller that chooses again and again: a
+    new one of 2 MB is mapped page by page, 0.2 ms of the 0.6 ms a choice took in the in-memory loop on
+    the digits MLP (benchmarks/RESULTS.md, "A jump's own cost, sixth session")."""
+    shrunk = np.multiply.outer(SHRINK_GRID, forecast - last, out=out)
     shrunk += last
     shrunk -= truth
     errors = np.abs(shrunk, out=shrunk).mean(axis=1)
     return float(SHRINK_GRID[int(np.argmin(errors))])
 
 
-def _shrink_factor(history: History, trial: Forecaster | None, settings: FitSettings) -> float:
+def _shrink_factor(history: History, trial: Forecaster | None, settings: FitSettings, scratch: np.ndarray | None = None) -> float:
     """settings.shrink, or the factor for which the held-out trial came closest to the last checkpoint."""
     if settings.shrink is not None:
         return settings.shrink
@@ -277,7 +282,7 @@ def _shrink_factor(history: History, trial: Forecaster | None, settings: FitSett
         return 1.0
     cut = history.column(trial.context_end)
     forecast = trial.on_history(history, cut, 0)
-    return best_shrink(history.values[:, cut], forecast, history.values[:, -1])
+    return best_shrink(history.values[:, cut], forecast, history.values[:, -1], scratch)
 
 
 def fit_plain(

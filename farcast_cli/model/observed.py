@@ -49,7 +49,8 @@ class ObservedRun:
     """The sampled history and the first weights of a model observed at increasing steps; `sums`, the
     closed-form fit's column sums of that history, kept from one jump to the next by fit settings (the
     history only grows, so what was summed of its columns stays true); `shrink`, the shrink factor the
-    last fit with a trial chose and the observations it saw (None before the first; integrations/memory.py)."""
+    last fit with a trial chose and the observations it saw (None before the first; integrations/memory.py);
+    `shrink_scratch`, the array the fits choose a shrink factor in, kept from one jump to the next."""
 
     def __init__(self, sample: int, seed: int, keep_first_on: str = "cpu") -> None:
         if keep_first_on not in KEEP_ON:
@@ -57,12 +58,13 @@ class ObservedRun:
         self.sample, self.seed, self.keep_first_on = sample, seed, keep_first_on
         self.steps: list[float] = []
         self._values = np.empty((0, 0))
-        self._staged = np.empty(0)
+        self._staged = torch.empty(0, dtype=torch.float64)
         self._copies: list[tuple[str, torch.Tensor | None, torch.Tensor]] = []
         self.first: dict[str, torch.Tensor] = {}
         self.names: list[str] = []
         self.sums: dict[tuple, ColumnSums] = {}
         self.shrink: tuple[float, int] | None = None
+        self.shrink_scratch: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -80,10 +82,11 @@ class ObservedRun:
             self._start(forecast_tensors(state))
         self._sample(state)
         if not math.isfinite(self._staged.sum()):
-            bad = self._staged[~np.isfinite(self._staged)]
+            staged = self._staged.numpy()
+            bad = staged[~np.isfinite(staged)]
             if len(bad):
                 raise InputError(f"the model holds {bad[0]} in a sampled weight at step {step:g}; refusing to forecast from it")
-        self._next_row()[:] = self._staged
+        torch.from_numpy(self._next_row()).copy_(self._staged)
         self.steps.append(float(step))
 
     def _next_row(self) -> np.ndarray:
@@ -106,7 +109,7 @@ class ObservedRun:
         self.names = [info.name for info, _ in picks]
         bounds = np.cumsum([0] + [len(indices) for _, indices in picks])
         staging = torch.empty(int(bounds[-1]), dtype=torch.float64)
-        self._staged = staging.numpy()
+        self._staged = staging
         self._copies = [
             (info.name, None, staging[begin:end].view(info.shape))
             if len(indices) == info.numel
@@ -128,7 +131,10 @@ class ObservedRun:
     def _sample(self, state: dict[str, torch.Tensor]) -> None:
         """The sampled coordinates into the staging row (float64), one copy per tensor into a view of it made
         at the first observation: the whole tensor where every coordinate of it is sampled, else its picks
-        gathered (each torch call here costs several microseconds right after a training step)."""
+        gathered (each torch call here costs several microseconds right after a training step). The row is
+        checked and copied into the values by torch too: right after a training step the first call of
+        each library, numpy's as torch's, costs 15-25 us more than the next (RESULTS.md, "A jump's own
+        cost, sixth session")."""
         with torch.no_grad():
             for name, indices, view in self._copies:
                 view.copy_(state[name] if indices is None else state[name].reshape(-1)[indices])
