@@ -5,12 +5,14 @@
 For each dtype (f32, bf16): a 4-checkpoint run of about 1 GB per checkpoint (4 GB in all for f32),
 the page cache warmed, then (1) plain reads of the two checkpoints predict streams plus a plain
 fsynced write of the output's size, (2) `farcast predict --backtest sample`, (3) `farcast predict`
-with the full backtest, whose raw baseline also reads the checkpoints the backtest reads. Prints
-the best of 4 timings each (--repeats) (page-cache writeback makes single timings vary up to 3x here):
-seconds, GB/s and the ratio predict / raw I/O (target: at most 1.25), both for the whole process
-(Python and torch start-up, sampling and fitting included) and for the streaming phases alone
-(writing the forecast, plus the fit and full backtest where there is one: the fits take about 0.15 s
-of it), from the report's `seconds`.
+with the full backtest, whose raw baseline also reads the checkpoints the backtest reads. The raw
+I/O and predict are timed in turns (raw, predict, raw, predict, ...; 4 of each, --repeats). Prints
+the best of each (page-cache writeback makes single timings vary up to 3x here): seconds, GB/s and
+the ratio best predict / best raw I/O, both for the whole process (Python and torch start-up,
+sampling and fitting included) and for the streaming phases alone (writing the forecast, plus the fit
+and full backtest where there is one), from the report's `seconds`; then the median and range of the
+paired ratios, each predict over the raw I/O timed just before it, which the raw baseline's drift
+between minutes (1.43-1.96 s for one and the same bf16 row) moves far less than best over best.
 
     python benchmarks/throughput.py --format dcp --dtypes f32 [--gb-per-checkpoint 1]
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,35 +38,51 @@ REPEATS = 4
 
 
 def measure(run: Path, work: Path, device: str, backtest: str, repeats: int = REPEATS) -> dict:
+    """Raw I/O and predict timed in turns (raw, predict, raw, predict, ...), so that each predict has a
+    raw baseline taken under the same page-cache and writeback conditions a few seconds before it; the
+    forecast is deleted as soon as it is timed, so that both start with no output on disk."""
     files = data_files(run)
     streamed = [files[0], files[-1]] if backtest == "sample" else [files[0], files[-1], files[0], files[1], files[2], files[3]]
     out_bytes = files[-1].stat().st_size
     warm_cache(files)
-    raw = min(raw_io_seconds(streamed, out_bytes, work / "raw.bin") for _ in range(repeats))
     out = work / "forecast"
-    seconds, streaming = [], []
+    raws, seconds, streaming, peaks = [], [], [], []
+    shutil.rmtree(out, ignore_errors=True)
     for _ in range(repeats):
-        shutil.rmtree(out, ignore_errors=True)
+        raws.append(raw_io_seconds(streamed, out_bytes, work / "raw.bin"))
         elapsed, peak_mb, stdout = timed_farcast(
             "predict", run, "-H", 100, "-o", out, "--backtest", backtest, "--device", device, "--quiet", "--json"
         )
+        shutil.rmtree(out)
         phases = json.loads(stdout)["seconds"]
         seconds.append(elapsed)
+        peaks.append(peak_mb)
         streaming.append(phases["write_forecast"] + (phases["fit"] + phases["backtest"] if backtest == "full" else 0.0))
-    shutil.rmtree(out, ignore_errors=True)
     moved = sum(p.stat().st_size for p in streamed) + out_bytes
+    raw = min(raws)
     return {
         "backtest": backtest,
         "bytes_moved": moved,
         "raw_seconds": raw,
+        "raw_all": raws,
         "farcast_seconds": min(seconds),
-        "peak_mb": peak_mb,
+        "farcast_all": seconds,
+        "peak_mb": max(peaks),
         "raw_gb_s": moved / raw / 1e9,
         "farcast_gb_s": moved / min(seconds) / 1e9,
         "ratio": min(seconds) / raw,
         "streaming_seconds": min(streaming),
+        "streaming_all": streaming,
         "streaming_ratio": min(streaming) / raw,
+        "paired_ratios": paired(seconds, raws),
+        "paired_streaming_ratios": paired(streaming, raws),
     }
+
+
+def paired(timings: list[float], raws: list[float]) -> dict:
+    """Each timing over the raw I/O measured just before it: median, least and most."""
+    ratios = sorted(t / r for t, r in zip(timings, raws, strict=True))
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
 
 
 def data_files(run: Path) -> list[Path]:
@@ -109,6 +128,14 @@ def consolidation_path(run: Path, work: Path, device: str) -> dict:
     }
 
 
+def _spread(ratios: dict) -> str:
+    return f"{ratios['median']:.2f} [{ratios['min']:.2f}-{ratios['max']:.2f}]"
+
+
+def _seconds(timings: list[float]) -> str:
+    return "/".join(f"{t:.2f}" for t in timings) + " s"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/farcast-bench"))
@@ -137,6 +164,12 @@ def main() -> None:
                 f"raw I/O {row['raw_seconds']:.2f} s ({row['raw_gb_s']:.2f} GB/s), "
                 f"farcast {row['farcast_seconds']:.2f} s ({row['farcast_gb_s']:.2f} GB/s), ratio {row['ratio']:.2f}; "
                 f"streaming phases {row['streaming_seconds']:.2f} s, ratio {row['streaming_ratio']:.2f}; peak {row['peak_mb']:.0f} MB",
+                flush=True,
+            )
+            print(
+                f"{'':4s} paired (each predict over the raw I/O just before it), median [range]: "
+                f"whole {_spread(row['paired_ratios'])}, streaming {_spread(row['paired_streaming_ratios'])}; "
+                f"raw I/O {_seconds(row['raw_all'])}, streaming {_seconds(row['streaming_all'])}",
                 flush=True,
             )
         if args.format == "dcp":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import threading
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from conftest import FAST, write_run
 from dcp_runs import SPLIT_ON_COLUMNS, TIED, folder_for, fsdp_model, model_state, save_dcp_run, train_fsdp_run
 
 from farcast_cli import commands
+from farcast_cli.io import writer
 from farcast_cli.io.dcp import read_dcp_folder
+from farcast_cli.io.dcp_writer import DcpWriter
 
 SHAPES = {"encoder.weight": (24, 16), "encoder.bias": (24,), "head.weight": (4, 24), "head.bias": (4,)}
 STEPS = list(range(0, 201, 20))
@@ -161,6 +164,43 @@ def test_a_damaged_dcp_checkpoint_is_one_line_naming_the_file_and_nothing_is_wri
     assert expected in lines[0]
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def _flushing_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "farcast-flush"]
+
+
+def test_a_dcp_output_written_back_behind_its_writes_is_the_same_bytes(fsdp_run, farcast, tmp_path, monkeypatch):
+    """The DCP writer writes each .distcp back to disk while it is written (FlushBehind, here after
+    every write): the same bytes as written without it, and no flushing thread left behind."""
+    farcast("predict", fsdp_run, "-H", 100, "-o", tmp_path / "plain", *FAST)
+    monkeypatch.setattr(writer, "FLUSH_BEHIND_BYTES", 1)
+    farcast("predict", fsdp_run, "-H", 100, "-o", tmp_path / "flushed", *FAST)
+    written = sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.suffix in (".distcp", ".metadata"))
+    assert written and all((tmp_path / "plain" / p).read_bytes() == (tmp_path / "flushed" / p).read_bytes() for p in written)
+    assert _flushing_threads() == []
+
+    source = read_dcp_folder(fsdp_run / "checkpoint-200" / "pytorch_model_fsdp_0")
+    dtypes = {name: tensor.info.dtype for name, tensor in source.tensors.items()}
+    dcp_writer = DcpWriter(tmp_path / "aborted", source, dtypes, flush_behind=True)
+    assert len(_flushing_threads()) == len(dcp_writer._fds) > 0
+    dcp_writer.abort()
+    assert _flushing_threads() == []
+
+
+def test_a_dcp_write_that_fails_while_flushing_behind_leaves_nothing(farcast, tmp_path, monkeypatch):
+    """A forecast that overflows float32 fails in the middle of the write (the output files open and
+    written back behind): one error line, no output, no flushing thread left."""
+    weights = linear_weights(STEPS)
+    for step, tensors in weights.items():
+        tensors["encoder.weight"] = torch.full(SHAPES["encoder.weight"], 1.5e36 * step, dtype=torch.float32)
+    run = save_dcp_run(tmp_path / "run", weights, "fsdp")
+    monkeypatch.setattr(writer, "FLUSH_BEHIND_BYTES", 1)
+    result = farcast("predict", run, "-H", 100, "-o", tmp_path / "out", "--backtest", "sample", *FAST, expect=3)
+    assert "the forecast of tensor 'model.encoder.weight' overflows torch.float32" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert _flushing_threads() == []
 
 
 def test_finding_a_run_opens_no_chunk_archive_and_the_first_read_of_a_damaged_one_names_its_file(fsdp_run, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from conftest import FAST, trajectories, write_run
 from safetensors.torch import load_file
 
-from farcast_cli.model.fit import FitSettings, fit_linear_map
+from farcast_cli.model.fit import FitSettings, _least_squares, _Problem, _split_coordinates, fit_linear_map, fit_linear_maps
 from farcast_cli.model.linear import LinearMap
 from farcast_cli.model.pairs import Pairs
 
@@ -121,6 +121,85 @@ def test_fit_recovers_a_known_linear_map():
     assert linear.weight[1][0] == pytest.approx(0.9, abs=0.01)
     assert linear.bias[0] == pytest.approx(0.01, abs=0.005)
     assert info.held_out_pairs == 800
+
+
+def _drifting_pairs(rng, rows: int, outputs: int, bf16: bool) -> Pairs:
+    """Pairs like a run's: a drift with noise, optionally rounded to bfloat16 (the L1 optimum then moves
+    away from the least-squares start, so Adam takes many updates)."""
+    first = rng.normal(scale=0.02, size=rows)
+    last = first + rng.normal(scale=1e-3, size=rows)
+    targets = last[:, None] + (last - first)[:, None] * rng.uniform(1, 3, outputs) + rng.normal(scale=2e-4, size=(rows, outputs))
+    if bf16:
+        first, last, targets = (torch.from_numpy(a).to(torch.bfloat16).double().numpy() for a in (first, last, targets))
+    return Pairs(first, last, targets, np.abs(last - first) / 100, np.full(rows, 100.0), np.repeat(np.arange(rows), 2)[:rows])
+
+
+def _plain_adam(pairs: Pairs, settings: FitSettings) -> np.ndarray:
+    """The fit's Adam written out one fit at a time, as it was before fits were taken together: numpy's
+    mean for the loss, einsum for the gradient's sum over rows."""
+    problem = _Problem(pairs, settings.lam)
+    train, held = _split_coordinates(pairs, settings.validation_fraction, settings.seed)
+
+    def terms(c, rows):
+        x = problem.inputs[rows]
+        predicted = x @ c
+        step = predicted[:, -1] - (predicted[:, -2] if predicted.shape[1] > 1 else 0.0)
+        return x, predicted - problem.residual[rows], step, np.abs(step) / problem.last_dt[rows] - problem.rate_bound[rows]
+
+    def loss(c):
+        _, error, _, excess = terms(c, held)
+        return float(np.abs(error).mean() + settings.lam * np.maximum(excess, 0.0).mean())
+
+    c = _least_squares(problem, train)
+    m, v, t = np.zeros_like(c), np.zeros_like(c), 0
+    generator = torch.Generator().manual_seed(settings.seed)
+    check_every = max(1, min(20, -(-len(train) // settings.batch_size)))
+    best_loss, best, stale = loss(c), c.copy(), 0
+    while t < settings.max_updates and stale < settings.patience:
+        order = train[torch.randperm(len(train), generator=generator).numpy()]
+        for begin in range(0, len(order), settings.batch_size):
+            rows = order[begin : begin + settings.batch_size]
+            x, error, step, excess = terms(c, rows)
+            d = np.sign(error) / error.size
+            d_step = settings.lam * (excess > 0) * np.sign(step) / problem.last_dt[rows] / len(rows)
+            d[:, -1] += d_step
+            if d.shape[1] > 1:
+                d[:, -2] -= d_step
+            g = np.einsum("ri,rm->im", x, d)
+            t += 1
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g * g
+            c -= (settings.lr / (1 - 0.9**t)) * m / (np.sqrt(v) / np.sqrt(1 - 0.999**t) + 1e-8)
+            if t % check_every == 0:
+                now = loss(c)
+                best_loss, best, stale = (now, c.copy(), 0) if now < best_loss else (best_loss, best, stale + 1)
+            if t >= settings.max_updates or stale >= settings.patience:
+                break
+    return best
+
+
+def test_fits_taken_together_are_each_fit_alone_bit_for_bit():
+    """Per-tensor fits advance in lock step (one array operation per update for all): each map and
+    summary must be exactly what the fit alone gives, whatever the others' sizes, outputs, stops and
+    held-out rows; and the same as the plain Adam loop, one fit at a time."""
+    rng = np.random.default_rng(3)
+    sizes = [40, 255, 256, 257, 700, 1400, 3000]
+    problems = [(_drifting_pairs(rng, rows, 1, bf16=k % 2 == 0), None) for k, rows in enumerate(sizes)]
+    problems += [
+        (_drifting_pairs(rng, 600, 2, bf16=True), None),
+        (_drifting_pairs(rng, 500, 1, bf16=True), _drifting_pairs(rng, 200, 1, bf16=True)),
+    ]
+    for settings in (FitSettings(), FitSettings(lam=1.0, max_updates=60), FitSettings(objective="l2")):
+        together = fit_linear_maps(problems, settings)
+        alone = [fit_linear_map(pairs, settings, validation) for pairs, validation in problems]
+        assert [(linear.weight, linear.bias, info) for linear, info in together] == [
+            (linear.weight, linear.bias, info) for linear, info in alone
+        ]
+    infos = [info for _, info in fit_linear_maps(problems, FitSettings())]
+    assert len({info.updates for info in infos}) > 3 and any(info.best_update > 0 for info in infos)
+    for (pairs, validation), (linear, _) in zip(problems, fit_linear_maps(problems, FitSettings()), strict=True):
+        if validation is None and pairs.targets.shape[1] == 1:
+            assert _Problem(pairs, 1e-5).as_linear_map(_plain_adam(pairs, FitSettings())) == linear
 
 
 def test_regulariser_shrinks_a_forecast_that_outruns_the_first_step():

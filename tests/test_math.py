@@ -111,7 +111,7 @@ def test_the_fits_gradient_matches_finite_differences():
         step = np.zeros_like(coefficients)
         step[index] = 1e-6
         numeric[index] = (problem.loss(coefficients + step, every) - problem.loss(coefficients - step, every)) / 2e-6
-    regulariser_active = problem._terms(coefficients, every)[-1] > 0
+    regulariser_active = problem.rows(every).terms(coefficients)[-1] > 0
     assert regulariser_active.any() and not regulariser_active.all()
     assert problem.gradient(coefficients, every) == pytest.approx(numeric, rel=1e-4, abs=1e-7)
 

@@ -230,9 +230,9 @@ def _write_dcp_tensors(
         for place, target in zip(folders, candidate.target_steps):
             if consolidate:
                 metadata = {"format": "pt", "farcast": _provenance(candidate, target)}
-                writers.append(ConsolidatedWriter(place, last.dcp, dtypes, metadata, only))
+                writers.append(ConsolidatedWriter(place, last.dcp, dtypes, metadata, only, flush_behind=durable))
             else:
-                writers.append(DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only))
+                writers.append(DcpWriter(_dcp_place(place, last), last.dcp, dtypes, only, flush_behind=durable))
         jobs = [job for name in last.dcp.tensors for job in forecast_jobs(blocks.read, last, name, settings.chunk_elements, only)]
         for job, data in stream(jobs, settings):
             if job.raw:

@@ -32,7 +32,7 @@ from farcast_cli.io.dcp import METADATA_FILE, PROVENANCE_FILE, Chunk, DcpFolder,
 from farcast_cli.io.output import write_text
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 from farcast_cli.io.run import INDEX_FILE, SINGLE_FILE
-from farcast_cli.io.writer import header_bytes, output_failure
+from farcast_cli.io.writer import FlushBehind, header_bytes, output_failure
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import metadata as dcp_metadata
@@ -41,11 +41,14 @@ if TYPE_CHECKING:
 
 class _OpenFiles:
     """Output files held open by descriptor while a writer fills them by tensor (`write_bytes`, the
-    writer's own placement): fsynced (when durable) and closed together."""
+    writer's own placement): fsynced (when durable) and closed together. With `_flush_behind`, each
+    file is written back to disk while it is written (io/writer.py FlushBehind), so that the fsync at
+    close waits only for each file's last part."""
 
     folder: Path
     dtypes: dict[str, str]
     _fds: dict
+    _flushes: dict
 
     def write(self, name: str, start: int, values: torch.Tensor) -> None:
         """Elements from `start` of the tensor's stream; their dtype must be the output's."""
@@ -57,8 +60,16 @@ class _OpenFiles:
     def write_bytes(self, name: str, begin: int, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
+    def _flush_behind(self) -> None:
+        self._flushes = {key: FlushBehind(fd) for key, fd in self._fds.items()}
+
+    def _wrote(self, key: object, nbytes: int) -> None:
+        if key in self._flushes:
+            self._flushes[key].wrote(nbytes)
+
     def close(self, durable: bool = True) -> None:
         try:
+            self._stop_flushing(raising=True)
             for fd in self._fds.values():
                 if durable:
                     os.fsync(fd)
@@ -68,16 +79,31 @@ class _OpenFiles:
             self.abort()
 
     def abort(self) -> None:
+        """Close without raising (the flushing threads joined first: none may outlive its descriptor)."""
+        self._stop_flushing()
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+
+    def _stop_flushing(self, raising: bool = False) -> None:
+        flushes, self._flushes = self._flushes, {}
+        failures = []
+        for flush in flushes.values():
+            try:
+                flush.finish()
+            except OSError as error:
+                failures.append(error)
+        if raising and failures:
+            raise failures[0]
 
 
 class DcpWriter(_OpenFiles):
     """Writes one DCP folder: `write(name, start, values)` puts values at element `start` of a tensor's
     stream (its chunks in offset order, as io/dcp.py reads them), in any order."""
 
-    def __init__(self, folder: Path, source: DcpFolder, dtypes: dict[str, str], only: Collection[str] | None = None) -> None:
+    def __init__(
+        self, folder: Path, source: DcpFolder, dtypes: dict[str, str], only: Collection[str] | None = None, flush_behind: bool = False
+    ) -> None:
         self.folder = Path(folder)
         self.source = source
         self.dtypes = dtypes
@@ -85,6 +111,7 @@ class DcpWriter(_OpenFiles):
         self.chunks: dict[str, list[Chunk]] = {name: [] for name in source.tensors}
         self.items: dict[str, list[tuple[str, Chunk, _StorageInfo]]] = {}
         self._fds: dict[Path, int] = {}
+        self._flushes: dict[Path, FlushBehind] = {}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             for relative, members in self._items_by_file().items():
@@ -93,6 +120,8 @@ class DcpWriter(_OpenFiles):
             self.abort()
             raise output_failure(self.folder, error) from None
         self._starts = {name: stream_starts(chunks) for name, chunks in self.chunks.items()}
+        if flush_behind:
+            self._flush_behind()
 
     def _items_by_file(self) -> dict[str, list[tuple[str, Chunk]]]:
         """The model's chunks grouped by the input file that holds them, in the input's order."""
@@ -132,6 +161,7 @@ class DcpWriter(_OpenFiles):
                 _pwrite_all(self._fds[path], view[at : at + count], offset)
             except OSError as error:
                 raise output_failure(path, error) from None
+            self._wrote(path, count)
 
 
 def _data_offset(handle, offset: int, length: int) -> int:
@@ -241,11 +271,13 @@ class ConsolidatedWriter(_OpenFiles):
         dtypes: dict[str, str],
         metadata: dict[str, str],
         only: Collection[str] | None = None,
+        flush_behind: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.source = source
         self.dtypes = dtypes
         self._fds: dict[str, int] = {}
+        self._flushes: dict[str, FlushBehind] = {}
         self._place: dict[str, tuple[str, int]] = {}
         by_hf_name = {hf_name(source, name): name for name in source.tensors}
         try:
@@ -260,6 +292,8 @@ class ConsolidatedWriter(_OpenFiles):
         except OSError as error:
             self.abort()
             raise output_failure(self.folder, error) from None
+        if flush_behind:
+            self._flush_behind()
 
     def write_bytes(self, name: str, begin: int, data: bytes | bytearray | memoryview) -> None:
         """Bytes from `begin` of the tensor's stream, each run at its row-major place."""
@@ -278,6 +312,7 @@ class ConsolidatedWriter(_OpenFiles):
                     _pwrite_all(self._fds[shard], view[local - position : local - position + count], data_begin + target)
                 except OSError as error:
                     raise output_failure(self.folder / shard, error) from None
+                self._wrote(shard, count)
             view = view[min(chunk_bytes - position, len(view)) :]
             position = 0
             if not len(view):

@@ -59,8 +59,8 @@ class FlushBehind:
     last part: the page cache otherwise holds the whole output dirty until then (benchmarks/RESULTS.md,
     issue 25). A failure is kept for `finish`, which joins the thread."""
 
-    def __init__(self, fd: int, every: int = FLUSH_BEHIND_BYTES) -> None:
-        self.fd, self.every = fd, every
+    def __init__(self, fd: int, every: int | None = None) -> None:
+        self.fd, self.every = fd, FLUSH_BEHIND_BYTES if every is None else every
         self.pending = 0
         self.failure: OSError | None = None
         self.requested = False

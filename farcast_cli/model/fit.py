@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -104,28 +105,60 @@ def fit_linear_map(pairs: Pairs, settings: FitSettings, validation: Pairs | None
 
     The held-out rows are `validation`'s pairs where given (a separate validation run, the paper's
     protocol), every pair then being fitted; else a share of the coordinates of `pairs` itself."""
-    count = len(pairs.first)
-    if validation is None:
-        train, held = _split_coordinates(pairs, settings.validation_fraction, settings.seed)
-    else:
-        train, held = np.arange(count), np.arange(count, count + len(validation.first))
-        pairs = pairs.joined(validation)
-    problem = _Problem(pairs, settings.lam)
+    return fit_linear_maps([(pairs, validation)], settings)[0]
+
+
+def fit_linear_maps(problems: list[tuple[Pairs, Pairs | None]], settings: FitSettings) -> list[tuple[LinearMap, FitInfo]]:
+    """`fit_linear_map` of each (pairs, validation), bit for bit, with the fits' Adam updates taken
+    together (`_adam_together`): a fit of a few hundred rows costs as much Python and numpy per update
+    as one of 20,000, and a run's per-tensor fits are dozens of them."""
+    fits = [_Fit.of(pairs, validation, settings) for pairs, validation in problems]
+    starts = [_least_squares(fit.problem, fit.train) for fit in fits]
     if settings.objective == "l2":
-        coefficients, stopped, updates, best_update = _least_squares(problem, train), "closed form", 0, 0
+        ends = [(start, "closed form", 0, 0) for start in starts]
     else:
-        coefficients, stopped, updates, best_update = _adam_from(problem, _least_squares(problem, train), train, held, settings)
-    info = FitInfo(
-        pairs=count,
-        held_out_pairs=len(held),
-        held_out="coordinates" if validation is None else "validation run",
-        objective=settings.objective,
-        stopped=stopped,
-        updates=updates,
-        best_update=best_update,
-        validation_l1=problem.loss(coefficients, held) * problem.s_out,
-    )
-    return problem.as_linear_map(coefficients), info
+        ends = _adam_together(fits, starts, settings)
+    return [fit.outcome(*end, settings) for fit, end in zip(fits, ends, strict=True)]
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """One fit's problem, its training rows and its held-out rows (gathered once: every check reads them)."""
+
+    problem: _Problem
+    train: np.ndarray
+    held: np.ndarray
+    held_rows: _Rows
+    validation_run: bool
+
+    @classmethod
+    def of(cls, pairs: Pairs, validation: Pairs | None, settings: FitSettings) -> _Fit:
+        count = len(pairs.first)
+        if validation is None:
+            train, held = _split_coordinates(pairs, settings.validation_fraction, settings.seed)
+        else:
+            train, held = np.arange(count), np.arange(count, count + len(validation.first))
+            pairs = pairs.joined(validation)
+        problem = _Problem(pairs, settings.lam)
+        return cls(problem, train, held, problem.rows(held), validation is not None)
+
+    def held_loss(self, coefficients: np.ndarray) -> float:
+        return _loss(self.held_rows, coefficients, self.problem.lam)
+
+    def outcome(
+        self, coefficients: np.ndarray, stopped: str, updates: int, best_update: int, settings: FitSettings
+    ) -> tuple[LinearMap, FitInfo]:
+        info = FitInfo(
+            pairs=len(self.problem.inputs) - (len(self.held) if self.validation_run else 0),
+            held_out_pairs=len(self.held),
+            held_out="validation run" if self.validation_run else "coordinates",
+            objective=settings.objective,
+            stopped=stopped,
+            updates=updates,
+            best_update=best_update,
+            validation_l1=self.held_loss(coefficients) * self.problem.s_out,
+        )
+        return self.problem.as_linear_map(coefficients), info
 
 
 def coordinate_cells(tensor_index: np.ndarray, own: list[int], settings: FitSettings) -> np.ndarray:
@@ -227,30 +260,128 @@ def map_of(beta: np.ndarray) -> LinearMap:
     return LinearMap.of([(-beta[1]).tolist(), (1.0 + beta[0] + beta[1]).tolist()], beta[2].tolist())
 
 
-def _adam_from(
-    problem: _Problem, start: np.ndarray, train: np.ndarray, held: np.ndarray, settings: FitSettings
-) -> tuple[np.ndarray, str, int, int]:
-    """Adam from `start`: the best held-out coefficients, how the fit stopped, its updates and the best one."""
-    coefficients = start.copy()
-    optimizer = _Adam(coefficients, settings.lr)
-    generator = torch.Generator().manual_seed(settings.seed)
-    check_every = max(1, min(CHECK_EVERY, -(-len(train) // settings.batch_size)))
-    best_loss, best, best_update, updates, stale = problem.loss(coefficients, held), coefficients.copy(), 0, 0, 0
-    while updates < settings.max_updates and stale < settings.patience:
-        order = train[torch.randperm(len(train), generator=generator).numpy()]
-        for begin in range(0, len(order), settings.batch_size):
-            optimizer.step(problem.gradient(coefficients, order[begin : begin + settings.batch_size]))
+def _adam_together(fits: list[_Fit], starts: list[np.ndarray], settings: FitSettings) -> list[tuple[np.ndarray, str, int, int]]:
+    """Adam from each fit's start: for each, the best held-out coefficients, how it stopped, its updates
+    and the best one.
+
+    The fits advance in lock step: update u of every fit still running is one set of array operations
+    over all of them, their batches stacked (`_Batches`, padded with a row that adds nothing). Each
+    keeps its own rows, its own permutations (a generator of its own, seeded as a fit alone), its own
+    checks and its own stop, and every value is computed by the same operations as for that fit alone
+    (elementwise, each row's matrix product by itself, the gradient's sum over rows accumulated row by
+    row in order), so the coefficients are the same bits as fitting each alone. Fits with different
+    numbers of outputs advance in separate groups."""
+    ends: list = [None] * len(fits)
+    for outputs in sorted({start.shape[1] for start in starts}):
+        group = [index for index, start in enumerate(starts) if start.shape[1] == outputs]
+        found = _adam_in_lock_step([fits[i] for i in group], [starts[i] for i in group], settings)
+        for index, end in zip(group, found, strict=True):
+            ends[index] = end
+    return ends
+
+
+def _adam_in_lock_step(fits: list[_Fit], starts: list[np.ndarray], settings: FitSettings) -> list[tuple[np.ndarray, str, int, int]]:
+    """`_adam_together` of fits with the same number of outputs."""
+    table = _Rows.joined([fit.problem.rows(slice(None)) for fit in fits])
+    padding = len(table.inputs) - 1
+    offsets = np.cumsum([0] + [len(fit.problem.inputs) for fit in fits])[:-1]
+    batches = [_Batches(fit.train + offset, settings, padding) for fit, offset in zip(fits, offsets, strict=True)]
+    held_counts = np.array([len(fit.held) for fit in fits])
+    held_index = np.full((len(fits), held_counts.max()), padding)
+    for place, (fit, offset) in enumerate(zip(fits, offsets, strict=True)):
+        held_index[place, : len(fit.held)] = fit.held + offset
+    held = table.take(held_index)
+    check_every = np.array([batch.check_every for batch in batches])
+    optimizer = _Adam(np.stack(starts), settings.lr)
+    best_loss = [fit.held_loss(start) for fit, start in zip(fits, starts, strict=True)]
+    best = [start.copy() for start in starts]
+    best_update, stale = [0] * len(fits), [0] * len(fits)
+    ends: list = [None] * len(fits)
+    running = list(range(len(fits)))
+    updates = 0
+    while running:
+        rows, counts = _Batches.stacked([batches[index] for index in running], _WINDOW)
+        window = table.take(rows)
+        sizes = (counts * starts[0].shape[1]).astype(float)[..., None, None]
+        scales = settings.lam / window.last_dt / counts[..., None]
+        due = (updates + np.arange(1, _WINDOW + 1))[:, None] % check_every == 0
+        checked = due.any(axis=1).tolist()
+        alive = np.ones(len(running), dtype=bool)
+        for taken in range(1, _WINDOW + 1):
+            optimizer.step(_gradient(window.at(taken - 1), optimizer.parameters, sizes[taken - 1], scales[taken - 1]))
             updates += 1
-            if updates % check_every == 0:
-                loss = problem.loss(coefficients, held)
-                if loss < best_loss:
-                    best_loss, best, best_update, stale = loss, coefficients.copy(), updates, 0
-                else:
-                    stale += 1
-            if updates >= settings.max_updates or stale >= settings.patience:
+            stopping = np.zeros(0, dtype=np.int64)
+            if checked[taken - 1]:
+                places = np.nonzero(due[taken - 1] & alive)[0]
+                part = held if len(places) == len(running) else held.take(places)
+                losses = _losses(part, optimizer.parameters[places], held_counts[places], settings.lam)
+                for place, loss in zip(places.tolist(), losses, strict=True):
+                    index = running[place]
+                    if loss < best_loss[index]:
+                        best_loss[index], best_update[index], stale[index] = loss, updates, 0
+                        best[index] = optimizer.parameters[place].copy()
+                    else:
+                        stale[index] += 1
+                stopping = places[[stale[running[place]] >= settings.patience for place in places.tolist()]]
+            if updates >= settings.max_updates:
+                stopping = np.nonzero(alive)[0]
+            for place in stopping.tolist():
+                index = running[place]
+                stopped = "converged" if stale[index] >= settings.patience else "budget"
+                ends[index] = (best[index], stopped, updates, best_update[index])
+            alive[stopping] = False
+            if not alive.any():
                 break
-    stopped = "converged" if stale >= settings.patience else "budget"
-    return best, stopped, updates, best_update
+        for index in running:
+            batches[index].advance(taken)
+        running = [index for index, keep in zip(running, alive, strict=True) if keep]
+        optimizer.keep(alive)
+        check_every, held, held_counts = check_every[alive], held.take(np.nonzero(alive)[0]), held_counts[alive]
+    return ends
+
+
+_WINDOW = 8
+"""Updates gathered at a time (a fit that stops inside a window is carried to its end, its results kept)."""
+
+
+class _Batches:
+    """One fit's batches, update by update: each epoch a permutation of its training rows drawn from
+    its own generator (seeded as every fit is), cut into batches of settings.batch_size rows, the last
+    one padded with `padding` (a row that adds nothing to a gradient) to the full size."""
+
+    def __init__(self, train: np.ndarray, settings: FitSettings, padding: int) -> None:
+        self.train, self.size, self.padding = train, settings.batch_size, padding
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.check_every = max(1, min(CHECK_EVERY, -(-len(train) // settings.batch_size)))
+        self.rows, self.counts = np.empty((0, self.size), dtype=np.int64), np.empty(0, dtype=np.int64)
+
+    def next(self, updates: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rows (updates x batch size) and the real rows' count of each of the next `updates` batches."""
+        if len(self.train) == 0:
+            raise UsageError("a fit needs at least one training pair")
+        if len(self.counts) < updates:
+            self._draw_epochs(-(-(updates - len(self.counts)) // -(-len(self.train) // self.size)))
+        return self.rows[:updates], self.counts[:updates]
+
+    def advance(self, updates: int) -> None:
+        self.rows, self.counts = self.rows[updates:], self.counts[updates:]
+
+    def _draw_epochs(self, epochs: int) -> None:
+        """The next `epochs` permutations of the training rows, in batches, after those not yet taken."""
+        orders = self.train[np.stack([torch.randperm(len(self.train), generator=self.generator).numpy() for _ in range(epochs)])]
+        batches = -(-len(self.train) // self.size)
+        padded = np.full((epochs, batches * self.size), self.padding, dtype=np.int64)
+        padded[:, : len(self.train)] = orders
+        counts = np.full(batches, self.size, dtype=np.int64)
+        counts[-1] = len(self.train) - (batches - 1) * self.size
+        self.rows = np.concatenate([self.rows, padded.reshape(epochs * batches, self.size)])
+        self.counts = np.concatenate([self.counts, np.tile(counts, epochs)])
+
+    @staticmethod
+    def stacked(batches: list[_Batches], updates: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `updates` batches of each, as (updates x fits x batch size) rows and (updates x fits) counts."""
+        following = [batch.next(updates) for batch in batches]
+        return np.stack([rows for rows, _ in following], axis=1), np.stack([counts for _, counts in following], axis=1)
 
 
 def _least_squares(problem: _Problem, rows: np.ndarray) -> np.ndarray:
@@ -288,29 +419,17 @@ class _Problem:
         self.last_dt = pairs.last_dt
         self.lam = lam
 
-    def _terms(self, coefficients: np.ndarray, rows: np.ndarray):
-        x = self.inputs[rows]
-        predicted = x @ coefficients
-        error = predicted - self.residual[rows]
-        step = predicted[:, -1] - (predicted[:, -2] if predicted.shape[1] > 1 else 0.0)
-        last_dt = self.last_dt[rows]
-        excess = np.abs(step) / last_dt - self.rate_bound[rows]
-        return x, error, step, last_dt, excess
+    def rows(self, rows: np.ndarray | slice) -> _Rows:
+        return _Rows(self.inputs[rows], self.residual[rows], self.last_dt[rows], self.rate_bound[rows])
 
     def loss(self, coefficients: np.ndarray, rows: np.ndarray) -> float:
-        _, error, _, _, excess = self._terms(coefficients, rows)
-        return float(np.abs(error).mean() + self.lam * np.maximum(excess, 0.0).mean())
+        return _loss(self.rows(rows), coefficients, self.lam)
 
     def gradient(self, coefficients: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """d loss / d coefficients, by hand: d|e|/de = sign(e), over the mean's count; the regulariser
-        acts on the last two outputs only, where ReLU is active, through d|step|/d step = sign(step)."""
-        x, error, step, last_dt, excess = self._terms(coefficients, rows)
-        d_predicted = np.sign(error) / error.size
-        d_step = self.lam * (excess > 0) * np.sign(step) / last_dt / len(rows)
-        d_predicted[:, -1] += d_step
-        if d_predicted.shape[1] > 1:
-            d_predicted[:, -2] -= d_step
-        return np.einsum("ri,rm->im", x, d_predicted)
+        """d loss / d coefficients on `rows` (`_gradient` of one fit)."""
+        size = np.array(float(self.residual.shape[1] * len(rows)))
+        scales = self.lam / self.last_dt[rows] / len(rows)
+        return _gradient(self.rows(rows).stacked(), coefficients[None], size, scales[None])[0]
 
     def as_linear_map(self, coefficients: np.ndarray) -> LinearMap:
         """Back from (p, q, c) to y = first * A[0] + last * A[1] + b."""
@@ -318,6 +437,76 @@ class _Problem:
         a_first = -self.s_out * q / self.s_change
         a_last = 1.0 + self.s_out * (p / self.s_level + q / self.s_change)
         return LinearMap.of([a_first.tolist(), a_last.tolist()], (self.s_out * c).tolist())
+
+
+class _Rows(NamedTuple):
+    """Rows of a `_Problem` (x, the residual d, the forecast's last gap and the bound on its rate), or
+    of several fits' batches stacked along a first axis."""
+
+    inputs: np.ndarray
+    residual: np.ndarray
+    last_dt: np.ndarray
+    rate_bound: np.ndarray
+
+    def stacked(self) -> _Rows:
+        return _Rows(*(values[None] for values in self))
+
+    def take(self, rows: np.ndarray) -> _Rows:
+        """These rows (np.take: several times faster than indexing by an array of rows)."""
+        return _Rows(*(np.take(values, rows, axis=0) for values in self))
+
+    def at(self, index: int) -> _Rows:
+        return _Rows(self.inputs[index], self.residual[index], self.last_dt[index], self.rate_bound[index])
+
+    @staticmethod
+    def joined(parts: list[_Rows]) -> _Rows:
+        """The parts' rows one after the other, then a padding row: x = 0 and d = 0, so its error and
+        its terms of the gradient are 0, and an infinite bound, so the regulariser never acts on it."""
+        pad = _Rows(np.zeros((1, 3)), np.zeros((1, parts[0].residual.shape[1])), np.ones(1), np.full(1, np.inf))
+        return _Rows(*(np.concatenate(values) for values in zip(*parts, pad, strict=True)))
+
+    def terms(self, coefficients: np.ndarray):
+        predicted = self.inputs @ coefficients
+        error = predicted - self.residual
+        step = predicted[..., -1] - predicted[..., -2] if predicted.shape[-1] > 1 else predicted[..., -1]
+        excess = np.abs(step) / self.last_dt - self.rate_bound
+        return error, step, excess
+
+
+def _loss(rows: _Rows, coefficients: np.ndarray, lam: float) -> float:
+    return _losses(rows.stacked(), coefficients[None], np.array([len(rows.inputs)]), lam)[0]
+
+
+def _losses(rows: _Rows, coefficients: np.ndarray, counts: np.ndarray, lam: float) -> list[float]:
+    """The loss (the mean |error| plus lam times the regulariser's mean) of stacked fits, each over its
+    first `counts` rows (the rest padding): each mean a sum over that fit's rows alone, the same
+    pairwise sum, in the same bits, as numpy's mean of them."""
+    error, _, excess = rows.terms(coefficients)
+    absolute, above = np.abs(error), np.maximum(excess, 0.0)
+    outputs = error.shape[-1]
+    return [
+        float(np.add.reduce(absolute[place, :count], axis=None) / (count * outputs) + lam * (np.add.reduce(above[place, :count]) / count))
+        for place, count in enumerate(counts.tolist())
+    ]
+
+
+def _gradient(rows: _Rows, coefficients: np.ndarray, sizes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """d loss / d coefficients of stacked fits (rows and coefficients with a first axis of fits), by hand:
+    d|e|/de = sign(e), over the mean's count (`sizes`: each fit's real rows x outputs, shaped to
+    broadcast); the regulariser acts on the last two outputs only, where ReLU is active, through
+    d|step|/d step = sign(step), times lam / last_dt / rows (`scales`, per row).
+
+    Bit for bit the same as computing it by itself for each fit, in the order of the expression
+    lam * active * sign(step) / last_dt / rows (lam * sign(step) is exact, and so is a change of sign
+    after a division). einsum sums over rows, fit by fit, in the order einsum's "ri,rm->im" does for
+    one fit, whatever the padding rows after them (tests/test_fit.py pins both)."""
+    error, step, excess = rows.terms(coefficients)
+    d_predicted = np.sign(error) / sizes
+    d_step = np.sign(step) * scales * (excess > 0)
+    d_predicted[..., -1] += d_step
+    if d_predicted.shape[-1] > 1:
+        d_predicted[..., -2] -= d_step
+    return np.einsum("fri,frm->fim", rows.inputs, d_predicted)
 
 
 def _split_coordinates(pairs: Pairs, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -361,5 +550,9 @@ class _Adam:
         self.t += 1
         self.m = 0.9 * self.m + 0.1 * gradient
         self.v = 0.999 * self.v + 0.001 * gradient * gradient
-        denominator = np.sqrt(self.v) / np.sqrt(1 - 0.999**self.t) + 1e-8
+        denominator = np.sqrt(self.v) / math.sqrt(1 - 0.999**self.t) + 1e-8
         self.parameters -= (self.lr / (1 - 0.9**self.t)) * self.m / denominator
+
+    def keep(self, which: np.ndarray) -> None:
+        """Drop the stacked fits not in `which` (a mask over the first axis)."""
+        self.parameters, self.m, self.v = self.parameters[which], self.m[which], self.v[which]

@@ -26,6 +26,7 @@ from farcast_cli.model.fit import (
     closed_form_info,
     coordinate_cells,
     fit_linear_map,
+    fit_linear_maps,
     fit_pair_sums,
     from_known,
     map_of,
@@ -390,8 +391,6 @@ def _fit_per_tensor(history: History, pairs: Pairs, settings: FitSettings, held:
     """A map for each tensor `_own` picks, stopped early on the same tensor's pairs in `held` where it
     has any; the others keep the shared map."""
     owner = history.tensor_index[pairs.coordinate]
-    fitted = {}
-    for index in _own(history, settings):
-        name = history.tensor_names[index]
-        fitted[name] = fit_linear_map(pairs.subset(owner == index), settings, None if held is None else held.of_tensor(name))[0]
-    return fitted
+    names = {index: history.tensor_names[index] for index in _own(history, settings)}
+    problems = [(pairs.subset(owner == index), None if held is None else held.of_tensor(name)) for index, name in names.items()]
+    return {name: linear for name, (linear, _) in zip(names.values(), fit_linear_maps(problems, settings), strict=True)}
