@@ -90,13 +90,13 @@ MUTATIONS = [
     (
         "the fit keeps Adam's last coefficients, not the best held-out ones",
         "farcast_cli/model/fit.py",
-        "ends[index] = (best[index], stopped, updates, best_update[index])",
-        "ends[index] = (optimizer.parameters[place].copy(), stopped, updates, best_update[index])",
+        "self.ends[index] = (self.best[index], stopped, self.updates, self.best_update[index])",
+        "self.ends[index] = (self.optimizer.parameters[place].copy(), stopped, self.updates, self.best_update[index])",
     ),
     (
         "a fit stopped by its budget counts as converged",
         "farcast_cli/model/fit.py",
-        'stopped = "converged" if stale[index] >= settings.patience else "budget"',
+        'stopped = "converged" if self.stale[index] >= self.settings.patience else "budget"',
         'stopped = "converged"',
     ),
     (

@@ -282,62 +282,89 @@ def _adam_together(fits: list[_Fit], starts: list[np.ndarray], settings: FitSett
 
 def _adam_in_lock_step(fits: list[_Fit], starts: list[np.ndarray], settings: FitSettings) -> list[tuple[np.ndarray, str, int, int]]:
     """`_adam_together` of fits with the same number of outputs."""
-    table = _Rows.joined([fit.problem.rows(slice(None)) for fit in fits])
-    padding = len(table.inputs) - 1
-    offsets = np.cumsum([0] + [len(fit.problem.inputs) for fit in fits])[:-1]
-    batches = [_Batches(fit.train + offset, settings, padding) for fit, offset in zip(fits, offsets, strict=True)]
-    held_counts = np.array([len(fit.held) for fit in fits])
-    held_index = np.full((len(fits), held_counts.max()), padding)
-    for place, (fit, offset) in enumerate(zip(fits, offsets, strict=True)):
-        held_index[place, : len(fit.held)] = fit.held + offset
-    held = table.take(held_index)
-    check_every = np.array([batch.check_every for batch in batches])
-    optimizer = _Adam(np.stack(starts), settings.lr)
-    best_loss = [fit.held_loss(start) for fit, start in zip(fits, starts, strict=True)]
-    best = [start.copy() for start in starts]
-    best_update, stale = [0] * len(fits), [0] * len(fits)
-    ends: list = [None] * len(fits)
-    running = list(range(len(fits)))
-    updates = 0
-    while running:
-        rows, counts = _Batches.stacked([batches[index] for index in running], _WINDOW)
-        window = table.take(rows)
-        sizes = (counts * starts[0].shape[1]).astype(float)[..., None, None]
+    steps = _LockStep(fits, starts, settings)
+    while steps.running:
+        steps.advance()
+    return steps.ends
+
+
+class _LockStep:
+    """Fits with the same number of outputs taken by Adam together (`_adam_together`): their rows in one
+    table, a padding row last; `running` the fits not stopped, in their order, and the optimizer's,
+    the held-out rows' and the check rhythms' first axis follow it; `ends` each stopped fit's outcome."""
+
+    def __init__(self, fits: list[_Fit], starts: list[np.ndarray], settings: FitSettings) -> None:
+        self.table = _Rows.joined([fit.problem.rows(slice(None)) for fit in fits])
+        padding = len(self.table.inputs) - 1
+        offsets = np.cumsum([0] + [len(fit.problem.inputs) for fit in fits])[:-1]
+        self.batches = [_Batches(fit.train + offset, settings, padding) for fit, offset in zip(fits, offsets, strict=True)]
+        self.held_counts = np.array([len(fit.held) for fit in fits])
+        held_index = np.full((len(fits), self.held_counts.max()), padding)
+        for place, (fit, offset) in enumerate(zip(fits, offsets, strict=True)):
+            held_index[place, : len(fit.held)] = fit.held + offset
+        self.held = self.table.take(held_index)
+        self.check_every = np.array([batch.check_every for batch in self.batches])
+        self.optimizer = _Adam(np.stack(starts), settings.lr)
+        self.best_loss = [fit.held_loss(start) for fit, start in zip(fits, starts, strict=True)]
+        self.best = [start.copy() for start in starts]
+        self.best_update, self.stale = [0] * len(fits), [0] * len(fits)
+        self.ends: list = [None] * len(fits)
+        self.running = list(range(len(fits)))
+        self.updates, self.outputs, self.settings = 0, starts[0].shape[1], settings
+
+    def advance(self) -> None:
+        """The next _WINDOW updates of every running fit, their batches gathered at once, checking each
+        fit at its rhythm and ending those whose patience or the budget ran out (the window stops early
+        where all have ended)."""
+        settings = self.settings
+        rows, counts = _Batches.stacked([self.batches[index] for index in self.running], _WINDOW)
+        window = self.table.take(rows)
+        sizes = (counts * self.outputs).astype(float)[..., None, None]
         scales = settings.lam / window.last_dt / counts[..., None]
-        due = (updates + np.arange(1, _WINDOW + 1))[:, None] % check_every == 0
+        due = (self.updates + np.arange(1, _WINDOW + 1))[:, None] % self.check_every == 0
         checked = due.any(axis=1).tolist()
-        alive = np.ones(len(running), dtype=bool)
+        alive = np.ones(len(self.running), dtype=bool)
         for taken in range(1, _WINDOW + 1):
-            optimizer.step(_gradient(window.at(taken - 1), optimizer.parameters, sizes[taken - 1], scales[taken - 1]))
-            updates += 1
-            stopping = np.zeros(0, dtype=np.int64)
-            if checked[taken - 1]:
-                places = np.nonzero(due[taken - 1] & alive)[0]
-                part = held if len(places) == len(running) else held.take(places)
-                losses = _losses(part, optimizer.parameters[places], held_counts[places], settings.lam)
-                for place, loss in zip(places.tolist(), losses, strict=True):
-                    index = running[place]
-                    if loss < best_loss[index]:
-                        best_loss[index], best_update[index], stale[index] = loss, updates, 0
-                        best[index] = optimizer.parameters[place].copy()
-                    else:
-                        stale[index] += 1
-                stopping = places[[stale[running[place]] >= settings.patience for place in places.tolist()]]
-            if updates >= settings.max_updates:
+            self.optimizer.step(_gradient(window.at(taken - 1), self.optimizer.parameters, sizes[taken - 1], scales[taken - 1]))
+            self.updates += 1
+            stopping = self._checked(np.nonzero(due[taken - 1] & alive)[0]) if checked[taken - 1] else np.zeros(0, dtype=np.int64)
+            if self.updates >= settings.max_updates:
                 stopping = np.nonzero(alive)[0]
-            for place in stopping.tolist():
-                index = running[place]
-                stopped = "converged" if stale[index] >= settings.patience else "budget"
-                ends[index] = (best[index], stopped, updates, best_update[index])
+            self._end(stopping)
             alive[stopping] = False
             if not alive.any():
                 break
-        for index in running:
-            batches[index].advance(taken)
-        running = [index for index, keep in zip(running, alive, strict=True) if keep]
-        optimizer.keep(alive)
-        check_every, held, held_counts = check_every[alive], held.take(np.nonzero(alive)[0]), held_counts[alive]
-    return ends
+        self._keep(alive, taken)
+
+    def _checked(self, places: np.ndarray) -> np.ndarray:
+        """The held-out loss of the running fits at `places`, each fit's best kept; the places whose
+        patience has run out."""
+        part = self.held if len(places) == len(self.running) else self.held.take(places)
+        losses = _losses(part, self.optimizer.parameters[places], self.held_counts[places], self.settings.lam)
+        for place, loss in zip(places.tolist(), losses, strict=True):
+            index = self.running[place]
+            if loss < self.best_loss[index]:
+                self.best_loss[index], self.best_update[index], self.stale[index] = loss, self.updates, 0
+                self.best[index] = self.optimizer.parameters[place].copy()
+            else:
+                self.stale[index] += 1
+        return places[[self.stale[self.running[place]] >= self.settings.patience for place in places.tolist()]]
+
+    def _end(self, places: np.ndarray) -> None:
+        """The outcome of the running fits at `places`: the best coefficients, how they stopped, the updates."""
+        for place in places.tolist():
+            index = self.running[place]
+            stopped = "converged" if self.stale[index] >= self.settings.patience else "budget"
+            self.ends[index] = (self.best[index], stopped, self.updates, self.best_update[index])
+
+    def _keep(self, alive: np.ndarray, taken: int) -> None:
+        """Past the `taken` updates of the window, only the fits still `alive` (a mask over `running`)."""
+        for index in self.running:
+            self.batches[index].advance(taken)
+        self.running = [index for index, keep in zip(self.running, alive, strict=True) if keep]
+        self.optimizer.keep(alive)
+        self.check_every, self.held_counts = self.check_every[alive], self.held_counts[alive]
+        self.held = self.held.take(np.nonzero(alive)[0])
 
 
 _WINDOW = 8
