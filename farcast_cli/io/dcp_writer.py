@@ -32,7 +32,7 @@ from farcast_cli.io.dcp import METADATA_FILE, PROVENANCE_FILE, Chunk, DcpFolder,
 from farcast_cli.io.output import write_text
 from farcast_cli.io.reader import TORCH_DTYPES, TensorInfo, tensor_nbytes
 from farcast_cli.io.run import INDEX_FILE, SINGLE_FILE
-from farcast_cli.io.writer import FlushBehind, header_bytes, output_failure
+from farcast_cli.io.writer import FlushBehind, finish_flushing, header_bytes, output_failure
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import metadata as dcp_metadata
@@ -87,14 +87,7 @@ class _OpenFiles:
 
     def _stop_flushing(self, raising: bool = False) -> None:
         flushes, self._flushes = self._flushes, {}
-        failures = []
-        for flush in flushes.values():
-            try:
-                flush.finish()
-            except OSError as error:
-                failures.append(error)
-        if raising and failures:
-            raise failures[0]
+        finish_flushing(flushes.values(), raising)
 
 
 class DcpWriter(_OpenFiles):

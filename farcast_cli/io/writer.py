@@ -13,7 +13,7 @@ import errno
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -97,6 +97,19 @@ class FlushBehind:
         self.thread.join()
         if self.failure is not None:
             raise self.failure
+
+
+def finish_flushing(flushes: Iterable[FlushBehind], raising: bool = False) -> None:
+    """Stop every FlushBehind's thread (each joined, whatever the others raise: none may outlive its
+    descriptor); with `raising`, raise the first write-back failure."""
+    failures = []
+    for flush in flushes:
+        try:
+            flush.finish()
+        except OSError as error:
+            failures.append(error)
+    if raising and failures:
+        raise failures[0]
 
 
 def _byte_range(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:
@@ -213,10 +226,4 @@ class SafetensorsWriter:
 
     def _stop_flushing(self, raising: bool = False) -> None:
         flush, self._flush = self._flush, None
-        if flush is None:
-            return
-        try:
-            flush.finish()
-        except OSError:
-            if raising:
-                raise
+        finish_flushing([] if flush is None else [flush], raising)
