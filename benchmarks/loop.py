@@ -275,6 +275,25 @@ def _on_a_save(every: float, save_every: int) -> int:
     return max(save_every, int(round(every / save_every)) * save_every)
 
 
+def study_arguments(description: str) -> argparse.ArgumentParser:
+    """The command line of a study of one rhythm (loop_gate_rules.py, loop_gate_attempts.py): a workload,
+    its schedule, seeds and `--rhythm every:jump`; a study adds its own options."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workload", required=True, choices=sorted(SAVE_EVERY))
+    parser.add_argument("--schedule", choices=("constant", "linear"), default="constant")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rhythm", required=True, help="every:jump, e.g. 40:0.1")
+    return parser
+
+
+def study_rhythm(args: argparse.Namespace) -> tuple[int, float]:
+    """A study's rhythm (`study_arguments`) as (every, on a save; jump), torch on one thread as every
+    training here runs."""
+    torch.set_num_threads(1)
+    every, jump = (float(v) for v in args.rhythm.split(":"))
+    return _on_a_save(every, SAVE_EVERY[args.workload]), jump
+
+
 def jump_cost(trace: Trace, plain: Trace, every: int) -> dict[str, float]:
     """A jump's own cost (fit + apply + verify, loss_fn excluded, plus the observations at the saves
     since the last jump), against the plain run's optimizer step and its training time between jumps."""

@@ -17,14 +17,11 @@ what their own runs would meet (benchmarks/loop.py's memory-loss-moveC measures 
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import loop
 import numpy as np
-import torch
-from workloads.loops import SAVE_EVERY
 
 from farcast_cli.integrations.loop import Farcaster
 
@@ -75,15 +72,9 @@ def rules() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", required=True, choices=sorted(SAVE_EVERY))
-    parser.add_argument("--schedule", choices=("constant", "linear"), default="constant")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rhythm", required=True, help="every:jump, e.g. 40:0.1")
+    parser = loop.study_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    every, jump = (float(v) for v in args.rhythm.split(":"))
-    every = loop._on_a_save(every, SAVE_EVERY[args.workload])
+    every, jump = loop.study_rhythm(args)
     parts = loop.parts
 
     def recorded_parts(name, seed, schedule):

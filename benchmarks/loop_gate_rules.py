@@ -15,13 +15,10 @@ With `--traces` the plain runs are read from (or kept in) loop.py's trace folder
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import loop
-import torch
-from workloads.loops import SAVE_EVERY
 
 from farcast_cli.integrations.loop import Farcaster
 
@@ -56,17 +53,11 @@ class EarningGate(Farcaster):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", required=True, choices=sorted(SAVE_EVERY))
-    parser.add_argument("--schedule", choices=("constant", "linear"), default="constant")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rhythm", required=True, help="every:jump, e.g. 40:0.1")
+    parser = loop.study_arguments(__doc__.splitlines()[0])
     parser.add_argument("--earn", default="0.05,0.5,1", help="comma-separated shares of the skipped steps' worth to ask")
     parser.add_argument("--traces", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    every, jump = (float(v) for v in args.rhythm.split(":"))
-    every = loop._on_a_save(every, SAVE_EVERY[args.workload])
+    every, jump = loop.study_rhythm(args)
     loop.Farcaster = EarningGate
     with tempfile.TemporaryDirectory(prefix="farcast-gate-") as scratch:
         work = Path(scratch)
