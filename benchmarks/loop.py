@@ -204,6 +204,9 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     move = [word[len("move") :] for word in words if word.startswith("move")]
     if move:
         options |= {"movement": float(move[0])}
+    share = [word[len("fitshare") :] for word in words if word.startswith("fitshare")]
+    if share:
+        options |= {"fit_share": float(share[0]) / 100 or None}
     budget = [word[len("budget") :] for word in words if word.startswith("budget")]
     if budget:
         options |= {"max_overhead": float(budget[0]) / 100}

@@ -230,7 +230,7 @@ def two_jumps(tmp_path: Path, **options):
     """The linear model's run with jumps tried at steps 20 and 40, verified by one loss: the model, both
     results, and the checkpoint saved just before the second."""
     run = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
-    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, loss_fn=mean_loss, **options)
+    farcaster = Farcaster(run, every=20, jump=0.5, settings=FAST_FIT, loss_fn=mean_loss, fit_share=None, **options)
     model, results = train_with(farcaster, run, steps=40)
     first, second = (result for result in results if result is not None)
     return model, first, second, load_file(run / "checkpoint-40" / "model.safetensors")

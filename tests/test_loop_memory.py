@@ -101,6 +101,66 @@ def test_the_weight_verdict_scores_the_trial_shrunk_by_the_last_fits_factor_whil
     assert memory.fit_in_memory(observed, 20, FAST_FIT).scored.shared == as_predict.scored.shared
 
 
+def reused(result) -> bool:
+    return "reused" in result.why
+
+
+def test_where_a_fit_costs_more_than_fit_share_of_the_training_a_kept_fit_is_reused_until_the_history_doubles(tmp_path):
+    """Here a fit costs more than 5% of the training between attempts (microseconds): a jump the weight
+    gate kept lends its map and verdict to the next jumps until the observations have doubled since its
+    fit; a reused jump is that map applied to the weights as they are then; a refused jump lends nothing."""
+    run, x, y = tmp_path / "run", *regression_data()
+    model = two_layers()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    run.mkdir()
+    farcaster = Farcaster(run, every=10, jump=0.2, settings=FAST_FIT)
+    results = []
+    for step in range(0, 81):
+        if step:
+            sgd_steps(model, optimizer, x, y)
+        if step % 5 == 0:
+            kept, before = farcaster.kept_fit, {name: t.clone() for name, t in model.state_dict().items()}
+            result = farcaster.step(model, step)
+            if result is not None:
+                results.append(result)
+            if result is not None and reused(result):
+                for name, tensor in model.state_dict().items():
+                    expected = kept.forecaster.map_for(name).apply([farcaster.observed.first[name], before[name]], 0)
+                    assert torch.equal(tensor, expected), name
+    assert [result.applied for result in results] == [False, False, True, True, True, True, True, True]
+    assert [reused(result) for result in results] == [False, False, False, True, True, True, False, True]
+    assert "the fit of 7 observations reused" in results[5].why and "the fit of 15 observations reused" in results[7].why
+    assert farcaster.kept_fit.observations == 15
+
+
+def test_without_fit_share_or_after_a_refused_jump_every_attempt_fits_anew(tmp_path):
+    run = tmp_path / "run"
+    _, results = train_with(Farcaster(run, every=10, jump=0.2, settings=FAST_FIT, fit_share=None), run, steps=40)
+    attempts = [result for result in results if result]
+    assert [result.applied for result in attempts] == [False, True, True, True] and not any(reused(r) for r in attempts)
+    losses = iter([1.0, 2.0] + [2.0, 1.0] * 3)
+    farcaster = Farcaster(tmp_path / "gated", every=10, jump=0.2, settings=FAST_FIT, loss_fn=lambda model: next(losses))
+    _, results = train_with(farcaster, tmp_path / "gated", steps=40)
+    attempts = [result for result in results if result]
+    assert [(result.applied, reused(result)) for result in attempts] == [(False, False), (True, False), (True, True), (True, True)]
+
+
+def test_where_training_between_attempts_dwarfs_the_fit_every_attempt_fits_anew(tmp_path):
+    """As on a model whose steps take far longer than a fit: 0.2 s of training between attempts, of
+    which a fit would have to cost half to be reused."""
+    run, model = tmp_path / "run", two_layers()
+    run.mkdir()
+    farcaster = Farcaster(run, every=5, jump=0.2, gate=False, fit_share=0.5)
+    results = []
+    for step in range(0, 26, 5):
+        with torch.no_grad():
+            model[0].weight.add_(0.01)
+        time.sleep(0.2)
+        results.append(farcaster.step(model, step))
+    attempts = [result for result in results if result]
+    assert len(attempts) == 4 and all(result.applied and not reused(result) for result in attempts)
+
+
 def test_jumps_are_added_to_the_runs_record_as_json_writes_it(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -272,6 +332,7 @@ def test_no_jump_at_the_last_step(tmp_path):
         ({"keep_first_on": "gpu"}, "keep_first_on must be one of cpu, device"),
         ({"max_overhead": 0}, "max_overhead must be a share"),
         ({"max_overhead": 1.5}, "max_overhead must be a share"),
+        ({"fit_share": 0}, "fit_share must be a share of the training"),
     ],
 )
 def test_options_are_checked_when_the_farcaster_is_built(tmp_path, options, message):

@@ -43,6 +43,12 @@ from farcast_cli.model.observed import ObservedRun
 
 log = logging.getLogger("farcast")
 SOURCES = ("memory", "run")
+REFIT_GROWTH = 2.0
+"""A fit reused for its cost (`fit_share`) serves until the observations have grown this many times since
+it. Reused so at every attempt, it saved as many steps as fitting anew on the digits MLP and the CNN at
+both rhythms, and lost 0.04-0.05 on the small LM every 40 steps (over 10 seeds, where its fit is 1% of
+the training and `fit_share` leaves it alone): benchmarks/RESULTS.md, "A fit reused while it costs
+more than the training"."""
 LOOP_FIT = FitSettings(objective="l2")
 """The loop's default fit: the closed-form least squares (`farcast predict --objective l2`), not PAPER.md's
 L1 by Adam that `farcast predict` defaults to. In the loop table (benchmarks/RESULTS.md, "The loop in
@@ -107,8 +113,16 @@ class Farcaster:
     after the first attempt, a due jump waits for a later call while making it, at the cost of the
     last attempt, would take farcast past that share (None: every `every` steps, whatever a jump costs). It bounds what the loop
     can lose by the clock where steps are cheap (a half-millisecond step makes a 5 ms jump 10 steps);
-    the jumps then depend on timing, so two runs may jump at different steps. Options are checked here,
-    not at the first save."""
+    the jumps then depend on timing, so two runs may jump at different steps. `fit_share`: where the
+    last fit cost farcast more than this share of the training since the last attempt (5% by default),
+    a due jump reuses the fit of the last jump that was kept (its map applied to the weights as they
+    are, its weight verdict; `loss_fn` still verifies each jump) until the observations have doubled
+    since that fit (REFIT_GROWTH), and a refused jump lends nothing; None fits at every attempt. Where a
+    fit is cheap beside the steps (the CNN, the small LM, MiniLM: 1-4% of the training between
+    attempts) it never binds; on the half-millisecond MLP it took a jump's own cost from 16-20% of the
+    training between jumps to 7-9%, saving as many steps (RESULTS.md, "A fit reused while it costs
+    more than the training"). Which jumps reuse a fit depends on timing. Options are checked here, not
+    at the first save."""
 
     def __init__(
         self,
@@ -131,10 +145,12 @@ class Farcaster:
         standard_errors: float = 0.5,
         max_overhead: float | None = None,
         movement: float = 0.05,
+        fit_share: float | None = 0.05,
     ) -> None:
         _check_options(schedule, every, jump, source, evaluator, loss_fn, margin, settings, standard_errors)
         _check_at_least_zero("movement", movement, "a share of the loss's move")
-        _check_overhead(max_overhead)
+        _check_share("max_overhead", max_overhead, "the loop's time")
+        _check_share("fit_share", fit_share, "the training between two attempts")
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.record: JumpRecord | None = None
         self.every, self.jump, self.schedule, self.gate = every, jump, schedule, gate
@@ -149,6 +165,7 @@ class Farcaster:
         self.last_attempt: int | None = None
         self.history: list[JumpResult] = []
         self.max_overhead, self.postponed = max_overhead, 0
+        self.fit_share, self.kept_fit, self.fit_seconds = fit_share, None, None
         self._clock = _Clock()
 
     def due(self, step: int) -> bool:
@@ -186,6 +203,7 @@ class Farcaster:
             return None
         self.last_attempt = step
         self._clock.spend(result.seconds + result.loss_seconds)
+        self._clock.mark()
         if result.applied:
             self.jumped += result.horizon
             self._advance(lr_scheduler, result.horizon)
@@ -252,28 +270,52 @@ class Farcaster:
         if self.loss_fn is not None:
             before, loss_seconds = _timed_loss(self.loss_fn, model)
         try:
-            fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
-            applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
-            if applied:
-                backup = {} if self.loss_fn is not None and self.gate else None
-                memory.apply_jump(model, self.observed, fitted.forecaster, backup)
-                if self.loss_fn is not None:
-                    try:
-                        after, seconds = _timed_loss(self.loss_fn, model)
-                        applied, why, error = self._loss_decision(before, after)
-                    except BaseException:
-                        if backup is not None:
-                            memory.restore(model, backup)
-                        raise
-                    loss_seconds += seconds
-                    if not applied and backup is not None:
-                        memory.restore(model, backup)
+            fit, applied, why = self._fit_and_verdict(horizon)
+            reused = fit is self.kept_fit
+            if applied and self.loss_fn is None:
+                memory.apply_jump(model, self.observed, fit.forecaster)
+            elif applied:
+                applied, why, error, after, seconds = self._verified_jump(model, fit, before)
+                loss_seconds += seconds
             if applied:
                 self.record.add(Jump(step, horizon))
+            self.kept_fit = fit if applied else None
+            if reused:
+                why += f"; the fit of {fit.observations} observations reused"
         except FarcastError as failure:
-            applied, why = False, f"farcast failed, training goes on: {failure}"
+            applied, why, self.kept_fit, reused = False, f"farcast failed, training goes on: {failure}", None, False
         seconds = time.perf_counter() - started - loss_seconds
+        if not reused:
+            self.fit_seconds = seconds
         return JumpResult(step, horizon, applied, why, seconds, None, _mean(before), _mean(after), loss_seconds, error)
+
+    def _verified_jump(self, model: torch.nn.Module, fit: memory.KeptFit, before: Losses) -> tuple:
+        """The jump applied and verified by `loss_fn`, put back bit for bit where it does not stay (or the
+        loss fails): whether it stays, why, the losses' paired error, the loss after, and its seconds."""
+        backup = {} if self.gate else None
+        memory.apply_jump(model, self.observed, fit.forecaster, backup)
+        try:
+            after, seconds = _timed_loss(self.loss_fn, model)
+            applied, why, error = self._loss_decision(before, after)
+        except BaseException:
+            if backup is not None:
+                memory.restore(model, backup)
+            raise
+        if not applied and backup is not None:
+            memory.restore(model, backup)
+        return applied, why, error, after, seconds
+
+    def _fit_and_verdict(self, horizon: int) -> tuple[memory.KeptFit, bool, str]:
+        """The fit this attempt applies, and the weight gate's verdict: a new fit's, or, where the last
+        fit cost more than `fit_share` of the training since the last attempt, those of the last fit
+        whose jump was kept, until the observations have grown REFIT_GROWTH-fold since it."""
+        kept = self.kept_fit
+        costly = self.fit_share is not None and self.fit_seconds is not None and self.fit_seconds > self.fit_share * self._clock.training()
+        if costly and kept is not None and len(self.observed) < REFIT_GROWTH * kept.observations:
+            return kept, True, kept.why
+        fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
+        applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
+        return memory.KeptFit(fitted.forecaster, len(self.observed), why), applied, why
 
     def _weight_decision(self, fitted: SelfFit, horizon: int) -> tuple[bool, str]:
         if not self.gate:
@@ -402,17 +444,27 @@ def _check_at_least_zero(name: str, value: float, what: str) -> None:
         raise UsageError(f"{name} must be {what}, 0 or more, not {value!r}")
 
 
-def _check_overhead(max_overhead: float | None) -> None:
-    if max_overhead is not None and not (isinstance(max_overhead, int | float) and 0 < max_overhead <= 1):
-        raise UsageError(f"max_overhead must be a share of the loop's time above 0 and at most 1, or None, not {max_overhead!r}")
+def _check_share(name: str, share: float | None, of: str) -> None:
+    if share is not None and not (isinstance(share, int | float) and 0 < share <= 1):
+        raise UsageError(f"{name} must be a share of {of} above 0 and at most 1, or None, not {share!r}")
 
 
 class _Clock:
-    """The loop's wall time since the first call, and farcast's own share of it."""
+    """The loop's wall time since the first call, farcast's own share of it, and the training (the
+    rest) since the last attempt."""
 
     def __init__(self) -> None:
         self.started: float | None = None
         self.spent = 0.0
+        self.marked: tuple[float, float] | None = None
+
+    def mark(self) -> None:
+        self.marked = (time.perf_counter(), self.spent)
+
+    def training(self) -> float:
+        """The loop's time since the last `mark` (the first call before any), farcast's own excluded."""
+        at, spent = self.marked or (self.started, 0.0)
+        return time.perf_counter() - at - (self.spent - spent)
 
     def start(self) -> None:
         if self.started is None:

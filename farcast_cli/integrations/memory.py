@@ -45,6 +45,15 @@ class WeightVerdict:
         return self.skill is not None and self.skill > 0
 
 
+@dataclass(frozen=True)
+class KeptFit:
+    """A fit whose jump was kept: its forecaster, the observations it saw, and why its jump was made."""
+
+    forecaster: Forecaster
+    observations: int
+    why: str
+
+
 def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings, scored: bool = True) -> SelfFit:
     """The fit `farcast predict` makes on the same history: on the run itself, one forecast `horizon` on;
     without the backtest's scored trial where `scored` is False: a jump verified by the user's loss, or
