@@ -22,8 +22,9 @@ TESTS = [
     "tests/test_candidates.py",
     "tests/test_closed_form.py",
 ]
+LOOP_TESTS = ["tests/test_loop_memory.py", "-m", "not slow"]
 MUTATIONS = [
-    # (name, file, text, replacement)
+    # (name, file, text, replacement), and the tests to run where not TESTS
     (
         "closed form from sums: the shared fit trains on the held-out coordinates too",
         "farcast_cli/model/fit.py",
@@ -161,23 +162,44 @@ MUTATIONS = [
         "    for candidate in baselines():\n",
         "    for candidate in baselines()[:3]:\n",
     ),
+    (
+        "a refused jump lends its fit to the next",
+        "farcast_cli/integrations/loop.py",
+        "self.kept_fit = fit if applied else None",
+        "self.kept_fit = fit",
+        LOOP_TESTS,
+    ),
+    (
+        "a reused fit serves however far the history has grown",
+        "farcast_cli/integrations/loop.py",
+        "len(self.observed) < REFIT_GROWTH * kept.observations",
+        "len(self.observed) < 1e9 * kept.observations",
+        LOOP_TESTS,
+    ),
+    (
+        "fits reused whatever they cost beside the training",
+        "farcast_cli/integrations/loop.py",
+        "self.fit_seconds > self.fit_share * self._clock.training()",
+        "self.fit_seconds >= 0",
+        LOOP_TESTS,
+    ),
 ]
 
 
-def run_tests() -> bool:
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS], cwd=ROOT, capture_output=True)
+def run_tests(tests: list[str] = TESTS) -> bool:
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=ROOT, capture_output=True)
     return done.returncode == 0
 
 
 def main() -> None:
-    assert run_tests(), "the suite must pass before mutating"
-    for name, file, old, new in MUTATIONS:
+    assert run_tests() and run_tests(LOOP_TESTS), "the suite must pass before mutating"
+    for name, file, old, new, *tests in MUTATIONS:
         path = ROOT / file
         original = path.read_text()
         assert original.count(old) == 1, f"{file}: {old!r} found {original.count(old)} times"
         path.write_text(original.replace(old, new))
         try:
-            passed = run_tests()
+            passed = run_tests(*tests)
         finally:
             path.write_text(original)
         print(f"{'MISSED' if passed else 'CAUGHT'}  {name}  ({file})", flush=True)

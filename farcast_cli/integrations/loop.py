@@ -46,9 +46,9 @@ SOURCES = ("memory", "run")
 REFIT_GROWTH = 2.0
 """A fit reused for its cost (`fit_share`) serves until the observations have grown this many times since
 it. Reused so at every attempt, it saved as many steps as fitting anew on the digits MLP and the CNN at
-both rhythms, and lost 0.04-0.05 on the small LM every 40 steps (over 10 seeds, where its fit is 1% of
-the training and `fit_share` leaves it alone): benchmarks/RESULTS.md, "A fit reused while it costs
-more than the training"."""
+both rhythms, and lost 0.03-0.05 (+- 0.03) on the small LM every 40 steps over 10 seeds, where a fit is
+1% of the training and `fit_share` leaves it alone: benchmarks/RESULTS.md, "A fit reused while it
+costs more than the training"."""
 LOOP_FIT = FitSettings(objective="l2")
 """The loop's default fit: the closed-form least squares (`farcast predict --objective l2`), not PAPER.md's
 L1 by Adam that `farcast predict` defaults to. In the loop table (benchmarks/RESULTS.md, "The loop in
@@ -119,9 +119,9 @@ class Farcaster:
     are, its weight verdict; `loss_fn` still verifies each jump) until the observations have doubled
     since that fit (REFIT_GROWTH), and a refused jump lends nothing; None fits at every attempt. Where a
     fit is cheap beside the steps (the CNN, the small LM, MiniLM: 1-4% of the training between
-    attempts) it never binds; on the half-millisecond MLP it took a jump's own cost from 16-20% of the
-    training between jumps to 7-9%, saving as many steps (RESULTS.md, "A fit reused while it costs
-    more than the training"). Which jumps reuse a fit depends on timing. Options are checked here, not
+    attempts) it never binds; on the half-millisecond MLP every 50 steps it took a jump's own cost
+    from 15-16% of the training between jumps to 7-8%, saving as many steps (RESULTS.md, "A fit
+    reused while it costs more than the training"). Which jumps reuse a fit depends on timing. Options are checked here, not
     at the first save."""
 
     def __init__(
