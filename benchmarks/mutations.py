@@ -163,10 +163,17 @@ MUTATIONS = [
         "    for candidate in baselines()[:3]:\n",
     ),
     (
-        "a refused jump lends its fit to the next",
+        "a fit the weight gate refused is reused",
         "farcast_cli/integrations/loop.py",
-        "self.kept_fit = fit if applied else None",
+        "self.kept_fit = fit if applied or self.loss_fn is not None else None",
         "self.kept_fit = fit",
+        LOOP_TESTS,
+    ),
+    (
+        "a fit the loss refused is not tried again",
+        "farcast_cli/integrations/loop.py",
+        "self.kept_fit = fit if applied or self.loss_fn is not None else None",
+        "self.kept_fit = fit if applied else None",
         LOOP_TESTS,
     ),
     (

@@ -115,9 +115,10 @@ class Farcaster:
     can lose by the clock where steps are cheap (a half-millisecond step makes a 5 ms jump 10 steps);
     the jumps then depend on timing, so two runs may jump at different steps. `fit_share`: where the
     last fit cost farcast more than this share of the training since the last attempt (5% by default),
-    a due jump reuses the fit of the last jump that was kept (its map applied to the weights as they
-    are, its weight verdict; `loss_fn` still verifies each jump) until the observations have doubled
-    since that fit (REFIT_GROWTH), and a refused jump lends nothing; None fits at every attempt. Where a
+    a due jump reuses the last fit (its map applied to the weights as they are, its weight verdict)
+    until the observations have doubled since it (REFIT_GROWTH): under the weight gate only a fit
+    whose jump was kept (its verdict cannot be taken again without fitting), with `loss_fn`, which
+    verifies every jump, any; None fits at every attempt. Where a
     fit is cheap beside the steps (the CNN, the small LM, MiniLM: 1-4% of the training between
     attempts) it never binds; on the half-millisecond MLP every 50 steps it took a jump's own cost
     from 15-16% of the training between jumps to 7-8%, saving as many steps (RESULTS.md, "A fit
@@ -279,7 +280,7 @@ class Farcaster:
                 loss_seconds += seconds
             if applied:
                 self.record.add(Jump(step, horizon))
-            self.kept_fit = fit if applied else None
+            self.kept_fit = fit if applied or self.loss_fn is not None else None
             if reused:
                 why += f"; the fit of {fit.observations} observations reused"
         except FarcastError as failure:
@@ -307,8 +308,8 @@ class Farcaster:
 
     def _fit_and_verdict(self, horizon: int) -> tuple[memory.KeptFit, bool, str]:
         """The fit this attempt applies, and the weight gate's verdict: a new fit's, or, where the last
-        fit cost more than `fit_share` of the training since the last attempt, those of the last fit
-        whose jump was kept, until the observations have grown REFIT_GROWTH-fold since it."""
+        fit cost more than `fit_share` of the training since the last attempt, those of the fit kept
+        (`kept_fit`), until the observations have grown REFIT_GROWTH-fold since it."""
         kept = self.kept_fit
         costly = self.fit_share is not None and self.fit_seconds is not None and self.fit_seconds > self.fit_share * self._clock.training()
         if costly and kept is not None and len(self.observed) < REFIT_GROWTH * kept.observations:
