@@ -121,7 +121,7 @@ class Farcaster:
     verifies every jump, any; None fits at every attempt. Where a
     fit is cheap beside the steps (the CNN, the small LM, MiniLM: 1-4% of the training between
     attempts) it never binds; on the half-millisecond MLP every 50 steps it took a jump's own cost
-    from 15-16% of the training between jumps to 7-8%, saving as many steps (RESULTS.md, "A fit
+    from 15-17% of the training between jumps to 6-8%, saving as many steps (RESULTS.md, "A fit
     reused while it costs more than the training"). Which jumps reuse a fit depends on timing. Options are checked here, not
     at the first save."""
 
