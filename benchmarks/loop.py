@@ -197,20 +197,22 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     words = variant.split("-")
     options = {"settings": FITS[words[-1]]} if words[-1] in FITS else {}
     loss_fn = p.gate if "loss" in words else None
-    paired = [word[len("paired") :] for word in words if word.startswith("paired")]
-    if paired:
+    paired, move, share, budget = (_suffix(words, prefix) for prefix in ("paired", "move", "fitshare", "budget"))
+    if paired is not None:
         loss_fn = p.gate_batches
-        options |= {"standard_errors": float(paired[0])} if paired[0] else {}
-    move = [word[len("move") :] for word in words if word.startswith("move")]
-    if move:
-        options |= {"movement": float(move[0])}
-    share = [word[len("fitshare") :] for word in words if word.startswith("fitshare")]
-    if share:
-        options |= {"fit_share": float(share[0]) / 100 or None}
-    budget = [word[len("budget") :] for word in words if word.startswith("budget")]
-    if budget:
-        options |= {"max_overhead": float(budget[0]) / 100}
+        options |= {"standard_errors": float(paired)} if paired else {}
+    if move is not None:
+        options |= {"movement": float(move)}
+    if share is not None:
+        options |= {"fit_share": float(share) / 100 or None}
+    if budget is not None:
+        options |= {"max_overhead": float(budget) / 100}
     return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=total, **options)
+
+
+def _suffix(words: list[str], prefix: str) -> str | None:
+    """What follows `prefix` in the variant's word that starts with it ("" for the bare word), or None."""
+    return next((word[len(prefix) :] for word in words if word.startswith(prefix)), None)
 
 
 def _farcast(run: Path, p, variant: str, jump: float, label: int, work: Path) -> tuple[int, bool] | None:

@@ -113,17 +113,15 @@ class Farcaster:
     after the first attempt, a due jump waits for a later call while making it, at the cost of the
     last attempt, would take farcast past that share (None: every `every` steps, whatever a jump costs). It bounds what the loop
     can lose by the clock where steps are cheap (a half-millisecond step makes a 5 ms jump 10 steps);
-    the jumps then depend on timing, so two runs may jump at different steps. `fit_share`: where the
-    last fit cost farcast more than this share of the training since the last attempt (5% by default),
-    a due jump reuses the last fit (its map applied to the weights as they are, its weight verdict)
-    until the observations have doubled since it (REFIT_GROWTH): under the weight gate only a fit
-    whose jump was kept (its verdict cannot be taken again without fitting), with `loss_fn`, which
-    verifies every jump, any; None fits at every attempt. Where a
-    fit is cheap beside the steps (the CNN, the small LM, MiniLM: 1-4% of the training between
-    attempts) it never binds; on the half-millisecond MLP every 50 steps it took a jump's own cost
-    from 15-17% of the training between jumps to 6-8%, saving as many steps (RESULTS.md, "A fit
-    reused while it costs more than the training"). Which jumps reuse a fit depends on timing. Options are checked here, not
-    at the first save."""
+    the jumps then depend on timing, so two runs may jump at different steps. `fit_share` (memory):
+    where the last fit (and its weight verdict) took farcast more than this share of the training
+    since the last attempt (5% by default), a due jump reuses that fit until the observations have
+    doubled since it (REFIT_GROWTH): its map applied to the weights as they are then, which jumps
+    `jump` x the steps elapsed then (the map is fitted for that fraction: model/pairs.py's time rule),
+    and its weight verdict. Under the weight gate only a fit whose jump was kept is reused (a refused
+    one cannot be judged again without fitting); `loss_fn` verifies every jump, so with it any fit is.
+    None fits at every attempt. Which jumps reuse a fit depends on timing. Options are checked here,
+    not at the first save."""
 
     def __init__(
         self,
@@ -167,6 +165,7 @@ class Farcaster:
         self.history: list[JumpResult] = []
         self.max_overhead, self.postponed = max_overhead, 0
         self.fit_share, self.kept_fit, self.fit_seconds = fit_share, None, None
+        self.attempt_seconds: dict[bool, float] = {}
         self._clock = _Clock()
 
     def due(self, step: int) -> bool:
@@ -254,7 +253,8 @@ class Farcaster:
         if self.max_overhead is None or not self.history:
             return False
         last = self.history[-1]
-        if self._clock.within(self.max_overhead, last.seconds + last.loss_seconds):
+        own = self.attempt_seconds.get(self.source == "memory" and self._reusable() is not None, last.seconds)
+        if self._clock.within(self.max_overhead, own + last.loss_seconds):
             return False
         if not self.postponed:
             log.info("farcast postpones a due jump: it would take more than %g of the loop's time", self.max_overhead)
@@ -267,12 +267,12 @@ class Farcaster:
         what is neither a loss nor per-batch losses, stops training at its first call, before any jump."""
         started, loss_seconds, error = time.perf_counter(), 0.0, None
         horizon = self.horizon(self.observed.steps[0], self.observed.steps[-1])
+        kept = self._reusable()
         before = after = None
         if self.loss_fn is not None:
             before, loss_seconds = _timed_loss(self.loss_fn, model)
         try:
-            fit, applied, why = self._fit_and_verdict(horizon)
-            reused = fit is self.kept_fit
+            fit, applied, why = (kept, True, kept.why) if kept else self._fit_and_verdict(horizon)
             if applied and self.loss_fn is None:
                 memory.apply_jump(model, self.observed, fit.forecaster)
             elif applied:
@@ -281,13 +281,12 @@ class Farcaster:
             if applied:
                 self.record.add(Jump(step, horizon))
             self.kept_fit = fit if applied or self.loss_fn is not None else None
-            if reused:
+            if kept:
                 why += f"; the fit of {fit.observations} observations reused"
         except FarcastError as failure:
-            applied, why, self.kept_fit, reused = False, f"farcast failed, training goes on: {failure}", None, False
+            applied, why, self.kept_fit = False, f"farcast failed, training goes on: {failure}", None
         seconds = time.perf_counter() - started - loss_seconds
-        if not reused:
-            self.fit_seconds = seconds
+        self.attempt_seconds[kept is not None] = seconds
         return JumpResult(step, horizon, applied, why, seconds, None, _mean(before), _mean(after), loss_seconds, error)
 
     def _verified_jump(self, model: torch.nn.Module, fit: memory.KeptFit, before: Losses) -> tuple:
@@ -306,16 +305,20 @@ class Farcaster:
             memory.restore(model, backup)
         return applied, why, error, after, seconds
 
-    def _fit_and_verdict(self, horizon: int) -> tuple[memory.KeptFit, bool, str]:
-        """The fit this attempt applies, and the weight gate's verdict: a new fit's, or, where the last
-        fit cost more than `fit_share` of the training since the last attempt, those of the fit kept
-        (`kept_fit`), until the observations have grown REFIT_GROWTH-fold since it."""
+    def _reusable(self) -> memory.KeptFit | None:
+        """The kept fit, where it took more than `fit_share` of the training since the last attempt and
+        the observations have grown less than REFIT_GROWTH-fold since it (the class docstring)."""
         kept = self.kept_fit
-        costly = self.fit_share is not None and self.fit_seconds is not None and self.fit_seconds > self.fit_share * self._clock.training()
-        if costly and kept is not None and len(self.observed) < REFIT_GROWTH * kept.observations:
-            return kept, True, kept.why
+        if kept is None or self.fit_share is None or len(self.observed) >= REFIT_GROWTH * kept.observations:
+            return None
+        return kept if self.fit_seconds > self.fit_share * self._clock.training() else None
+
+    def _fit_and_verdict(self, horizon: int) -> tuple[memory.KeptFit, bool, str]:
+        """A new fit, and the weight gate's verdict on it (`fit_seconds`: the time they took)."""
+        started = time.perf_counter()
         fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
         applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
+        self.fit_seconds = time.perf_counter() - started
         return memory.KeptFit(fitted.forecaster, len(self.observed), why), applied, why
 
     def _weight_decision(self, fitted: SelfFit, horizon: int) -> tuple[bool, str]:

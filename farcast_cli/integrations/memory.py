@@ -47,7 +47,8 @@ class WeightVerdict:
 
 @dataclass(frozen=True)
 class KeptFit:
-    """A fit whose jump was kept: its forecaster, the observations it saw, and why its jump was made."""
+    """A fit the Farcaster may reuse (`fit_share`): its forecaster, the observations it saw, and the weight
+    gate's reason for its jump (empty where `loss_fn` decides)."""
 
     forecaster: Forecaster
     observations: int
