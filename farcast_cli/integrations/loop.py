@@ -294,15 +294,13 @@ class Farcaster:
         loss fails): whether it stays, why, the losses' paired error, the loss after, and its seconds."""
         backup = {} if self.gate else None
         memory.apply_jump(model, self.observed, fit.forecaster, backup)
+        applied = False
         try:
             after, seconds = _timed_loss(self.loss_fn, model)
             applied, why, error = self._loss_decision(before, after)
-        except BaseException:
-            if backup is not None:
+        finally:
+            if not applied and backup is not None:
                 memory.restore(model, backup)
-            raise
-        if not applied and backup is not None:
-            memory.restore(model, backup)
         return applied, why, error, after, seconds
 
     def _reusable(self) -> memory.KeptFit | None:
