@@ -190,6 +190,13 @@ MUTATIONS = [
         "self.fit_seconds >= 0",
         LOOP_TESTS,
     ),
+    (
+        "a jump the loss refuses is left in the weights",
+        "farcast_cli/integrations/loop.py",
+        "            if not applied and backup is not None:\n",
+        "            if False:\n",
+        ["tests/test_loop.py", "-m", "not slow"],
+    ),
 ]
 
 
