@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -293,6 +294,21 @@ def test_a_jump_that_lowers_your_loss_stays(tmp_path):
     assert result.loss_seconds > 0 and result.seconds > 0
     farcaster.flush()
     assert json.loads((run / "farcast_jumps.json").read_text()) == {"jumps": [{"at_step": 30, "horizon": 15}]}
+
+
+def test_each_decision_is_logged_with_what_it_cost_and_farcasts_share_of_the_loop(tmp_path, caplog):
+    def slow_loss(model: torch.nn.Module) -> float:
+        time.sleep(0.02)
+        return 1.0
+
+    with caplog.at_level("INFO", logger="farcast"):
+        for name, loss_fn in (("verified", slow_loss), ("weighed", None)):
+            train_with(Farcaster(tmp_path / name, every=30, jump=0.5, settings=FAST_FIT, loss_fn=loss_fn), tmp_path / name, steps=30)
+    decided = [record.getMessage() for record in caplog.records if record.getMessage().startswith("farcast at step 30:")]
+    pattern = r"\[farcast ([\d.]+) ms(?:, loss_fn ([\d.]+) ms)?; ([\d.]+)% of the loop's time since the first call\]$"
+    verified, weighed = (re.search(pattern, message) for message in decided)
+    assert float(verified[2]) >= 40 and weighed[2] is None
+    assert float(weighed[1]) > 0 and all(0 < float(match[3]) <= 100 for match in (verified, weighed))
 
 
 def test_a_jump_that_lowers_your_loss_by_no_more_than_the_margin_is_undone(tmp_path):

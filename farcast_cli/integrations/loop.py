@@ -395,7 +395,11 @@ class Farcaster:
         failed = result.why.startswith("farcast failed")
         level = logging.WARNING if failed else logging.INFO
         made = "made" if result.applied else "skipped"
-        log.log(level, "farcast at step %d: %s a jump of %d steps (%s)", result.step, made, result.horizon, result.why)
+        if log.isEnabledFor(level):
+            cost = f"farcast {1e3 * result.seconds:.1f} ms" + (f", loss_fn {1e3 * result.loss_seconds:.1f} ms" if self.loss_fn else "")
+            share = f"{self._clock.share():.1%} of the loop's time since the first call"
+            what = f"{made} a jump of {result.horizon} steps ({result.why})"
+            log.log(level, "farcast at step %d: %s [%s; %s]", result.step, what, cost, share)
         return result
 
     def _verdict(self, report: Report) -> tuple[bool, str]:
@@ -474,6 +478,10 @@ class _Clock:
 
     def spend(self, seconds: float) -> None:
         self.spent += seconds
+
+    def share(self) -> float:
+        """farcast's share of the loop's time since the first call."""
+        return self.spent / max(time.perf_counter() - self.started, 1e-9)
 
     def within(self, share: float, more: float) -> bool:
         """Whether farcast's time, `more` seconds added, stays within `share` of the time since the first call."""
