@@ -30,6 +30,10 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
 - memory-budgetP (a word after memory or memory-loss, e.g. memory-budget5): the Farcaster's
   `max_overhead` at P percent: a due jump waits while it would take farcast past P% of the loop's time.
   A jump's cost is then reported against the training between attempts as they were made, not `every`.
+- memory-fitshareP (a word after memory or memory-loss, e.g. memory-fitshare5): the Farcaster's
+  `fit_share` at P percent (memory-fitshare0: None, a fit at every attempt).
+- memory-stopP (a word after memory or memory-loss, e.g. memory-stop50): no jump from P percent of the
+  run on (the Farcaster's `max_steps`); without it, none at the last step only.
 - memory-l1, memory-l2, memory-cheap (a suffix, also after memory-loss or memory-ungated): memory with
   the fit's settings given (FITS): PAPER.md's L1 by Adam from the least-squares start (the CLI's
   default), the closed-form least squares, and the closed form on 2000 coordinates; without a suffix,
@@ -202,7 +206,7 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     words = variant.split("-")
     options = {"settings": FITS[words[-1]]} if words[-1] in FITS else {}
     loss_fn = p.gate if "loss" in words else None
-    paired, move, share, budget = (_suffix(words, prefix) for prefix in ("paired", "move", "fitshare", "budget"))
+    paired, move, share, budget, stop = (_suffix(words, prefix) for prefix in ("paired", "move", "fitshare", "budget", "stop"))
     if paired is not None:
         loss_fn = p.gate_batches
         options |= {"standard_errors": float(paired)} if paired else {}
@@ -212,7 +216,8 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
         options |= {"fit_share": float(share) / 100 or None}
     if budget is not None:
         options |= {"max_overhead": float(budget) / 100}
-    return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=total, **options)
+    last = total if stop is None else total * int(stop) // 100
+    return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=last, **options)
 
 
 def _suffix(words: list[str], prefix: str) -> str | None:
