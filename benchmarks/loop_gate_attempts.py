@@ -39,9 +39,9 @@ class Recording(Farcaster):
         self.attempts: list[dict] = []
         self._held_out_before = 0.0
 
-    def _from_memory(self, model, step):
+    def _from_memory(self, model, step, kept):
         self._model, self._held_out_before = model, self.measure(model)
-        return super()._from_memory(model, step)
+        return super()._from_memory(model, step, kept)
 
     def _loss_decision(self, before, after):
         applied, why, error = super()._loss_decision(before, after)

@@ -34,9 +34,9 @@ class EarningGate(Farcaster):
         self.kept_at: tuple[int, float] | None = None
         self.attempt_step = 0
 
-    def _from_memory(self, model, step):
+    def _from_memory(self, model, step, kept):
         self.attempt_step = step
-        result = super()._from_memory(model, step)
+        result = super()._from_memory(model, step, kept)
         if result is not None and result.loss_before is not None:
             self.kept_at = (step, result.loss_after if result.applied else result.loss_before)
         return result

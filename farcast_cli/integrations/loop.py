@@ -234,7 +234,7 @@ class Farcaster:
     def _on_rank_zero(self, model: torch.nn.Module, step: int, due: bool) -> JumpResult | None:
         """Observe the model at this step, and jump where due (from the run on disk with source="run")."""
         if self.source == "run":
-            return self._from_run(model, step) if due and not self._postponed() else None
+            return self._from_run(model, step) if due and not self._postponed(reusing=False) else None
         started = time.perf_counter()
         try:
             self.observed.observe(model.state_dict(), step + self.jumped)
@@ -244,18 +244,22 @@ class Farcaster:
         seconds = time.perf_counter() - started
         self.observe_seconds += seconds
         self._clock.spend(seconds)
-        if not due or len(self.observed) < self.min_checkpoints or self._postponed():
+        if not due or len(self.observed) < self.min_checkpoints:
+            return None
+        kept = self._reusable()
+        if self._postponed(reusing=kept is not None):
             return None
         if unobserved is not None:
             return JumpResult(step, 0, False, f"farcast failed, training goes on: {unobserved}", 0.0, None)
-        return self._from_memory(model, step)
+        return self._from_memory(model, step, kept)
 
-    def _postponed(self) -> bool:
-        """Whether a due jump waits, to keep farcast within `max_overhead` of the loop's time (logged once)."""
+    def _postponed(self, reusing: bool) -> bool:
+        """Whether a due jump waits, to keep farcast within `max_overhead` of the loop's time (logged once);
+        `reusing`: whether it would reuse a kept fit, estimated at the last such attempt's cost."""
         if self.max_overhead is None or not self.history:
             return False
         last = self.history[-1]
-        own = self.attempt_seconds.get(self.source == "memory" and self._reusable() is not None, last.seconds)
+        own = self.attempt_seconds.get(reusing, last.seconds)
         if self._clock.within(self.max_overhead, own + last.loss_seconds):
             return False
         if not self.postponed:
@@ -263,13 +267,12 @@ class Farcaster:
         self.postponed += 1
         return True
 
-    def _from_memory(self, model: torch.nn.Module, step: int) -> JumpResult | None:
-        """Fit from the observed history, gate or verify, and jump in place (rank 0). `loss_fn` is called
+    def _from_memory(self, model: torch.nn.Module, step: int, kept: memory.KeptFit | None) -> JumpResult | None:
+        """Fit from the observed history (or reuse `kept`), gate or verify, and jump in place (rank 0). `loss_fn` is called
         before anything else, outside the guard that lets training go on: a loss that fails, or returns
         what is neither a loss nor per-batch losses, stops training at its first call, before any jump."""
         started, loss_seconds, error = time.perf_counter(), 0.0, None
         horizon = self.horizon(self.observed.steps[0], self.observed.steps[-1])
-        kept = self._reusable()
         before = after = None
         if self.loss_fn is not None:
             before, loss_seconds = _timed_loss(self.loss_fn, model)
