@@ -33,17 +33,10 @@ def observed_history() -> ObservedRun:
     observed = ObservedRun(LOOP_FIT.sample, LOOP_FIT.seed)
     for step in range(401):
         if step:
-            train_step(p, step)
+            p.train_step(step)
         if step % 10 == 0:
             observed.observe(p.model.state_dict(), step)
     return observed
-
-
-def train_step(p, step: int) -> None:
-    loss = p.batch_loss(step)
-    p.optimizer.zero_grad()
-    loss.backward()
-    p.optimizer.step()
 
 
 def one_fit(observed: ObservedRun) -> None:
@@ -59,7 +52,7 @@ def train(mode: str, observed: ObservedRun) -> float:
     threads = []
     started = time.perf_counter()
     for step in range(1, STEPS + 1):
-        train_step(p, step)
+        p.train_step(step)
         if step % EVERY == 0 and mode == "inline":
             one_fit(observed)
         elif step % EVERY == 0 and mode == "background":

@@ -145,12 +145,7 @@ def train(name: str, variant: str, seed: int, schedule: str, every: int, jump: f
         elapsed += time.perf_counter() - started
     for real in range(1, total + 1):
         started = time.perf_counter()
-        loss = p.batch_loss(batch)
-        p.optimizer.zero_grad()
-        loss.backward()
-        p.optimizer.step()
-        if p.scheduler is not None:
-            p.scheduler.step()
+        p.train_step(batch)
         batch, label = batch + 1, label + 1
         elapsed += time.perf_counter() - started
         trace.train_seconds += time.perf_counter() - started

@@ -37,10 +37,7 @@ def timed_run(workload: str, seed: int, every: int, jump: float, fit_share: floa
         farcaster.step(p.model, 0)
         for real in range(1, STEPS[workload] + 1):
             started = time.perf_counter()
-            loss = p.batch_loss(real - 1)
-            p.optimizer.zero_grad()
-            loss.backward()
-            p.optimizer.step()
+            p.train_step(real - 1)
             times["train"].append(time.perf_counter() - started)
             if real % SAVE_EVERY[workload]:
                 continue

@@ -78,10 +78,7 @@ def measure(args: argparse.Namespace, fit: str) -> None:
         step_seconds, results = [], []
         for step in range(1, every * args.jumps + 1):
             started = time.perf_counter()
-            loss = p.batch_loss(step)
-            p.optimizer.zero_grad()
-            loss.backward()
-            p.optimizer.step()
+            p.train_step(step)
             step_seconds.append(time.perf_counter() - started)
             if step % args.save_every == 0:
                 result = farcaster.step(p.model, step)

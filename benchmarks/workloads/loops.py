@@ -30,6 +30,15 @@ class Parts:
     measure: Callable[[torch.nn.Module], float]
     gate_batches: Callable[[torch.nn.Module], torch.Tensor]
 
+    def train_step(self, batch: int) -> None:
+        """One optimizer step on batch number `batch` of the data order, the schedule stepped with it."""
+        loss = self.batch_loss(batch)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
 
 def _batches(seed: int, count: int, size: int) -> Callable[[int], torch.Tensor]:
     return lambda index: torch.randint(count, (size,), generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
