@@ -32,6 +32,8 @@ steps through farcast's Python API (commands.predict, as `farcast predict` and t
   A jump's cost is then reported against the training between attempts as they were made, not `every`.
 - memory-fitshareP (a word after memory or memory-loss, e.g. memory-fitshare5): the Farcaster's
   `fit_share` at P percent (memory-fitshare0: None, a fit at every attempt).
+- memory-refitG (a word after memory or memory-loss, e.g. memory-refit4): a fit reused for its cost
+  serves until the observations have grown G-fold (the Farcaster's `refit_growth`, REFIT_GROWTH by default).
 - memory-stopP (a word after memory or memory-loss, e.g. memory-stop50): no jump from P percent of the
   run on (the Farcaster's `max_steps`); without it, none at the last step only.
 - memory-l1, memory-l2, memory-cheap (a suffix, also after memory-loss or memory-ungated): memory with
@@ -201,7 +203,9 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     words = variant.split("-")
     options = {"settings": FITS[words[-1]]} if words[-1] in FITS else {}
     loss_fn = p.gate if "loss" in words else None
-    paired, move, share, budget, stop = (_suffix(words, prefix) for prefix in ("paired", "move", "fitshare", "budget", "stop"))
+    paired, move, share, budget, stop, growth = (
+        _suffix(words, prefix) for prefix in ("paired", "move", "fitshare", "budget", "stop", "refit")
+    )
     if paired is not None:
         loss_fn = p.gate_batches
         options |= {"standard_errors": float(paired)} if paired else {}
@@ -212,7 +216,10 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
     if budget is not None:
         options |= {"max_overhead": float(budget) / 100}
     last = total if stop is None else total * int(stop) // 100
-    return Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=last, **options)
+    farcaster = Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=last, **options)
+    if growth is not None:
+        farcaster.refit_growth = float(growth)
+    return farcaster
 
 
 def _suffix(words: list[str], prefix: str) -> str | None:

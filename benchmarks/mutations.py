@@ -179,7 +179,7 @@ MUTATIONS = [
     (
         "a reused fit serves however far the history has grown",
         "farcast_cli/integrations/loop.py",
-        "len(self.observed) >= REFIT_GROWTH * kept.observations",
+        "len(self.observed) >= self.refit_growth * kept.observations",
         "len(self.observed) >= 1e9 * kept.observations",
         LOOP_TESTS,
     ),

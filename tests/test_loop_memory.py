@@ -106,10 +106,10 @@ def reused(result) -> bool:
     return "reused" in result.why
 
 
-def test_where_a_fit_costs_more_than_fit_share_of_the_training_a_kept_fit_is_reused_until_the_history_doubles(tmp_path):
+def test_where_a_fit_costs_more_than_fit_share_of_the_training_a_kept_fit_is_reused_until_the_history_grows_fourfold(tmp_path):
     """Here a fit costs more than the training between attempts (microseconds of SGD; `fit_share` 1e-6
     keeps that true however loaded the machine): a jump the weight gate kept lends its map and verdict
-    to the next jumps until the observations have doubled since its fit; a reused jump is that map
+    to the next jumps until the observations have grown fourfold since its fit (REFIT_GROWTH); a reused jump is that map
     applied to the weights as they are then; a refused jump lends nothing."""
     run, x, y = tmp_path / "run", *regression_data()
     model = two_layers()
@@ -117,7 +117,7 @@ def test_where_a_fit_costs_more_than_fit_share_of_the_training_a_kept_fit_is_reu
     run.mkdir()
     farcaster = Farcaster(run, every=10, jump=0.2, settings=FAST_FIT, fit_share=1e-6)
     results = []
-    for step in range(0, 81):
+    for step in range(0, 161):
         if step:
             sgd_steps(model, optimizer, x, y)
         if step % 5 == 0:
@@ -129,10 +129,10 @@ def test_where_a_fit_costs_more_than_fit_share_of_the_training_a_kept_fit_is_reu
                 for name, tensor in model.state_dict().items():
                     expected = kept.forecaster.map_for(name).apply([farcaster.observed.first[name], before[name]], 0)
                     assert torch.equal(tensor, expected), name
-    assert [result.applied for result in results] == [False, False, True, True, True, True, True, True]
-    assert [reused(result) for result in results] == [False, False, False, True, True, True, False, True]
-    assert "the fit of 7 observations reused" in results[5].why and "the fit of 15 observations reused" in results[7].why
-    assert farcaster.kept_fit.observations == 15
+    assert [result.applied for result in results] == [False, False] + [True] * 14
+    assert [reused(result) for result in results] == [False] * 3 + [True] * 10 + [False, True, True]
+    assert "the fit of 7 observations reused" in results[12].why and "the fit of 29 observations reused" in results[15].why
+    assert farcaster.kept_fit.observations == 29
 
 
 def test_without_fit_share_every_attempt_fits_anew_and_with_loss_fn_a_refused_fit_is_tried_again(tmp_path):
@@ -140,11 +140,11 @@ def test_without_fit_share_every_attempt_fits_anew_and_with_loss_fn_a_refused_fi
     _, results = train_with(Farcaster(run, every=10, jump=0.2, settings=FAST_FIT, fit_share=None), run, steps=40)
     attempts = [result for result in results if result]
     assert [result.applied for result in attempts] == [False, True, True, True] and not any(reused(r) for r in attempts)
-    losses = iter([1.0, 2.0] + [2.0, 1.0] * 3)
+    losses = iter([1.0, 2.0] + [2.0, 1.0] * 5)
     farcaster = Farcaster(tmp_path / "gated", every=10, jump=0.2, settings=FAST_FIT, fit_share=1e-6, loss_fn=lambda model: next(losses))
-    _, results = train_with(farcaster, tmp_path / "gated", steps=40)
-    attempts = [result for result in results if result]
-    assert [(result.applied, reused(result)) for result in attempts] == [(False, False), (True, True), (True, False), (True, True)]
+    _, results = train_with(farcaster, tmp_path / "gated", steps=60)
+    attempts = [(result.applied, reused(result)) for result in results if result]
+    assert attempts == [(False, False)] + [(True, True)] * 4 + [(True, False)]
 
 
 def test_where_training_between_attempts_dwarfs_the_fit_every_attempt_fits_anew(tmp_path):
