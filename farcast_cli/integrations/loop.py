@@ -123,9 +123,11 @@ class Farcaster:
     since the last attempt (5% by default), a due jump reuses that fit until the observations have
     grown fourfold since it (REFIT_GROWTH): its map applied to the weights as they are then, which jumps
     `jump` x the steps elapsed then (the map is fitted for that fraction: model/pairs.py's time rule),
-    and its weight verdict. Under the weight gate only a fit whose jump was kept is reused (a refused
-    one cannot be judged again without fitting); `loss_fn` verifies every jump, so with it any fit is.
-    None fits at every attempt. Which jumps reuse a fit depends on timing. Options are checked here,
+    and its weight verdict, kept or refused: a refusal stands as long as a kept jump does (retrying a
+    refused fit at every attempt, while kept ones stood, fished for a pass: on both digits MLPs the
+    marginal fits it found, reused, left the runs 4-12% higher; RESULTS.md, "A refused fit stands too").
+    A history too short to test a jump gives no verdict, and the next attempt fits anew. `loss_fn`
+    verifies every jump, reused or not. None fits at every attempt. Which jumps reuse a fit depends on timing. Options are checked here,
     not at the first save."""
 
     def __init__(
@@ -281,7 +283,8 @@ class Farcaster:
         if self.loss_fn is not None:
             before, loss_seconds = _timed_loss(self.loss_fn, model)
         try:
-            fit, applied, why = (kept, True, kept.why) if kept else self._fit_and_verdict(horizon)
+            fit, verdict, why = (kept, kept.verdict, kept.why) if kept else self._fit_and_verdict(horizon)
+            applied = bool(verdict)
             if applied and self.loss_fn is None:
                 memory.apply_jump(model, self.observed, fit.forecaster)
             elif applied:
@@ -289,7 +292,7 @@ class Farcaster:
                 loss_seconds += seconds
             if applied:
                 self.record.add(Jump(step, horizon))
-            self.kept_fit = fit if applied or self.loss_fn is not None else None
+            self.kept_fit = fit if verdict is not None else None
             if kept:
                 why += f"; the fit of {fit.observations} observations reused"
         except FarcastError as failure:
@@ -320,22 +323,25 @@ class Farcaster:
             return None
         return kept if self.fit_seconds > self.fit_share * self._clock.training() else None
 
-    def _fit_and_verdict(self, horizon: int) -> tuple[memory.KeptFit, bool, str]:
-        """A new fit, and the weight gate's verdict on it (`fit_seconds`: the time they took)."""
+    def _fit_and_verdict(self, horizon: int) -> tuple[memory.KeptFit, bool | None, str]:
+        """A new fit, and the weight gate's verdict on it (True where `loss_fn` decides; `fit_seconds`: the
+        time they took)."""
         started = time.perf_counter()
         fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
-        applied, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
+        verdict, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
         self.fit_seconds = time.perf_counter() - started
-        return memory.KeptFit(fitted.forecaster, len(self.observed), why), applied, why
+        return memory.KeptFit(fitted.forecaster, len(self.observed), why, bool(verdict)), verdict, why
 
-    def _weight_decision(self, fitted: SelfFit, horizon: int) -> tuple[bool, str]:
+    def _weight_decision(self, fitted: SelfFit, horizon: int) -> tuple[bool | None, str]:
+        """Whether the forecast beat keeping the last checkpoint in the backtest on the sample; None where
+        the history cannot test the jump (no verdict on the fit, so a later attempt fits anew)."""
         if not self.gate:
             return True, "applied without a gate"
         verdict = memory.weight_verdict(self.observed, fitted, horizon)
         if verdict.tested is None:
-            return False, "the history is too short to hold checkpoints out and test a jump"
+            return None, "the history is too short to hold checkpoints out and test a jump"
         if verdict.tested is False:
-            return False, "the history cannot test a jump this long"
+            return None, "the history cannot test a jump this long"
         how = f"by weight error on the sample (skill {verdict.skill:+.3f})"
         if verdict.beats_last:
             return True, f"the forecast beat keeping the last checkpoint {how}"
