@@ -111,8 +111,9 @@ class Farcaster:
     `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
     `gate=False` applies every forecast, winning or not. `max_steps`: no jump at or after this step:
     the run's last step (the weights saved there would not hold it), or earlier where the late jumps
-    cost the run its end (on the digits MLP they did, on the CNN they did not: RESULTS.md, "Which jumps
-    cost the digits MLP its end"). `keep_first_on`: where the first observed
+    cost the run its end (on the digits MLP they did, 2-8%, until a refused fit's verdict was made to
+    stand; with `loss_fn` they still leave it 1-3% higher; on the CNN they help: RESULTS.md, "Which
+    jumps cost the digits MLP its end" and "A refused fit stands too"). `keep_first_on`: where the first observed
     weights are kept (memory): "cpu", or "device" (the model's). `max_overhead`: the largest share of
     the loop's wall time (since the first call) that farcast may take, its calls of `loss_fn` included;
     after the first attempt, a due jump waits for a later call while making it, at the cost of the
