@@ -217,7 +217,7 @@ def _memory_farcaster(run: Path, p, variant: str, every: int, jump: float, total
         options |= {"max_overhead": float(budget) / 100}
     last = total if stop is None else total * int(stop) // 100
     farcaster = Farcaster(run, every=every, jump=jump, loss_fn=loss_fn, gate="ungated" not in words, max_steps=last, **options)
-    if growth is not None:
+    if growth:
         farcaster.refit_growth = float(growth)
     return farcaster
 

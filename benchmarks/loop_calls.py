@@ -4,7 +4,7 @@
 
 Trains the workload as loop.py's memory variant does (a checkpoint saved every few steps, the Farcaster
 called after each save, the weight gate, the default `fit_share`), and splits farcast's own time into the
-calls that only observe, the attempts that fit anew and those that reuse a kept fit. Each figure is
+calls that only observe, the attempts that fit anew and those that reuse a kept fit's jump or refusal. Each figure is
 printed beside the training time of the same run (its optimizer steps alone), as a share of it. loop.py
 measures what the jumps save; this says what they cost, where the cost is spread too thin for a profiler.
 """
@@ -24,12 +24,16 @@ from workloads.loops import SAVE_EVERY, STEPS, parts
 
 from farcast_cli.integrations import Farcaster
 
+KINDS = ("observe", "fit", "reuse", "refusal")
+"""Calls that only observe, attempts that fit anew, and those that reuse a kept fit's jump or (under the
+weight gate) its refusal."""
+
 
 def timed_run(workload: str, seed: int, every: int, jump: float, fit_share: float | None) -> dict[str, list[float]]:
     """Seconds of training, and of each `step` call by kind: observe, fit (a new fit) and reuse."""
     torch.manual_seed(seed)
     p = parts(workload, seed, "constant")
-    times: dict[str, list[float]] = {"train": [], "observe": [], "fit": [], "reuse": []}
+    times: dict[str, list[float]] = {"train": [], **{kind: [] for kind in KINDS}}
     with tempfile.TemporaryDirectory() as work:
         run = Path(work) / "run"
         _save(run, p.model, 0)
@@ -45,7 +49,7 @@ def timed_run(workload: str, seed: int, every: int, jump: float, fit_share: floa
             started = time.perf_counter()
             result = farcaster.step(p.model, real)
             seconds = time.perf_counter() - started
-            kind = "observe" if result is None else "reuse" if "reused" in result.why else "fit"
+            kind = "observe" if result is None else "fit" if "reused" not in result.why else "reuse" if result.applied else "refusal"
             times[kind].append(seconds)
         farcaster.close()
         shutil.rmtree(run, ignore_errors=True)
@@ -65,10 +69,10 @@ def main() -> None:
     for seed in range(args.seeds):
         times = timed_run(args.workload, seed, int(every), jump, args.fit_share or None)
         train = sum(times["train"])
-        own = sum(sum(times[kind]) for kind in ("observe", "fit", "reuse"))
+        own = sum(sum(times[kind]) for kind in KINDS)
         step = np.mean(times["train"])
         line = [f"seed {seed}: training {1e3 * train:.0f} ms ({1e3 * step:.3f} ms a step), farcast {1e3 * own:.1f} ms ({own / train:.1%})"]
-        for kind in ("observe", "fit", "reuse"):
+        for kind in KINDS:
             calls = times[kind]
             if calls:
                 line.append(

@@ -106,7 +106,7 @@ def reused(result) -> bool:
     return "reused" in result.why
 
 
-def test_where_a_fit_costs_more_than_fit_share_of_the_training_a_kept_fit_is_reused_until_the_history_grows_fourfold(tmp_path):
+def test_where_a_fit_costs_more_than_fit_share_a_fit_and_its_verdict_kept_or_refused_serve_until_the_history_grows_fourfold(tmp_path):
     """Here a fit costs more than the training between attempts (microseconds of SGD; `fit_share` 1e-6
     keeps that true however loaded the machine): the weight gate's verdict on a fit, kept or refused,
     stands with its map for the next attempts until the observations have grown fourfold since the fit
@@ -132,8 +132,13 @@ def test_where_a_fit_costs_more_than_fit_share_of_the_training_a_kept_fit_is_reu
                     assert torch.equal(tensor, expected if result.applied else before[name]), name
     assert [result.applied for result in results] == [False] * 9 + [True] * 7
     assert [reused(result) for result in results] == [False, False] + [True] * 7 + [False] + [True] * 6
-    assert "skill -0.157); the fit of 5 observations reused" in results[8].why
+    assert "too short" in results[0].why
+    assert "did not beat" in results[8].why and "the fit of 5 observations reused with its verdict, not tested again" in results[8].why
     assert "the fit of 21 observations reused" in results[15].why and farcaster.kept_fit.observations == 21
+    farcaster.flush()
+    recorded = json.loads((run / "farcast_jumps.json").read_text())["jumps"]
+    assert [jump["at_step"] for jump in recorded] == [result.step for result in results if result.applied]
+    assert farcaster.jumped == sum(result.horizon for result in results if result.applied)
 
 
 def test_without_fit_share_every_attempt_fits_anew_and_with_loss_fn_a_refused_fit_is_tried_again(tmp_path):

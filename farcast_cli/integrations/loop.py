@@ -111,9 +111,10 @@ class Farcaster:
     `schedule`: "keep" leaves the learning-rate scheduler alone; "advance" steps it on by the horizon.
     `gate=False` applies every forecast, winning or not. `max_steps`: no jump at or after this step:
     the run's last step (the weights saved there would not hold it), or earlier where the late jumps
-    cost the run its end (on the digits MLP they did, 2-8%, until a refused fit's verdict was made to
-    stand; with `loss_fn` they still leave it 1-3% higher; on the CNN they help: RESULTS.md, "Which
-    jumps cost the digits MLP its end" and "A refused fit stands too"). `keep_first_on`: where the first observed
+    cost the run its end (on the digits MLP every 50 steps they did, 2-8%, until a refused fit's
+    verdict was made to stand; every 200 steps the weight-gated runs still end 6% higher, and with
+    `loss_fn` 1-3%; on the CNN they help: RESULTS.md, "Which jumps cost the digits MLP its end" and "A
+    refused fit stands too"). `keep_first_on`: where the first observed
     weights are kept (memory): "cpu", or "device" (the model's). `max_overhead`: the largest share of
     the loop's wall time (since the first call) that farcast may take, its calls of `loss_fn` included;
     after the first attempt, a due jump waits for a later call while making it, at the cost of the
@@ -126,7 +127,7 @@ class Farcaster:
     `jump` x the steps elapsed then (the map is fitted for that fraction: model/pairs.py's time rule),
     and its weight verdict, kept or refused: a refusal stands as long as a kept jump does (retrying a
     refused fit at every attempt, while kept ones stood, fished for a pass: on both digits MLPs the
-    marginal fits it found, reused, left the runs 4-12% higher; RESULTS.md, "A refused fit stands too").
+    marginal fits it found, reused, left the runs 2-12% higher; RESULTS.md, "A refused fit stands too").
     A history too short to test a jump gives no verdict, and the next attempt fits anew. `loss_fn`
     verifies every jump, reused or not. None fits at every attempt. Which jumps reuse a fit depends on timing. Options are checked here,
     not at the first save."""
@@ -174,7 +175,7 @@ class Farcaster:
         self.max_overhead, self.postponed = max_overhead, 0
         self.fit_share, self.kept_fit, self.fit_seconds = fit_share, None, None
         self.refit_growth = REFIT_GROWTH
-        self.attempt_seconds: dict[bool, float] = {}
+        self.attempt_seconds: dict[str, float] = {}
         self._clock = _Clock()
 
     def due(self, step: int) -> bool:
@@ -241,7 +242,7 @@ class Farcaster:
     def _on_rank_zero(self, model: torch.nn.Module, step: int, due: bool) -> JumpResult | None:
         """Observe the model at this step, and jump where due (from the run on disk with source="run")."""
         if self.source == "run":
-            return self._from_run(model, step) if due and not self._postponed(reusing=False) else None
+            return self._from_run(model, step) if due and not self._postponed("fit") else None
         started = time.perf_counter()
         try:
             self.observed.observe(model.state_dict(), step + self.jumped)
@@ -254,19 +255,19 @@ class Farcaster:
         if not due or len(self.observed) < self.min_checkpoints:
             return None
         kept = self._reusable()
-        if self._postponed(reusing=kept is not None):
+        if self._postponed(_attempt_kind(kept)):
             return None
         if unobserved is not None:
             return JumpResult(step, 0, False, f"farcast failed, training goes on: {unobserved}", 0.0, None)
         return self._from_memory(model, step, kept)
 
-    def _postponed(self, reusing: bool) -> bool:
+    def _postponed(self, kind: str) -> bool:
         """Whether a due jump waits, to keep farcast within `max_overhead` of the loop's time (logged once);
-        `reusing`: whether it would reuse a kept fit, estimated at the last such attempt's cost."""
+        `kind` (`_attempt_kind`): what the attempt would do, estimated at the last such attempt's cost."""
         if self.max_overhead is None or not self.history:
             return False
         last = self.history[-1]
-        own = self.attempt_seconds.get(reusing, last.seconds)
+        own = self.attempt_seconds.get(kind, last.seconds)
         if self._clock.within(self.max_overhead, own + last.loss_seconds):
             return False
         if not self.postponed:
@@ -295,11 +296,11 @@ class Farcaster:
                 self.record.add(Jump(step, horizon))
             self.kept_fit = fit if verdict is not None else None
             if kept:
-                why += f"; the fit of {fit.observations} observations reused"
+                why += f"; the fit of {fit.observations} observations reused" + _with_verdict(self.loss_fn is None and self.gate)
         except FarcastError as failure:
             applied, why, self.kept_fit = False, f"farcast failed, training goes on: {failure}", None
         seconds = time.perf_counter() - started - loss_seconds
-        self.attempt_seconds[kept is not None] = seconds
+        self.attempt_seconds[_attempt_kind(kept)] = seconds
         return JumpResult(step, horizon, applied, why, seconds, None, _mean(before), _mean(after), loss_seconds, error)
 
     def _verified_jump(self, model: torch.nn.Module, fit: memory.KeptFit, before: Losses) -> tuple:
@@ -469,6 +470,17 @@ def _check_at_least_zero(name: str, value: float, what: str) -> None:
 def _check_share(name: str, share: float | None, of: str) -> None:
     if share is not None and not (isinstance(share, int | float) and 0 < share <= 1):
         raise UsageError(f"{name} must be a share of {of} above 0 and at most 1, or None, not {share!r}")
+
+
+def _with_verdict(weight_gated: bool) -> str:
+    """Under the weight gate a reused fit brings its verdict, made at its own horizon and not tested again."""
+    return " with its verdict, not tested again" if weight_gated else ""
+
+
+def _attempt_kind(kept: memory.KeptFit | None) -> str:
+    """What a due attempt does, whose costs differ by milliseconds: fit anew, or reuse a kept fit's jump
+    (applied, verified where `loss_fn` decides) or its refusal (nothing done)."""
+    return "fit" if kept is None else "reused jump" if kept.verdict else "reused refusal"
 
 
 class _Clock:

@@ -48,12 +48,13 @@ class WeightVerdict:
 @dataclass(frozen=True)
 class KeptFit:
     """A fit the Farcaster may reuse (`fit_share`): its forecaster, the observations it saw, and the weight
-    gate's verdict on its jump and the reason (True and empty where `loss_fn` decides)."""
+    gate's verdict on its jump and the reason (True and empty where `loss_fn` decides, True without a
+    gate)."""
 
     forecaster: Forecaster
     observations: int
     why: str
-    verdict: bool = True
+    verdict: bool
 
 
 def fit_in_memory(observed: ObservedRun, horizon: int, settings: FitSettings, scored: bool = True) -> SelfFit:
