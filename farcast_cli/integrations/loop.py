@@ -296,7 +296,9 @@ class Farcaster:
                 self.record.add(Jump(step, horizon))
             self.kept_fit = fit if verdict is not None else None
             if kept:
-                why += f"; the fit of {fit.observations} observations reused" + _with_verdict(self.loss_fn is None and self.gate)
+                why += f"; the fit of {fit.observations} observations reused" + (
+                    " with its verdict, not tested again" if self._weight_gated else ""
+                )
         except FarcastError as failure:
             applied, why, self.kept_fit = False, f"farcast failed, training goes on: {failure}", None
         seconds = time.perf_counter() - started - loss_seconds
@@ -317,6 +319,12 @@ class Farcaster:
                 memory.restore(model, backup)
         return applied, why, error, after, seconds
 
+    @property
+    def _weight_gated(self) -> bool:
+        """Whether the weight backtest decides (no `loss_fn`, the gate on): its fits are scored, and a reused
+        one brings its verdict, made at its own horizon and not tested again."""
+        return self.loss_fn is None and self.gate
+
     def _reusable(self) -> memory.KeptFit | None:
         """The kept fit, where it took more than `fit_share` of the training since the last attempt and
         the observations have grown less than `refit_growth`-fold (REFIT_GROWTH) since it (the class docstring)."""
@@ -329,7 +337,7 @@ class Farcaster:
         """A new fit, and the weight gate's verdict on it (True where `loss_fn` decides; `fit_seconds`: the
         time they took)."""
         started = time.perf_counter()
-        fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self.loss_fn is None and self.gate)
+        fitted = memory.fit_in_memory(self.observed, horizon, self.settings, scored=self._weight_gated)
         verdict, why = self._weight_decision(fitted, horizon) if self.loss_fn is None else (True, "")
         self.fit_seconds = time.perf_counter() - started
         return memory.KeptFit(fitted.forecaster, len(self.observed), why, bool(verdict)), verdict, why
@@ -470,11 +478,6 @@ def _check_at_least_zero(name: str, value: float, what: str) -> None:
 def _check_share(name: str, share: float | None, of: str) -> None:
     if share is not None and not (isinstance(share, int | float) and 0 < share <= 1):
         raise UsageError(f"{name} must be a share of {of} above 0 and at most 1, or None, not {share!r}")
-
-
-def _with_verdict(weight_gated: bool) -> str:
-    """Under the weight gate a reused fit brings its verdict, made at its own horizon and not tested again."""
-    return " with its verdict, not tested again" if weight_gated else ""
 
 
 def _attempt_kind(kept: memory.KeptFit | None) -> str:
